@@ -1,0 +1,21 @@
+"""DeepLab v2 semantic segmentation for TensorFlow / Keras 3.
+
+Atrous (dilated) ResNet-50/101 and VGG-16 backbones, atrous spatial pyramid pooling (ASPP), multi-scale
+max fusion (MSC) and a fully connected CRF as a custom TensorFlow op (Chen et al., TPAMI 2017).
+
+Example:
+    >>> import numpy as np, deeplab_keras as dk
+    >>> model = dk.DeepLabV2(num_classes=21, backbone="resnet50", output_stride=8)
+    >>> model(np.zeros((1, 65, 65, 3), "float32")).shape
+    TensorShape([1, 9, 9, 21])
+"""
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from deeplab_keras import crf  # noqa: E402  (the op library itself loads lazily, on first use)
+from deeplab_keras.models.deeplab import DeepLabV2  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["DeepLabV2", "crf", "__version__"]
