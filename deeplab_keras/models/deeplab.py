@@ -1,0 +1,165 @@
+"""DeepLab v2 (Chen et al., TPAMI 2017): atrous backbone + ASPP head, optional multi-scale (MSC) max fusion."""
+import keras
+
+from deeplab_keras.backbones.common import check_output_stride
+from deeplab_keras.backbones.resnet import RESNET_BLOCKS, resnet_features
+from deeplab_keras.backbones.vgg import vgg16_features
+from deeplab_keras.layers.aspp import ASPP, resolve_rates
+from deeplab_keras.layers.preprocessing import CaffePreprocess, ResizeByScale, ResizeLike
+
+BACKBONES = ("resnet50", "resnet101", "vgg16")
+MIN_INPUT_SIZE = 33
+
+
+def _check_args(num_classes, backbone, output_stride, aspp, msc_scales, width_multiplier, stage_blocks):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} must be a positive int (21 for PASCAL VOC)")
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is not known; use one of {BACKBONES}")
+    check_output_stride(output_stride)
+    rates = resolve_rates(aspp)
+    if isinstance(aspp, str) and aspp.upper() == "LARGEFOV" and backbone != "vgg16":
+        raise ValueError("aspp='largefov' is the VGG-16 head; with a ResNet backbone use 'L', 'S' or a tuple of rates")
+    if msc_scales is not None:
+        scales = tuple(float(s) for s in msc_scales)
+        if not scales or any(s <= 0 for s in scales) or 1.0 not in scales:
+            raise ValueError(f"msc_scales={msc_scales!r} must be None or positive scales that include 1.0, "
+                             "e.g. (1.0, 0.75, 0.5)")
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier={width_multiplier!r} must be > 0 (1.0 = the paper's widths)")
+    if stage_blocks is not None:
+        if backbone == "vgg16":
+            raise ValueError("stage_blocks applies to ResNet backbones only; leave it None for vgg16")
+        if len(stage_blocks) != 4 or any(int(b) < 1 for b in stage_blocks):
+            raise ValueError(f"stage_blocks={stage_blocks!r} must be 4 positive block counts (conv2..conv5), "
+                             f"e.g. {RESNET_BLOCKS['resnet50']}")
+    return rates
+
+
+def build_network(num_classes, backbone, output_stride, rates, width_multiplier=1.0, stage_blocks=None,
+                  dropout=0.5, name="deeplab_network"):
+    """Single-scale DeepLab network: raw RGB 0..255 [N,H,W,3] -> float32 logits [N,ceil(H/OS),ceil(W/OS),C]."""
+    images = keras.Input((None, None, 3), name="image")
+    x = CaffePreprocess(name="preprocess")(images)
+    if backbone == "vgg16":
+        x = vgg16_features(x, output_stride, width_multiplier)
+        branch_filters = max(1, int(round(1024 * width_multiplier)))
+    else:
+        x = resnet_features(x, backbone, output_stride, width_multiplier, stage_blocks)
+        branch_filters = None
+    x = ASPP(num_classes, rates, branch_filters=branch_filters, dropout=dropout, name="aspp")(x)
+    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(x)
+    return keras.Model(images, logits, name=name)
+
+
+@keras.saving.register_keras_serializable(package="deeplab_keras")
+class DeepLabV2(keras.Model):
+    """DeepLab v2 semantic segmentation model.
+
+    Input: float32 [N, H, W, 3] RGB in 0..255 (any H, W >= 33; preprocessing is inside the model).
+    Output: float32 logits [N, ceil(H/OS), ceil(W/OS), num_classes] (e.g. 513x513 at OS 8 -> 65x65); upsample
+    them bilinearly to the image size for a prediction.
+
+    Args:
+        num_classes: number of classes (21 for PASCAL VOC).
+        backbone: "resnet101", "resnet50" or "vgg16".
+        output_stride: 8 (the paper), 16 or 32 (plain ImageNet network).
+        aspp: "L" rates (6,12,18,24), "S" rates (2,4,8,12), "largefov" (VGG-16 DeepLab-LargeFOV, one branch at
+            rate 12) or a tuple of rates. Branch logits are summed.
+        msc_scales: None or scales such as (1.0, 0.75, 0.5): the network runs on each rescaled input (shared
+            weights), logits are resized to the scale-1 size and fused by pixel-wise max.
+        weights: None (random init), "imagenet" (keras.applications ImageNet backbone weights) or a path to a
+            `.keras` / `.weights.h5` file or a training run directory.
+        width_multiplier: scales every width; 1.0 is the paper (small values give tiny test models).
+        stage_blocks: ResNet blocks per stage (conv2..conv5), default the real depth.
+        dropout: VGG-16 fc6/fc7 dropout rate.
+
+    For MSC training, ``model.multi_scale_logits(images, training=True)`` returns every scale's logits (resized to
+    the scale-1 logits size) and the fused ones; the loss is the sum of their cross-entropies (see
+    :mod:`deeplab_keras.train`).
+
+    Example:
+        >>> import numpy as np, deeplab_keras as dk
+        >>> model = dk.DeepLabV2(num_classes=3, backbone="resnet50", width_multiplier=0.125,
+        ...                      stage_blocks=(1, 1, 1, 1), msc_scales=(1.0, 0.5))
+        >>> model(np.zeros((2, 65, 97, 3), "float32")).shape
+        TensorShape([2, 9, 13, 3])
+    """
+
+    def __init__(self, num_classes=21, backbone="resnet101", output_stride=8, aspp="L", msc_scales=None,
+                 weights=None, width_multiplier=1.0, stage_blocks=None, dropout=0.5, **kwargs):
+        rates = _check_args(num_classes, backbone, output_stride, aspp, msc_scales, width_multiplier, stage_blocks)
+        # === Network shared by every scale ===
+        network = build_network(num_classes, backbone, output_stride, rates, width_multiplier, stage_blocks, dropout)
+        # === Multi-scale inputs and max fusion ===
+        images = keras.Input((None, None, 3), name="image")
+        scales = tuple(float(s) for s in msc_scales) if msc_scales else (1.0,)
+        per_scale = {}
+        reference = network(images)
+        resize_like = ResizeLike(dtype="float32", name="msc_resize")
+        for s in scales:
+            if s == 1.0:
+                per_scale[s] = reference
+            else:
+                scaled = ResizeByScale(s, name=f"msc_input_{s:g}".replace(".", "_"))(images)
+                per_scale[s] = resize_like([network(scaled), reference])
+        if len(scales) > 1:
+            fused = keras.layers.Maximum(dtype="float32", name="msc_fuse")([per_scale[s] for s in scales])
+        else:
+            fused = reference
+        super().__init__(inputs=images, outputs=fused, name=kwargs.pop("name", "deeplab_v2"), **kwargs)
+        # === Config ===
+        self.network = network
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.output_stride = output_stride
+        self.aspp = aspp if isinstance(aspp, str) else tuple(rates)
+        self.rates = rates
+        self.msc_scales = tuple(float(s) for s in msc_scales) if msc_scales else None
+        self.width_multiplier = float(width_multiplier)
+        self.stage_blocks = tuple(int(b) for b in stage_blocks) if stage_blocks is not None else None
+        self.dropout = float(dropout)
+        self._scales = scales
+        if weights is not None:
+            from deeplab_keras.models.weights import load_weights_into
+            load_weights_into(self, weights)
+
+    @property
+    def classifier_variables(self):
+        """Trainable variables of the ASPP / fc6-fc8 head (the paper trains them at 10x the backbone LR)."""
+        return self.network.get_layer("aspp").trainable_variables
+
+    def multi_scale_logits(self, images, training=False):
+        """Logits at every MSC scale plus the fused ones, all at the scale-1 logits size.
+
+        Args:
+            images: float32 [N, H, W, 3] RGB 0..255.
+            training: forwarded to the layers (dropout, batch norm).
+
+        Returns:
+            dict ``{"scale_1.0": ..., "scale_0.75": ..., "fused": ...}`` of float32 [N, h, w, C] tensors.
+        """
+        reference = self.network(images, training=training)
+        out = {}
+        for s in self._scales:
+            if s == 1.0:
+                out[f"scale_{s}"] = reference
+            else:
+                scaled = self.get_layer(f"msc_input_{s:g}".replace(".", "_"))(images)
+                out[f"scale_{s}"] = self.get_layer("msc_resize")([self.network(scaled, training=training),
+                                                                  reference])
+        out["fused"] = keras.ops.max(keras.ops.stack(list(out.values()), axis=0), axis=0) if len(out) > 1 \
+            else reference
+        return out
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "num_classes": self.num_classes,
+                "backbone": self.backbone, "output_stride": self.output_stride,
+                "aspp": list(self.aspp) if isinstance(self.aspp, tuple) else self.aspp,
+                "msc_scales": list(self.msc_scales) if self.msc_scales else None,
+                "width_multiplier": self.width_multiplier,
+                "stage_blocks": list(self.stage_blocks) if self.stage_blocks else None, "dropout": self.dropout}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

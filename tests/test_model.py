@@ -1,0 +1,200 @@
+"""DeepLabV2: shapes at every output stride, the paper's parameter counts, keras.applications parity,
+ASPP sum, MSC max fusion, config / .keras round trips, float32 copies and argument errors."""
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras.applications.resnet import preprocess_input
+
+import deeplab_keras as dk
+from deeplab_keras.layers.aspp import ASPP
+from deeplab_keras.layers.preprocessing import CaffePreprocess, ResizeByScale, ResizeLike
+from deeplab_keras.models import as_float32, load_model, transfer_backbone_weights
+from deeplab_keras.models.weights import imagenet_reference
+from tests.conftest import TINY, tiny_model
+
+RNG = np.random.RandomState(0)
+
+
+def images(n, h, w):
+    return RNG.uniform(0, 255, (n, h, w, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("backbone", sorted(TINY))
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_logits_size_rule(backbone, output_stride):
+    model = tiny_model(5, backbone, output_stride=output_stride)
+    for n, h, w in [(1, 33, 33), (2, 65, 97), (3, 50, 41)]:
+        out = model(images(n, h, w))
+        assert tuple(out.shape) == (n, math.ceil(h / output_stride), math.ceil(w / output_stride), 5)
+        assert out.dtype == "float32" and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,aspp,expected", [
+    ("resnet101", "L", 44.21e6), ("resnet50", "L", 25.14e6), ("vgg16", "largefov", 20.5e6)])
+def test_paper_param_counts_and_513_logits(backbone, aspp, expected):
+    model = dk.DeepLabV2(num_classes=21, backbone=backbone, aspp=aspp)
+    assert abs(model.count_params() - expected) / expected < 0.01
+    if backbone == "resnet101":
+        backbone_params = sum(int(np.prod(w.shape)) for w in model.network.weights if "aspp" not in w.path)
+        assert abs(backbone_params - 42.66e6) / 42.66e6 < 0.01
+        head = model.network.get_layer("aspp").count_params()
+        assert abs(head - 1.55e6) / 1.55e6 < 0.01
+    if backbone == "resnet50":  # 513 -> 65 at output stride 8
+        assert tuple(model(np.zeros((1, 513, 513, 3), "float32")).shape) == (1, 65, 65, 21)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
+def test_resnet_matches_keras_applications_at_os32(backbone):
+    reference = imagenet_reference(backbone, weights=None)  # random weights: proves the mapping offline
+    model = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=32)
+    copied = transfer_backbone_weights(model, reference)
+    assert len(copied) == sum(1 for layer in reference.layers if layer.weights)
+    x = images(2, 97, 81)
+    expected = np.asarray(reference(preprocess_input(x.copy())))
+    features = keras.Model(model.network.input, model.network.get_layer("conv5_block3_out").output)(x)
+    assert np.abs(np.asarray(features) - expected).max() <= 1e-4
+    # At output stride 8 the same weights fill the same layers (only strides / dilations differ).
+    dense = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=8)
+    transfer_backbone_weights(dense, reference)
+    for layer in reference.layers:
+        for a, b in zip(layer.get_weights(), dense.network.get_layer(layer.name).get_weights() if layer.weights else []):
+            np.testing.assert_array_equal(a, b)
+    assert dense.network.get_layer("conv5_block1_2_conv").dilation_rate == (4, 4)
+    assert dense.network.get_layer("conv4_block1_2_conv").dilation_rate == (2, 2)
+    assert dense.network.get_layer("conv4_block1_1_conv").strides == (1, 1)
+
+
+@pytest.mark.slow
+def test_vgg16_transfer_and_largefov_decimation():
+    reference = imagenet_reference("vgg16", weights=None)
+    model = dk.DeepLabV2(num_classes=21, backbone="vgg16", aspp="largefov")
+    copied = transfer_backbone_weights(model, reference)
+    assert {"block1_conv1", "block5_conv3", "fc6_r12", "fc7_r12"} <= set(copied)
+    x = images(1, 224, 224)  # the VGG16 reference with its top takes 224x224 only
+    first = keras.Model(model.network.input, model.network.get_layer("block1_conv2").output)(x)
+    expected = keras.Model(reference.input, reference.get_layer("block1_conv2").output)(preprocess_input(x.copy()))
+    assert np.abs(np.asarray(first) - np.asarray(expected)).max() <= 1e-4
+    fc6 = model.network.get_layer("aspp").branches[0][0].get_weights()[0]
+    np.testing.assert_array_equal(fc6, reference.get_layer("fc1").get_weights()[0].reshape(7, 7, 512, 4096)[::3, ::3, :, ::4])
+    assert model.network.get_layer("aspp").branches[0][0].dilation_rate == (12, 12)
+    assert model.network.get_layer("block5_conv1").dilation_rate == (2, 2)
+    assert model.network.get_layer("block4_pool").strides == (1, 1)
+
+
+def test_transfer_refuses_mismatched_widths():
+    model = tiny_model(3, "resnet50")
+    with pytest.raises(ValueError, match="width_multiplier"):
+        transfer_backbone_weights(model, keras.applications.ResNet50(include_top=False, weights=None))
+
+
+def test_preprocessing_is_keras_applications_caffe_mode():
+    x = images(2, 9, 7)
+    np.testing.assert_allclose(np.asarray(CaffePreprocess()(x)), preprocess_input(x.copy()), atol=1e-4)
+
+
+def test_aspp_sums_branch_logits():
+    aspp = ASPP(4, (1, 2, 3))
+    x = RNG.normal(size=(2, 11, 13, 6)).astype("float32")
+    out = np.asarray(aspp(x))
+    total = sum(np.asarray(branch[0](x)) for branch in aspp.branches)
+    np.testing.assert_allclose(out, total, atol=1e-5)
+    assert [b[0].dilation_rate for b in aspp.branches] == [(1, 1), (2, 2), (3, 3)]
+    model = tiny_model(3, "resnet50", aspp="S")
+    assert model.network.get_layer("aspp").rates == (2, 4, 8, 12)
+
+
+def test_msc_fuses_by_pixelwise_max():
+    model = tiny_model(4, "resnet50", msc_scales=(1.0, 0.75, 0.5))
+    x = images(2, 65, 73)
+    outs = model.multi_scale_logits(x, training=False)
+    assert set(outs) == {"scale_1.0", "scale_0.75", "scale_0.5", "fused"}
+    shapes = {tuple(v.shape) for v in outs.values()}
+    assert shapes == {(2, 9, 10, 4)}
+    per_scale = np.stack([np.asarray(outs[k]) for k in ("scale_1.0", "scale_0.75", "scale_0.5")])
+    np.testing.assert_allclose(np.asarray(outs["fused"]), per_scale.max(0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x)), per_scale.max(0), atol=1e-5)
+    # scale 0.5 really ran the shared network on a half-size input
+    half = ResizeLike()([model.network(ResizeByScale(0.5)(x)), outs["scale_1.0"]])
+    np.testing.assert_allclose(np.asarray(half), np.asarray(outs["scale_0.5"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,extra", [("resnet50", {}), ("resnet101", {"aspp": (3, 5)}),
+                                            ("vgg16", {}), ("resnet50", {"msc_scales": (1.0, 0.5)})])
+def test_config_and_keras_file_round_trip(tmp_path, backbone, extra):
+    model = tiny_model(3, backbone, **extra)
+    x = images(2, 49, 57)
+    expected = np.asarray(model(x))
+    clone = dk.DeepLabV2.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    assert clone.count_params() == model.count_params()
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, dk.DeepLabV2)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), expected)
+    np.testing.assert_array_equal(np.asarray(load_model(path)(x)), expected)
+    # weights=<path> builds a fresh model and fills it from the checkpoint
+    from_path = dk.DeepLabV2(num_classes=3, weights=str(path), **{**TINY[backbone], **extra})
+    np.testing.assert_array_equal(np.asarray(from_path(x)), expected)
+
+
+@pytest.mark.parametrize("layer", [ASPP(5, (2, 4), branch_filters=8, dropout=0.3), CaffePreprocess(),
+                                   ResizeByScale(0.75), ResizeLike()])
+def test_layers_round_trip_config(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_run_directory_resolves_latest_checkpoint(tmp_path):
+    model = tiny_model(3)
+    (tmp_path / "checkpoints").mkdir()
+    model.save(tmp_path / "checkpoints" / "ckpt-20.keras")
+    other = tiny_model(3)
+    other.save(tmp_path / "checkpoints" / "ckpt-100.keras")
+    x = images(1, 33, 33)
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path)(x)), np.asarray(other(x)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "checkpoints" / "nothing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.keras"):
+        load_model(empty)
+
+
+def test_as_float32_copies_a_mixed_precision_model():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = tiny_model(3)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert mixed.network.get_layer("conv1_conv").compute_dtype == "float16"
+    x = images(1, 41, 41)
+    fp32 = as_float32(mixed)
+    assert all(w.dtype == "float32" for w in fp32.weights)
+    assert fp32.network.get_layer("conv1_conv").compute_dtype == "float32"
+    for a, b in zip(mixed.get_weights(), fp32.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    out_mixed, out_fp32 = np.asarray(mixed(x)), np.asarray(fp32(x))
+    assert out_mixed.dtype == np.float32  # the logits layer is float32 under mixed precision
+    assert np.abs(out_mixed - out_fp32).max() < 0.05 * (np.abs(out_fp32).max() + 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backbone="resnet18"), "backbone"), (dict(output_stride=4), "output_stride"),
+    (dict(aspp=()), "aspp"), (dict(aspp="XL"), "aspp"), (dict(num_classes=0), "num_classes"),
+    (dict(msc_scales=(0.5, 0.75)), "msc_scales"), (dict(aspp="largefov"), "largefov"),
+    (dict(stage_blocks=(1, 1)), "stage_blocks"), (dict(width_multiplier=0), "width_multiplier"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dk.DeepLabV2(**{"num_classes": 3, "backbone": "resnet50", **kwargs})
+
+
+def test_classifier_variables_are_the_head():
+    model = tiny_model(3, "resnet50")
+    names = [v.path for v in model.classifier_variables]
+    assert len(names) == 8 and all("aspp" in n for n in names)
