@@ -1,0 +1,178 @@
+"""Shared helpers of deeplab_keras.data: the VOC palette, PIL decoding with errors that name the file, atomic
+writes and the counter behind ``skip_bad``."""
+import logging
+import os
+import tempfile
+import threading
+
+import numpy as np
+
+logger = logging.getLogger("deeplab_keras.data")
+
+IGNORE_LABEL = 255
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def voc_palette():
+    """The 256-entry PASCAL VOC colour palette (bit-interleaved class index) as a flat list of 768 ints."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+class BadDataError(ValueError):
+    """A data file cannot be used (undecodable, truncated, size mismatch, label value out of range)."""
+
+
+def read_image_rgb(path):
+    """Decodes an image file fully with PIL into uint8 [H, W, 3].
+
+    Args:
+        path: image file (JPEG, PNG, BMP, ...).
+
+    Raises:
+        BadDataError: naming ``path`` when the file is missing, undecodable or truncated.
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable/truncated files
+        raise BadDataError(f"{path}: cannot decode image ({e}); re-export or remove the file") from e
+
+
+def read_index_png(path):
+    """Reads a label PNG as class indices (palette indices for mode 'P', values for 'L'), uint8 [H, W].
+
+    Args:
+        path: a palette-indexed ('P') or 8-bit grayscale ('L') PNG.
+
+    Raises:
+        BadDataError: naming ``path`` for an undecodable file or an RGB label (colours are not indices).
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise BadDataError(
+                    f"{path}: label PNG has mode {im.mode!r}; expected a palette-indexed ('P') or 8-bit grayscale "
+                    "('L') PNG whose pixel values are class indices (convert colours to indices first)")
+            return np.asarray(im, dtype=np.uint8)
+    except BadDataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadDataError(f"{path}: cannot decode label PNG ({e}); re-export or remove the file") from e
+
+
+def image_size(path):
+    """(height, width) of an image from its header, without decoding. Raises BadDataError naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadDataError(f"{path}: cannot read image header ({e})") from e
+
+
+def check_label(label, num_classes, name, image_shape=None, ignore_label=IGNORE_LABEL):
+    """Checks a decoded label: size equal to the image's, values within {0..num_classes-1, 255}.
+
+    Args:
+        label: uint8 [H, W] array.
+        num_classes: number of classes, or None to skip the value check.
+        name: the file named in the error.
+        image_shape: the image's shape (H, W, ...), or None to skip the size check.
+        ignore_label: the extra value allowed (255).
+
+    Raises:
+        BadDataError: naming ``name``.
+    """
+    if image_shape is not None and tuple(label.shape[:2]) != tuple(image_shape[:2]):
+        raise BadDataError(f"{name}: label size {tuple(label.shape[:2])} != image size {tuple(image_shape[:2])} "
+                           "(height, width); image and label must have the same size")
+    if num_classes is not None:
+        values = np.unique(label)
+        bad = values[(values >= num_classes) & (values != ignore_label) & (values != IGNORE_LABEL)]
+        if bad.size:
+            raise BadDataError(f"{name}: label values {bad.tolist()[:10]} outside {{0..{num_classes - 1}, "
+                               f"{ignore_label}}}; fix the mask or pass the right num_classes")
+
+
+def atomic_write_bytes(path, data):
+    """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SkipCounter:
+    """Counts elements skipped by ``skip_bad`` and logs the total when the input is exhausted."""
+
+    def __init__(self, what):
+        self.what = what
+        self._lock = threading.Lock()
+        self.count = 0
+        self.total = 0
+
+    def note(self, name, reason):
+        """Records one skipped element (called from tf.py_function / numpy_function)."""
+        with self._lock:
+            self.count += 1
+            self.total += 1
+        logger.warning("skipping bad %s %s: %s", self.what, _text(name), _text(reason))
+
+    def summary(self):
+        """Logs and resets the count of this pass over the data."""
+        with self._lock:
+            count, self.count = self.count, 0
+        if count:
+            logger.warning("skipped %d bad %s(s) in this pass over the data (skip_bad=True)", count, self.what)
+        return count
+
+    def attach(self, ds):
+        """Returns ``ds`` followed by an empty sentinel that logs the summary once ``ds`` is exhausted."""
+        import tensorflow as tf
+
+        spec = ds.element_spec
+
+        def empty(s):
+            shape = [d if d is not None else 0 for d in s.shape]
+            return tf.fill(shape, "") if s.dtype == tf.string else tf.zeros(shape, s.dtype)
+
+        def log_summary(_):
+            count = tf.py_function(lambda: np.int64(self.summary()), [], tf.int64)
+            with tf.control_dependencies([count]):
+                return tf.nest.map_structure(lambda s: tf.identity(empty(s)), spec)
+
+        sentinel = tf.data.Dataset.range(1).map(log_summary).filter(lambda *_: tf.constant(False))
+        return ds.concatenate(sentinel)
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "numpy"):
+        return _text(value.numpy())
+    return str(value)
