@@ -1,0 +1,279 @@
+"""Evaluation: confusion-matrix mIoU (ignoring 255), per-class IoU, pixel accuracy, with and without the CRF.
+
+Predictions are made at full image resolution: the logits of each image (optionally at several input scales
+and horizontally flipped) are upsampled to the image size with corner-aligned bilinear interpolation (the
+geometry of an output-stride-8 network, the same resize the training loss uses), turned into softmax
+probabilities and averaged over scales / flips. With ``crf=True`` the same probabilities also go through
+``deeplab_keras.crf.dense_crf`` and both results are reported from the one pass over the data.
+
+The mIoU is the mean over classes of ``TP / (TP + FP + FN)`` from a confusion matrix accumulated over the
+whole dataset (not a mean of per-image scores), skipping classes that appear neither in the ground truth nor
+in the predictions, exactly as ``keras.metrics.MeanIoU(ignore_class=255)``.
+
+Example:
+    >>> from deeplab_keras.evaluate import evaluate, format_table
+    >>> results = evaluate("runs/tiny", dataset, crf=True)          # doctest: +SKIP
+    >>> print(format_table(results))                                 # doctest: +SKIP
+"""
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+__all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
+           "DEFAULT_CRF_PARAMS"]
+
+# DeepLab v2 ResNet-101's CRF parameters (pydensecrf meaning; see DESIGN.md).
+DEFAULT_CRF_PARAMS = dict(iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
+                          gaussian_weight=3.0, gaussian_xy_std=1.0)
+
+
+def confusion_matrix(labels, predictions, num_classes, ignore_label=255):
+    """Confusion matrix [num_classes, num_classes] (rows: ground truth, columns: prediction), int64.
+
+    Args:
+        labels: integer array of any shape; ``ignore_label`` pixels are skipped.
+        predictions: integer array of the same shape.
+        num_classes: number of classes.
+        ignore_label: label value to skip.
+
+    Raises:
+        ValueError: shapes differ, or a label / prediction outside 0..num_classes-1 (other than ignore_label).
+    """
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    predictions = np.asarray(predictions).astype(np.int64).ravel()
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels ({np.asarray(labels).shape}) and predictions ({np.asarray(predictions).shape}) "
+                         "must have the same shape")
+    keep = labels != ignore_label
+    labels, predictions = labels[keep], predictions[keep]
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            bad = np.unique(values[(values < 0) | (values >= num_classes)])[:10]
+            raise ValueError(f"{name} hold values {bad.tolist()} outside 0..{num_classes - 1} "
+                             f"(and not the ignore label {ignore_label}); check num_classes")
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def scores(cm, class_names=None):
+    """mIoU, per-class IoU, pixel accuracy and mean class accuracy of a confusion matrix.
+
+    Classes absent from both ground truth and predictions have IoU None and do not count in the mean.
+
+    Returns:
+        dict with "miou", "pixel_accuracy", "mean_accuracy", "per_class_iou" {name: iou|None}, "pixels".
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"class_names has {len(names)} names for {n} classes")
+    tp = np.diag(cm)
+    gt = cm.sum(axis=1)
+    pred = cm.sum(axis=0)
+    union = gt + pred - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    acc = np.where(gt > 0, tp / np.maximum(gt, 1), np.nan)
+    total = cm.sum()
+    return {
+        "miou": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total else 0.0,
+        "mean_accuracy": float(np.nanmean(acc)) if np.any(gt > 0) else 0.0,
+        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, iou)},
+        "pixels": int(total),
+    }
+
+
+def _resize_aligned(x, size):
+    return tf.raw_ops.ResizeBilinear(images=tf.cast(x, tf.float32), size=tf.cast(size, tf.int32),
+                                     align_corners=True, half_pixel_centers=False)
+
+
+class _Predictor:
+    """Full-resolution softmax probabilities of one image, one ``tf.function`` for every image size."""
+
+    def __init__(self, model, scales=(1.0,), flip=False):
+        if not scales or any(float(s) <= 0 for s in scales):
+            raise ValueError(f"scales={tuple(scales) if scales else scales!r}: give one or more positive scales, "
+                             "e.g. (1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5)")
+        self.model = model
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = bool(flip)
+        self._fn = tf.function(self._probs, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+                               reduce_retracing=True)
+
+    def _probs(self, images):
+        size = tf.shape(images)[1:3]
+        total = None
+        for s in self.scales:
+            if s == 1.0:
+                x = images
+            else:
+                scaled = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * s), tf.int32), 1)
+                x = _resize_aligned(images, scaled)
+            for flipped in ((False, True) if self.flip else (False,)):
+                inp = tf.reverse(x, [2]) if flipped else x
+                logits = tf.cast(self.model(inp, training=False), tf.float32)
+                if flipped:
+                    logits = tf.reverse(logits, [2])
+                probs = tf.nn.softmax(_resize_aligned(logits, size), axis=-1)
+                total = probs if total is None else total + probs
+        return total / float(len(self.scales) * (2 if self.flip else 1))
+
+    def __call__(self, images):
+        return self._fn(tf.cast(images, tf.float32))
+
+
+def predict_probabilities(model, images, scales=(1.0,), flip=False):
+    """Softmax probabilities [N,H,W,C] at the input size, averaged over ``scales`` and flips.
+
+    Args:
+        model: DeepLab model (RGB 0..255 float in, logits out).
+        images: [N,H,W,3] (or [H,W,3]) RGB 0..255.
+        scales: input scales to average over.
+        flip: also average the horizontally flipped input.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank == 3:
+        images = images[None]
+    return _Predictor(model, scales, flip)(images).numpy()
+
+
+def _examples(dataset):
+    """Yields (image [H,W,3], label [H,W], name) numpy triples from dicts, tuples, batched or not."""
+    for element in dataset:
+        if isinstance(element, dict):
+            image, label = element["image"], element["label"]
+            name = element.get("file_name", None)
+        elif isinstance(element, (tuple, list)) and len(element) in (2, 3):
+            image, label = element[0], element[1]
+            name = element[2] if len(element) == 3 else None
+        else:
+            raise ValueError("dataset elements must be dicts {'image', 'label'} or (image, label) tuples, got "
+                             f"{type(element).__name__}")
+        image, label = np.asarray(image), np.asarray(label)
+        names = None if name is None else np.asarray(name)
+        if image.ndim == 3:
+            image, label = image[None], label[None]
+            names = None if names is None else names[None]
+        if label.ndim == 4:
+            label = label[..., 0]
+        if image.ndim != 4 or image.shape[-1] != 3 or label.shape != image.shape[:3]:
+            raise ValueError(f"image {image.shape} and label {label.shape} do not match: expected [H,W,3] and "
+                             "[H,W] (or batched)")
+        for i in range(image.shape[0]):
+            n = None if names is None else names[i]
+            yield image[i], label[i], (n.decode() if isinstance(n, bytes) else (str(n) if n is not None else
+                                                                                f"image_{i}"))
+
+
+def _load(model):
+    if isinstance(model, (str, os.PathLike)):
+        from deeplab_keras.models import load_model
+
+        return load_model(model)
+    return model
+
+
+def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf=False, crf_params=None,
+             class_names=None, ignore_label=255, max_images=None, progress=True):
+    """Evaluates a model at full resolution; with ``crf=True`` reports both the plain and the CRF results.
+
+    Args:
+        model: a Keras DeepLab model, or a path (`.keras` file or run directory) for ``models.load_model``.
+        dataset: iterable of {"image" uint8 [H,W,3], "label" uint8 [H,W]} (``load_voc``, ``folder_dataset``,
+            ``make_synthetic``) or (image, label) pairs, batched or not; image RGB 0..255 at full size.
+        num_classes: default: the model's output channels.
+        scales: test scales (probabilities averaged), e.g. (0.5, 0.75, 1.0, 1.25, 1.5).
+        flip: also average horizontally flipped predictions.
+        crf: also run the dense CRF on the averaged probabilities.
+        crf_params: overrides of :data:`DEFAULT_CRF_PARAMS`.
+        class_names: names for the per-class table (default "0".."C-1").
+        ignore_label: ground-truth value that does not count.
+        max_images: stop after this many images.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        dict: {"no_crf": scores, "crf": scores (when crf), "images", "scales", "flip", "crf_params", "seconds"}
+        where scores is :func:`scores`'s dict.
+    """
+    model = _load(model)
+    predictor = _Predictor(model, scales, flip)
+    params = dict(DEFAULT_CRF_PARAMS, **(crf_params or {}))
+    cms, count, start = {}, 0, time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_images, unit="img", desc="eval", file=sys.stderr)
+    for image, label, _ in _examples(dataset):
+        if max_images is not None and count >= max_images:
+            break
+        probs = predictor(image[None])
+        if num_classes is None:
+            num_classes = int(probs.shape[-1])
+        elif int(probs.shape[-1]) != num_classes:
+            raise ValueError(f"the model predicts {int(probs.shape[-1])} classes but num_classes={num_classes}")
+        outputs = {"no_crf": probs}
+        if crf:
+            from deeplab_keras import crf as crf_module
+
+            rgb = np.clip(np.round(image.astype(np.float32)), 0, 255).astype(np.uint8)[None]
+            outputs["crf"] = crf_module.dense_crf(probs, rgb, **params)
+        for key, p in outputs.items():
+            pred = np.argmax(np.asarray(p)[0], axis=-1)
+            cm = confusion_matrix(label, pred, num_classes, ignore_label)
+            cms[key] = cm if key not in cms else cms[key] + cm
+        count += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if count == 0:
+        raise ValueError("the evaluation dataset is empty")
+    result = {key: scores(cm, class_names) for key, cm in cms.items()}
+    result.update(images=count, scales=list(predictor.scales), flip=bool(flip),
+                  crf_params=params if crf else None, seconds=round(time.time() - start, 2))
+    for key, cm in cms.items():
+        result[key]["confusion_matrix"] = cm.tolist()
+    return result
+
+
+def format_table(results):
+    """A text table: per-class IoU (without / with CRF), then mIoU, pixel accuracy and mean accuracy."""
+    keys = [k for k in ("no_crf", "crf") if k in results]
+    headers = {"no_crf": "IoU" if len(keys) == 1 else "IoU (no CRF)", "crf": "IoU (CRF)"}
+    names = list(results[keys[0]]["per_class_iou"])
+    width = max([len(n) for n in names] + [len("pixel accuracy")])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{headers[k]:>12}" for k in keys)]
+    lines.append("-" * len(lines[0]))
+
+    def fmt(v):
+        return f"{100 * v:11.2f}%" if v is not None else f"{'n/a':>12}"
+
+    for name in names:
+        lines.append(f"{name:<{width}}  " + "  ".join(fmt(results[k]["per_class_iou"][name]) for k in keys))
+    lines.append("-" * len(lines[0]))
+    for label, field in (("mIoU", "miou"), ("pixel accuracy", "pixel_accuracy"), ("mean accuracy", "mean_accuracy")):
+        lines.append(f"{label:<{width}}  " + "  ".join(fmt(results[k][field]) for k in keys))
+    lines.append(f"{results['images']} images, scales {results['scales']}, flip {results['flip']}, "
+                 f"{results['seconds']} s")
+    return "\n".join(lines)
+
+
+def write_json(results, path):
+    """Writes ``results`` as JSON atomically (temporary file + rename)."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return path

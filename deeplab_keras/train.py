@@ -1,0 +1,1050 @@
+"""Training DeepLab v2 with ``model.fit`` and the paper's recipe.
+
+``train(config)`` builds the model, the ``tf.data`` stream, the optimizer and the callbacks from a
+:class:`TrainConfig` (or a dict / YAML file) and runs ``model.fit``. The ``deeplab-train`` CLI is a thin layer
+over it.
+
+The recipe (Chen et al., TPAMI 2017, and the released Caffe prototxts), all configurable:
+
+* SGD with momentum 0.9; "poly" learning rate ``base_lr * (1 - step / steps) ** 0.9``
+  (``keras.optimizers.schedules.PolynomialDecay``); base LR 2.5e-4 for ResNet, 1e-3 for VGG-16.
+* Learning-rate multipliers as Caffe's ``lr_mult``: the classifier (ASPP branches / fc8) at 10x, biases at
+  a further 2x (so classifier biases at 20x, as the prototxts). Implemented by multiplying each variable's
+  gradient before the momentum update (:class:`ScaledSGD`), which with plain SGD + momentum is exactly a
+  per-variable learning rate and works unchanged under ``tf.distribute`` and loss scaling.
+* Weight decay 5e-4 as Caffe's: an L2 term ``weight_decay / 2 * sum(kernel ** 2)`` over the convolution
+  kernels added to the loss (so its gradient ``weight_decay * kernel`` goes through the momentum and the LR
+  multipliers, like Caffe's ``decay_mult: 1``); biases and batch-norm parameters are not decayed.
+* Batch normalisation frozen (inference statistics, no updates) unless ``train_bn=True``; with
+  ``train_bn`` under ``tf.distribute`` the statistics are per replica.
+* Sparse softmax cross-entropy ignoring label 255, normalised by the number of non-ignored pixels of the
+  whole global batch (Caffe's ``normalization: VALID``; the count is all-reduced across replicas so a
+  distributed step equals a single-device one). The logits are **upsampled** (bilinear, corner-aligned) to
+  the label size by default; ``upsample_logits=False`` instead downsamples the labels (nearest) to the
+  logits size, as the original Caffe code did.
+* MSC (``msc_scales``): the loss is the sum of the per-scale losses and the loss of the max-fused logits
+  (from ``model.multi_scale_logits``).
+
+Resume: every epoch (``steps_per_epoch`` steps) the weights, optimizer state and epoch are backed up with a
+:class:`keras.callbacks.BackupAndRestore` subclass that writes atomically; the batches of epoch ``k`` are a
+pure function of ``(seed, k)``, so a run killed at any point and restarted with the same command continues
+from the last finished epoch and ends with the same weights as an uninterrupted run (with
+``deterministic=True``, which turns on ``tf.config.experimental.enable_op_determinism``).
+
+Run directory layout::
+
+    run_dir/config.yaml                 the resolved configuration
+    run_dir/checkpoints/ckpt-<step>.keras   model.save() every ``checkpoint_every`` steps
+    run_dir/model.keras                 the final model (float32 copy when trained with mixed precision)
+    run_dir/backup/                     BackupAndRestore state (deleted when the run completes)
+    run_dir/history.csv, history.png    per-epoch loss / mIoU and their plot
+    run_dir/logs/                       TensorBoard
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Optional
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+__all__ = [
+    "TrainConfig", "load_config", "train", "TrainResult", "make_strategy", "build_model",
+    "segmentation_loss", "resize_logits", "ScaledSGD", "SegmentationTrainer", "SegmentationMeanIoU",
+    "ResumableBackup", "ModelCheckpointEvery", "HistoryPlot",
+]
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+DATASETS = ("voc", "synthetic", "folder")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``train`` needs. Defaults are the paper's ResNet-101 ASPP-L VOC 2012 "aug" recipe.
+
+    Args:
+        run_dir: output folder (checkpoints, logs, history); reusing it resumes an interrupted run.
+        seed: seeds weights init, data order and augmentation.
+        deterministic: enable TF op determinism (bit-exact resume / reruns; slower on GPU).
+        num_classes, backbone, output_stride, aspp, msc_scales, weights, width_multiplier, stage_blocks:
+            passed to ``dk.DeepLabV2``.
+        dataset: "voc" (TFDS builder over ``manual_dir``), "synthetic" or "folder" (``folder`` / ``val_folder``).
+        voc_config: TFDS config of the VOC builder ("aug" = train + SBD, or "voc").
+        train_split, val_split: split names for "voc" ("train", "val").
+        manual_dir, data_dir: VOC ``manual_dir`` (holds ``VOC2012/`` and ``benchmark_RELEASE/``) and the TFDS
+            data_dir.
+        folder, val_folder: roots of folder datasets (images/ + masks/).
+        synthetic_images, synthetic_val_images, synthetic_size: size of the synthetic train / held-out splits.
+        crop_size: training crop (H, W).
+        scale_range: random scale range of the augmentation ([0.5, 1.5] as the paper; None: no scaling).
+        flip: random horizontal flips.
+        batch_size: global batch size (split across replicas).
+        shuffle_buffer: examples in the shuffle buffer of the raw dataset.
+        steps: total optimizer steps (the poly schedule's horizon).
+        steps_per_epoch: steps per Keras epoch: the granularity of resume, logging and validation.
+        checkpoint_every: save ``checkpoints/ckpt-<step>.keras`` every this many steps (0: only at the end).
+        keep_checkpoints: how many ``ckpt-*.keras`` to keep (0: all).
+        validation_every: validate every this many epochs (0: never).
+        validation_steps: batches per validation (None: the whole validation split).
+        val_batch_size: validation batch size (full-size images of different sizes need 1).
+        val_crop_size: pad validation images to this size (needed for val_batch_size > 1); None: full size.
+        base_lr: base learning rate; None picks 2.5e-4 (ResNet) or 1e-3 (VGG-16).
+        lr_power, end_lr: poly schedule power and final learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 factor on convolution kernels (Caffe convention, see module docstring).
+        classifier_lr_mult: LR multiplier of the classifier (ASPP / fc8) variables.
+        bias_lr_mult: extra LR multiplier of biases (Caffe's lr_mult 2 for biases).
+        classifier_pattern: regex on ``variable.path`` selecting the classifier variables: by default the
+            layers that output the logits (ResNet ASPP branches ``aspp/aspp_r<rate>_conv``, VGG ``fc8``),
+            which are the ``lr_mult: 10`` layers of the released prototxts.
+        train_bn: train batch normalisation (default frozen).
+        upsample_logits: upsample logits to the labels (True) or downsample labels to the logits (False).
+        ignore_label: label value ignored by the loss and the metrics.
+        mixed_precision: None/"float32", "mixed_float16" (with dynamic loss scaling) or "mixed_bfloat16".
+        strategy: "default", "one_device", "mirrored", "multi_worker" (reads TF_CONFIG) or "tpu".
+        devices: devices for "mirrored" / "one_device" (None: all visible / the first).
+        virtual_cpus: split the first CPU into this many logical devices first (tests; 0: off).
+        tpu: TPU name or address for "tpu" (None: the local TPU).
+        tensorboard, plot: write TensorBoard logs / the history PNG.
+        verbose: Keras fit verbosity (1: progress bar, 2: one line per epoch, 0: silent).
+    """
+
+    run_dir: str = "runs/deeplab"
+    seed: int = 0
+    deterministic: bool = False
+    # model
+    num_classes: int = 21
+    backbone: str = "resnet101"
+    output_stride: int = 8
+    aspp: Any = "L"
+    msc_scales: Optional[list] = None
+    weights: Optional[str] = None
+    width_multiplier: float = 1.0
+    stage_blocks: Optional[list] = None
+    # data
+    dataset: str = "voc"
+    voc_config: str = "aug"
+    train_split: str = "train"
+    val_split: str = "val"
+    manual_dir: Optional[str] = None
+    data_dir: Optional[str] = None
+    folder: Optional[str] = None
+    val_folder: Optional[str] = None
+    synthetic_images: int = 200
+    synthetic_val_images: int = 50
+    synthetic_size: list = dataclasses.field(default_factory=lambda: [97, 97])
+    crop_size: list = dataclasses.field(default_factory=lambda: [321, 321])
+    scale_range: Optional[list] = dataclasses.field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    batch_size: int = 10
+    shuffle_buffer: int = 256
+    # schedule
+    steps: int = 20000
+    steps_per_epoch: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 5
+    validation_every: int = 1
+    validation_steps: Optional[int] = None
+    val_batch_size: int = 1
+    val_crop_size: Optional[list] = None
+    # optimisation
+    base_lr: Optional[float] = None
+    lr_power: float = 0.9
+    end_lr: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    classifier_lr_mult: float = 10.0
+    bias_lr_mult: float = 2.0
+    classifier_pattern: str = r"(^|/)(aspp_r\d+_conv|fc8[^/]*)/"
+    train_bn: bool = False
+    upsample_logits: bool = True
+    ignore_label: int = 255
+    # precision / distribution
+    mixed_precision: Optional[str] = None
+    strategy: str = "default"
+    devices: Optional[list] = None
+    virtual_cpus: int = 0
+    tpu: Optional[str] = None
+    # logging
+    tensorboard: bool = True
+    plot: bool = True
+    verbose: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def epochs(self):
+        return self.steps // self.steps_per_epoch
+
+    @property
+    def resolved_base_lr(self):
+        if self.base_lr is not None:
+            return float(self.base_lr)
+        return 1e-3 if str(self.backbone).startswith("vgg") else 2.5e-4
+
+    def validate(self):
+        """Raises ValueError naming the bad field and what is allowed."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"TrainConfig: {msg}")
+        for name in ("steps", "steps_per_epoch", "batch_size", "num_classes", "val_batch_size",
+                     "shuffle_buffer"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.steps % self.steps_per_epoch == 0,
+             f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
+        for name in ("checkpoint_every", "keep_checkpoints", "validation_every", "virtual_cpus"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        need(self.mixed_precision in PRECISIONS,
+             f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        need(len(list(self.crop_size)) == 2 and all(int(c) > 0 for c in self.crop_size),
+             f"crop_size must be [height, width], got {self.crop_size!r}")
+        need(len(list(self.synthetic_size)) == 2, f"synthetic_size must be [height, width], "
+             f"got {self.synthetic_size!r}")
+        for name in ("weight_decay", "classifier_lr_mult", "bias_lr_mult", "momentum", "end_lr"):
+            need(float(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        need(self.base_lr is None or float(self.base_lr) > 0, f"base_lr must be > 0, got {self.base_lr!r}")
+        need(0 <= self.ignore_label <= 255, f"ignore_label must be in 0..255, got {self.ignore_label!r}")
+        try:
+            re.compile(self.classifier_pattern)
+        except re.error as e:
+            raise ValueError(f"TrainConfig: classifier_pattern is not a valid regex: {e}") from None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Builds a config from a mapping; unknown keys raise ValueError listing the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**dict(values))
+
+
+def load_config(path=None, overrides=None):
+    """Reads a YAML config (``yaml.safe_load``) and applies ``overrides`` (a dict, or "key=value" strings).
+
+    Args:
+        path: YAML file, or a name of a packaged config ("voc_resnet101_aspp_l", "voc_vgg16_largefov",
+            "tiny_cpu"), or None for the defaults.
+        overrides: dict of field -> value, or list of "key=value" strings whose values are parsed as YAML.
+
+    Returns:
+        TrainConfig.
+    """
+    import yaml
+
+    values = {}
+    if path is not None:
+        path = str(path)
+        if not os.path.exists(path):
+            packaged = os.path.join(os.path.dirname(__file__), "configs", path if path.endswith(".yaml")
+                                    else path + ".yaml")
+            if not os.path.exists(packaged):
+                available = sorted(f[:-5] for f in os.listdir(os.path.dirname(packaged)) if f.endswith(".yaml"))
+                raise ValueError(f"config file {path!r} not found (packaged configs: {available})")
+            path = packaged
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of key: value, got {type(values).__name__}")
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    elif overrides:
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like key=value")
+            values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return TrainConfig.from_dict(values)
+
+
+def _as_config(config):
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return TrainConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise TypeError(f"config must be a TrainConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss and metric
+# ----------------------------------------------------------------------------------------------------------
+def resize_logits(logits, size):
+    """Bilinear resize of logits [N,h,w,C] to ``size`` (H, W) with aligned corners, in float32.
+
+    Corner alignment matches the output-stride geometry (logit i sits on pixel ``OS * i``) and Caffe's Interp.
+    """
+    logits = tf.cast(logits, tf.float32)
+    return tf.raw_ops.ResizeBilinear(images=logits, size=tf.cast(size, tf.int32), align_corners=True,
+                                     half_pixel_centers=False)
+
+
+def _resize_labels(labels, size):
+    """Nearest-neighbour (corner-aligned) resize of labels [N,H,W] to ``size``."""
+    labels = tf.expand_dims(labels, -1)
+    resized = tf.raw_ops.ResizeNearestNeighbor(images=labels, size=tf.cast(size, tf.int32), align_corners=True,
+                                               half_pixel_centers=False)
+    return tf.squeeze(resized, -1)
+
+
+def segmentation_loss(labels, logits, ignore_label=255, upsample_logits=True):
+    """Summed sparse softmax cross-entropy over non-ignored pixels, and their count.
+
+    Args:
+        labels: [N,H,W] integer labels; ``ignore_label`` pixels do not count.
+        logits: [N,h,w,C] logits (any float dtype; computed in float32).
+        ignore_label: label value to ignore.
+        upsample_logits: resize logits to the label size (True) or labels to the logit size (False).
+
+    Returns:
+        (loss_sum, valid_count): float32 scalars; the mean loss is ``loss_sum / valid_count``.
+    """
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank == 4:
+        labels = tf.squeeze(labels, -1)
+    if upsample_logits:
+        logits = resize_logits(logits, tf.shape(labels)[1:3])
+    else:
+        logits = tf.cast(logits, tf.float32)
+        labels = _resize_labels(labels, tf.shape(logits)[1:3])
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.not_equal(labels, ignore_label)
+    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    ce = tf.where(valid, ce, tf.zeros_like(ce))
+    return tf.reduce_sum(ce), tf.reduce_sum(tf.cast(valid, tf.float32))
+
+
+class SegmentationMeanIoU(keras.metrics.MeanIoU):
+    """``keras.metrics.MeanIoU`` over logits at any resolution: resizes them to the labels, ignores 255.
+
+    Args:
+        num_classes: number of classes.
+        ignore_label: label value that does not count.
+        name: metric name.
+    """
+
+    def __init__(self, num_classes, ignore_label=255, name="miou", **kwargs):
+        kwargs.pop("ignore_class", None)
+        kwargs.pop("sparse_y_pred", None)
+        super().__init__(num_classes=num_classes, name=name, ignore_class=ignore_label, sparse_y_pred=False,
+                         **kwargs)
+        self.ignore_label = ignore_label
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = tf.convert_to_tensor(y_true)
+        if y_true.shape.rank == 4:
+            y_true = tf.squeeze(y_true, -1)
+        y_pred = resize_logits(y_pred, tf.shape(y_true)[1:3])
+        return super().update_state(tf.cast(y_true, tf.int32), y_pred, sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("ignore_class", None)
+        config.pop("sparse_y_pred", None)
+        config["ignore_label"] = self.ignore_label
+        return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer with per-variable learning-rate multipliers
+# ----------------------------------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="deeplab_keras")
+class ScaledSGD(keras.optimizers.SGD):
+    """SGD (with momentum) whose gradients are multiplied per variable: Caffe's ``lr_mult``.
+
+    With momentum SGD, scaling a variable's gradient by ``m`` is the same as running it at ``m`` times the
+    learning rate. The multiplier of a variable is the product of the ``multipliers`` whose regex matches
+    its ``variable.path`` (``re.search``). Scaling happens before the cross-replica gradient sum (it is
+    linear, so the order does not matter) and after loss-scale unscaling (``LossScaleOptimizer`` calls
+    ``apply`` of this inner optimizer).
+
+    Args:
+        learning_rate: float or schedule.
+        momentum: momentum.
+        multipliers: list of ``[regex, factor]`` pairs.
+        **kwargs: the rest of ``keras.optimizers.SGD``.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, multipliers=(), **kwargs):
+        super().__init__(learning_rate=learning_rate, momentum=momentum, **kwargs)
+        self.multipliers = [[str(p), float(f)] for p, f in multipliers]
+        self._compiled = [(re.compile(p), f) for p, f in self.multipliers]
+
+    def multiplier(self, variable):
+        """The learning-rate multiplier of ``variable``."""
+        path = getattr(variable, "path", None) or variable.name
+        factor = 1.0
+        for pattern, f in self._compiled:
+            if pattern.search(path):
+                factor *= f
+        return factor
+
+    def apply(self, grads, trainable_variables=None):
+        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        grads = list(grads)
+        if len(variables) == len(grads):
+            scaled = []
+            for g, v in zip(grads, variables):
+                m = self.multiplier(v)
+                scaled.append(g if g is None or m == 1.0 else g * tf.cast(m, g.dtype))
+            grads = scaled
+        return super().apply(grads, trainable_variables)
+
+    def get_config(self):
+        config = super().get_config()
+        config["multipliers"] = self.multipliers
+        return config
+
+
+def _is_bias(variable):
+    path = getattr(variable, "path", None) or variable.name
+    return path.split("/")[-1].split(":")[0] == "bias"
+
+
+def _conv_kernels(model):
+    """Trainable rank-4 ``kernel`` variables (convolution kernels)."""
+    return [v for v in model.trainable_variables
+            if (getattr(v, "path", None) or v.name).split("/")[-1].split(":")[0] == "kernel"
+            and len(v.shape) == 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training wrapper
+# ----------------------------------------------------------------------------------------------------------
+class SegmentationTrainer(keras.Model):
+    """Wraps a DeepLab model for ``fit``: the loss of the recipe, MSC losses and the mIoU metric.
+
+    The wrapped ``net`` stays an ordinary, uncompiled model (save it with ``net.save``); this wrapper only
+    exists during training and is not meant to be saved.
+
+    Args:
+        net: the DeepLab model (logits [N,h,w,C]; ``multi_scale_logits`` when ``msc``).
+        num_classes: number of classes (for the metric).
+        msc: train with every scale's logits plus the fused ones (sum of their losses).
+        weight_decay: L2 factor (Caffe convention: gradient ``weight_decay * kernel``) on conv kernels.
+        ignore_label: label to ignore.
+        upsample_logits: see :func:`segmentation_loss`.
+    """
+
+    def __init__(self, net, num_classes, msc=False, weight_decay=0.0, ignore_label=255, upsample_logits=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.msc = bool(msc)
+        self.weight_decay = float(weight_decay)
+        self.ignore_label = int(ignore_label)
+        self.upsample_logits = bool(upsample_logits)
+        self.miou = SegmentationMeanIoU(num_classes, ignore_label=ignore_label, name="miou")
+
+    def call(self, images, training=False):
+        if self.msc and training:
+            outputs = self.net.multi_scale_logits(images, training=True)
+            if not isinstance(outputs, dict) or "fused" not in outputs:
+                raise ValueError("net.multi_scale_logits must return a dict with a 'fused' entry, got "
+                                 f"{type(outputs).__name__}")
+            return dict(outputs)
+        return {"fused": self.net(images, training=training)}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        total = tf.constant(0.0, tf.float32)
+        for key in sorted(y_pred):
+            loss_sum, count = segmentation_loss(y, y_pred[key], self.ignore_label, self.upsample_logits)
+            if replicas > 1:
+                count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+            # Gradients are summed over replicas, so sum/global_count gives the global mean.
+            total += loss_sum / tf.maximum(tf.stop_gradient(count), 1.0)
+        if self.weight_decay > 0 and training:
+            kernels = _conv_kernels(self.net)
+            if kernels:
+                l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in kernels])
+                total += 0.5 * self.weight_decay * l2 / float(replicas)
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        self.miou.update_state(y, y_pred["fused"])
+        return self.get_metrics_result()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Callbacks
+# ----------------------------------------------------------------------------------------------------------
+_STATE_RE = re.compile(r"^state-(\d+)\.weights\.h5$")
+
+
+def _latest_backup(backup_dir):
+    """(epoch, path) of the newest complete backup in ``backup_dir``, or (0, None)."""
+    best = (0, None)
+    if backup_dir and os.path.isdir(backup_dir):
+        for name in os.listdir(backup_dir):
+            m = _STATE_RE.match(name)
+            if m and int(m.group(1)) >= best[0]:
+                best = (int(m.group(1)), os.path.join(backup_dir, name))
+    return best
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that writes atomically and can tell the epoch to resume from before ``fit``.
+
+    Each backup is ``backup_dir/state-<epoch>.weights.h5`` (weights + optimizer state), written under a
+    temporary name and renamed, so a SIGKILL at any moment leaves the previous complete state; the epoch is
+    in the file name, so weights and epoch can never disagree. Older states are deleted after a new one is
+    in place.
+
+    Args:
+        backup_dir: folder for the state files (one run only).
+        delete_checkpoint: remove the folder when training completes.
+    """
+
+    def __init__(self, backup_dir, delete_checkpoint=True):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
+        self.restored_epoch = 0
+
+    @staticmethod
+    def resume_epoch(backup_dir):
+        """The epoch a run with this backup folder resumes from (0 for a fresh run)."""
+        return _latest_backup(backup_dir)[0]
+
+    def on_train_begin(self, logs=None):
+        self._load_model()
+
+    def _load_model(self):
+        epoch, path = _latest_backup(self.backup_dir)
+        if path is None:
+            return
+        if not self.model.built:
+            raise ValueError("ResumableBackup: build the model (call it on a batch) before fit()")
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(path)
+        self.model._initial_epoch = epoch
+        self.restored_epoch = epoch
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        epoch = self._current_epoch
+        final = os.path.join(self.backup_dir, f"state-{epoch}.weights.h5")
+        tmp = os.path.join(self.backup_dir, f".tmp-state-{epoch}-{os.getpid()}.weights.h5")
+        self.model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, final)
+        for name in os.listdir(self.backup_dir):
+            m = _STATE_RE.match(name)
+            if (m and int(m.group(1)) < epoch) or name.startswith(".tmp-state-") and name != os.path.basename(tmp):
+                try:
+                    os.remove(os.path.join(self.backup_dir, name))
+                except OSError:
+                    pass
+
+    def on_train_end(self, logs=None):
+        if self.delete_checkpoint and os.path.isdir(self.backup_dir):
+            import shutil
+
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+def _atomic_save_keras(model, path):
+    """``model.save(path)`` through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class ModelCheckpointEvery(keras.callbacks.Callback):
+    """Saves ``net`` as ``folder/ckpt-<step>.keras`` every ``every`` global steps (atomic), keeps the last N.
+
+    Args:
+        net: the model to save (the DeepLab model, not the training wrapper).
+        folder: checkpoint folder.
+        every: steps between checkpoints (> 0).
+        steps_per_epoch: to turn (epoch, batch) into the global step.
+        keep: how many to keep (0: all).
+    """
+
+    def __init__(self, net, folder, every, steps_per_epoch, keep=5):
+        super().__init__()
+        self.net, self.folder, self.every = net, folder, int(every)
+        self.steps_per_epoch, self.keep = int(steps_per_epoch), int(keep)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch * self.steps_per_epoch + batch + 1
+        if step % self.every == 0:
+            _atomic_save_keras(self.net, os.path.join(self.folder, f"ckpt-{step}.keras"))
+            self._prune()
+
+    def _prune(self):
+        if self.keep <= 0:
+            return
+        found = sorted((int(m.group(1)), n) for n in os.listdir(self.folder)
+                       for m in [re.match(r"^ckpt-(\d+)\.keras$", n)] if m)
+        for _, name in found[:-self.keep]:
+            try:
+                os.remove(os.path.join(self.folder, name))
+            except OSError:
+                pass
+
+
+def read_history(csv_path):
+    """Reads a CSVLogger file, tolerating a truncated last line; keeps the last row per epoch."""
+    import csv
+
+    rows = {}
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            try:
+                parsed = {k: float(v) for k, v in row.items() if k is not None and v not in (None, "")}
+                rows[int(parsed["epoch"])] = parsed
+            except (KeyError, ValueError):
+                continue
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_history(csv_path, png_path, steps_per_epoch=1):
+    """Writes a PNG with the loss and mIoU curves (train and validation) of a history CSV. Atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = read_history(csv_path)
+    if not rows:
+        return None
+    steps = [(r["epoch"] + 1) * steps_per_epoch for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "miou", "mIoU")):
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            values = [(s, r[prefix + key]) for s, r in zip(steps, rows) if prefix + key in r]
+            if values:
+                ax.plot(*zip(*values), style, label=(prefix + key).replace("_", " ") or key, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(png_path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(png_path)}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+class HistoryPlot(keras.callbacks.Callback):
+    """Redraws ``png_path`` from the CSV history after every epoch (run it after ``CSVLogger``)."""
+
+    def __init__(self, csv_path, png_path, steps_per_epoch=1):
+        super().__init__()
+        self.csv_path, self.png_path, self.steps_per_epoch = csv_path, png_path, steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        plot_history(self.csv_path, self.png_path, self.steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strategy, model, data
+# ----------------------------------------------------------------------------------------------------------
+def _split_cpu(n):
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        logical = tf.config.list_logical_devices("CPU")
+        if len(logical) < n:
+            raise RuntimeError(f"virtual_cpus={n}: TensorFlow is already initialised with {len(logical)} CPU "
+                               "device(s); set virtual_cpus in a fresh process before any TF op runs") from e
+
+
+def make_strategy(name="default", devices=None, tpu=None, virtual_cpus=0):
+    """The ``tf.distribute`` strategy named by the config.
+
+    Args:
+        name: "default" (one device, no strategy), "one_device", "mirrored" (all local GPUs, or ``devices``),
+            "multi_worker" (MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG environment
+            variable), "tpu" (TPUStrategy on ``tpu``).
+        devices: device names for "mirrored" / "one_device".
+        tpu: TPU name / grpc address (None: local).
+        virtual_cpus: first split the CPU into this many logical devices (for tests on CPU).
+    """
+    if virtual_cpus:
+        _split_cpu(int(virtual_cpus))
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(devices[0] if devices else
+                                               (tf.config.list_logical_devices("GPU") or
+                                                tf.config.list_logical_devices("CPU"))[0].name)
+    if name == "mirrored":
+        if devices is None and not tf.config.list_logical_devices("GPU"):
+            cpus = tf.config.list_logical_devices("CPU")
+            devices = [d.name for d in cpus] if len(cpus) > 1 else None
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy 'multi_worker' reads the cluster from the TF_CONFIG environment variable, "
+                             "which is not set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and
+                                              "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _task_id(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0) if resolver is not None else 0
+
+
+class _policy_scope:
+    """Sets the global Keras dtype policy for a block and restores it."""
+
+    def __init__(self, policy):
+        self.policy = policy or "float32"
+
+    def __enter__(self):
+        self.saved = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.policy)
+
+    def __exit__(self, *exc):
+        keras.mixed_precision.set_global_policy(self.saved)
+
+
+def build_model(config):
+    """``dk.DeepLabV2`` from the model fields of a config (under the config's dtype policy)."""
+    from deeplab_keras.models.deeplab import DeepLabV2
+
+    cfg = _as_config(config)
+    kwargs = dict(num_classes=cfg.num_classes, backbone=cfg.backbone, output_stride=cfg.output_stride,
+                  aspp=tuple(cfg.aspp) if isinstance(cfg.aspp, (list, tuple)) else cfg.aspp,
+                  msc_scales=tuple(cfg.msc_scales) if cfg.msc_scales else None, weights=cfg.weights)
+    if cfg.width_multiplier != 1.0:
+        kwargs["width_multiplier"] = cfg.width_multiplier
+    if cfg.stage_blocks:
+        kwargs["stage_blocks"] = tuple(cfg.stage_blocks)
+    with _policy_scope(cfg.mixed_precision):
+        return DeepLabV2(**kwargs)
+
+
+def _raw_datasets(cfg):
+    """Unbatched train / validation datasets of {"image", "label", ...} from the config."""
+    from deeplab_keras import data
+
+    if cfg.dataset == "synthetic":
+        from deeplab_keras.data import synthetic
+
+        size = tuple(int(s) for s in cfg.synthetic_size)
+        train = synthetic.make_synthetic(cfg.synthetic_images, size=size, num_classes=cfg.num_classes,
+                                         seed=cfg.seed)
+        val = synthetic.make_synthetic(cfg.synthetic_val_images, size=size, num_classes=cfg.num_classes,
+                                       seed=cfg.seed + 1000003)
+        return train, val
+    if cfg.dataset == "voc":
+        if not cfg.manual_dir and not cfg.data_dir:
+            raise ValueError("dataset 'voc' needs manual_dir (the folder holding VOC2012/ and, for the 'aug' "
+                             "config, benchmark_RELEASE/) or a data_dir with the prepared TFDS dataset")
+        train = data.load_voc(cfg.train_split, config=cfg.voc_config, manual_dir=cfg.manual_dir,
+                              data_dir=cfg.data_dir)
+        val = data.load_voc(cfg.val_split, config=cfg.voc_config, manual_dir=cfg.manual_dir,
+                            data_dir=cfg.data_dir) if cfg.validation_every else None
+        return train, val
+    if not cfg.folder:
+        raise ValueError("dataset 'folder' needs folder: a directory with images/ and masks/")
+    train = data.folder_dataset(cfg.folder)
+    val = data.folder_dataset(cfg.val_folder) if cfg.val_folder and cfg.validation_every else None
+    return train, val
+
+
+def _epoch_seed(seed, epoch):
+    return int((int(seed) * 1000003 + int(epoch) * 7919 + 17) % (2 ** 31 - 1))
+
+
+def make_train_stream(raw, cfg, start_epoch=0):
+    """The training batches from ``start_epoch`` to the end: epoch ``k`` is a pure function of (seed, k).
+
+    Epoch ``k`` is ``deeplab_keras.data.make_pipeline(raw, training=True, repeat=True, seed=f(seed, k))``
+    cut to ``steps_per_epoch`` batches (the pipeline's shuffle and augmentation are seeded per element), so
+    a run resumed at epoch ``k`` sees exactly the batches an uninterrupted run sees from epoch ``k`` on.
+
+    Args:
+        raw: unbatched dataset of {"image" uint8 [H,W,3], "label" uint8 [H,W]} dicts.
+        cfg: TrainConfig.
+        start_epoch: first epoch to produce.
+
+    Returns:
+        tf.data.Dataset of (images float32 [B,h,w,3], labels uint8 [B,h,w]) with global batches.
+    """
+    from deeplab_keras.data import make_pipeline
+
+    def epoch(k):
+        return make_pipeline(raw, training=True, batch_size=cfg.batch_size, crop_size=_ints(cfg.crop_size),
+                             scale_range=_scale_range(cfg), flip=cfg.flip, ignore_label=cfg.ignore_label,
+                             num_classes=cfg.num_classes, shuffle_buffer=cfg.shuffle_buffer,
+                             seed=_epoch_seed(cfg.seed, k), repeat=True, prefetch=False).take(cfg.steps_per_epoch)
+
+    stream = None
+    for k in range(start_epoch, cfg.epochs):
+        stream = epoch(k) if stream is None else stream.concatenate(epoch(k))
+    if stream is None:  # nothing left to train
+        stream = epoch(0).take(0)
+    return _data_sharded(stream.prefetch(tf.data.AUTOTUNE))
+
+
+def make_val_stream(raw, cfg):
+    """Validation batches (no augmentation): full-size images when ``val_crop_size`` is None (batch 1)."""
+    from deeplab_keras.data import make_pipeline
+
+    crop = _ints(cfg.val_crop_size) if cfg.val_crop_size else None
+    ds = make_pipeline(raw, training=False, batch_size=cfg.val_batch_size, crop_size=crop,
+                       ignore_label=cfg.ignore_label, num_classes=cfg.num_classes)
+    if cfg.validation_steps:
+        ds = ds.take(cfg.validation_steps)
+    return _data_sharded(ds)
+
+
+def _ints(values):
+    return tuple(int(v) for v in values)
+
+
+def _scale_range(cfg):
+    return None if cfg.scale_range is None else tuple(float(s) for s in cfg.scale_range)
+
+
+def _data_sharded(ds):
+    """Multi-worker: every worker reads the whole stream and keeps its part of each global batch."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train()
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        model: the trained DeepLab model (in the training dtype policy).
+        history: dict of per-epoch lists (this call's epochs only).
+        run_dir: the run folder.
+        model_path: path of the final ``model.keras`` (float32) or None when not written (non-chief worker).
+        resumed_from_epoch: the epoch this call started at (0 for a fresh run).
+    """
+
+    model: Any
+    history: dict
+    run_dir: str
+    model_path: Optional[str]
+    resumed_from_epoch: int
+
+
+def _float32_copy(net, cfg):
+    """A float32 copy of a mixed-precision model (the lead's ``models.as_float32`` when present)."""
+    if not cfg.mixed_precision or cfg.mixed_precision == "float32":
+        return net
+    try:
+        from deeplab_keras.models import as_float32
+    except ImportError:
+        as_float32 = None
+    if as_float32 is not None:
+        return as_float32(net)
+    config = net.get_config()
+    with _policy_scope("float32"):
+        copy = net.__class__.from_config(_strip_policy(config))
+    copy.set_weights(net.get_weights())
+    return copy
+
+
+def _strip_policy(config):
+    if isinstance(config, dict):
+        return {k: ("float32" if k == "dtype" and not isinstance(v, (int, float)) and v is not None
+                    else _strip_policy(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_strip_policy(v) for v in config]
+    return config
+
+
+def _tensorboard_available():
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _write_yaml_atomic(values, path):
+    import yaml
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _clone_into_scope(net, strategy, cfg):
+    with strategy.scope(), _policy_scope(cfg.mixed_precision):
+        copy = net.__class__.from_config(net.get_config())
+    sample = np.zeros((1, 65, 65, 3), "float32")
+    copy(sample)
+    copy.set_weights(net.get_weights())
+    return copy
+
+
+def train(config, *, model=None, train_data=None, val_data=None, callbacks=None, strategy=None):
+    """Trains DeepLab v2 with ``model.fit`` following ``config``; resumes if ``run_dir`` holds a backup.
+
+    Args:
+        config: TrainConfig, dict, or YAML path.
+        model: an existing DeepLab model to train (default: built from the config). With a distribution
+            strategy it is copied into the strategy's scope.
+        train_data: unbatched ``tf.data.Dataset`` of {"image", "label"} to use instead of the config's dataset.
+        val_data: unbatched validation dataset (None: the config's; pass ``False`` for none).
+        callbacks: extra Keras callbacks.
+        strategy: a ``tf.distribute.Strategy`` to use instead of the config's.
+
+    Returns:
+        TrainResult.
+
+    Example:
+        >>> from deeplab_keras.train import load_config, train
+        >>> result = train(load_config("tiny_cpu", {"run_dir": "/tmp/run", "steps": 20}))  # doctest: +SKIP
+    """
+    cfg = _as_config(config)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = strategy or make_strategy(cfg.strategy, cfg.devices, cfg.tpu, cfg.virtual_cpus)
+    keras.utils.set_random_seed(cfg.seed)
+    chief = _is_chief(strategy)
+
+    run_dir = os.path.abspath(cfg.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    backup_dir = os.path.join(run_dir, "backup") if chief else os.path.join(
+        run_dir, f".backup-worker-{_task_id(strategy)}")
+    start_epoch = ResumableBackup.resume_epoch(backup_dir)
+    if chief:
+        _write_yaml_atomic(cfg.to_dict(), os.path.join(run_dir, "config.yaml"))
+
+    # Data (given datasets win; a given train_data without val_data means no validation)
+    if train_data is None:
+        train_data, config_val = _raw_datasets(cfg)
+        val_data = config_val if val_data is None else val_data
+    train_stream = make_train_stream(train_data, cfg, start_epoch)
+    val_stream = None
+    if val_data is not None and val_data is not False and cfg.validation_every:
+        val_stream = make_val_stream(val_data, cfg)
+
+    # Model, optimizer
+    with strategy.scope():
+        if model is None:
+            net = build_model(cfg)
+        elif cfg.strategy == "default" and not tf.distribute.has_strategy():
+            net = model
+        else:
+            net = _clone_into_scope(model, strategy, cfg)
+        for layer in net._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = bool(cfg.train_bn)
+        with _policy_scope(cfg.mixed_precision):
+            trainer = SegmentationTrainer(net, cfg.num_classes, msc=bool(cfg.msc_scales),
+                                          weight_decay=cfg.weight_decay, ignore_label=cfg.ignore_label,
+                                          upsample_logits=cfg.upsample_logits, name="segmentation_trainer")
+            schedule = keras.optimizers.schedules.PolynomialDecay(
+                cfg.resolved_base_lr, decay_steps=cfg.steps, end_learning_rate=cfg.end_lr, power=cfg.lr_power)
+            multipliers = []
+            if cfg.classifier_lr_mult != 1.0:
+                multipliers.append([cfg.classifier_pattern, cfg.classifier_lr_mult])
+            if cfg.bias_lr_mult != 1.0:
+                multipliers.append([r"(^|/)bias(:\d+)?$", cfg.bias_lr_mult])
+            optimizer = ScaledSGD(schedule, momentum=cfg.momentum, multipliers=multipliers)
+            if cfg.mixed_precision == "mixed_float16":
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            trainer.compile(optimizer=optimizer)
+        h, w = (int(c) for c in cfg.crop_size)
+        trainer(np.zeros((1, min(h, 65), min(w, 65), 3), "float32"))  # build before restore
+
+    n_classifier = sum(1 for v in net.trainable_variables
+                       if re.search(cfg.classifier_pattern, getattr(v, "path", v.name)))
+    if cfg.classifier_lr_mult != 1.0 and n_classifier == 0:
+        raise ValueError(f"classifier_pattern {cfg.classifier_pattern!r} matches no trainable variable of the "
+                         f"model; variable paths look like {net.trainable_variables[-1].path!r}")
+
+    # Callbacks
+    backup = ResumableBackup(backup_dir)
+    cbs = [backup]
+    if chief:
+        if cfg.checkpoint_every:
+            cbs.append(ModelCheckpointEvery(net, os.path.join(run_dir, "checkpoints"), cfg.checkpoint_every,
+                                            cfg.steps_per_epoch, cfg.keep_checkpoints))
+        csv_path = os.path.join(run_dir, "history.csv")
+        cbs.append(keras.callbacks.CSVLogger(csv_path, append=True))
+        if cfg.plot:
+            cbs.append(HistoryPlot(csv_path, os.path.join(run_dir, "history.png"), cfg.steps_per_epoch))
+        if cfg.tensorboard:
+            if _tensorboard_available():
+                cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"))
+            else:
+                print("deeplab-train: the tensorboard package is not installed; no TensorBoard logs "
+                      "(pip install tensorboard, or set tensorboard: false)", file=sys.stderr)
+    cbs += list(callbacks or [])
+
+    if start_epoch and cfg.verbose:
+        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step "
+              f"{start_epoch * cfg.steps_per_epoch} of {cfg.steps})", file=sys.stderr)
+    if start_epoch < cfg.epochs:
+        history = trainer.fit(train_stream, epochs=cfg.epochs, initial_epoch=start_epoch,
+                              steps_per_epoch=cfg.steps_per_epoch, validation_data=val_stream,
+                              validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose)
+        history = dict(history.history)
+    else:
+        history = {}
+
+    model_path = None
+    if chief:
+        model_path = os.path.join(run_dir, "model.keras")
+        _atomic_save_keras(_float32_copy(net, cfg), model_path)
+        with open(os.path.join(run_dir, ".tmp-summary.json"), "w") as f:
+            json.dump({"steps": cfg.steps, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch,
+                       "history": {k: [float(x) for x in v] for k, v in history.items()}}, f, indent=1)
+        os.replace(os.path.join(run_dir, ".tmp-summary.json"), os.path.join(run_dir, "summary.json"))
+    return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,
+                       resumed_from_epoch=start_epoch)
