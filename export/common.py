@@ -1,0 +1,313 @@
+"""Pieces shared by the three exporters: the serving graph, float32 preparation, atomic writes, reports.
+
+Every format exports the same computation (``serving_outputs``): the Keras model's logits at output stride,
+bilinearly resized to the input size inside the graph (``align_corners=True``, so a 513 px input maps exactly onto
+its 65 px logits), a softmax, and an argmax. ``outputs="logits"`` exports the raw logits at output stride instead
+(smaller, for devices that post-process themselves). An optional ``crf`` callable refines the probabilities
+before the argmax; it must be made of stock TF ops so that every format can carry it.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+OUTPUT_KINDS = ("full", "logits")
+
+
+class ExportError(Exception):
+    """A problem with the user's request (bad path, existing artifact, unusable option): exit code 2 at the CLI."""
+
+
+def upsample_logits(logits, size):
+    """Bilinearly resizes logits ``[N, h, w, C]`` to ``size`` (``[H, W]``) with corner alignment.
+
+    Args:
+        logits: float tensor ``[N, h, w, C]``.
+        size: int32 tensor or pair ``(H, W)``.
+    """
+    return tf.compat.v1.image.resize_bilinear(tf.cast(logits, tf.float32), size, align_corners=True)
+
+
+def serving_outputs(model, images, outputs="full", crf=None):
+    """The exported computation: images in, ``labels`` + ``probabilities`` (or ``logits``) out.
+
+    Args:
+        model: float32 Keras model, float32 ``[N, H, W, 3]`` RGB 0..255 -> logits ``[N, h, w, C]``.
+        images: float32 tensor ``[N, H, W, 3]``, RGB 0..255.
+        outputs: ``"full"`` (``labels`` int32 ``[N, H, W]`` and ``probabilities`` float32 ``[N, H, W, C]`` at the
+            input size) or ``"logits"`` (``logits`` float32 ``[N, h, w, C]`` at output stride).
+        crf: optional ``crf(probabilities, images) -> probabilities`` made of stock TF ops (``outputs="full"``).
+    """
+    logits = tf.cast(model(images, training=False), tf.float32)
+    if outputs == "logits":
+        return {"logits": logits}
+    upsampled = upsample_logits(logits, tf.shape(images)[1:3])
+    probabilities = tf.nn.softmax(upsampled, axis=-1)
+    if crf is not None:
+        probabilities = crf(probabilities, images)
+        labels = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+    else:
+        labels = tf.argmax(upsampled, axis=-1, output_type=tf.int32)
+    return {"labels": labels, "probabilities": probabilities}
+
+
+def reference_outputs(model, images, outputs="full", crf=None, batch_size=1):
+    """Runs ``serving_outputs`` eagerly with the Keras model: the reference each artifact is checked against.
+
+    Args:
+        model: the float32 Keras model.
+        images: uint8 or float array ``[N, H, W, 3]``.
+        outputs: see ``serving_outputs``.
+        crf: see ``serving_outputs``.
+        batch_size: images per call.
+    Returns:
+        dict of numpy arrays.
+    """
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch = tf.constant(np.asarray(images[start:start + batch_size], np.float32))
+        parts.append({k: v.numpy() for k, v in serving_outputs(model, batch, outputs, crf).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def is_float32(model):
+    """True when every layer of ``model`` computes and stores in float32."""
+    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
+    for layer in layers:
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and (policy.compute_dtype != "float32" or policy.variable_dtype != "float32"):
+            return False
+    return True
+
+
+def to_float32(model):
+    """Returns ``model`` itself if it is float32, else a float32 rebuild with the same weights (mixed precision).
+
+    Args:
+        model: a Keras model, possibly built under ``mixed_float16`` / ``mixed_bfloat16``.
+    """
+    if is_float32(model):
+        return model
+    from deeplab_keras.models import as_float32
+
+    rebuilt = as_float32(model)
+    if not is_float32(rebuilt):
+        raise ExportError("could not rebuild the mixed-precision model in float32; export a float32 model instead")
+    return rebuilt
+
+
+def model_num_classes(model):
+    """Number of classes (last dim of the logits) of ``model``."""
+    num = getattr(model, "num_classes", None)
+    if num is None:
+        num = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
+    return int(num) if num is not None else None
+
+
+def check_destination(path, overwrite, what="artifact"):
+    """Fails early (before the slow steps) when ``path`` cannot be written.
+
+    Args:
+        path: the final artifact path (file or directory).
+        overwrite: whether an existing artifact may be replaced.
+        what: a word for error messages.
+    Raises:
+        ExportError: ``path`` exists without ``overwrite``, or its folder is not writable.
+    """
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(f"{what} {path} already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = os.path.dirname(path)
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ExportError(f"cannot write {what} {path}: {probe} is not a directory")
+    try:  # really try: permission bits say little for root or special filesystems such as /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".deeplab-export-probe-", dir=probe))
+    except OSError as e:
+        raise ExportError(f"cannot write {what} {path}: {probe} is not a writable directory ({e.strerror})")
+
+
+def staging_dir(final_path):
+    """Creates a hidden temporary directory next to ``final_path`` (same filesystem, so rename is atomic)."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.tmp-", dir=parent)
+
+
+def publish(staged, final_path, overwrite):
+    """Atomically moves ``staged`` (a file or directory) to ``final_path``.
+
+    An existing ``final_path`` is replaced only with ``overwrite``; it is first renamed aside, so at every moment
+    ``final_path`` is either the old complete artifact, absent for an instant, or the new complete one.
+    """
+    final_path = os.path.abspath(final_path)
+    aside = None
+    if os.path.lexists(final_path):
+        if not overwrite:
+            raise ExportError(f"{final_path} already exists; pass --overwrite (overwrite=True) to replace it")
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.old-", dir=os.path.dirname(final_path))
+        aside = os.path.join(aside, "old")
+        os.rename(final_path, aside)
+    os.rename(staged, final_path)
+    if aside is not None:
+        shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
+
+
+def write_json_atomic(path, data):
+    """Writes ``data`` as indented JSON to ``path`` via a temporary file and rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def path_size(path):
+    """Size in bytes of a file, or of all files under a directory."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def environment():
+    """Versions of the libraries that shaped the artifact (for the report)."""
+    import keras
+    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__, "keras": keras.__version__}
+    for name in ("tf2onnx", "onnx", "onnxruntime", "ai_edge_litert"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__version__", None):
+            versions[name] = module.__version__
+    return versions
+
+
+class Progress:
+    """Prints ``[deeplab-export] step ... done (1.2 s)`` lines to stderr; silent when ``enabled`` is False."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.timings = {}
+
+    def step(self, name, message):
+        """Context manager timing one slow step; its seconds land in ``self.timings[name]``."""
+        return _Step(self, name, message)
+
+    def info(self, message):
+        """Prints one line."""
+        if self.enabled:
+            print(f"[deeplab-export] {message}", file=sys.stderr, flush=True)
+
+
+class _Step:
+    def __init__(self, progress, name, message):
+        self.progress, self.name, self.message = progress, name, message
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.progress.info(f"{self.message} ...")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        seconds = time.perf_counter() - self.start
+        self.progress.timings[self.name] = round(seconds, 3)
+        if exc_type is None:
+            self.progress.info(f"{self.message}: done ({seconds:.1f} s)")
+        return False
+
+
+def default_report_path(final_path):
+    """``<artifact>.report.json``: the JSON report sits next to the artifact (``OUT/<version>.report.json`` for a
+    SavedModel version directory, ``model.tflite.report.json`` for a file)."""
+    return os.path.abspath(final_path).rstrip(os.sep) + ".report.json"
+
+
+def finalize(report, staged, final_path, overwrite, report_path=None, progress=None):
+    """Publishes a verified artifact and writes its report; writes the report and raises when verification failed.
+
+    Args:
+        report: the export report; ``report["verification"]["passed"]`` decides.
+        staged: the finished artifact in its staging location.
+        final_path: where the artifact goes.
+        overwrite: whether an existing artifact may be replaced.
+        report_path: JSON report path (default ``default_report_path(final_path)``).
+        progress: optional ``Progress``.
+    Returns:
+        ``report`` (with ``report_path``).
+    Raises:
+        verify.VerificationError: verification failed; the artifact is not published.
+    """
+    from deeplab_keras.export.verify import VerificationError
+
+    report_path = report_path or default_report_path(final_path)
+    report["report_path"] = report_path
+    verification = report["verification"]
+    if not verification["passed"]:
+        report["artifact"] = None
+        write_json_atomic(report_path, report)
+        raise VerificationError(
+            f"verification failed, {final_path} was not written: " + "; ".join(verification["failures"]) +
+            f" (details in {report_path})", report)
+    publish(staged, final_path, overwrite)
+    write_json_atomic(report_path, report)
+    if progress is not None:
+        progress.info(f"wrote {final_path} ({report['size_bytes'] / 1e6:.2f} MB) and {report_path}")
+    return report
+
+
+def base_report(fmt, model, final_path, size, **fields):
+    """Report fields shared by all formats."""
+    report = {"format": fmt, "artifact": os.path.abspath(final_path), "size_bytes": int(size),
+              "num_classes": model_num_classes(model), "model": getattr(model, "name", None),
+              "created_unix": round(time.time(), 3), "environment": environment()}
+    get_config = getattr(model, "get_config", None)
+    try:
+        config = get_config() if get_config else None
+        if config and "layers" not in config:  # a DeepLabV2-style kwargs config, not a functional graph dump
+            report["model_config"] = config
+    except Exception:  # a config is nice to have, never required
+        pass
+    report.update(fields)
+    return report
+
+
+def portable_crf(iterations=10, **crf_kwargs):
+    """The ``crf`` hook for exports: the stock-TF-op dense CRF (``deeplab_keras.crf.portable``).
+
+    Args:
+        iterations: mean-field iterations (unrolled into the exported graph).
+        **crf_kwargs: other ``dense_crf_portable`` parameters (DeepLab v2 defaults otherwise).
+    Returns:
+        ``crf(probabilities, images) -> probabilities`` taking float32 images in 0..255.
+    """
+    from deeplab_keras.crf.portable import dense_crf_portable
+
+    def crf(probabilities, images):
+        pixels = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+        return dense_crf_portable(probabilities, pixels, iterations=iterations, **crf_kwargs)
+
+    crf.config = dict(iterations=iterations, **crf_kwargs)
+    return crf

@@ -1,0 +1,176 @@
+"""ONNX export through tf2onnx, verified with onnxruntime.
+
+The graph takes ``image`` float32 ``[N, H, W, 3]`` RGB 0..255 (NHWC like the Keras model; tf2onnx moves the layout
+transposes to the graph edges) with a dynamic batch, and gives ``labels`` int32 ``[N, H, W]`` + ``probabilities``
+float32 ``[N, H, W, C]`` (or ``logits``). ``input_size=(H, W)`` fixes H and W: TensorFlow then traces each atrous
+convolution as one ``Conv2D`` with dilations, which becomes a single ONNX ``Conv`` with ``dilations``; with dynamic
+H, W it is traced as SpaceToBatchND/Conv2D/BatchToSpaceND and tf2onnx emits a much larger graph (pads,
+SpaceToDepth, DepthToSpace and shape arithmetic). ``node_stats`` reports both.
+
+Example:
+    >>> report = export_onnx(model, "deeplab.onnx", input_size=(513, 513))  # doctest: +SKIP
+"""
+import collections
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from deeplab_keras.export import common
+from deeplab_keras.export import verify as verify_lib
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13
+
+
+def _patch_tf2onnx_for_numpy2():
+    """tf2onnx 1.17 still uses ``np.object``/``np.cast`` (removed in numpy 2); Keras ships the fix it needs."""
+    try:
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    except ImportError:  # a future Keras without the private helper: tf2onnx may have been fixed by then
+        return
+    patch_tf2onnx()
+
+
+def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=None):
+    """Converts ``model`` to an ``onnx.ModelProto``.
+
+    Args:
+        model: float32 Keras model.
+        input_size: ``(H, W)`` static spatial size, or None for dynamic.
+        outputs: ``"full"`` or ``"logits"``.
+        opset: ONNX opset (>= 13).
+        crf: optional stock-TF-op refinement.
+    """
+    import keras
+    import tf2onnx
+
+    if int(opset) < MIN_OPSET:
+        raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    _patch_tf2onnx_for_numpy2()
+    height, width = input_size if input_size else (None, None)
+    signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name="image")]
+
+    def serve(image):
+        return common.serving_outputs(model, image, outputs, crf)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive._filter_and_track_resources()  # what keras' own ONNX export does before taking the concrete function
+    concrete = archive._get_concrete_fn("serve")
+    proto, _ = tf2onnx.convert.from_function(concrete, input_signature=signature, opset=int(opset))
+    return proto
+
+
+def node_stats(proto):
+    """Node counts of an ONNX graph: total, by op type, Conv nodes, and Conv nodes with dilation > 1.
+
+    ``dilated_convs_single_node`` is True when atrous convolutions are single ``Conv`` nodes (no
+    SpaceToDepth/DepthToSpace emulation).
+    """
+    counts = collections.Counter(n.op_type for n in proto.graph.node)
+    dilated = 0
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            for attr in node.attribute:
+                if attr.name == "dilations" and any(d > 1 for d in attr.ints):
+                    dilated += 1
+    emulated = counts.get("SpaceToDepth", 0) + counts.get("DepthToSpace", 0)
+    return {"nodes": int(sum(counts.values())), "by_op": dict(sorted(counts.items())),
+            "conv_nodes": int(counts.get("Conv", 0)), "dilated_conv_nodes": dilated,
+            "space_to_depth_nodes": int(emulated), "dilated_convs_single_node": dilated > 0 and emulated == 0}
+
+
+def make_session(path, num_threads=None):
+    """An onnxruntime CPU ``InferenceSession`` for ``path`` (a file or serialized bytes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, images, batch_size=None):
+    """Runs an ONNX DeepLab export on ``images`` (``[N, H, W, 3]`` 0..255); dict of numpy outputs."""
+    images = np.asarray(images, np.float32)
+    batch_size = batch_size or len(images)
+    names = [o.name for o in session.get_outputs()]
+    parts = []
+    for start in range(0, len(images), batch_size):
+        values = session.run(names, {"image": images[start:start + batch_size]})
+        parts.append(dict(zip(names, values)))
+    return {k: np.concatenate([p[k] for p in parts]) for k in names}
+
+
+def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full", crf=None, overwrite=False,
+                sample_dir=None, num_samples=4, verify_size=(97, 129), tolerance=None, report_path=None,
+                progress=None):
+    """Exports ``model`` to a verified ``.onnx`` file.
+
+    Args:
+        model: Keras model (RGB 0..255 in, logits out); mixed precision is exported as float32.
+        out: ``.onnx`` file path.
+        opset: ONNX opset, >= 13 (default 17).
+        input_size: ``(H, W)`` static spatial size (single dilated Conv nodes), or None for dynamic.
+        outputs: ``"full"`` or ``"logits"``.
+        crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
+        overwrite: replace an existing file.
+        sample_dir: folder of verification images (default synthetic).
+        num_samples: number of verification images (run as one batch: checks the dynamic batch).
+        verify_size: ``(H, W)`` of verification images when ``input_size`` is None.
+        tolerance: ``verify.Tolerance`` (default float32: 1e-4, 99.9 %).
+        report_path: JSON report path (default ``<out>.report.json``).
+        progress: ``common.Progress`` (default silent).
+    Returns:
+        the report dict.
+    Raises:
+        common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
+    """
+    progress = progress or common.Progress(False)
+    if outputs not in common.OUTPUT_KINDS:
+        raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
+    if int(opset) < MIN_OPSET:
+        raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    final = os.path.abspath(out)
+    if os.path.isdir(final):
+        raise common.ExportError(f"--out {final} is a directory; give a file path such as {final}/model.onnx")
+    common.check_destination(final, overwrite, "ONNX file")
+    model = common.to_float32(model)
+    tolerance = tolerance or verify_lib.TOLERANCES["float32"]
+    size = tuple(input_size) if input_size else tuple(verify_size)
+    stage = common.staging_dir(final)
+    try:
+        staged = os.path.join(stage, os.path.basename(final))
+        with progress.step("convert_s", f"converting to ONNX with tf2onnx (opset {opset}, input size "
+                                        f"{'x'.join(map(str, input_size)) if input_size else 'dynamic'})"):
+            proto = convert(model, input_size, outputs, opset, crf)
+        content = proto.SerializeToString()
+        with open(staged, "wb") as f:
+            f.write(content)
+        stats = node_stats(proto)
+        progress.info(f"ONNX graph: {stats['nodes']} nodes, {stats['conv_nodes']} Conv "
+                      f"({stats['dilated_conv_nodes']} with dilations), "
+                      f"{stats['space_to_depth_nodes']} SpaceToDepth/DepthToSpace")
+        with progress.step("verify_s", "verifying with onnxruntime"):
+            session = make_session(staged)
+            images = verify_lib.sample_images(size, sample_dir, num_samples)
+            reference = common.reference_outputs(model, images, outputs, crf)
+            result = verify_lib.run_checks([("onnxruntime", reference, run_onnx(session, images))], tolerance,
+                                           progress)
+        import onnx
+        import onnxruntime
+
+        report = common.base_report(
+            "onnx", model, final, len(content), opset=int(opset), precision="float32",
+            input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
+            inputs={i.name: {"shape": i.shape, "type": i.type} for i in session.get_inputs()},
+            output_names=[o.name for o in session.get_outputs()], graph=stats,
+            onnx_version=onnx.__version__, onnxruntime_version=onnxruntime.__version__,
+            verification=result, timings=dict(progress.timings), samples=sample_dir or "synthetic")
+        del session
+        return common.finalize(report, staged, final, overwrite, report_path, progress)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""TFLite (LiteRT) export with builtin ops only, optionally quantized.
+
+The ``.tflite`` file has one signature, ``serving_default``: input ``image`` float32 ``[N, H, W, 3]`` RGB 0..255
+(uint8 with ``int8_io``), outputs ``labels`` int32 ``[N, H, W]`` + ``probabilities`` float32 ``[N, H, W, C]`` at
+the input size, or ``logits`` ``[N, ceil(H/8), ceil(W/8), C]`` (output stride 8) with ``outputs="logits"``. Only LiteRT builtin ops are allowed
+(no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the conversion fails otherwise.
+
+``input_size=(H, W)`` fixes the input shape to ``[1, H, W, 3]``: atrous convolutions then become single
+``CONV_2D`` ops with dilation factors (with a dynamic batch the converter keeps the SpaceToBatch form). Without it, H and W are dynamic and each atrous convolution runs as
+``SPACE_TO_BATCH_ND`` + ``CONV_2D`` + ``BATCH_TO_SPACE_ND`` (slower; see ``benchmarks/export_runtimes.py``).
+
+Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
+dynamic-range activations), ``"int8"`` (full integer, calibrated on ``representative`` images or a synthetic set).
+
+The conversion goes ExportArchive -> SavedModel -> ``TFLiteConverter.from_saved_model``: a SavedModel written by
+``tf.saved_model.save`` of a Keras 3 model converts to a ``.tflite`` whose weights read as garbage (NaN, no error).
+
+Example:
+    >>> report = export_tflite(model, "deeplab.tflite", quantize="float16", input_size=(513, 513))  # doctest: +SKIP
+"""
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from deeplab_keras.export import common
+from deeplab_keras.export import verify as verify_lib
+
+QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
+SIGNATURE = "serving_default"
+_PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
+
+
+def _write_float_saved_model(model, path, input_size, outputs, crf):
+    import keras
+
+    # Static: batch 1 too, else the converter keeps SPACE_TO_BATCH_ND around every atrous convolution.
+    shape = [1, *input_size, 3] if input_size else [None, None, None, 3]
+
+    def serve(image):
+        return common.serving_outputs(model, image, outputs, crf)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
+    archive.write_out(path, verbose=False)
+
+
+def convert(model, input_size=None, outputs="full", quantize="none", representative=None, int8_io=False, crf=None,
+            workdir=None):
+    """Converts ``model`` to ``.tflite`` bytes (builtin ops only).
+
+    Args:
+        model: float32 Keras model.
+        input_size: ``(H, W)`` for a static spatial size, None for dynamic.
+        outputs: ``"full"`` or ``"logits"`` (see ``common.serving_outputs``).
+        quantize: one of ``QUANTIZE_MODES``.
+        representative: float32 images ``[N, H, W, 3]`` for int8 calibration.
+        int8_io: with ``quantize="int8"``, uint8 input image and quantized (uint8) float outputs.
+        crf: optional stock-TF-op refinement.
+        workdir: directory for the intermediate SavedModel (default a temporary one).
+    Returns:
+        ``(tflite_bytes, full_integer)``: ``full_integer`` is False when int8 had to keep some float kernels.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    if int8_io and quantize != "int8":
+        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
+    import tempfile
+
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="deeplab-tflite-")
+    try:
+        saved = os.path.join(workdir, "float_saved_model")
+        _write_float_saved_model(model, saved, input_size, outputs, crf)
+
+        def make(ops):
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
+            converter.target_spec.supported_ops = ops
+            if quantize != "none":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantize == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            if quantize == "int8":
+                if representative is None or not len(representative):
+                    raise common.ExportError("int8 quantization needs representative images")
+                converter.representative_dataset = lambda: ([np.asarray(im[None], np.float32)]
+                                                            for im in representative)
+                if int8_io:
+                    converter.inference_input_type = tf.uint8
+                    converter.inference_output_type = tf.uint8
+            return converter.convert()
+
+        if quantize != "int8":
+            return make([tf.lite.OpsSet.TFLITE_BUILTINS]), quantize != "none"
+        try:
+            return make([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]), True
+        except Exception as strict_error:  # some op has no int8 kernel: keep it in float
+            if int8_io:
+                raise common.ExportError(f"full-integer conversion failed, so int8 I/O is impossible: {strict_error}")
+            return make([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]), False
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def make_interpreter(model, num_threads=None):
+    """A LiteRT ``Interpreter`` (XNNPACK on CPU) for a ``.tflite`` path or bytes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(model, (bytes, bytearray)):
+        return Interpreter(model_content=bytes(model), num_threads=num_threads)
+    return Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+
+
+def op_names(interpreter):
+    """Sorted builtin op names used by an interpreter's model."""
+    try:
+        return sorted({d["op_name"] for d in interpreter._get_ops_details()})
+    except Exception:  # private API; only used for the report
+        return None
+
+
+class TFLiteRunner:
+    """Runs a ``.tflite`` DeepLab export image by image, (de)quantizing integer I/O.
+
+    Args:
+        model: ``.tflite`` path or bytes.
+        num_threads: LiteRT threads (None: LiteRT's default).
+    """
+
+    def __init__(self, model, num_threads=None):
+        self.interpreter = make_interpreter(model, num_threads)
+        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+        self.input_details = self.runner.get_input_details()["image"]
+        self.output_details = self.runner.get_output_details()
+
+    def __call__(self, images):
+        """Runs ``images`` (uint8/float ``[N, H, W, 3]``, 0..255) one at a time; dict of numpy outputs."""
+        parts = []
+        for image in np.asarray(images):
+            x = image[None].astype(np.float32)
+            dtype = self.input_details["dtype"]
+            if dtype != np.float32:
+                scale, zero = self.input_details["quantization"]
+                info = np.iinfo(dtype)
+                x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+            out = self.runner(image=x)
+            parts.append({k: self._dequantize(k, v) for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _dequantize(self, name, value):
+        detail = self.output_details[name]
+        if name != "labels" and detail["dtype"] in (np.int8, np.uint8, np.int16):
+            scale, zero = detail["quantization"]
+            return (value.astype(np.float32) - zero) * scale
+        return value
+
+
+def export_tflite(model, out, quantize="none", input_size=None, outputs="full", crf=None, representative=None,
+                  num_calibration=16, int8_io=False, overwrite=False, sample_dir=None, num_samples=4,
+                  verify_size=(97, 129), tolerance=None, report_path=None, progress=None, num_threads=None):
+    """Exports ``model`` to a verified ``.tflite`` file.
+
+    Args:
+        model: Keras model (RGB 0..255 in, logits out); mixed precision is exported as float32.
+        out: ``.tflite`` file path.
+        quantize: ``"none"``, ``"float16"``, ``"dynamic"`` or ``"int8"``.
+        input_size: ``(H, W)`` static spatial size, or None for dynamic.
+        outputs: ``"full"`` (labels + probabilities at input size) or ``"logits"``.
+        crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
+        representative: folder of calibration images for int8 (default synthetic images).
+        num_calibration: number of calibration images.
+        int8_io: uint8 image input and quantized float outputs (int8 only).
+        overwrite: replace an existing file.
+        sample_dir: folder of verification images (default synthetic).
+        num_samples: number of verification images.
+        verify_size: ``(H, W)`` of verification (and calibration) images when ``input_size`` is None.
+        tolerance: ``verify.Tolerance`` (default by precision, see ``verify.TOLERANCES``).
+        report_path: JSON report path (default ``<out>.report.json``).
+        progress: ``common.Progress`` (default silent).
+        num_threads: LiteRT threads for verification.
+    Returns:
+        the report dict.
+    Raises:
+        common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
+    """
+    progress = progress or common.Progress(False)
+    if outputs not in common.OUTPUT_KINDS:
+        raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
+    if quantize not in QUANTIZE_MODES:
+        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    if int8_io and quantize != "int8":
+        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
+    final = os.path.abspath(out)
+    if os.path.isdir(final):
+        raise common.ExportError(f"--out {final} is a directory; give a file path such as {final}/model.tflite")
+    common.check_destination(final, overwrite, "TFLite file")
+    model = common.to_float32(model)
+    size = tuple(input_size) if input_size else tuple(verify_size)
+    precision = _PRECISION[quantize]
+    tolerance = tolerance or verify_lib.TOLERANCES[precision]
+    calibration = None
+    if quantize == "int8":
+        calibration = verify_lib.sample_images(size, representative, num_calibration, seed=1234)
+    stage = common.staging_dir(final)
+    try:
+        staged = os.path.join(stage, os.path.basename(final))
+        with progress.step("convert_s", f"converting to TFLite (quantize={quantize}, "
+                                        f"input size {'x'.join(map(str, input_size)) if input_size else 'dynamic'})"):
+            content, full_integer = convert(model, input_size, outputs, quantize, calibration, int8_io, crf,
+                                            workdir=stage)
+        with open(staged, "wb") as f:
+            f.write(content)
+        with progress.step("verify_s", "verifying with the LiteRT interpreter"):
+            runner = TFLiteRunner(staged, num_threads)
+            images = verify_lib.sample_images(size, sample_dir, num_samples)
+            reference = common.reference_outputs(model, images, outputs, crf)
+            result = verify_lib.run_checks([("tflite", reference, runner(images))], tolerance, progress)
+        report = common.base_report(
+            "tflite", model, final, len(content), quantize=quantize, precision=precision,
+            full_integer=full_integer if quantize == "int8" else None, int8_io=bool(int8_io),
+            input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
+            signature=SIGNATURE, inputs={"image": str(np.dtype(runner.input_details["dtype"]))},
+            output_names=sorted(runner.output_details), ops=op_names(runner.interpreter),
+            calibration=(representative or "synthetic") if quantize == "int8" else None,
+            verification=result, timings=dict(progress.timings), samples=sample_dir or "synthetic")
+        del runner
+        return common.finalize(report, staged, final, overwrite, report_path, progress)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

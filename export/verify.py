@@ -1,0 +1,214 @@
+"""Self-verification of exported artifacts against the Keras model.
+
+Each exporter runs its artifact in its own runtime (TensorFlow for SavedModel, LiteRT for TFLite, onnxruntime for
+ONNX) on sample images, and compares with the Keras model run through the same post-processing
+(``common.reference_outputs``): max |diff| of probabilities (or logits), label agreement, and mIoU of the artifact's
+labels against the Keras labels. Non-finite outputs always fail, so a silently broken artifact (NaN weights, as
+happens with ``tf.saved_model.save`` of a Keras 3 model converted to TFLite) cannot pass.
+"""
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class VerificationError(Exception):
+    """The artifact's outputs are outside tolerance (or not finite). ``report`` holds the measurements."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria; ``None`` means report only.
+
+    Args:
+        max_abs_diff: largest allowed |artifact - keras| over probabilities (or logits).
+        min_agreement: smallest allowed fraction of pixels whose label equals the Keras label.
+    """
+    max_abs_diff: float = None
+    min_agreement: float = None
+
+
+# Default tolerances by numeric precision of the artifact (see the export contract).
+TOLERANCES = {
+    "float32": Tolerance(max_abs_diff=1e-4, min_agreement=0.999),
+    "float16": Tolerance(min_agreement=0.99),
+    "dynamic": Tolerance(),
+    "int8": Tolerance(),
+}
+
+
+def _list_images(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"sample image folder {folder!r} does not exist; pass a folder of JPEG/PNG images")
+    if os.path.isdir(os.path.join(folder, "JPEGImages")):  # a VOC2012 folder
+        folder = os.path.join(folder, "JPEGImages")
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no .jpg/.jpeg/.png/.bmp images in {folder!r}")
+    return files
+
+
+def load_images(folder, size, count=None):
+    """Reads up to ``count`` images of ``folder`` (or ``folder/JPEGImages``) as RGB uint8 resized to ``size``.
+
+    Args:
+        folder: directory of JPEG/PNG images, or a VOC2012 directory.
+        size: ``(height, width)``.
+        count: maximum number of images (all when None).
+    Returns:
+        uint8 array ``[N, height, width, 3]``.
+    """
+    from PIL import Image
+
+    files = _list_images(folder)[:count]
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), np.uint8))
+    return np.stack(out)
+
+
+def synthetic_images(size, count=4, seed=0):
+    """Deterministic synthetic test images: a colour gradient with a few flat shapes and mild noise.
+
+    Shapes give the model structured input (label boundaries), unlike pure noise.
+
+    Args:
+        size: ``(height, width)``.
+        count: number of images.
+        seed: random seed.
+    Returns:
+        uint8 array ``[count, height, width, 3]``.
+    """
+    rng = np.random.RandomState(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    images = []
+    for _ in range(count):
+        base = rng.uniform(0, 255, 3) * (yy / max(h - 1, 1))[..., None] + rng.uniform(0, 255, 3) * (
+            xx / max(w - 1, 1))[..., None]
+        img = 0.5 * base
+        for _ in range(rng.randint(2, 6)):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            ry, rx = rng.uniform(0.1, 0.4) * h, rng.uniform(0.1, 0.4) * w
+            if rng.rand() < 0.5:
+                mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            else:
+                mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+            img[mask] = rng.uniform(0, 255, 3)
+        img = img + rng.normal(0, 6, img.shape)
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def sample_images(size, sample_dir=None, count=4, seed=0):
+    """Verification images: from ``sample_dir`` if given, else synthetic.
+
+    Args:
+        size: ``(height, width)``.
+        sample_dir: optional folder of images (e.g. the VOC samples).
+        count: number of images.
+        seed: seed of the synthetic images.
+    """
+    if sample_dir:
+        return load_images(sample_dir, size, count)
+    return synthetic_images(size, count, seed)
+
+
+def miou_against(reference_labels, labels):
+    """Mean IoU of ``labels`` against ``reference_labels`` over the classes present in either."""
+    ref = np.asarray(reference_labels).ravel()
+    got = np.asarray(labels).ravel()
+    ious = []
+    for c in np.union1d(np.unique(ref), np.unique(got)):
+        a, b = ref == c, got == c
+        ious.append(np.logical_and(a, b).sum() / np.logical_or(a, b).sum())
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def compare(reference, got):
+    """Measures an artifact's outputs against the Keras reference.
+
+    Args:
+        reference: dict with ``labels`` + ``probabilities`` or ``logits`` (numpy, from the Keras model).
+        got: the same keys from the artifact (float outputs already dequantized).
+    Returns:
+        dict: ``max_abs_diff``, ``mean_abs_diff`` (of ``compared``), ``label_agreement``, ``miou_vs_keras``,
+        ``finite`` and ``compared`` (which output the diffs are of).
+    """
+    key = "probabilities" if "probabilities" in reference else "logits"
+    missing = [k for k in reference if k not in got]
+    if missing:
+        raise VerificationError(f"artifact outputs {sorted(got)} lack {missing}")
+    ref_values = np.asarray(reference[key], np.float32)
+    values = np.asarray(got[key], np.float32)
+    if values.shape != ref_values.shape:
+        raise VerificationError(f"artifact output {key!r} has shape {values.shape}, Keras gives {ref_values.shape}")
+    finite = bool(np.all(np.isfinite(values)))
+    if "labels" in reference:
+        ref_labels, labels = np.asarray(reference["labels"]), np.asarray(got["labels"])
+    else:
+        ref_labels, labels = ref_values.argmax(-1), values.argmax(-1)
+    if labels.shape != ref_labels.shape:
+        raise VerificationError(f"artifact labels have shape {labels.shape}, Keras gives {ref_labels.shape}")
+    diff = np.abs(values - ref_values)
+    return {
+        "compared": key,
+        "finite": finite,
+        "max_abs_diff": float(np.nanmax(diff)) if finite else float("nan"),
+        "mean_abs_diff": float(np.nanmean(diff)) if finite else float("nan"),
+        "label_agreement": float(np.mean(labels == ref_labels)),
+        "miou_vs_keras": miou_against(ref_labels, labels),
+        "num_images": int(ref_labels.shape[0]),
+        "image_size": list(ref_labels.shape[1:3]) if key == "probabilities" else None,
+    }
+
+
+def failures(metrics, tolerance):
+    """Reasons ``metrics`` fail ``tolerance`` (an empty list when it passes)."""
+    reasons = []
+    if not metrics["finite"]:
+        reasons.append(f"the artifact's {metrics['compared']} contain NaN/Inf (a silently broken export)")
+        return reasons
+    if tolerance.max_abs_diff is not None and metrics["max_abs_diff"] > tolerance.max_abs_diff:
+        reasons.append(f"max |diff| of {metrics['compared']} {metrics['max_abs_diff']:.3g} > "
+                       f"{tolerance.max_abs_diff:.3g}")
+    if tolerance.min_agreement is not None and metrics["label_agreement"] < tolerance.min_agreement:
+        reasons.append(f"label agreement {100 * metrics['label_agreement']:.3f} % < "
+                       f"{100 * tolerance.min_agreement:.3f} %")
+    return reasons
+
+
+def summary_line(name, metrics):
+    """One human-readable line of ``metrics``."""
+    return (f"{name}: max |diff| {metrics['compared']} = {metrics['max_abs_diff']:.3g}, label agreement "
+            f"{100 * metrics['label_agreement']:.3f} %, mIoU vs Keras {100 * metrics['miou_vs_keras']:.2f} % "
+            f"on {metrics['num_images']} images")
+
+
+def run_checks(checks, tolerance, progress=None):
+    """Compares each ``(name, reference, got)`` and applies ``tolerance``.
+
+    Args:
+        checks: list of ``(name, reference_dict, artifact_dict)``.
+        tolerance: a ``Tolerance``.
+        progress: optional ``common.Progress`` for the printed lines.
+    Returns:
+        dict ``{"passed", "tolerance", "checks": {name: metrics}, "failures": [...]}``.
+    """
+    result = {"passed": True, "tolerance": dataclasses.asdict(tolerance), "checks": {}, "failures": []}
+    for name, reference, got in checks:
+        metrics = compare(reference, got)
+        result["checks"][name] = metrics
+        if progress is not None:
+            progress.info(summary_line(name, metrics))
+        result["failures"] += [f"{name}: {r}" for r in failures(metrics, tolerance)]
+    result["passed"] = not result["failures"]
+    return result
