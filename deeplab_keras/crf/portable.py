@@ -117,13 +117,13 @@ class _Lattice:
         strides = [tf.constant(1, tf.int64)]
         for i in range(d):
             strides.append(strides[-1] * radix[i])
-        self.key_bits = tf.math.log(tf.cast(strides[-1], tf.float32) *
-                                    tf.cast(tf.reduce_max(group) + 1, tf.float32)) / math.log(2.0)
+        # log2 of the key space (computed in float so that it stays meaningful if int64 would overflow).
+        self.key_bits = (tf.reduce_sum(tf.math.log(tf.cast(radix, tf.float32))) +
+                         tf.math.log(tf.cast(tf.reduce_max(group) + 1, tf.float32))) / math.log(2.0)
         packed = tf.cast(group, tf.int64)[:, None] * strides[d]  # [P, 1]
         for i in range(d):
             packed = packed + tf.cast(shifted[:, :, i], tf.int64) * strides[i]  # [P, d+1]
         unique_keys, offsets = tf.unique(tf.reshape(packed, [-1]))
-        self.offsets = tf.reshape(offsets, [-1, 1])  # [P*(d+1), 1] vertex index of every (point, vertex)
         self.num_vertices = tf.shape(unique_keys)[0]
         # Blur neighbours along lattice axis j: n1 = key - 1 everywhere except key[j] + d; n2 = -(n1 - key).
         ones = strides[0]
@@ -138,70 +138,81 @@ class _Lattice:
         # The first M entries are the vertices themselves (indices 0..M-1); a new index means "absent",
         # which maps onto the zero row M appended while blurring.
         neighbours = tf.minimum(index[self.num_vertices:], self.num_vertices)
-        self.neighbours = tf.reshape(neighbours, [2 * (d + 1), -1])  # [2(d+1), M]
+        neighbours = tf.reshape(neighbours, [2 * (d + 1), -1])
+        # Row M of the grid stays zero: its own neighbours are itself.
+        self.neighbours = tf.concat([neighbours, tf.fill([2 * (d + 1), 1], self.num_vertices)], axis=1)
+        self.offsets = tf.reshape(offsets, [-1, d + 1])  # [P, d+1] vertex index of each simplex corner
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** -d))
 
-    def filter(self, values):
-        """Approximate Gaussian filter: splat, blur along the d+1 lattice axes, slice.
+    def splat_blur(self, values, weights):
+        """Splat ``values`` with per-corner ``weights`` onto the lattice and blur along its d+1 axes.
 
         Args:
             values: float32 [P, C].
+            weights: float32 [P, d+1] splat weight of each point at each simplex corner.
 
         Returns:
-            float32 [P, C].
+            float32 [M+1, C] blurred lattice values (the last row is the zero row).
         """
-        d = self.d
-        channels = tf.shape(values)[1]
-        splat = (self.weights[:, :, None] * values[:, None, :])  # [P, d+1, C]
-        grid = tf.tensor_scatter_nd_add(tf.zeros(tf.stack([self.num_vertices, channels])), self.offsets,
-                                        tf.reshape(splat, [-1, channels]))
-        zero_row = tf.zeros(tf.stack([1, channels]))
-        for j in range(d + 1):
-            padded = tf.concat([grid, zero_row], axis=0)
-            grid = grid + 0.5 * (tf.gather(padded, self.neighbours[2 * j]) +
-                                 tf.gather(padded, self.neighbours[2 * j + 1]))
-        sliced = tf.reshape(tf.gather(grid, self.offsets[:, 0]), tf.stack([-1, d + 1, channels]))
-        return self.alpha * tf.reduce_sum(self.weights[:, :, None] * sliced, axis=1)
+        grid = tf.zeros(tf.stack([self.num_vertices + 1, tf.shape(values)[1]]))
+        for r in range(self.d + 1):
+            grid = tf.tensor_scatter_nd_add(grid, self.offsets[:, r:r + 1], weights[:, r:r + 1] * values)
+        for j in range(self.d + 1):
+            grid = grid + 0.5 * (tf.gather(grid, self.neighbours[2 * j]) +
+                                 tf.gather(grid, self.neighbours[2 * j + 1]))
+        return grid
+
+    def slice_terms(self, grid, weights):
+        """Interpolate lattice values back at the points: a list of d+1 [P, C] terms to add up.
+
+        Args:
+            grid: float32 [M+1, C] from ``splat_blur``.
+            weights: float32 [P, d+1] slice weight of each point at each simplex corner.
+        """
+        return [weights[:, r:r + 1] * tf.gather(grid, self.offsets[:, r]) for r in range(self.d + 1)]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: each returns the list of [P, C] terms of ``weight * n * K(n * Q)``
 # ----------------------------------------------------------------------------------------------------
 class _LatticeKernel:
-    """Symmetrically normalised lattice Gaussian on given features."""
+    """Symmetrically normalised lattice Gaussian on the given features, times its Potts weight."""
 
-    def __init__(self, features, group):
-        self.lattice = _Lattice(features, group)
+    def __init__(self, features, group, weight):
+        self.lattice = lat = _Lattice(features, group)
         ones = tf.ones_like(features[:, :1])
-        self.norm = tf.math.rsqrt(self.lattice.filter(ones) + 1e-20)  # [P, 1]
+        response = tf.add_n(lat.slice_terms(lat.splat_blur(ones, lat.weights), lat.weights)) * lat.alpha
+        norm = tf.math.rsqrt(response + 1e-20)  # [P, 1], densecrf's NORMALIZE_SYMMETRIC
+        self.splat_weights = lat.weights * norm
+        self.slice_weights = lat.weights * (norm * (lat.alpha * weight))
 
     def __call__(self, q_flat, q_image):
         del q_image
-        return self.norm * self.lattice.filter(self.norm * q_flat)
+        lat = self.lattice
+        return lat.slice_terms(lat.splat_blur(q_flat, self.splat_weights), self.slice_weights)
 
 
 class _SeparableKernel:
-    """Symmetrically normalised exact (x, y) Gaussian as two depthwise convolutions."""
+    """Symmetrically normalised exact (x, y) Gaussian as two depthwise convolutions, times its weight."""
 
-    def __init__(self, std, num_channels, image_shape):
+    def __init__(self, std, num_channels, image_shape, weight):
         radius = max(1, int(math.ceil(3.0 * std)))
         taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / std) ** 2).astype(np.float32)
         self.kernel_y = tf.constant(np.tile(taps[:, None, None, None], (1, 1, num_channels, 1)))
         self.kernel_x = tf.constant(np.tile(taps[None, :, None, None], (1, 1, num_channels, 1)))
-        ones_kernel_y = tf.constant(taps[:, None, None, None])
-        ones_kernel_x = tf.constant(taps[None, :, None, None])
         ones = tf.ones(tf.concat([image_shape[:3], [1]], axis=0))
-        response = tf.nn.depthwise_conv2d(tf.nn.depthwise_conv2d(ones, ones_kernel_y, [1] * 4, "SAME"),
-                                          ones_kernel_x, [1] * 4, "SAME")
+        response = tf.nn.depthwise_conv2d(
+            tf.nn.depthwise_conv2d(ones, tf.constant(taps[:, None, None, None]), [1] * 4, "SAME"),
+            tf.constant(taps[None, :, None, None]), [1] * 4, "SAME")
         self.norm = tf.math.rsqrt(response + 1e-20)  # [N, H, W, 1]
-
-    def _blur(self, x):
-        x = tf.nn.depthwise_conv2d(x, self.kernel_y, [1] * 4, "SAME")
-        return tf.nn.depthwise_conv2d(x, self.kernel_x, [1] * 4, "SAME")
+        self.weight = np.float32(weight)
+        self.flat_shape = tf.stack([-1, num_channels])
 
     def __call__(self, q_flat, q_image):
         del q_flat
-        return self.norm * self._blur(self.norm * q_image)
+        x = tf.nn.depthwise_conv2d(self.norm * q_image, self.kernel_y, [1] * 4, "SAME")
+        x = tf.nn.depthwise_conv2d(x, self.kernel_x, [1] * 4, "SAME")
+        return [tf.reshape((self.weight * self.norm) * x, self.flat_shape)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,25 +308,23 @@ def _mean_field(probs, images, iterations, gaussian_filter, bilateral_weight, bi
     if bilateral_weight > 0:
         sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
         feats = tf.concat([tf.stack([x_grid / sxy, y_grid / sxy], axis=1), rgb / srgb], axis=1)
-        kernels.append((np.float32(bilateral_weight), _LatticeKernel(feats, group)))
+        kernels.append(_LatticeKernel(feats, group, bilateral_weight))
     if gaussian_weight > 0:
         sxy = np.float32(gaussian_xy_std)
         if gaussian_filter == "lattice":
-            kernel = _LatticeKernel(tf.stack([x_grid / sxy, y_grid / sxy], axis=1), group)
+            feats = tf.stack([x_grid / sxy, y_grid / sxy], axis=1)
+            kernels.append(_LatticeKernel(feats, group, gaussian_weight))
         else:
-            kernel = _SeparableKernel(float(gaussian_xy_std), int(probs.shape[-1]), shape)
-        kernels.append((np.float32(gaussian_weight), kernel))
+            kernels.append(_SeparableKernel(float(gaussian_xy_std), int(probs.shape[-1]), shape,
+                                            gaussian_weight))
 
     q = tf.nn.softmax(unary_neg, axis=-1)
     for _ in range(iterations):
         q_image = tf.reshape(q, shape) if gaussian_filter == "exact" else None
-        energy = unary_neg
-        for weight, kernel in kernels:
-            message = kernel(q, q_image)
-            if isinstance(kernel, _SeparableKernel):
-                message = tf.reshape(message, tf.stack([num_points, c]))
-            energy = energy + weight * message
-        q = tf.nn.softmax(energy, axis=-1)
+        terms = [unary_neg]
+        for kernel in kernels:
+            terms += kernel(q, q_image)
+        q = tf.nn.softmax(tf.add_n(terms), axis=-1)
     return tf.reshape(q, shape)
 
 
