@@ -92,7 +92,8 @@ class TrainConfig:
         batch_size: global batch size (split across replicas).
         shuffle_buffer: examples in the shuffle buffer of the raw dataset.
         steps: total optimizer steps (the poly schedule's horizon).
-        steps_per_epoch: steps per Keras epoch: the granularity of resume, logging and validation.
+        steps_per_epoch: steps per Keras epoch: the granularity of resume, logging and validation; ``steps``
+            must be a multiple of it (when ``steps`` is smaller, the run is one epoch of ``steps``).
         checkpoint_every: save ``checkpoints/ckpt-<step>.keras`` every this many steps (0: only at the end).
         keep_checkpoints: how many ``ckpt-*.keras`` to keep (0: all).
         validation_every: validate every this many epochs (0: never).
@@ -182,6 +183,9 @@ class TrainConfig:
     verbose: int = 1
 
     def __post_init__(self):
+        if isinstance(self.steps, int) and isinstance(self.steps_per_epoch, int) and \
+                0 < self.steps < self.steps_per_epoch:
+            self.steps_per_epoch = self.steps  # a short run is one epoch
         self.validate()
 
     @property
@@ -1033,7 +1037,8 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
     if start_epoch < cfg.epochs:
         history = trainer.fit(train_stream, epochs=cfg.epochs, initial_epoch=start_epoch,
                               steps_per_epoch=cfg.steps_per_epoch, validation_data=val_stream,
-                              validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose)
+                              validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
+                              shuffle=False)
         history = dict(history.history)
     else:
         history = {}

@@ -1,0 +1,227 @@
+"""Command lines ``deeplab-train`` and ``deeplab-eval``: thin layers over :mod:`deeplab_keras.train` and
+:mod:`deeplab_keras.evaluate`.
+
+Examples::
+
+    deeplab-train --config voc_resnet101_aspp_l --manual_dir ~/data/VOCdevkit --run_dir runs/voc
+    deeplab-train --config my.yaml --steps 2000 --crop_size 321 321 --mixed_precision mixed_float16
+    deeplab-eval --checkpoint runs/voc --data ~/data/VOCdevkit --crf --scales 0.5 0.75 1 1.25 1.5 --flip
+
+Exit codes: 0 success, 2 bad arguments / missing files (one-line error), 1 other failures.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__all__ = ["train_main", "eval_main", "parse_overrides"]
+
+
+def _fail(parser, message):
+    """One-line error on stderr and exit code 2 (argparse's convention)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def parse_overrides(tokens):
+    """Turns ``--key value [value ...]`` / ``--key=value`` tokens into {key: value} (values parsed as YAML).
+
+    Several values after one key make a list (``--crop_size 321 321``); dashes in keys become underscores.
+
+    Raises:
+        ValueError: a token that is not under a ``--key``.
+    """
+    import yaml
+
+    out, key, values = {}, None, []
+
+    def flush():
+        if key is not None:
+            if not values:
+                raise ValueError(f"--{key} needs a value (e.g. --{key} 100; use true/false for switches)")
+            out[key] = values[0] if len(values) == 1 else values
+
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2 and not _is_number(token):
+            flush()
+            name, sep, raw = token[2:].partition("=")
+            key, values = name.replace("-", "_"), []
+            if sep:
+                values.append(yaml.safe_load(raw))
+        else:
+            if key is None:
+                raise ValueError(f"unexpected argument {token!r}; overrides look like --key value")
+            values.append(yaml.safe_load(token))
+    flush()
+    return out
+
+
+def _is_number(token):
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _train_parser():
+    from deeplab_keras.train import TrainConfig
+    import dataclasses
+
+    keys = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+    parser = argparse.ArgumentParser(
+        prog="deeplab-train",
+        description="Train DeepLab v2 with model.fit (the paper's recipe). Any config key can be overridden "
+                    "on the command line: --key value (YAML values; several values make a list). "
+                    "Re-running the same command in the same run_dir resumes an interrupted run.",
+        epilog=f"config keys: {keys}. Packaged configs: voc_resnet101_aspp_l, voc_vgg16_largefov, tiny_cpu.")
+    parser.add_argument("--config", default=None,
+                        help="YAML config file or a packaged config name (default: the paper's defaults)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def train_main(argv=None):
+    """``deeplab-train --config FILE.yaml [--key value ...]``."""
+    parser = _train_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        from deeplab_keras.train import load_config
+
+        overrides = parse_overrides(rest)
+        config = load_config(args.config, overrides)
+    except (ValueError, OSError) as e:
+        _fail(parser, str(e).splitlines()[0] if str(e) else repr(e))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    from deeplab_keras.train import train
+
+    try:
+        result = train(config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(parser, " ".join(str(e).split()))
+    last = {k: v[-1] for k, v in result.history.items() if v}
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+    print(f"deeplab-train: done; run dir {result.run_dir}; model {result.model_path}"
+          + (f"; last epoch: {summary}" if summary else ""))
+    return 0
+
+
+def _eval_parser():
+    parser = argparse.ArgumentParser(
+        prog="deeplab-eval",
+        description="Evaluate a DeepLab checkpoint at full resolution: confusion-matrix mIoU (255 ignored), "
+                    "per-class IoU and pixel accuracy, optionally with multi-scale + flip inference and with "
+                    "the dense CRF (both results from one run). Prints the table and writes JSON.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a .keras file or a deeplab-train run directory (its model.keras or newest ckpt)")
+    parser.add_argument("--data", required=True,
+                        help="'synthetic', a folder holding VOC2012/ (VOC val through the TFDS builder), or a "
+                             "folder dataset with images/ and masks/")
+    parser.add_argument("--split", default="val", help="VOC split (default: val)")
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir for the prepared VOC records")
+    parser.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
+    parser.add_argument("--crf-iterations", type=int, default=10, help="mean-field iterations (default 10)")
+    parser.add_argument("--crf-params", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="CRF parameters, e.g. bilateral_weight=4 bilateral_xy_std=67 bilateral_rgb_std=3 "
+                             "gaussian_weight=3 gaussian_xy_std=1")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="test scales, averaged (e.g. 0.5 0.75 1 1.25 1.5)")
+    parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--num-images", type=int, default=50, help="synthetic: number of images (default 50)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=[97, 97], metavar=("H", "W"),
+                        help="synthetic: image size (default 97 97)")
+    parser.add_argument("--seed", type=int, default=1000003,
+                        help="synthetic: seed (default 1000003, the held-out split of a seed-0 training run)")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default: eval.json next to the checkpoint / in the run dir)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _eval_dataset(args, num_classes, parser):
+    from deeplab_keras import data
+
+    if args.data == "synthetic":
+        ds = data.make_synthetic(args.num_images, size=tuple(args.image_size), num_classes=num_classes,
+                                 seed=args.seed)
+        return ds, data.synthetic.class_names(num_classes)
+    path = os.path.expanduser(args.data)
+    if not os.path.isdir(path):
+        _fail(parser, f"--data {args.data!r} is neither 'synthetic' nor an existing folder")
+    if os.path.isdir(os.path.join(path, "VOC2012")):
+        ds = data.load_voc(args.split, config="voc", manual_dir=path, data_dir=args.data_dir)
+        names = list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
+        return ds, names
+    if os.path.isdir(os.path.join(path, "images")):
+        names = data.read_class_names(path)
+        if names is not None and len(names) != num_classes:
+            _fail(parser, f"{path} lists {len(names)} classes but the checkpoint predicts {num_classes}")
+        return data.folder_dataset(path, num_classes=num_classes), names
+    _fail(parser, f"--data {path!r} holds neither VOC2012/ nor images/ + masks/")
+
+
+def eval_main(argv=None):
+    """``deeplab-eval --checkpoint PATH --data ... [--crf] [--scales ...] [--flip]``."""
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    if any(s <= 0 for s in args.scales):
+        _fail(parser, f"--scales must be positive, got {args.scales}")
+    if args.max_images is not None and args.max_images < 1:
+        _fail(parser, f"--max-images must be >= 1, got {args.max_images}")
+    if args.crf_iterations < 0:
+        _fail(parser, f"--crf-iterations must be >= 0, got {args.crf_iterations}")
+    crf_params = {"iterations": args.crf_iterations}
+    for item in args.crf_params:
+        key, sep, value = item.partition("=")
+        try:
+            crf_params[key.replace("-", "_")] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or key.replace("-", "_") not in _crf_keys():
+            _fail(parser, f"--crf-params {item!r}: expected KEY=NUMBER with KEY in {sorted(_crf_keys())}")
+
+    from deeplab_keras.evaluate import evaluate, format_table, write_json
+    from deeplab_keras.models import load_model, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        model = load_model(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(parser, " ".join(str(e).split()))
+    num_classes = int(model.output_shape[-1])
+    try:
+        dataset, names = _eval_dataset(args, num_classes, parser)
+        results = evaluate(model, dataset, num_classes, scales=args.scales, flip=args.flip, crf=args.crf,
+                           crf_params=crf_params, class_names=names, max_images=args.max_images,
+                           progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(parser, " ".join(str(e).split()))
+    results["checkpoint"] = os.path.abspath(ckpt)
+    results["data"] = args.data
+    out = args.out
+    if out is None:
+        folder = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else os.path.dirname(
+            os.path.abspath(ckpt))
+        out = os.path.join(folder, "eval.json")
+    print(format_table(results))
+    print(f"deeplab-eval: wrote {write_json(results, out)}")
+    return 0
+
+
+def _crf_keys():
+    from deeplab_keras.evaluate import DEFAULT_CRF_PARAMS
+
+    return set(DEFAULT_CRF_PARAMS)
+
+
+if __name__ == "__main__":  # python -m deeplab_keras.cli train|eval ...
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "eval"):
+        command = sys.argv.pop(1)
+        sys.exit(train_main() if command == "train" else eval_main())
+    sys.exit("usage: python -m deeplab_keras.cli {train,eval} [options]")
