@@ -102,11 +102,12 @@ def _lattice_coordinates(features):
 class _Lattice:
     """A permutohedral lattice over P feature vectors, numbered with int64 keys (built once per call)."""
 
-    def __init__(self, features, group):
+    def __init__(self, features, group, check_bits=True):
         """Args:
             features: float32 [P, d] scaled features.
             group: int32 [P] index of the image each point belongs to (points of different images never
                 share a vertex).
+            check_bits: when running eagerly, raise if the packed keys would overflow int64.
         """
         d = int(features.shape[-1])
         self.d = d
@@ -120,6 +121,11 @@ class _Lattice:
         # log2 of the key space (computed in float so that it stays meaningful if int64 would overflow).
         self.key_bits = (tf.reduce_sum(tf.math.log(tf.cast(radix, tf.float32))) +
                          tf.math.log(tf.cast(tf.reduce_max(group) + 1, tf.float32))) / math.log(2.0)
+        if check_bits and tf.executing_eagerly() and float(self.key_bits) > 62.5:
+            raise ValueError(
+                f"The {d}-D lattice keys of this input need {float(self.key_bits):.1f} bits (> 62.5): the "
+                f"features span too many lattice cells. Use larger standard deviations (e.g. "
+                f"bilateral_rgb_std >= 0.5) or smaller images / batches.")
         packed = tf.cast(group, tf.int64)[:, None] * strides[d]  # [P, 1]
         for i in range(d):
             packed = packed + tf.cast(shifted[:, :, i], tf.int64) * strides[i]  # [P, d+1]
@@ -243,7 +249,7 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
 
     Args:
         probs: float32 [N, H, W, C] or [H, W, C] class probabilities (e.g. a resized softmax); the unary is
-            ``-log(probs)`` (probabilities are clipped at 1e-30 so a zero gives a large finite unary).
+            ``-log(clip(probs, 1e-5, 1))`` (pydensecrf's ``unary_from_softmax``; the C++ op's clip).
             C must be known when tracing if ``gaussian_filter="exact"``.
         images: uint8 [N, H, W, 3] or [H, W, 3] RGB images, same N, H, W as ``probs``.
         iterations: Python int >= 0, mean-field iterations (unrolled into the graph).
@@ -295,7 +301,8 @@ def _mean_field(probs, images, iterations, gaussian_filter, bilateral_weight, bi
     shape = tf.shape(probs)
     n, h, w, c = shape[0], shape[1], shape[2], shape[3]
     num_points = n * h * w
-    unary_neg = tf.math.log(tf.maximum(tf.reshape(probs, tf.stack([num_points, c])), 1e-30))  # -U
+    # -U = log(p), with p clipped to [1e-5, 1] like pydensecrf's unary_from_softmax and the C++ op.
+    unary_neg = tf.math.log(tf.clip_by_value(tf.reshape(probs, tf.stack([num_points, c])), 1e-5, 1.0))
     # Per-pixel coordinates and image index (row-major, like densecrf's j * W + i).
     ys = tf.cast(tf.range(h), tf.float32)
     xs = tf.cast(tf.range(w), tf.float32)
@@ -347,7 +354,7 @@ def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
     rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
     sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
     feats = tf.concat([tf.stack([xs / sxy, ys / sxy], axis=1), rgb / srgb], axis=1)
-    return float(_Lattice(feats, group).key_bits)
+    return float(_Lattice(feats, group, check_bits=False).key_bits)
 
 
 def crf_postprocess(probabilities, image, iterations=10, **crf_kwargs):
