@@ -1,9 +1,9 @@
 """Pieces shared by the three exporters: the serving graph, float32 preparation, atomic writes, reports.
 
 Every format exports the same computation (``serving_outputs``): the Keras model's logits at output stride,
-bilinearly resized to the input size inside the graph (``align_corners=True``, so a 513 px input maps exactly onto
-its 65 px logits), a softmax, and an argmax. ``outputs="logits"`` exports the raw logits at output stride instead
-(smaller, for devices that post-process themselves). An optional ``crf`` callable refines the probabilities
+bilinearly resized to the input size inside the graph (as ``deeplab-predict`` does), a softmax, and an argmax.
+``outputs="logits"`` exports the raw logits at output stride instead (smaller, for devices that post-process
+themselves). An optional ``crf`` callable refines the probabilities
 before the argmax; it must be made of stock TF ops so that every format can carry it.
 """
 import json
@@ -24,13 +24,16 @@ class ExportError(Exception):
 
 
 def upsample_logits(logits, size):
-    """Bilinearly resizes logits ``[N, h, w, C]`` to ``size`` (``[H, W]``) with corner alignment.
+    """Bilinearly resizes logits ``[N, h, w, C]`` to ``size`` (``[H, W]``): the same resize as ``deeplab-predict``
+    (``deeplab_keras.inference.upsample_logits``), so exported and Keras predictions agree.
 
     Args:
         logits: float tensor ``[N, h, w, C]``.
         size: int32 tensor or pair ``(H, W)``.
     """
-    return tf.compat.v1.image.resize_bilinear(tf.cast(logits, tf.float32), size, align_corners=True)
+    from deeplab_keras.inference import upsample_logits as keras_upsample
+
+    return keras_upsample(tf.cast(logits, tf.float32), size)
 
 
 def serving_outputs(model, images, outputs="full", crf=None):
