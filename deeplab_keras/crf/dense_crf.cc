@@ -1,0 +1,456 @@
+// Mean-field dense CRF on top of the permutohedral lattice (see dense_crf.h for the semantics).
+//
+// Layout: every per-pixel / per-point row holds the C labels padded to a multiple of 8 floats (32-byte
+// aligned), so all inner loops run on whole 8-float vectors (GCC vector extensions). The hot kernels are
+// compiled twice: for plain x86-64 (SSE2) and, through __attribute__((target("avx2,fma"))), for AVX2+FMA;
+// the CPU picks one at run time, so the library needs no -march flag and runs on any x86-64 machine.
+#include "dense_crf.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define DKCRF_X86 1
+#endif
+
+#define DKCRF_INLINE inline __attribute__((always_inline))
+
+namespace dkcrf {
+namespace {
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+constexpr int kMaxBlocks = kMaxLabels / 8;
+
+// Flush denormals to zero while a kernel runs (restores the caller's mode).
+class ScopedFlushDenormal {
+ public:
+#ifdef DKCRF_X86
+  ScopedFlushDenormal() : csr_(_mm_getcsr()) { _mm_setcsr(csr_ | 0x8040); }  // FTZ | DAZ
+  ~ScopedFlushDenormal() { _mm_setcsr(csr_); }
+
+ private:
+  unsigned int csr_;
+#endif
+};
+
+DKCRF_INLINE f8 Broadcast(float v) { return f8{} + v; }
+
+DKCRF_INLINE float HorizontalMax(f8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+DKCRF_INLINE float HorizontalSum(f8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp); exactly 0 below -87.
+DKCRF_INLINE f8 ExpNonPositive(f8 x) {
+  const i8 tiny = x < -87.0f;
+  x = tiny ? Broadcast(-87.0f) : x;
+  const f8 t = x * 1.44269504088896341f;
+  const i8 n = __builtin_convertvector(t - 0.5f, i8);  // round to nearest for t <= 0
+  const f8 fn = __builtin_convertvector(n, f8);
+  f8 r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  f8 y = Broadcast(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const i8 bits = (n + 127) << 23;
+  const f8 result = y * reinterpret_cast<const f8&>(bits);
+  return tiny ? f8{} : result;
+}
+
+// log(x) for normal positive finite x (Cephes polynomial, ~1 ulp).
+DKCRF_INLINE f8 LogPositive(f8 x) {
+  i8 bits = reinterpret_cast<const i8&>(x);
+  i8 e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;
+  f8 m = reinterpret_cast<const f8&>(bits);  // x = m * 2^e, m in [0.5, 1)
+  const i8 small = m < 0.707106781186547524f;  // -1 where true
+  e = e + small;
+  m = (small ? m + m : m) - 1.0f;
+  const f8 z = m * m;
+  f8 y = Broadcast(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const f8 fe = __builtin_convertvector(e, f8);
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  f8 r = m + y;
+  r += fe * 0.693359375f;
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Kernel bodies. NB = 8-float blocks per row as a compile-time constant (0: use the runtime `nb`).
+
+// Writes -U for pixels [begin, end) as padded rows (pad labels get -1e30, i.e. probability 0).
+template <int NB>
+DKCRF_INLINE void NegUnaryT(const float* in, InputType type, int C, int nb_rt, int64_t begin, int64_t end,
+                            f8* out) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  const bool probs = type == InputType::kProbs;
+  const float sign = type == InputType::kLogits ? 1.f : -1.f;
+  for (int64_t p = begin; p < end; ++p) {
+    const float* row = in + p * C;
+    f8* o = out + p * nb;
+    for (int b = 0; b < nb; ++b) {
+      f8 v = Broadcast(-1e30f);
+      const int n = std::min(8, C - 8 * b);
+      if (n == 8) {
+        std::memcpy(&v, row + 8 * b, sizeof(v));
+      } else {
+        for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
+      }
+      if (probs) {
+        v = v < kProbClip ? Broadcast(kProbClip) : v;  // also maps the pad to the clip, fixed below
+        v = v > 1.f ? Broadcast(1.f) : v;
+        v = LogPositive(v);
+        if (n < 8) {
+          for (int k = n; k < 8; ++k) v[k] = -1e30f;
+        }
+        o[b] = v;
+      } else {
+        o[b] = n < 8 ? v * sign + 0.f : v * sign;
+        if (n < 8) {
+          for (int k = n; k < 8; ++k) o[b][k] = -1e30f;
+        }
+      }
+    }
+  }
+}
+
+// q = softmax(x) over the nb blocks of x (x is overwritten).
+template <int NB>
+DKCRF_INLINE void SoftmaxRowT(f8* x, int nb_rt, f8* q) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  f8 mx = x[0];
+  for (int b = 1; b < nb; ++b) mx = x[b] > mx ? x[b] : mx;
+  const float m = HorizontalMax(mx);
+  f8 s = f8{};
+  for (int b = 0; b < nb; ++b) {
+    x[b] = ExpNonPositive(x[b] - m);
+    s += x[b];
+  }
+  const float inv = 1.0f / HorizontalSum(s);
+  for (int b = 0; b < nb; ++b) q[b] = x[b] * inv;
+}
+
+template <int NB>
+DKCRF_INLINE void SoftmaxT(const f8* neg_u, int nb_rt, int64_t begin, int64_t end, f8* q) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  f8 x[NB > 0 ? NB : kMaxBlocks];
+  for (int64_t p = begin; p < end; ++p) {
+    for (int b = 0; b < nb; ++b) x[b] = neg_u[p * nb + b];
+    SoftmaxRowT<NB>(x, nb, q + p * nb);
+  }
+}
+
+// Splat range t of a lattice: V[o] = sum over the range's vertices e (pixel order) of w[e] * q[pixel(e)].
+template <int NB>
+DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int t, f8* V) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  const int d1 = L.d + 1;
+  const int64_t p0 = L.range_point[t], p1 = L.range_point[t + 1];
+  for (int64_t i = p0 * nb; i < p1 * nb; ++i) V[i] = f8{};
+  const int32_t* entries = L.range_entry.data();
+  const int32_t* offset = L.offset.data();
+  const float* weight = L.weight.data();
+  for (int64_t k = L.range_start[t], k_end = L.range_start[t + 1]; k < k_end; ++k) {
+    const int32_t e = entries[k];
+    const f8* src = q + static_cast<int64_t>(e / d1) * nb;
+    f8* dst = V + static_cast<int64_t>(offset[e]) * nb;
+    const float w = weight[e];
+    for (int b = 0; b < nb; ++b) dst[b] += w * src[b];
+  }
+}
+
+// out[m] = in[m] + (in[n1(m)] + in[n2(m)]) / 2 along one lattice direction.
+template <int NB>
+DKCRF_INLINE void BlurT(const f8* in, const int32_t* nbr, int nb_rt, int64_t begin, int64_t end, f8* out) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int64_t m = begin; m < end; ++m) {
+    const f8* a = in + m * nb;
+    const f8* n1 = in + static_cast<int64_t>(nbr[2 * m]) * nb;
+    const f8* n2 = in + static_cast<int64_t>(nbr[2 * m + 1]) * nb;
+    f8* o = out + m * nb;
+    for (int b = 0; b < nb; ++b) o[b] = a[b] + 0.5f * (n1[b] + n2[b]);
+  }
+}
+
+struct UpdateArgs {
+  const f8* neg_u;
+  int nb;
+  const Lattice* lb;  // bilateral lattice or null
+  const f8* vb;
+  float wb;
+  const Lattice* lg;  // Gaussian lattice or null
+  const f8* vg;
+  float wg;
+  f8* q;
+};
+
+// For pixels [begin, end): x = -U + wb * slice_b + wg * slice_g, q = softmax(x).
+template <int NB>
+DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
+  const int nb = NB > 0 ? NB : a.nb;
+  f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks];
+  for (int64_t p = begin; p < end; ++p) {
+    for (int b = 0; b < nb; ++b) x[b] = a.neg_u[p * nb + b];
+    if (a.lb != nullptr) {
+      for (int b = 0; b < nb; ++b) acc[b] = f8{};
+      const int32_t* off = &a.lb->offset[p * 6];
+      const float* w = &a.lb->weight[p * 6];
+      for (int r = 0; r < 6; ++r) {
+        const f8* v = a.vb + static_cast<int64_t>(off[r]) * nb;
+        for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+      }
+      for (int b = 0; b < nb; ++b) x[b] += a.wb * acc[b];
+    }
+    if (a.lg != nullptr) {
+      for (int b = 0; b < nb; ++b) acc[b] = f8{};
+      const int32_t* off = &a.lg->offset[p * 3];
+      const float* w = &a.lg->weight[p * 3];
+      for (int r = 0; r < 3; ++r) {
+        const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
+        for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+      }
+      for (int b = 0; b < nb; ++b) x[b] += a.wg * acc[b];
+    }
+    SoftmaxRowT<NB>(x, nb, a.q + p * nb);
+  }
+}
+
+// Runtime dispatch on the row width (common label counts get a fixed-width instantiation).
+#define DKCRF_DISPATCH_NB(nb, CALL) \
+  switch (nb) {                     \
+    case 1: { constexpr int NB = 1; CALL; break; } \
+    case 2: { constexpr int NB = 2; CALL; break; } \
+    case 3: { constexpr int NB = 3; CALL; break; } \
+    case 4: { constexpr int NB = 4; CALL; break; } \
+    default: { constexpr int NB = 0; CALL; break; } \
+  }
+
+#define DKCRF_KERNELS(SUFFIX, ATTR)                                                                        \
+  ATTR void NegUnary##SUFFIX(const float* in, InputType type, int C, int nb, int64_t b, int64_t e,         \
+                             f8* out) {                                                                    \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (NegUnaryT<NB>(in, type, C, nb, b, e, out)))                                     \
+  }                                                                                                        \
+  ATTR void Softmax##SUFFIX(const f8* neg_u, int nb, int64_t b, int64_t e, f8* q) {                        \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(neg_u, nb, b, e, q)))                                              \
+  }                                                                                                        \
+  ATTR void Splat##SUFFIX(const Lattice& L, const f8* q, int nb, int t, f8* V) {                           \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (SplatT<NB>(L, q, nb, t, V)))                                                    \
+  }                                                                                                        \
+  ATTR void Blur##SUFFIX(const f8* in, const int32_t* nbr, int nb, int64_t b, int64_t e, f8* out) {        \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (BlurT<NB>(in, nbr, nb, b, e, out)))                                             \
+  }                                                                                                        \
+  ATTR void Update##SUFFIX(const UpdateArgs& a, int64_t b, int64_t e) {                                    \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(a.nb, (UpdateT<NB>(a, b, e)))                                                        \
+  }
+
+DKCRF_KERNELS(Generic, )
+#if defined(DKCRF_X86) && defined(__GNUC__)
+DKCRF_KERNELS(Avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+struct KernelTable {
+  void (*neg_unary)(const float*, InputType, int, int, int64_t, int64_t, f8*);
+  void (*softmax)(const f8*, int, int64_t, int64_t, f8*);
+  void (*splat)(const Lattice&, const f8*, int, int, f8*);
+  void (*blur)(const f8*, const int32_t*, int, int64_t, int64_t, f8*);
+  void (*update)(const UpdateArgs&, int64_t, int64_t);
+};
+
+const KernelTable& Kernels() {
+  static const KernelTable table = [] {
+#if defined(DKCRF_X86) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
+#endif
+    return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
+  }();
+  return table;
+}
+
+// Folds the symmetric normalisation 1/sqrt(K 1) into the vertex weights (used by both splat and slice).
+void Normalize(Lattice* L, const ParallelFor& pfor) {
+  const int d1 = L->d + 1;
+  const int64_t M = L->num_points, N = L->num_pixels;
+  std::vector<float> va(M + 1, 0.f), vb(M + 1, 0.f), norm(N);
+  for (int64_t e = 0; e < N * d1; ++e) va[L->offset[e]] += L->weight[e];  // splat of ones, pixel order
+  for (int j = 0; j < d1; ++j) {
+    const int32_t* nbr = &L->nbr[static_cast<int64_t>(j) * M * 2];
+    for (int64_t m = 0; m < M; ++m) vb[m] = va[m] + 0.5f * (va[nbr[2 * m]] + va[nbr[2 * m + 1]]);
+    std::swap(va, vb);
+  }
+  pfor(N, 8 * d1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float s = 0.f;
+      for (int r = 0; r < d1; ++r) s += L->weight[p * d1 + r] * va[L->offset[p * d1 + r]];
+      norm[p] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + 1e-20));
+    }
+    for (int64_t e = begin * d1; e < end * d1; ++e) L->weight[e] *= norm[e / d1];
+  });
+}
+
+// Zero-initialised, 64-byte aligned array of f8 (std::vector does not honour the vector type's alignment).
+class AlignedVector {
+ public:
+  explicit AlignedVector(int64_t n)
+      : data_(static_cast<f8*>(::operator new(sizeof(f8) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {
+    std::memset(static_cast<void*>(data_), 0, sizeof(f8) * std::max<int64_t>(n, 1));
+  }
+  ~AlignedVector() { ::operator delete(data_, std::align_val_t(64)); }
+  AlignedVector(const AlignedVector&) = delete;
+  AlignedVector& operator=(const AlignedVector&) = delete;
+  f8* data() { return data_; }
+
+ private:
+  f8* data_;
+};
+
+}  // namespace
+
+std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
+  std::ostringstream msg;
+  auto finite = [](float v) { return std::isfinite(v); };
+  if (p.iterations < 0 || p.iterations > kMaxIterations) {
+    msg << "iterations must be in [0, " << kMaxIterations << "], got " << p.iterations;
+  } else if (!finite(p.bilateral_weight) || p.bilateral_weight < 0.f || p.bilateral_weight > 1e6f) {
+    msg << "bilateral_weight must be finite and in [0, 1e6], got " << p.bilateral_weight;
+  } else if (!finite(p.gaussian_weight) || p.gaussian_weight < 0.f || p.gaussian_weight > 1e6f) {
+    msg << "gaussian_weight must be finite and in [0, 1e6], got " << p.gaussian_weight;
+  } else if (!finite(p.bilateral_xy_std) || !(p.bilateral_xy_std > 0.f)) {
+    msg << "bilateral_xy_std must be finite and > 0, got " << p.bilateral_xy_std;
+  } else if (!finite(p.bilateral_rgb_std) || !(p.bilateral_rgb_std > 0.f)) {
+    msg << "bilateral_rgb_std must be finite and > 0, got " << p.bilateral_rgb_std;
+  } else if (!finite(p.gaussian_xy_std) || !(p.gaussian_xy_std > 0.f)) {
+    msg << "gaussian_xy_std must be finite and > 0, got " << p.gaussian_xy_std;
+  } else {
+    const float extent = static_cast<float>(std::max<int64_t>(height, width) - 1);
+    if (p.bilateral_weight > 0.f && extent / p.bilateral_xy_std > kMaxFeature) {
+      msg << "bilateral_xy_std=" << p.bilateral_xy_std << " is too small for a " << height << "x" << width
+          << " image: (max(H, W) - 1) / bilateral_xy_std must be <= " << kMaxFeature;
+    } else if (p.bilateral_weight > 0.f && 255.f / p.bilateral_rgb_std > kMaxFeature) {
+      msg << "bilateral_rgb_std=" << p.bilateral_rgb_std
+          << " is too small: 255 / bilateral_rgb_std must be <= " << kMaxFeature;
+    } else if (p.gaussian_weight > 0.f && extent / p.gaussian_xy_std > kMaxFeature) {
+      msg << "gaussian_xy_std=" << p.gaussian_xy_std << " is too small for a " << height << "x" << width
+          << " image: (max(H, W) - 1) / gaussian_xy_std must be <= " << kMaxFeature;
+    }
+  }
+  return msg.str();
+}
+
+void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
+                   int64_t width, int num_labels, const CrfParams& params, int num_threads,
+                   const ParallelFor& pfor, float* q_out) {
+  const KernelTable& K = Kernels();
+  const int64_t N = height * width;
+  const int C = num_labels, nb = (num_labels + 7) / 8;
+  const int T = N * nb < 8192 ? 1 : std::max(1, std::min(num_threads, 16));
+
+  DKCRF_TIC(unary);
+  AlignedVector neg_u(N * nb), q(N * nb);
+  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.neg_unary(in, input_type, C, nb, b, e, neg_u.data()); });
+  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u.data(), nb, b, e, q.data()); });
+  DKCRF_TOC(unary);
+
+  const bool use_b = params.bilateral_weight > 0.f, use_g = params.gaussian_weight > 0.f;
+  if (params.iterations > 0 && (use_b || use_g)) {
+    DKCRF_TIC(build);
+    Lattice lb, lg;
+    if (use_b) {
+      const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
+      BuildLattice<5>(N, [&](int64_t p, float* f) {
+        f[0] = static_cast<float>(p % width) / sxy;
+        f[1] = static_cast<float>(p / width) / sxy;
+        f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
+        f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
+        f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
+      }, T, pfor, &lb);
+      Normalize(&lb, pfor);
+    }
+    if (use_g) {
+      const float sxy = params.gaussian_xy_std;
+      BuildLattice<2>(N, [&](int64_t p, float* f) {
+        f[0] = static_cast<float>(p % width) / sxy;
+        f[1] = static_cast<float>(p / width) / sxy;
+      }, T, pfor, &lg);
+      Normalize(&lg, pfor);
+    }
+    DKCRF_TOC(build);
+#ifdef DKCRF_PROFILE
+    std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld T=%d\n", (long long)N, (long long)lb.num_points,
+                 (long long)lg.num_points, T);
+#endif
+    const int64_t Mb = use_b ? lb.num_points : 0, Mg = use_g ? lg.num_points : 0;
+    // Two value buffers per lattice, (M + 1) rows: the last row stays zero (absent blur neighbour).
+    AlignedVector vb0((Mb + 1) * nb), vb1((Mb + 1) * nb), vg0((Mg + 1) * nb), vg1((Mg + 1) * nb);
+    const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / T;
+    for (int it = 0; it < params.iterations; ++it) {
+      DKCRF_TIC(splat);
+      pfor(T, splat_cost, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          if (use_b) K.splat(lb, q.data(), nb, static_cast<int>(t), vb0.data());
+          if (use_g) K.splat(lg, q.data(), nb, static_cast<int>(t), vg0.data());
+        }
+      });
+      DKCRF_TOC(splat);
+      DKCRF_TIC(blur);
+      f8 *cur_b = vb0.data(), *nxt_b = vb1.data(), *cur_g = vg0.data(), *nxt_g = vg1.data();
+      for (int j = 0; j < 6; ++j) {
+        const int64_t mb = Mb, mg = j < 3 ? Mg : 0;
+        if (mb + mg == 0) continue;
+        const int32_t* nbr_b = mb > 0 ? &lb.nbr[static_cast<int64_t>(j) * Mb * 2] : nullptr;
+        const int32_t* nbr_g = mg > 0 ? &lg.nbr[static_cast<int64_t>(j) * Mg * 2] : nullptr;
+        pfor(mb + mg, 6 * nb, [&](int64_t b, int64_t e) {
+          if (b < mb) K.blur(cur_b, nbr_b, nb, b, std::min(e, mb), nxt_b);
+          if (e > mb) K.blur(cur_g, nbr_g, nb, std::max(b, mb) - mb, e - mb, nxt_g);
+        });
+        if (mb > 0) std::swap(cur_b, nxt_b);
+        if (mg > 0) std::swap(cur_g, nxt_g);
+      }
+      DKCRF_TOC(blur);
+      DKCRF_TIC(update);
+      UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, cur_b, params.bilateral_weight,
+                      use_g ? &lg : nullptr, cur_g, params.gaussian_weight, q.data()};
+      pfor(N, 9 * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      DKCRF_TOC(update);
+    }
+  }
+  // Unpad into the output.
+  pfor(N, 2 * C, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q.data() + p * nb), sizeof(float) * C);
+  });
+}
+
+}  // namespace dkcrf

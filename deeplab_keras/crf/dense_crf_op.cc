@@ -1,0 +1,192 @@
+// TensorFlow op "DenseCrf": fully connected CRF mean-field inference (see dense_crf.h).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <new>
+#include <string>
+
+#include "dense_crf.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// Written into the binary so the Python loader can tell a stale library from a current one without loading it.
+#ifndef DKCRF_BUILD_STAMP
+#define DKCRF_BUILD_STAMP "unknown"
+#endif
+extern "C" __attribute__((visibility("default"), used)) const char dkcrf_build_stamp[] =
+    "DKCRF_STAMP[" DKCRF_BUILD_STAMP "]";
+
+Status DenseCrfShape(InferenceContext* c) {
+  ShapeHandle in = c->input(0), im = c->input(1);
+  if (c->RankKnown(in) && c->Rank(in) != 4)
+    return errors::InvalidArgument("DenseCrf: `probs` must be rank 4 [N, H, W, C], got shape ",
+                                   c->DebugString(in));
+  if (c->RankKnown(im) && c->Rank(im) != 4)
+    return errors::InvalidArgument("DenseCrf: `images` must be rank 4 [N, H, W, 3], got shape ",
+                                   c->DebugString(im));
+  TF_RETURN_IF_ERROR(c->WithRank(in, 4, &in));
+  TF_RETURN_IF_ERROR(c->WithRank(im, 4, &im));
+  if (c->ValueKnown(c->Dim(im, 3)) && c->Value(c->Dim(im, 3)) != 3)
+    return errors::InvalidArgument("DenseCrf: `images` must have 3 channels (RGB), got shape ",
+                                   c->DebugString(im));
+  const char* names[3] = {"N (batch)", "H (height)", "W (width)"};
+  std::vector<DimensionHandle> dims(4);
+  for (int i = 0; i < 3; ++i) {
+    if (!c->Merge(c->Dim(in, i), c->Dim(im, i), &dims[i]).ok())
+      return errors::InvalidArgument("DenseCrf: `probs` and `images` disagree on ", names[i], ": ",
+                                     c->DebugString(in), " vs ", c->DebugString(im));
+  }
+  dims[3] = c->Dim(in, 3);
+  for (int i = 2; i < 8; ++i) {
+    ShapeHandle unused;
+    if (!c->WithRank(c->input(i), 0, &unused).ok())
+      return errors::InvalidArgument("DenseCrf: input ", i, " (a parameter) must be a scalar, got shape ",
+                                     c->DebugString(c->input(i)));
+  }
+  c->set_output(0, c->MakeShape(dims));
+  return OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("DenseCrf")
+    .Input("probs: float")
+    .Input("images: uint8")
+    .Input("iterations: int32")
+    .Input("bilateral_weight: float")
+    .Input("bilateral_xy_std: float")
+    .Input("bilateral_rgb_std: float")
+    .Input("gaussian_weight: float")
+    .Input("gaussian_xy_std: float")
+    .Output("refined: float")
+    .Attr("input_type: {'probs', 'unary', 'logits'} = 'probs'")
+    .SetShapeFn(DenseCrfShape)
+    .Doc(R"doc(
+Fully connected CRF (Kraehenbuehl & Koltun 2011) mean-field inference, pydensecrf semantics.
+
+probs: [N, H, W, C] probabilities (input_type='probs'; unary = -log(clip(p, 1e-5, 1))), unary energies
+  (input_type='unary') or logits (input_type='logits'; unary = -logits).
+images: [N, H, W, 3] uint8 RGB images (the bilateral kernel's colour features).
+iterations: number of mean-field iterations (>= 0).
+refined: [N, H, W, C] probabilities after inference.
+)doc");
+
+class DenseCrfOp : public OpKernel {
+ public:
+  explicit DenseCrfOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::string type;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_type", &type));
+    input_type_ = type == "probs" ? dkcrf::InputType::kProbs
+                  : type == "unary" ? dkcrf::InputType::kUnary : dkcrf::InputType::kLogits;
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& in = ctx->input(0);
+    const Tensor& im = ctx->input(1);
+    OP_REQUIRES(ctx, in.dims() == 4,
+                errors::InvalidArgument("DenseCrf: `probs` must be rank 4 [N, H, W, C], got shape ",
+                                        in.shape().DebugString()));
+    OP_REQUIRES(ctx, im.dims() == 4 && im.dim_size(3) == 3,
+                errors::InvalidArgument("DenseCrf: `images` must be [N, H, W, 3] uint8, got shape ",
+                                        im.shape().DebugString()));
+    for (int i = 0; i < 3; ++i) {
+      OP_REQUIRES(ctx, in.dim_size(i) == im.dim_size(i),
+                  errors::InvalidArgument("DenseCrf: `probs` ", in.shape().DebugString(), " and `images` ",
+                                          im.shape().DebugString(), " must agree on N, H and W"));
+    }
+    const char* names[6] = {"iterations", "bilateral_weight", "bilateral_xy_std", "bilateral_rgb_std",
+                            "gaussian_weight", "gaussian_xy_std"};
+    for (int i = 2; i < 8; ++i) {
+      OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(ctx->input(i).shape()),
+                  errors::InvalidArgument("DenseCrf: `", names[i - 2], "` must be a scalar, got shape ",
+                                          ctx->input(i).shape().DebugString()));
+    }
+    const int64_t batch = in.dim_size(0), height = in.dim_size(1), width = in.dim_size(2);
+    const int64_t labels = in.dim_size(3);
+    OP_REQUIRES(ctx, labels >= 1 && labels <= dkcrf::kMaxLabels,
+                errors::InvalidArgument("DenseCrf: the number of labels C (last dim of `probs`, shape ",
+                                        in.shape().DebugString(), ") must be in [1, ", dkcrf::kMaxLabels,
+                                        "]"));
+    OP_REQUIRES(ctx, height >= 1 && width >= 1,
+                errors::InvalidArgument("DenseCrf: images must have H >= 1 and W >= 1, got shape ",
+                                        in.shape().DebugString()));
+    OP_REQUIRES(ctx, height * width <= dkcrf::kMaxPixels,
+                errors::InvalidArgument("DenseCrf: an image may have at most ", dkcrf::kMaxPixels,
+                                        " pixels, got ", height, "x", width, "; run it on tiles"));
+    dkcrf::CrfParams params;
+    params.iterations = ctx->input(2).scalar<int32>()();
+    params.bilateral_weight = ctx->input(3).scalar<float>()();
+    params.bilateral_xy_std = ctx->input(4).scalar<float>()();
+    params.bilateral_rgb_std = ctx->input(5).scalar<float>()();
+    params.gaussian_weight = ctx->input(6).scalar<float>()();
+    params.gaussian_xy_std = ctx->input(7).scalar<float>()();
+    const std::string problem = dkcrf::ValidateParams(params, height, width);
+    OP_REQUIRES(ctx, problem.empty(), errors::InvalidArgument("DenseCrf: ", problem));
+
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int num_threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    dkcrf::ParallelFor pfor = [workers](int64_t total, int64_t cost,
+                                        const std::function<void(int64_t, int64_t)>& fn) {
+      if (total <= 0) return;
+      workers->ParallelFor(total, std::max<int64_t>(cost, 1), fn);
+    };
+
+    // Every value finite (and >= 0 for probabilities); report the first offending element.
+    const float* data = in.flat<float>().data();
+    const int64_t total = in.NumElements();
+    std::atomic<int64_t> first_bad(total);
+    const bool probs = input_type_ == dkcrf::InputType::kProbs;
+    pfor(total, 2, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float v = data[i];
+        if (!std::isfinite(v) || (probs && v < 0.f)) {
+          int64_t cur = first_bad.load();
+          while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
+          break;
+        }
+      }
+    });
+    if (first_bad.load() < total) {
+      const int64_t i = first_bad.load();
+      const int64_t c = i % labels, w = (i / labels) % width, h = (i / labels / width) % height;
+      const int64_t n = i / labels / width / height;
+      ctx->CtxFailure(errors::InvalidArgument(
+          "DenseCrf: `probs` must be finite", probs ? " and >= 0" : "", ", got ", data[i], " at [", n, ", ", h,
+          ", ", w, ", ", c, "]", probs ? " (pass probabilities, e.g. softmax outputs)" : ""));
+      return;
+    }
+
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.shape(), &out));
+    if (batch == 0) return;
+    const uint8* images = im.flat<uint8>().data();
+    float* q = out->flat<float>().data();
+    const int64_t pixels = height * width;
+    try {
+      for (int64_t n = 0; n < batch; ++n) {
+        dkcrf::DenseCrfImage(data + n * pixels * labels, input_type_, images + n * pixels * 3, height, width,
+                             static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels);
+      }
+    } catch (const std::bad_alloc&) {
+      ctx->CtxFailure(errors::ResourceExhausted("DenseCrf: out of memory for a ", height, "x", width,
+                                                " image with ", labels, " labels"));
+    }
+  }
+
+ private:
+  dkcrf::InputType input_type_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("DenseCrf").Device(DEVICE_CPU), DenseCrfOp);
+
+}  // namespace tensorflow
