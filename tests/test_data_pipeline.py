@@ -218,3 +218,38 @@ def test_distributed_pipeline_two_replicas():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def _reference(image, label, scaled, top, left, flip, crop, mean, ignore):
+    """Whole-image resize (tf.image.resize), pad, crop, flip: what scale_crop_flip must equal."""
+    image = tf.image.resize(tf.cast(image, tf.float32), scaled, method="bilinear").numpy()
+    label = tf.image.resize(label[..., None], scaled, method="nearest").numpy()[..., 0]
+    ph, pw = max(scaled[0], crop[0]), max(scaled[1], crop[1])
+    big_image = np.empty((ph, pw, 3), np.float32)
+    big_image[:] = mean
+    big_image[: scaled[0], : scaled[1]] = image
+    big_label = np.full((ph, pw), ignore, np.uint8)
+    big_label[: scaled[0], : scaled[1]] = label
+    image = big_image[top: top + crop[0], left: left + crop[1]]
+    label = big_label[top: top + crop[0], left: left + crop[1]]
+    return (image[:, ::-1], label[:, ::-1]) if flip else (image, label)
+
+
+def test_crop_sampling_equals_resize_pad_crop_flip():
+    from deeplab_keras.data.pipeline import scale_crop_flip
+    rng = np.random.default_rng(0)
+    mean = np.array([1.0, 2.0, 3.0], np.float32)
+    for trial in range(40):
+        h, w = rng.integers(5, 60, size=2)
+        crop = tuple(int(c) for c in rng.integers(3, 50, size=2))
+        scaled = [int(max(1, round(h * rng.uniform(0.3, 2.2)))), int(max(1, round(w * rng.uniform(0.3, 2.2))))]
+        top = int(rng.integers(0, max(scaled[0], crop[0]) - crop[0] + 1))
+        left = int(rng.integers(0, max(scaled[1], crop[1]) - crop[1] + 1))
+        flip = bool(rng.integers(0, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 21, (h, w), dtype=np.uint8)
+        got_image, got_label = scale_crop_flip(tf.constant(image), tf.constant(label), tf.constant(scaled), top,
+                                               left, tf.constant(flip), crop, mean, 255)
+        want_image, want_label = _reference(image, label, scaled, top, left, flip, crop, mean, 255)
+        np.testing.assert_array_equal(got_label.numpy(), want_label, err_msg=f"trial {trial}")
+        np.testing.assert_allclose(got_image.numpy(), want_image, atol=2e-3, err_msg=f"trial {trial}")

@@ -78,27 +78,71 @@ def _pad_to(image, label, height, width, mean, ignore_label):
     return image, label
 
 
-def _augment(image, label, seed, crop_size, scale_range, flip, mean, ignore_label):
-    """Random scale, pad, random crop, random flip of one float image [H, W, 3] / uint8 label [H, W]."""
-    seeds = [tf.stack([seed, tf.constant(k, tf.int64)]) for k in range(5)]
+def _nearest(out_index, in_size, out_size):
+    """Source index of tf.image.resize's nearest neighbour (half-pixel centres), clamped to the image."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    index = tf.cast(tf.floor((tf.cast(out_index, tf.float32) + 0.5) * scale), tf.int32)
+    return tf.clip_by_value(index, 0, in_size - 1)
+
+
+def _draw(seed, size, crop_size, scale_range, flip):
+    """Random augmentation parameters of one element: scaled size, crop offset (in the padded scaled image),
+    flip."""
+    seeds = [tf.stack([seed, tf.constant(k, tf.int64)]) for k in range(4)]
     if scale_range is not None and tuple(scale_range) != (1.0, 1.0):
         scale = tf.random.stateless_uniform([], seeds[0], minval=scale_range[0], maxval=scale_range[1])
-        size = tf.cast(tf.shape(label), tf.float32)
-        new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
-        image = tf.image.resize(image, new_size, method="bilinear")
-        label = tf.image.resize(label[..., None], new_size, method="nearest")[..., 0]
-    crop_h, crop_w = crop_size
-    image, label = _pad_to(image, label, crop_h, crop_w, mean, ignore_label)
-    shape = tf.shape(label)
-    top = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=shape[0] - crop_h + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=shape[1] - crop_w + 1, dtype=tf.int32)
-    image = image[top:top + crop_h, left:left + crop_w]
-    label = label[top:top + crop_h, left:left + crop_w]
-    if flip:
-        do_flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
-        image = tf.cond(do_flip, lambda: tf.reverse(image, [1]), lambda: image)
-        label = tf.cond(do_flip, lambda: tf.reverse(label, [1]), lambda: label)
-    return image, label
+        scaled = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * scale), tf.int32), 1)
+    else:
+        scaled = size
+    padded = tf.maximum(scaled, tf.constant(crop_size))
+    top = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=padded[0] - crop_size[0] + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], minval=0, maxval=padded[1] - crop_size[1] + 1, dtype=tf.int32)
+    do_flip = tf.random.stateless_uniform([], seeds[3]) < 0.5 if flip else tf.constant(False)
+    return scaled, top, left, do_flip
+
+
+def scale_crop_flip(image, label, scaled, top, left, do_flip, crop_size, mean, ignore_label):
+    """Resizes to ``scaled`` (image bilinear, label nearest), pads to the crop size (mean colour / ignore
+    label), crops at (top, left) and optionally flips — computing only the crop's pixels.
+
+    Equals tf.image.resize (half-pixel centres, no antialias) of the whole image followed by pad, crop and
+    flip, but the crop is sampled directly from the source (ScaleAndTranslate for the image, gathers of the
+    nearest rows/columns for the label), so the cost is proportional to the crop, not to the scaled image.
+
+    Args:
+        image: [H, W, 3] (any real dtype); label: uint8 [H, W].
+        scaled: int32 [2], size after scaling; top, left: int32 crop offset; do_flip: bool.
+        crop_size: (height, width); mean: float32 [3]; ignore_label: int.
+
+    Returns:
+        (float32 [crop_h, crop_w, 3], uint8 [crop_h, crop_w]).
+    """
+    size = tf.shape(label)
+    rows = top + tf.range(crop_size[0])
+    cols = left + tf.range(crop_size[1])
+    # Image: ScaleAndTranslate with a triangle kernel and no antialiasing is tf.image.resize's bilinear
+    # (half-pixel centres, edge clamped) evaluated only on the crop window.
+    scale = tf.cast(scaled, tf.float32) / tf.cast(size, tf.float32)
+    translation = -tf.cast(tf.stack([top, left]), tf.float32)
+    out_image = tf.raw_ops.ScaleAndTranslate(images=image[None], size=tf.constant(crop_size, tf.int32),
+                                             scale=scale, translation=translation, kernel_type="triangle",
+                                             antialias=False)[0]
+    # Label: nearest source row/column of each crop pixel.
+    ny = _nearest(rows, size[0], scaled[0])
+    nx = _nearest(cols, size[1], scaled[1])
+    out_label = tf.gather(tf.gather(label, ny), nx, axis=1)
+    inside = (rows < scaled[0])[:, None] & (cols < scaled[1])[None, :]
+    out_image = tf.where(inside[..., None], out_image, tf.cast(mean, tf.float32))
+    out_label = tf.where(inside, out_label, tf.constant(ignore_label, tf.uint8))
+    out_image = tf.cond(do_flip, lambda: tf.reverse(out_image, [1]), lambda: out_image)
+    out_label = tf.cond(do_flip, lambda: tf.reverse(out_label, [1]), lambda: out_label)
+    return out_image, out_label
+
+
+def _augment(image, label, seed, crop_size, scale_range, flip, mean, ignore_label):
+    """Random scale, pad, random crop and random flip of one image [H, W, 3] / uint8 label [H, W]."""
+    scaled, top, left, do_flip = _draw(seed, tf.shape(label), crop_size, scale_range, flip)
+    return scale_crop_flip(image, label, scaled, top, left, do_flip, crop_size, mean, ignore_label)
 
 
 def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range=(0.5, 1.5), flip=True,
@@ -200,10 +244,11 @@ def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range
             label = tf.cond(same_size, lambda: label, lambda: tf.zeros(tf.shape(image)[:2], tf.uint8))
         if ignore_label != IGNORE_LABEL:
             label = tf.where(label == IGNORE_LABEL, tf.constant(ignore_label, tf.uint8), label)
-        image = tf.cast(image, tf.float32)
         if training:
             image, label = _augment(image, label, element_seed, crop_size, scale_range, flip, mean, ignore_label)
-        elif crop_size is not None:
+        else:
+            image = tf.cast(image, tf.float32)
+        if not training and crop_size is not None:
             fits = tf.reduce_all(tf.shape(label) <= tf.constant(crop_size))
             with tf.control_dependencies([tf.debugging.Assert(
                     fits | ~ok, ["deeplab_keras.data: image larger than crop_size", list(crop_size), "in", name,
