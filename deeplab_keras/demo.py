@@ -1,0 +1,182 @@
+"""The main job (``deeplab-demo``): the whole story on an embedded default, on a CPU, in a few minutes.
+
+1. train a tiny DeepLab (packaged ``tiny_cpu`` config) on the synthetic dataset;
+2. evaluate mIoU on its held-out split with and without the dense CRF;
+3. on the real VOC samples (``../shared/data/voc2012-samples`` when present, or ``--voc DIR``): refine coarse
+   output-stride-8 predictions (ground truth downsampled to the logits grid, softened and noised — what a
+   DeepLab score map looks like) with the CRF and report mIoU before / after;
+4. export SavedModel, TFLite and ONNX, each verified in its own runtime against the Keras model;
+5. predict on held-out images with ``deeplab-predict``'s code (masks, overlays before / after CRF);
+6. write ``report.json``, the training curve and overlay PNGs into ``--out``.
+
+Example:
+    $ deeplab-demo --out deeplab_report
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_VOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                           "voc2012-samples")
+
+
+def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.0, seed=0):
+    """Simulated DeepLab score map: one-hot ground truth averaged over ``stride`` x ``stride`` cells (the
+    logits grid), noised, bilinearly upsampled back and softened by ``temperature``.
+
+    Args:
+        label: uint8 [H, W] ground truth (255 = ignore, treated as background).
+        num_classes: number of classes.
+        stride: output stride of the simulated network.
+        temperature: softmax temperature applied to the log of the cell averages.
+        noise: std of Gaussian noise added to the logits.
+        seed: noise seed.
+
+    Returns:
+        float32 [H, W, C] probabilities.
+    """
+    import tensorflow as tf
+    h, w = label.shape
+    onehot = np.eye(num_classes, dtype=np.float32)[np.where(label == 255, 0, label)]
+    coarse = tf.image.resize(onehot[None], ((h + stride - 1) // stride, (w + stride - 1) // stride), method="area")
+    logits = np.log(np.asarray(coarse)[0] + 0.05) * temperature
+    logits += np.random.RandomState(seed).normal(0, noise, logits.shape).astype(np.float32)
+    logits = tf.image.resize(logits[None], (h, w), method="bilinear")
+    return np.asarray(tf.nn.softmax(logits, axis=-1))[0]
+
+
+def voc_crf_study(voc_dir, out_dir, crf_params=None):
+    """mIoU of simulated coarse predictions on the VOC samples before / after the CRF; writes overlays."""
+    from PIL import Image
+
+    from deeplab_keras import crf
+    from deeplab_keras.evaluate import confusion_matrix, scores
+    from deeplab_keras.predict import atomic_write_bytes, overlay, png_bytes
+    root = os.path.join(voc_dir, "VOC2012")
+    ids = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "SegmentationClass")))
+    cms = {"no_crf": 0, "crf": 0}
+    for i, name in enumerate(ids):
+        image = np.asarray(Image.open(os.path.join(root, "JPEGImages", name + ".jpg")).convert("RGB"))
+        label = np.asarray(Image.open(os.path.join(root, "SegmentationClass", name + ".png")))
+        probs = coarse_probabilities(label, 21, seed=i)
+        refined = np.asarray(crf.dense_crf(probs[None], image[None], **(crf_params or {})))[0]
+        before, after = probs.argmax(-1), refined.argmax(-1)
+        cms["no_crf"] = cms["no_crf"] + confusion_matrix(label, before, 21)
+        cms["crf"] = cms["crf"] + confusion_matrix(label, after, 21)
+        if i < 3:
+            picture = np.concatenate([overlay(image, before), overlay(image, after)[:, image.shape[1]:]], axis=1)
+            atomic_write_bytes(os.path.join(out_dir, f"voc_{name}_coarse_vs_crf.png"), png_bytes(picture), True)
+    return {k: round(scores(cm)["miou"], 4) for k, cm in cms.items()} | {"images": len(ids)}
+
+
+def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=print):
+    """Runs the demo and returns the report dict (also written to ``out/report.json``)."""
+    import keras
+
+    from deeplab_keras import crf
+    from deeplab_keras.data.synthetic import write_synthetic_folder
+    from deeplab_keras.evaluate import evaluate, format_table
+    from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
+    from deeplab_keras.export.common import Progress
+    from deeplab_keras.predict import atomic_write_bytes, overlay, png_bytes, predict_files, read_image
+    from deeplab_keras.inference import predict_probabilities
+    from deeplab_keras.train import load_config, train, _raw_datasets
+
+    out = os.path.abspath(out)
+    if os.path.exists(os.path.join(out, "report.json")) and not overwrite:
+        raise FileExistsError(f"{out} already holds a report; pass --overwrite or another --out")
+    os.makedirs(out, exist_ok=True)
+    start, report = time.time(), {}
+
+    log("[1/6] training a tiny DeepLab on the synthetic dataset (packaged config tiny_cpu)")
+    overrides = {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}
+    if steps:
+        overrides["steps"] = int(steps)
+    cfg = load_config("tiny_cpu", overrides)
+    result = train(cfg)
+    model = result.model
+    report["train"] = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(time.time() - start, 1),
+                       "model_path": result.model_path, "history": {k: [round(float(x), 4) for x in v]
+                                                                    for k, v in result.history.items()}}
+
+    log("[2/6] evaluating on the held-out synthetic split, without and with the CRF")
+    _, val = _raw_datasets(cfg)
+    t = time.time()
+    results = evaluate(model, val, cfg.num_classes, crf=True, progress=False)
+    log(format_table(results))
+    report["eval_synthetic"] = {"miou": results["no_crf"]["miou"], "miou_crf": results["crf"]["miou"],
+                                "pixel_accuracy": results["no_crf"]["pixel_accuracy"], "images": results["images"],
+                                "seconds": round(time.time() - t, 1)}
+
+    voc_dir = voc_dir or DEFAULT_VOC
+    if os.path.isdir(os.path.join(voc_dir, "VOC2012", "SegmentationClass")):
+        log(f"[3/6] CRF on coarse (output stride 8) score maps of the VOC samples in {os.path.normpath(voc_dir)}")
+        report["voc_samples_crf"] = voc_crf_study(voc_dir, out)
+        log(f"      mIoU before CRF {report['voc_samples_crf']['no_crf']:.4f}, after {report['voc_samples_crf']['crf']:.4f}")
+    else:
+        log("[3/6] no VOC samples found (pass --voc DIR holding VOC2012/); skipped")
+
+    log("[4/6] exporting SavedModel, TFLite and ONNX; each is verified against the Keras model")
+    samples = write_synthetic_folder(os.path.join(out, "samples"), 6, size=tuple(cfg.synthetic_size),
+                                     num_classes=cfg.num_classes, seed=cfg.seed + 7) if not os.path.isdir(
+        os.path.join(out, "samples")) else os.path.join(out, "samples")
+    export_dir, progress = os.path.join(out, "export"), Progress(True)
+    keras.config.set_dtype_policy("float32")
+    report["export"] = {
+        "saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"), version=1,
+                                          overwrite=True, sample_dir=os.path.join(samples, "images"),
+                                          progress=progress),
+        "tflite": export_tflite(model, os.path.join(export_dir, "deeplab.tflite"), overwrite=True,
+                                sample_dir=os.path.join(samples, "images"), progress=progress),
+        "onnx": export_onnx(model, os.path.join(export_dir, "deeplab.onnx"), overwrite=True,
+                            sample_dir=os.path.join(samples, "images"), progress=progress),
+    }
+
+    log("[5/6] predicting masks and overlays (before / after CRF) for the held-out images")
+    images = sorted(os.path.join(samples, "images", n) for n in os.listdir(os.path.join(samples, "images")))
+    summary = predict_files(model, images, os.path.join(out, "predictions"), overlay_images=True, overwrite=True,
+                            progress=False)
+    for path in images[:3]:
+        image = read_image(path)
+        probs = predict_probabilities(model, image[None])
+        refined = np.asarray(crf.dense_crf(probs, image[None]))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        picture = np.concatenate([overlay(image, probs[0].argmax(-1)),
+                                  overlay(image, refined[0].argmax(-1))[:, image.shape[1]:]], axis=1)
+        atomic_write_bytes(os.path.join(out, f"{stem}_before_after_crf.png"), png_bytes(picture), True)
+    report["predict"] = {"written": len(summary["written"]), "failed": len(summary["failed"])}
+
+    log("[6/6] writing the report")
+    history_png = os.path.join(cfg.run_dir, "history.png")
+    if os.path.exists(history_png):
+        atomic_write_bytes(os.path.join(out, "training_curve.png"), open(history_png, "rb").read(), True)
+    report["seconds"] = round(time.time() - start, 1)
+    atomic_write_bytes(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str).encode(), True)
+    log(f"done in {report['seconds']} s: synthetic mIoU {report['eval_synthetic']['miou']:.4f} "
+        f"(CRF {report['eval_synthetic']['miou_crf']:.4f}); report in {out}/report.json")
+    return report
+
+
+def main(argv=None):
+    """``deeplab-demo``: train, evaluate, export, predict on the embedded default; prints where the report is."""
+    parser = argparse.ArgumentParser(prog="deeplab-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="deeplab_report", help="report folder (default: deeplab_report)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny_cpu config's)")
+    parser.add_argument("--voc", default=None, help="folder holding VOC2012/ (default: ../shared samples)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        run(args.out, args.steps, args.voc, args.overwrite)
+    except FileExistsError as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
