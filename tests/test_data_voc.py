@@ -201,3 +201,12 @@ def test_voc_through_training_pipeline(voc_prepared):
                                                   num_classes=21, seed=0)))
     assert images.shape == (2, 97, 97, 3) and labels.shape == (2, 97, 97) and labels.dtype == tf.uint8
     assert set(np.unique(labels.numpy())) <= set(range(21)) | {255}
+
+
+def test_listed_but_missing_image_is_named(voc_samples_dir, tmp_path):
+    root = _copy_voc(str(voc_samples_dir), str(tmp_path / "voc"))
+    missing = os.path.join(root, "VOC2012", "JPEGImages", "2009_000006.jpg")
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match="2009_000006") as e:
+        data.load_voc("train", manual_dir=root, data_dir=str(tmp_path / "tfds"))
+    assert missing in str(e.value)
