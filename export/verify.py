@@ -47,8 +47,10 @@ TOLERANCES = {
 def _list_images(folder):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"sample image folder {folder!r} does not exist; pass a folder of JPEG/PNG images")
-    if os.path.isdir(os.path.join(folder, "JPEGImages")):  # a VOC2012 folder
-        folder = os.path.join(folder, "JPEGImages")
+    for sub in ("JPEGImages", "images"):  # a VOC2012 folder, or the folder-dataset layout (images/ + masks/)
+        if os.path.isdir(os.path.join(folder, sub)):
+            folder = os.path.join(folder, sub)
+            break
     files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no .jpg/.jpeg/.png/.bmp images in {folder!r}")
@@ -59,7 +61,8 @@ def load_images(folder, size, count=None):
     """Reads up to ``count`` images of ``folder`` (or ``folder/JPEGImages``) as RGB uint8 resized to ``size``.
 
     Args:
-        folder: directory of JPEG/PNG images, or a VOC2012 directory.
+        folder: directory of JPEG/PNG images, a VOC2012 directory (``JPEGImages/``) or a folder dataset
+            (``images/``).
         size: ``(height, width)``.
         count: maximum number of images (all when None).
     Returns:
