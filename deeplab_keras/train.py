@@ -460,6 +460,15 @@ class SegmentationTrainer(keras.Model):
         self.ignore_label = int(ignore_label)
         self.upsample_logits = bool(upsample_logits)
         self.miou = SegmentationMeanIoU(num_classes, ignore_label=ignore_label, name="miou")
+        self._sample_batch = None
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras builds the model from a batch peeked from the training
+        # iterator: that opens an extra iterator and, under MultiWorkerMirroredStrategy (Keras 3.15), fails
+        # reducing the per-replica batch. Build from a local sample batch instead when one is set.
+        if data_batch is None and self._sample_batch is not None:
+            return super()._maybe_symbolic_build(data_batch=self._sample_batch)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def call(self, images, training=False):
         if self.msc and training:
@@ -489,7 +498,12 @@ class SegmentationTrainer(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         self.miou.update_state(y, y_pred["fused"])
-        return self.get_metrics_result()
+        results = self.get_metrics_result()
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 averages the replicas' metric results with strategy.reduce("MEAN", v, axis=0) under
+            # MultiWorkerMirroredStrategy, which needs at least one dimension.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+        return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -825,11 +839,16 @@ def make_train_stream(raw, cfg, start_epoch=0):
                              num_classes=cfg.num_classes, shuffle_buffer=cfg.shuffle_buffer,
                              seed=_epoch_seed(cfg.seed, k), repeat=True, prefetch=False).take(cfg.steps_per_epoch)
 
-    stream = None
-    for k in range(start_epoch, cfg.epochs):
-        stream = epoch(k) if stream is None else stream.concatenate(epoch(k))
-    if stream is None:  # nothing left to train
-        stream = epoch(0).take(0)
+    def build(_):
+        stream = None
+        for k in range(start_epoch, cfg.epochs):
+            stream = epoch(k) if stream is None else stream.concatenate(epoch(k))
+        return stream if stream is not None else epoch(0).take(0)  # take(0): nothing left to train
+
+    # Built inside flat_map, the pipeline is instantiated afresh by every iterator, so its seeded shuffle and
+    # augmentation restart identically each time (iterating one dataset object twice re-randomises it, and
+    # Keras opens an extra iterator under a distribution strategy to build the model).
+    stream = tf.data.Dataset.range(1).flat_map(build)
     return _data_sharded(stream.prefetch(tf.data.AUTOTUNE))
 
 
@@ -854,10 +873,47 @@ def _scale_range(cfg):
 
 
 def _data_sharded(ds):
-    """Multi-worker: every worker reads the whole stream and keeps its part of each global batch."""
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+def distribute_stream(strategy, make_stream, global_batch):
+    """Splits a stream of global batches between the replicas of ``strategy``, exactly and deterministically.
+
+    Every input pipeline (one per worker) builds the same global stream with ``make_stream()`` and keeps its
+    replicas' rows of each global batch: replica ``r`` gets rows ``[r * b, (r + 1) * b)`` with
+    ``b = global_batch / replicas``. So a step sees the same global batch whatever the number of replicas.
+    (``strategy.experimental_distribute_dataset`` rewrites the input graph, which was measured to change
+    the seeded augmentation; this does not.)
+
+    Args:
+        strategy: the ``tf.distribute.Strategy``.
+        make_stream: () -> dataset of (images [B,...], labels [B,...]) global batches.
+        global_batch: B.
+
+    Returns:
+        the dataset itself for one replica, else a ``tf.distribute.DistributedDataset``.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return make_stream()
+    if global_batch % replicas:
+        raise ValueError(f"batch_size {global_batch} must be divisible by the number of replicas ({replicas})")
+    per_replica = global_batch // replicas
+
+    def dataset_fn(context):
+        ds = make_stream()
+        local = replicas // context.num_input_pipelines
+        lo = context.input_pipeline_id * local * per_replica
+        hi = lo + local * per_replica
+        if context.num_input_pipelines > 1:
+            ds = ds.map(lambda x, y: (x[lo:hi], y[lo:hi]))
+        if local > 1:
+            ds = ds.unbatch().batch(per_replica, drop_remainder=True)
+        return _data_sharded(ds)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -873,6 +929,7 @@ class TrainResult:
         run_dir: the run folder.
         model_path: path of the final ``model.keras`` (float32) or None when not written (non-chief worker).
         resumed_from_epoch: the epoch this call started at (0 for a fresh run).
+        num_replicas: replicas in sync of the distribution strategy used.
     """
 
     model: Any
@@ -880,6 +937,7 @@ class TrainResult:
     run_dir: str
     model_path: Optional[str]
     resumed_from_epoch: int
+    num_replicas: int = 1
 
 
 def _float32_copy(net, cfg):
@@ -972,7 +1030,8 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
     if train_data is None:
         train_data, config_val = _raw_datasets(cfg)
         val_data = config_val if val_data is None else val_data
-    train_stream = make_train_stream(train_data, cfg, start_epoch)
+    train_stream = distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, start_epoch),
+                                     cfg.batch_size)
     val_stream = None
     if val_data is not None and val_data is not False and cfg.validation_every:
         val_stream = make_val_stream(val_data, cfg)
@@ -1003,8 +1062,9 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
             if cfg.mixed_precision == "mixed_float16":
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             trainer.compile(optimizer=optimizer)
-        h, w = (int(c) for c in cfg.crop_size)
-        trainer(np.zeros((1, min(h, 65), min(w, 65), 3), "float32"))  # build before restore
+        h, w = (min(int(c), 65) for c in cfg.crop_size)
+        trainer(np.zeros((1, h, w, 3), "float32"))  # build before restore
+        trainer._sample_batch = (np.zeros((1, h, w, 3), "float32"), np.zeros((1, h, w), "uint8"), None)
 
     n_classifier = sum(1 for v in net.trainable_variables
                        if re.search(cfg.classifier_pattern, getattr(v, "path", v.name)))
@@ -1052,4 +1112,4 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                        "history": {k: [float(x) for x in v] for k, v in history.items()}}, f, indent=1)
         os.replace(os.path.join(run_dir, ".tmp-summary.json"), os.path.join(run_dir, "summary.json"))
     return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,
-                       resumed_from_epoch=start_epoch)
+                       resumed_from_epoch=start_epoch, num_replicas=strategy.num_replicas_in_sync)
