@@ -66,81 +66,94 @@ struct Lattice {
 
 namespace internal {
 
-inline uint32_t HashKey(const int32_t* key, int d) {
-  uint64_t h = 0;
-  for (int i = 0; i < d; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ULL;
-  h ^= h >> 29;
-  h *= 0xBF58476D1CE4E5B9ULL;
-  h ^= h >> 32;
-  return static_cast<uint32_t>(h);
+// Linear key hash k -> sum_i k_i * c_i (mod 2^32) with R_d ("generalised golden ratio") multipliers: lattice
+// points spread evenly over the table, and since the hash is linear the blur neighbour k +- v has hash
+// h +- H(v). The table is indexed by the top hash bits, so nearby keys land in nearby slots: insertion in pixel
+// order, the neighbour search in slot order and (after renumbering points in slot order) the blur all walk the
+// memory in a few streams instead of at random.
+inline uint32_t Multiplier(int d, int i) {
+  double x = 1.5;
+  for (int it = 0; it < 100; ++it) x = std::pow(x + 1.0, 1.0 / (d + 1));  // root of x^(d+1) = x + 1
+  return static_cast<uint32_t>(std::llround(std::pow(1.0 / x, i + 1) * 4294967296.0)) | 1u;
 }
 
-inline int PartOf(uint32_t h, int num_parts) {
-  return static_cast<int>((static_cast<uint64_t>(h) * static_cast<uint64_t>(num_parts)) >> 32);
+// Bijective mixer, used instead of the identity when the linear hash clusters (probe counts too high).
+inline uint32_t Mix(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7feb352dU;
+  h ^= h >> 15;
+  h *= 0x846ca68bU;
+  h ^= h >> 16;
+  return h;
 }
 
-// Open-addressing table of one key partition (linear probing, load <= 1/2, doubling when full). A slot holds
-// the key hash and the point id local to the partition, so probing rarely touches the keys.
+// Open-addressing table (linear probing, load <= 1/2, doubling when full) of one partition of the key space.
+// A slot holds the key, its linear hash and the point id.
 template <int D>
-struct PartTable {
+struct Table {
   struct Slot {
-    uint32_t hash;
-    int32_t id;  // -1: empty
+    uint32_t hash;  // linear hash of the key
+    int32_t id;     // -1: empty
+    int32_t key[D];
   };
   std::vector<Slot> slots;
-  std::vector<int32_t> keys;  // [local id * D + i]
-  int64_t size = 0;
-  uint32_t mask = 0;
+  uint32_t mask = 0, size = 0;
+  int shift = 0, part_bits = 0;
+  bool mix = false;
 
-  void Init(int64_t expected_points) {
-    uint64_t cap = 16;
-    while (cap < static_cast<uint64_t>(2 * expected_points)) cap <<= 1;
-    slots.assign(cap, Slot{0, -1});
-    mask = static_cast<uint32_t>(cap - 1);
-    keys.reserve(static_cast<size_t>(expected_points) * D);
+  void Init(int64_t expected, int partition_bits, bool mixing) {
+    part_bits = partition_bits;
+    mix = mixing;
+    int bits = 4;
+    while ((int64_t{1} << bits) < 2 * expected && bits < 30) ++bits;
+    Resize(bits);
     size = 0;
   }
-
+  uint32_t SlotOf(uint32_t h) const {
+    const uint32_t v = (mix ? Mix(h) : h) << part_bits;
+    return v >> shift;
+  }
   static bool Equal(const int32_t* a, const int32_t* b) {
     bool eq = true;
     for (int i = 0; i < D; ++i) eq &= a[i] == b[i];
     return eq;
   }
-
-  // Local id of key, or -1 when absent.
-  int32_t Find(const int32_t* key, uint32_t h) const {
-    for (uint32_t s = h & mask;; s = (s + 1) & mask) {
+  // Id of the key or -1; *probes counts the occupied slots passed over.
+  int32_t Find(const int32_t* key, uint32_t h, int64_t* probes = nullptr) const {
+    for (uint32_t s = SlotOf(h);; s = (s + 1) & mask) {
       const Slot& slot = slots[s];
       if (slot.id < 0) return -1;
-      if (slot.hash == h && Equal(&keys[static_cast<int64_t>(slot.id) * D], key)) return slot.id;
+      if (slot.hash == h && Equal(slot.key, key)) return slot.id;
+      if (probes != nullptr) ++*probes;
     }
   }
-
-  // Local id of key, inserting it when absent (may allocate: throws std::bad_alloc).
-  int32_t Insert(const int32_t* key, uint32_t h) {
-    uint32_t s = h & mask;
-    for (;; s = (s + 1) & mask) {
-      const Slot& slot = slots[s];
-      if (slot.id < 0) break;
-      if (slot.hash == h && Equal(&keys[static_cast<int64_t>(slot.id) * D], key)) return slot.id;
-    }
-    if (2 * (size + 1) > static_cast<int64_t>(slots.size())) {
-      Grow();
-      for (s = h & mask; slots[s].id >= 0; s = (s + 1) & mask) {}
-    }
-    slots[s] = Slot{h, static_cast<int32_t>(size)};
-    keys.insert(keys.end(), key, key + D);
+  // Id of the key, inserted when absent (may allocate: throws std::bad_alloc).
+  int32_t Insert(const int32_t* key, uint32_t h, int64_t* probes) {
+    const int32_t found = Find(key, h, probes);
+    if (found >= 0) return found;
+    if (2 * (static_cast<uint64_t>(size) + 1) > slots.size()) Grow();
+    uint32_t s = SlotOf(h);
+    while (slots[s].id >= 0) s = (s + 1) & mask;
+    Slot& slot = slots[s];
+    slot.hash = h;
+    slot.id = static_cast<int32_t>(size);
+    for (int i = 0; i < D; ++i) slot.key[i] = key[i];
     return static_cast<int32_t>(size++);
   }
 
  private:
-  void Grow() {
-    std::vector<Slot> old(2 * slots.size(), Slot{0, -1});
-    old.swap(slots);
+  void Resize(int bits) {
+    slots.assign(size_t{1} << bits, Slot{0, -1, {}});
     mask = static_cast<uint32_t>(slots.size() - 1);
+    shift = 32 - bits;
+  }
+  void Grow() {
+    std::vector<Slot> old;
+    old.swap(slots);
+    Resize(32 - shift + 1);
     for (const Slot& slot : old) {
       if (slot.id < 0) continue;
-      uint32_t s = slot.hash & mask;
+      uint32_t s = SlotOf(slot.hash);
       while (slots[s].id >= 0) s = (s + 1) & mask;
       slots[s] = slot;
     }
@@ -151,10 +164,9 @@ struct PartTable {
 
 // Builds the lattice for N pixels whose D features come from feature(i, float* out).
 // Requires |feature| <= 2^18 (checked by the caller) so that lattice coordinates are exact in float.
-// num_parts: number of hash partitions and of splat ranges (>= 1; the result does not depend on it).
+// num_threads: parallelism to prepare for (hash partitions, splat ranges); the result does not depend on it.
 template <int D, typename FeatureFn>
-void BuildLattice(int64_t N, const FeatureFn& feature, int num_parts, const ParallelFor& pfor,
-                  Lattice* lat) {
+void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const ParallelFor& pfor, Lattice* lat) {
   constexpr int D1 = D + 1;
   const int64_t E = N * D1;  // pixel vertices ("entries")
   lat->d = D;
@@ -163,6 +175,8 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_parts, const Para
   lat->weight.assign(E, 0.f);
   std::vector<int32_t> keys(E * D);
   std::vector<uint32_t> hashes(E);
+  uint32_t mult[D];
+  for (int i = 0; i < D; ++i) mult[i] = internal::Multiplier(D, i);
 
   // Elevation matrix scale, computed like the reference (double, stored as float).
   const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * D1);
@@ -218,84 +232,133 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_parts, const Para
       for (int r = 0; r <= D; ++r) {
         const int64_t e = p * D1 + r;
         int32_t* key = &keys[e * D];
-        for (int i = 0; i < D; ++i)
+        uint32_t h = 0;
+        for (int i = 0; i < D; ++i) {
           key[i] = static_cast<int32_t>(rem0[i]) + canonical[r * D1 + static_cast<int>(rank[i])];
-        hashes[e] = internal::HashKey(key, D);
+          h += static_cast<uint32_t>(key[i]) * mult[i];
+        }
+        hashes[e] = h;
         lat->weight[e] = bary[r];
       }
     }
   });
-
   DKCRF_TOC(elevate);
+
   DKCRF_TIC(insert);
-  // 2. Insert the keys into per-partition tables (partition p gives its points ids base[p] + local id).
-  std::vector<int64_t> part_entries(num_parts, 0);
-  for (int64_t e = 0; e < E; ++e) ++part_entries[internal::PartOf(hashes[e], num_parts)];
-  std::vector<internal::PartTable<D>> tables(num_parts);
-  for (int p = 0; p < num_parts; ++p) tables[p].Init(part_entries[p] / 8 + 16);
-  std::atomic<bool> out_of_memory(false);
-  pfor(num_parts, 20 * E, [&](int64_t pb, int64_t pe) {
-    try {
-      for (int64_t p = pb; p < pe; ++p) {
-        internal::PartTable<D>& t = tables[p];
-        for (int64_t e = 0; e < E; ++e) {
-          const uint32_t h = hashes[e];
-          if (internal::PartOf(h, num_parts) == p) lat->offset[e] = t.Insert(&keys[e * D], h);
+  // 2. Insert the keys, in pixel order, into 2^part_bits tables partitioned by the top hash bits.
+  int part_bits = 0;
+  while ((1 << part_bits) < std::min(num_threads, 16) && (E >> part_bits) > 65536) ++part_bits;
+  const int P = 1 << part_bits;
+  std::vector<internal::Table<D>> tables(P);
+  auto part_of = [&](uint32_t h, bool mix) {
+    return part_bits == 0 ? 0 : static_cast<int>((mix ? internal::Mix(h) : h) >> (32 - part_bits));
+  };
+  bool mix = false;
+  for (int attempt = 0; attempt < 2; ++attempt, mix = true) {
+    for (int p = 0; p < P; ++p) tables[p].Init(E / (16 * P) + 16, part_bits, mix);
+    std::vector<int64_t> probes(P, 0);
+    std::atomic<bool> out_of_memory(false);
+    pfor(P, 20 * E, [&](int64_t pb, int64_t pe) {
+      try {
+        for (int64_t p = pb; p < pe; ++p) {
+          internal::Table<D>& t = tables[p];
+          for (int64_t e = 0; e < E; ++e) {
+            const uint32_t h = hashes[e];
+            if (part_bits > 0 && part_of(h, mix) != p) continue;
+            lat->offset[e] = t.Insert(&keys[e * D], h, &probes[p]);
+          }
         }
+      } catch (const std::bad_alloc&) {  // never let an exception escape a worker thread
+        out_of_memory = true;
       }
-    } catch (const std::bad_alloc&) {  // never let an exception escape a worker thread
-      out_of_memory = true;
-    }
-  });
-  if (out_of_memory) throw std::bad_alloc();
+    });
+    if (out_of_memory) throw std::bad_alloc();
+    int64_t total_probes = 0;
+    for (int64_t v : probes) total_probes += v;
+    if (total_probes <= 4 * E + 1024) break;  // else the linear hash clusters on this input: mix it
+  }
   keys.clear();
   keys.shrink_to_fit();
-  std::vector<int64_t> base(num_parts + 1, 0);
-  for (int p = 0; p < num_parts; ++p) base[p + 1] = base[p] + tables[p].size;
-  const int64_t M = base[num_parts];
+
+  // Renumber the points in order of first use by the pixels (raster order): the vertices of nearby pixels get
+  // nearby ids, which keeps the per-iteration splat and slice cache-friendly.
+  std::vector<int64_t> base(P + 1, 0);
+  for (int p = 0; p < P; ++p) base[p + 1] = base[p] + tables[p].size;
+  const int64_t M = base[P];
   lat->num_points = M;
-  if (num_parts > 1) {
-    pfor(E, 4, [&](int64_t b, int64_t end) {
-      for (int64_t e = b; e < end; ++e)
-        lat->offset[e] += static_cast<int32_t>(base[internal::PartOf(hashes[e], num_parts)]);
-    });
+  std::vector<int32_t> to_global(M, -1);
+  {
+    int32_t next = 0;
+    int32_t* offset = lat->offset.data();
+    for (int64_t e = 0; e < E; ++e) {
+      int32_t& g = to_global[base[part_of(hashes[e], mix)] + offset[e]];
+      if (g < 0) g = next++;
+      offset[e] = g;
+    }
   }
+  pfor(P, 4 * M / P + 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      for (auto& slot : tables[p].slots) {
+        if (slot.id >= 0) slot.id = to_global[base[p] + slot.id];
+      }
+    }
+  });
   hashes.clear();
   hashes.shrink_to_fit();
-
+  to_global.clear();
+  to_global.shrink_to_fit();
   DKCRF_TOC(insert);
+
   DKCRF_TIC(neighbours);
-  // 3. Blur neighbours of every point along each of the D+1 lattice directions.
-  lat->nbr.assign(static_cast<size_t>(D1) * M * 2, static_cast<int32_t>(M));
-  auto find = [&](const int32_t* key) -> int32_t {
-    const uint32_t h = internal::HashKey(key, D);
-    const int p = internal::PartOf(h, num_parts);
-    const int32_t id = tables[p].Find(key, h);
-    return id < 0 ? static_cast<int32_t>(M) : static_cast<int32_t>(base[p] + id);
-  };
-  pfor(M, 30 * D1 * D, [&](int64_t b, int64_t end) {
-    int32_t n1[D], n2[D];
-    int p = 0;
-    for (int64_t m = b; m < end; ++m) {
-      while (m >= base[p + 1]) ++p;
-      const int32_t* key = &tables[p].keys[(m - base[p]) * D];
-      for (int j = 0; j <= D; ++j) {
-        for (int k = 0; k < D; ++k) { n1[k] = key[k] - 1; n2[k] = key[k] + 1; }
-        if (j < D) { n1[j] = key[j] + D; n2[j] = key[j] - D; }
-        int32_t* out = &lat->nbr[(static_cast<int64_t>(j) * M + m) * 2];
-        out[0] = find(n1);
-        out[1] = find(n2);
+  // 3. Blur neighbours k -+ v_j of every point along the D+1 lattice directions (v_j = 1 except -D at j).
+  uint32_t delta[D1];
+  for (int j = 0; j <= D; ++j) {
+    uint32_t h = 0;
+    for (int i = 0; i < D; ++i) h += static_cast<uint32_t>(i == j ? -D : 1) * mult[i];
+    delta[j] = h;
+  }
+  // Found in slot order (the lookups then walk the tables in D1 * 2 streams), written point-major (one cache
+  // line per point), then transposed to the direction-major layout the blur passes read.
+  std::vector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
+  std::vector<int64_t> slot_base(P + 1, 0);
+  for (int p = 0; p < P; ++p) slot_base[p + 1] = slot_base[p] + static_cast<int64_t>(tables[p].slots.size());
+  pfor(slot_base[P], 20 * D1, [&](int64_t b, int64_t end) {
+    int32_t nk[D];
+    for (int p = 0; p < P; ++p) {
+      const int64_t lo = std::max(b, slot_base[p]), hi = std::min(end, slot_base[p + 1]);
+      for (int64_t s = lo; s < hi; ++s) {
+        const auto& slot = tables[p].slots[s - slot_base[p]];
+        if (slot.id < 0) continue;
+        for (int j = 0; j <= D; ++j) {
+          for (int side = 0; side < 2; ++side) {  // side 0: k - v_j (n1), side 1: k + v_j (n2)
+            const int sign = side == 0 ? -1 : 1;
+            for (int i = 0; i < D; ++i) nk[i] = slot.key[i] + sign * (i == j ? -D : 1);
+            const uint32_t h = slot.hash + (side == 0 ? 0u - delta[j] : delta[j]);
+            const int32_t id = tables[part_of(h, mix)].Find(nk, h);
+            nbr_pm[(static_cast<int64_t>(slot.id) * D1 + j) * 2 + side] = id < 0 ? static_cast<int32_t>(M) : id;
+          }
+        }
       }
     }
   });
   tables.clear();
   tables.shrink_to_fit();
-
+  lat->nbr.resize(static_cast<size_t>(D1) * M * 2);
+  pfor(M, 4 * D1, [&](int64_t b, int64_t end) {
+    for (int j = 0; j <= D; ++j) {
+      int32_t* out = &lat->nbr[static_cast<int64_t>(j) * M * 2];
+      for (int64_t m = b; m < end; ++m) {
+        out[2 * m] = nbr_pm[(m * D1 + j) * 2];
+        out[2 * m + 1] = nbr_pm[(m * D1 + j) * 2 + 1];
+      }
+    }
+  });
   DKCRF_TOC(neighbours);
+
   DKCRF_TIC(ranges);
   // 4. Splat ranges: T contiguous ranges of points, each with its vertices in ascending order.
-  const int T = num_parts;
   // Point o belongs to range floor(o * T / M), i.e. range t is [ceil(t * M / T), ceil((t + 1) * M / T)).
+  const int T = std::max(1, std::min(num_threads, 16));
   lat->range_point.assign(T + 1, 0);
   for (int t = 0; t <= T; ++t) lat->range_point[t] = (t * M + T - 1) / T;
   lat->range_entry.resize(E);
