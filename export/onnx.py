@@ -13,6 +13,7 @@ Example:
 import collections
 import os
 import shutil
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +31,9 @@ def _patch_tf2onnx_for_numpy2():
         from keras.src.export.tf2onnx_lib import patch_tf2onnx
     except ImportError:  # a future Keras without the private helper: tf2onnx may have been fixed by then
         return
-    patch_tf2onnx()
+    with warnings.catch_warnings():  # its `hasattr(np, "object")` probe warns on numpy 2
+        warnings.simplefilter("ignore", FutureWarning)
+        patch_tf2onnx()
 
 
 def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=None):
