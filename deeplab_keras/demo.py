@@ -55,7 +55,8 @@ def voc_crf_study(voc_dir, out_dir, crf_params=None):
 
     from deeplab_keras import crf
     from deeplab_keras.evaluate import confusion_matrix, scores
-    from deeplab_keras.predict import atomic_write_bytes, overlay, png_bytes
+    from deeplab_keras.predict import overlay, png_bytes
+    from deeplab_keras.utils import atomic_write_bytes
     root = os.path.join(voc_dir, "VOC2012")
     ids = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "SegmentationClass")))
     cms = {"no_crf": 0, "crf": 0}
@@ -82,7 +83,8 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
     from deeplab_keras.evaluate import evaluate, format_table
     from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
     from deeplab_keras.export.common import Progress
-    from deeplab_keras.predict import atomic_write_bytes, overlay, png_bytes, predict_files, read_image
+    from deeplab_keras.predict import overlay, png_bytes, predict_files, read_image
+    from deeplab_keras.utils import atomic_write_bytes
     from deeplab_keras.inference import predict_probabilities
     from deeplab_keras.train import load_config, train, _raw_datasets
 

@@ -12,29 +12,14 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, voc_palette
+
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def voc_palette(num_entries=256):
-    """The PASCAL VOC colour map (the palette of VOC's own SegmentationClass PNGs), [num_entries, 3] uint8."""
-    palette = np.zeros((num_entries, 3), np.uint8)
-    for index in range(num_entries):
-        code, rgb = index, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
-            code >>= 3
-        palette[index] = rgb
-    return palette
 
 
 class ImageError(ValueError):
@@ -64,23 +49,6 @@ def read_image(path, max_pixels=MAX_PIXELS):
         raise ImageError(f"{path}: refused as a decompression bomb ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: not a readable image ({err})") from None
-
-
-def atomic_write_bytes(path, data, overwrite=False):
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half written)."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def label_png_bytes(labels):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from deeplab_keras import data
 from deeplab_keras.data import voc_palette
 
-PALETTE = np.array(voc_palette(), np.float32).reshape(256, 3)
+PALETTE = voc_palette().astype(np.float32)
 
 
 def _blocks(h, w, seed=0):

@@ -1,35 +1,15 @@
 """Shared helpers of deeplab_keras.data: the VOC palette, PIL decoding with errors that name the file, atomic
 writes and the counter behind ``skip_bad``."""
 import logging
-import os
-import tempfile
 import threading
 
 import numpy as np
 
+from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, voc_palette  # noqa: F401  (re-exported)
+
 logger = logging.getLogger("deeplab_keras.data")
 
 IGNORE_LABEL = 255
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
-
-def voc_palette():
-    """The 256-entry PASCAL VOC colour palette (bit-interleaved class index) as a flat list of 768 ints."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
 
 class BadDataError(ValueError):
     """A data file cannot be used (undecodable, truncated, size mismatch, label value out of range)."""
@@ -111,20 +91,6 @@ def check_label(label, num_classes, name, image_shape=None, ignore_label=IGNORE_
         if bad.size:
             raise BadDataError(f"{name}: label values {bad.tolist()[:10]} outside {{0..{num_classes - 1}, "
                                f"{ignore_label}}}; fix the mask or pass the right num_classes")
-
-
-def atomic_write_bytes(path, data):
-    """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class SkipCounter:

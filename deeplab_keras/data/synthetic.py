@@ -154,7 +154,7 @@ def write_synthetic_folder(root, num_images, size=(65, 65), num_classes=4, seed=
     root = os.fspath(root)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "masks"), exist_ok=True)
-    palette = voc_palette()
+    palette = voc_palette().reshape(-1).tolist()
     for i in range(int(num_images)):
         image, label = generate_example(i, size, num_classes, seed, boundary_width)
         stem = f"synthetic_{i:05d}"
