@@ -284,6 +284,7 @@ def finalize(report, staged, final_path, overwrite, report_path=None, progress=N
 def base_report(fmt, model, final_path, size, **fields):
     """Report fields shared by all formats."""
     report = {"format": fmt, "artifact": os.path.abspath(final_path), "size_bytes": int(size),
+              "size_mb": round(size / 1e6, 3),
               "num_classes": model_num_classes(model), "model": getattr(model, "name", None),
               "created_unix": round(time.time(), 3), "environment": environment()}
     get_config = getattr(model, "get_config", None)

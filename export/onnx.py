@@ -169,6 +169,7 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
         report = common.base_report(
             "onnx", model, final, len(content), opset=int(opset), precision="float32",
             input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
+            crf=getattr(crf, "config", None),
             inputs={i.name: {"shape": i.shape, "type": i.type} for i in session.get_inputs()},
             output_names=[o.name for o in session.get_outputs()], graph=stats,
             onnx_version=onnx.__version__, onnxruntime_version=onnxruntime.__version__,

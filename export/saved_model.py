@@ -150,7 +150,8 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
                         SIGNATURE_BYTES: {"inputs": {"image_bytes": "string [N] (JPEG/PNG/BMP)"},
                                           "outputs": {"labels": "int32 [N,H,W]",
                                                       "probabilities": "float32 [N,H,W,C]"}}},
-            with_crf=crf is not None, precision="float32", ops=sorted(saved_model_ops(staged)),
+            with_crf=crf is not None, crf=getattr(crf, "config", None), precision="float32",
+            ops=sorted(saved_model_ops(staged)),
             verification=result, timings=dict(progress.timings),
             samples=sample_dir or "synthetic")
         return common.finalize(report, staged, final, overwrite, report_path, progress)

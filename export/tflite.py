@@ -2,12 +2,14 @@
 
 The ``.tflite`` file has one signature, ``serving_default``: input ``image`` float32 ``[N, H, W, 3]`` RGB 0..255
 (uint8 with ``int8_io``), outputs ``labels`` int32 ``[N, H, W]`` + ``probabilities`` float32 ``[N, H, W, C]`` at
-the input size, or ``logits`` ``[N, ceil(H/8), ceil(W/8), C]`` (output stride 8) with ``outputs="logits"``. Only LiteRT builtin ops are allowed
-(no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the conversion fails otherwise.
+the input size, or ``logits`` ``[N, ceil(H/8), ceil(W/8), C]`` (output stride 8) with ``outputs="logits"``.
+Only LiteRT builtin ops are allowed (no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the
+conversion fails otherwise.
 
 ``input_size=(H, W)`` fixes the input shape to ``[1, H, W, 3]``: atrous convolutions then become single
-``CONV_2D`` ops with dilation factors (with a dynamic batch the converter keeps the SpaceToBatch form). Without it, H and W are dynamic and each atrous convolution runs as
-``SPACE_TO_BATCH_ND`` + ``CONV_2D`` + ``BATCH_TO_SPACE_ND`` (slower; see ``benchmarks/export_runtimes.py``).
+``CONV_2D`` ops with dilation factors (with a dynamic batch the converter keeps the SpaceToBatch form). Without
+it, N, H and W are dynamic and each atrous convolution runs as ``SPACE_TO_BATCH_ND`` + ``CONV_2D`` +
+``BATCH_TO_SPACE_ND`` (slower; see ``benchmarks/export_runtimes.py``).
 
 Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
 dynamic-range activations), ``"int8"`` (full integer, calibrated on ``representative`` images or a synthetic set).
@@ -222,6 +224,7 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
             "tflite", model, final, len(content), quantize=quantize, precision=precision,
             full_integer=full_integer if quantize == "int8" else None, int8_io=bool(int8_io),
             input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
+            crf=getattr(crf, "config", None),
             signature=SIGNATURE, inputs={"image": str(np.dtype(runner.input_details["dtype"]))},
             output_names=sorted(runner.output_details), ops=op_names(runner.interpreter),
             calibration=(representative or "synthetic") if quantize == "int8" else None,
