@@ -36,6 +36,12 @@ def parse_overrides(tokens):
 
     out, key, values = {}, None, []
 
+    def parse(raw):
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _is_number(value):  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        return value
+
     def flush():
         if key is not None:
             if not values:
@@ -48,11 +54,11 @@ def parse_overrides(tokens):
             name, sep, raw = token[2:].partition("=")
             key, values = name.replace("-", "_"), []
             if sep:
-                values.append(yaml.safe_load(raw))
+                values.append(parse(raw))
         else:
             if key is None:
                 raise ValueError(f"unexpected argument {token!r}; overrides look like --key value")
-            values.append(yaml.safe_load(token))
+            values.append(parse(token))
     flush()
     return out
 

@@ -36,7 +36,7 @@ Run directory layout::
     run_dir/config.yaml                 the resolved configuration
     run_dir/checkpoints/ckpt-<step>.keras   model.save() every ``checkpoint_every`` steps
     run_dir/model.keras                 the final model (float32 copy when trained with mixed precision)
-    run_dir/backup/                     BackupAndRestore state (deleted when the run completes)
+    run_dir/backup/state-<epoch>.weights.h5   BackupAndRestore state: weights + optimizer of the last epoch
     run_dir/history.csv, history.png    per-epoch loss / mIoU and their plot
     run_dir/logs/                       TensorBoard
 """
@@ -182,7 +182,17 @@ class TrainConfig:
     plot: bool = True
     verbose: int = 1
 
+    _FLOAT_FIELDS = ("width_multiplier", "base_lr", "lr_power", "end_lr", "momentum", "weight_decay",
+                     "classifier_lr_mult", "bias_lr_mult")
+
     def __post_init__(self):
+        for name in self._FLOAT_FIELDS:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"TrainConfig: {name} must be a number, got {value!r}") from None
         if isinstance(self.steps, int) and isinstance(self.steps_per_epoch, int) and \
                 0 < self.steps < self.steps_per_epoch:
             self.steps_per_epoch = self.steps  # a short run is one epoch
@@ -639,11 +649,14 @@ def read_history(csv_path):
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
-            try:
-                parsed = {k: float(v) for k, v in row.items() if k is not None and v not in (None, "")}
+            parsed = {}
+            for k, v in row.items():
+                try:
+                    parsed[k] = float(v)
+                except (TypeError, ValueError):  # "NA" (no validation that epoch), truncated line
+                    pass
+            if "epoch" in parsed:
                 rows[int(parsed["epoch"])] = parsed
-            except (KeyError, ValueError):
-                continue
     return [rows[k] for k in sorted(rows)]
 
 
@@ -1073,7 +1086,8 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                          f"model; variable paths look like {net.trainable_variables[-1].path!r}")
 
     # Callbacks
-    backup = ResumableBackup(backup_dir)
+    # The last state is kept after the run completes, so re-running a finished command is a no-op.
+    backup = ResumableBackup(backup_dir, delete_checkpoint=False)
     cbs = [backup]
     if chief:
         if cfg.checkpoint_every:
@@ -1100,7 +1114,9 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                               validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
                               shuffle=False)
         history = dict(history.history)
-    else:
+    else:  # already complete: restore the final state
+        backup.set_model(trainer)
+        backup._load_model()
         history = {}
 
     model_path = None

@@ -1,0 +1,149 @@
+"""Resume: an interrupted run continues from its last backup and ends with the same weights; the CLI; run-dir
+artifacts (checkpoints, CSV history, PNG plot, TensorBoard, model.keras)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+import deeplab_keras as dk
+from deeplab_keras import cli
+from deeplab_keras import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1],
+            dataset="synthetic", synthetic_images=10, synthetic_val_images=2, synthetic_size=[41, 41],
+            crop_size=[33, 33], batch_size=2, steps=8, steps_per_epoch=2, checkpoint_every=4, keep_checkpoints=2,
+            validation_every=0, tensorboard=False, plot=True, base_lr=0.01, seed=11, train_bn=True)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops training with an exception after a given global step (mid-epoch)."""
+
+    def __init__(self, step, steps_per_epoch):
+        super().__init__()
+        self.step, self.steps_per_epoch, self.epoch = step, steps_per_epoch, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch * self.steps_per_epoch + batch + 1 == self.step:
+            raise KeyboardInterrupt(f"interrupted after step {self.step}")
+
+
+def _weights(model):
+    return [np.asarray(v) for v in model.weights]
+
+
+def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    full = T.train(T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "full"), verbose=0)))
+    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "cut"), verbose=0))
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, callbacks=[Interrupt(step=5, steps_per_epoch=2)])  # epoch 2 (0-based), its first batch
+    backup = tmp_path / "cut" / "backup"
+    assert sorted(os.listdir(backup)) == ["state-2.weights.h5"]  # epochs 0 and 1 complete
+    resumed = T.train(cfg)
+    assert resumed.resumed_from_epoch == 2
+    assert len(resumed.history["loss"]) == 2  # epochs 2 and 3 only
+    for a, b in zip(_weights(resumed.model), _weights(full.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert sorted(os.listdir(backup)) == ["state-4.weights.h5"]  # only the last state is kept
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["ckpt-4.keras", "ckpt-8.keras"]
+    again = T.train(cfg)  # a finished run: nothing to train, the final state is restored
+    assert again.history == {} and again.resumed_from_epoch == 4
+    for a, b in zip(_weights(again.model), _weights(full.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_run_dir_artifacts(tmp_path):
+    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "run"), verbose=0, validation_every=1,
+                               val_batch_size=2, val_crop_size=[41, 41], tensorboard=True))
+    result = T.train(cfg)
+    run = tmp_path / "run"
+    rows = T.read_history(str(run / "history.csv"))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert all({"loss", "miou", "val_loss", "val_miou"} <= set(r) for r in rows)
+    with open(run / "history.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load(open(run / "config.yaml"))["seed"] == 11
+    model = dk.models.load_model(str(run))  # the run dir resolves to model.keras
+    x = np.random.default_rng(0).uniform(0, 255, (1, 41, 41, 3)).astype("float32")
+    np.testing.assert_allclose(model(x).numpy(), result.model(x).numpy(), rtol=1e-5, atol=1e-5)
+    # TensorBoard event files when the tensorboard package is installed (a requirement)
+    events = [f for _, _, files in os.walk(run / "logs") for f in files if "tfevents" in f]
+    assert events, "no TensorBoard event files under logs/"
+
+
+def test_cli_overrides_and_errors(capsys):
+    assert cli.parse_overrides(["--steps", "20", "--crop-size", "33", "33", "--msc_scales=null",
+                                "--base_lr", "1e-3"]) == {"steps": 20, "crop_size": [33, 33], "msc_scales": None,
+                                                          "base_lr": 1e-3}
+    with pytest.raises(SystemExit) as e:
+        cli.train_main(["--config", "tiny_cpu", "--stepz", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stepz" in err[0]
+    with pytest.raises(SystemExit) as e:
+        cli.train_main(["--config", "missing.yaml"])
+    assert e.value.code == 2
+    assert cli.train_main(["--config", "tiny_cpu", "--steps", "100", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["steps"] == 100 and printed["backbone"] == "resnet50"
+    with pytest.raises(SystemExit) as e:
+        cli.train_main(["--help"])
+    assert e.value.code == 0
+    assert "config keys" in capsys.readouterr().out
+
+
+def _cli(config_path, run_dir):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen([sys.executable, "-m", "deeplab_keras.cli", "train", "--config", str(config_path),
+                             "--run_dir", str(run_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
+    config = dict(BASE, steps=12, steps_per_epoch=4, checkpoint_every=4, deterministic=True, verbose=1,
+                  synthetic_size=[49, 49], crop_size=[41, 41])
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    full = _cli(config_path, tmp_path / "full")
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    assert "deeplab-train: done" in out
+
+    run = tmp_path / "killed"
+    proc = _cli(config_path, run)
+    state = run / "backup" / "state-1.weights.h5"
+    deadline = time.time() + 600
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "the first epoch never finished"
+    time.sleep(0.3)  # into the second epoch (4 steps of ~0.1-1 s each)
+    proc.send_signal(signal.SIGKILL)
+    out_killed, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, out_killed[-3000:]
+    assert not (run / "model.keras").exists()
+    backups = os.listdir(run / "backup")
+    assert any(name.startswith("state-") for name in backups)
+
+    again = _cli(config_path, run)
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out2[-3000:]
+    assert "resuming" in out2 and "from epoch" in out2
+    a = dk.models.load_model(str(tmp_path / "full" / "model.keras"))
+    b = dk.models.load_model(str(run / "model.keras"))
+    for x, y in zip(_weights(a), _weights(b)):
+        np.testing.assert_array_equal(x, y)
+    rows = T.read_history(str(run / "history.csv"))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
