@@ -142,7 +142,7 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False):
     images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
         images = images[None]
-    return _Predictor(model, scales, flip)(images).numpy()
+    return _Predictor(model, scales, flip)._probs(tf.cast(images, tf.float32)).numpy()  # eager: no tracing
 
 
 def _examples(dataset):

@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 __all__ = [
-    "TrainConfig", "load_config", "train", "TrainResult", "make_strategy", "build_model",
+    "TrainConfig", "load_config", "train", "TrainResult", "make_strategy", "build_model", "load_datasets",
+    "make_train_stream", "make_val_stream", "distribute_stream", "read_history", "plot_history",
     "segmentation_loss", "resize_logits", "ScaledSGD", "SegmentationTrainer", "SegmentationMeanIoU",
     "ResumableBackup", "ModelCheckpointEvery", "HistoryPlot",
 ]
@@ -796,8 +797,15 @@ def build_model(config):
         return DeepLabV2(**kwargs)
 
 
+def load_datasets(config):
+    """The unbatched (train, validation) datasets of {"image", "label", "file_name"} a config names.
+
+    Validation is None when ``validation_every`` is 0 (VOC, folder) or no ``val_folder`` is given.
+    """
+    return _raw_datasets(_as_config(config))
+
+
 def _raw_datasets(cfg):
-    """Unbatched train / validation datasets of {"image", "label", ...} from the config."""
     from deeplab_keras import data
 
     if cfg.dataset == "synthetic":
