@@ -1036,6 +1036,8 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = strategy or make_strategy(cfg.strategy, cfg.devices, cfg.tpu, cfg.virtual_cpus)
+    default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
     chief = _is_chief(strategy)
 
@@ -1055,13 +1057,17 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                                      cfg.batch_size)
     val_stream = None
     if val_data is not None and val_data is not False and cfg.validation_every:
-        val_stream = make_val_stream(val_data, cfg)
+        if replicas > 1 and (cfg.val_batch_size % replicas or not cfg.val_crop_size):
+            raise ValueError(f"validation under {replicas} replicas needs val_batch_size a multiple of {replicas} "
+                             "and val_crop_size set (e.g. [513, 513]) so batches split evenly; or set "
+                             "validation_every: 0 and evaluate full-size images with deeplab-eval")
+        val_stream = distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.val_batch_size)
 
     # Model, optimizer
     with strategy.scope():
         if model is None:
             net = build_model(cfg)
-        elif cfg.strategy == "default" and not tf.distribute.has_strategy():
+        elif default_strategy:
             net = model
         else:
             net = _clone_into_scope(model, strategy, cfg)
@@ -1136,4 +1142,4 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                        "history": {k: [float(x) for x in v] for k, v in history.items()}}, f, indent=1)
         os.replace(os.path.join(run_dir, ".tmp-summary.json"), os.path.join(run_dir, "summary.json"))
     return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,
-                       resumed_from_epoch=start_epoch, num_replicas=strategy.num_replicas_in_sync)
+                       resumed_from_epoch=start_epoch, num_replicas=replicas)

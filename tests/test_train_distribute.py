@@ -22,15 +22,29 @@ CONFIG = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_
               tensorboard=False, plot=False, verbose=0, base_lr=0.01, seed=5, deterministic=True)
 
 
-def _worker(run_dir, out, strategy, virtual_cpus=0):
+def _worker(run_dir, out, strategy, virtual_cpus=0, reference_out=None):
     from deeplab_keras.train import TrainConfig, train
 
+    if reference_out:  # the single-device run, in the same process (one device: the default strategy)
+        ref = train(TrainConfig(**dict(CONFIG, run_dir=run_dir + "-single", virtual_cpus=int(virtual_cpus))))
+        np.savez(reference_out, *[np.asarray(v) for v in ref.model.trainable_variables],
+                 loss=np.asarray(ref.history["loss"]))
+        assert ref.num_replicas == 1
+    import keras
+
+    start = {}
+
+    class Initial(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            start["w"] = [np.asarray(v).copy() for v in self.model.trainable_variables]
+
     cfg = TrainConfig(**dict(CONFIG, run_dir=run_dir, strategy=strategy, virtual_cpus=int(virtual_cpus)))
-    result = train(cfg)
+    result = train(cfg, callbacks=[Initial()])
+    moved = max(float(np.abs(np.asarray(v) - w).max()) for v, w in zip(result.model.trainable_variables, start["w"]))
     replicas = result.num_replicas
     np.savez(out, *[np.asarray(v) for v in result.model.trainable_variables],
              loss=np.asarray(result.history["loss"]))
-    print(json.dumps({"loss": result.history["loss"], "replicas": replicas}))
+    print(json.dumps({"loss": result.history["loss"], "replicas": replicas, "moved": moved}))
 
 
 def _env(**extra):
@@ -63,28 +77,28 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    _finish(_run([d / "run", d / "w.npz", "default"], _env()))
-    return _load(d / "w.npz")
+def runs(tmp_path_factory):
+    """One process: the single-device run, then MirroredStrategy over 2 logical CPUs."""
+    d = tmp_path_factory.mktemp("mirrored")
+    out = _finish(_run([d / "run", d / "mirrored.npz", "mirrored", 2, d / "single.npz"], _env()))
+    return _load(d / "single.npz"), _load(d / "mirrored.npz"), out
 
 
 def _assert_same(weights, reference):
     ref_w, ref_loss = reference
     w, loss = weights
     assert len(w) == len(ref_w)
-    moved = 0
     for a, b in zip(w, ref_w):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
-    return moved
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpus_equals_single_device(tmp_path, reference):
-    out = _finish(_run([tmp_path / "run", tmp_path / "w.npz", "mirrored", 2], _env()))
-    assert '"replicas": 2' in out, out[-2000:]
-    _assert_same(_load(tmp_path / "w.npz"), reference)
+def test_mirrored_two_cpus_equals_single_device(runs):
+    reference, mirrored, out = runs
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["replicas"] == 2 and report["moved"] > 1e-3, out[-2000:]  # the steps changed the weights
+    _assert_same(mirrored, reference)
 
 
 def _free_ports(n):
@@ -100,7 +114,8 @@ def _free_ports(n):
 
 
 @pytest.mark.slow
-def test_multi_worker_two_processes_equals_single_device(tmp_path, reference):
+def test_multi_worker_two_processes_equals_single_device(tmp_path, runs):
+    reference = runs[0]
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []

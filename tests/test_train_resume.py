@@ -67,6 +67,8 @@ def test_run_dir_artifacts(tmp_path):
                                val_batch_size=2, val_crop_size=[41, 41], tensorboard=True))
     result = T.train(cfg)
     run = tmp_path / "run"
+    bn = result.model.get_layer("deeplab_network").get_layer("conv1_bn")
+    assert bn.trainable and np.abs(np.asarray(bn.moving_mean)).max() > 0  # train_bn: statistics updated
     rows = T.read_history(str(run / "history.csv"))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     assert all({"loss", "miou", "val_loss", "val_miou"} <= set(r) for r in rows)
