@@ -39,7 +39,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["dense_crf_portable", "crf_postprocess", "lattice_key_bits"]
+__all__ = ["dense_crf_portable", "crf_postprocess", "lattice_key_bits", "SPLAT_MODES"]
+
+SPLAT_MODES = ("cumsum", "scatter", "segment_sum")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,14 +101,53 @@ def _lattice_coordinates(features):
     return keys, weights
 
 
+def _argsort_int64(keys):
+    """Stable ascending argsort of non-negative int64 keys < 2^63, exact in TF, LiteRT and onnxruntime.
+
+    tf2onnx casts TopK inputs to float32, which would merge keys above 2^24; so sort LSD-first by three
+    21-bit digits, each kept as a float32-exact multiple of a power of two (TopK is stable in all three
+    runtimes: equal values keep their index order).
+    """
+    low = tf.math.floormod(keys, np.int64(1 << 21))
+    mid = tf.math.floormod(keys, np.int64(1 << 42)) - low
+    digits = [low, mid, keys - mid - low]
+    order = None
+    for digit in digits:
+        values = tf.cast(digit if order is None else tf.gather(digit, order), tf.float32)
+        step = tf.argsort(values, stable=True)
+        order = step if order is None else tf.gather(order, step)
+    return order
+
+
+def _sorted_lookup(sorted_keys, queries, steps=28):
+    """Index of each query in ``sorted_keys`` (ascending, unique) by a branch-free binary search.
+
+    Args:
+        sorted_keys: int64 [M], M < 2^steps.
+        queries: int64 [Q].
+
+    Returns:
+        (index int32 [Q], exists bool [Q]); index is meaningless where exists is False.
+    """
+    size = tf.shape(sorted_keys)[0]
+    pos = tf.zeros_like(queries, dtype=tf.int32)  # number of keys <= query found so far
+    for s in reversed(range(steps)):
+        candidate = pos + (1 << s)
+        probe = tf.gather(sorted_keys, tf.minimum(candidate, size) - 1)
+        pos = tf.where(tf.logical_and(candidate <= size, probe <= queries), candidate, pos)
+    index = tf.maximum(pos - 1, 0)
+    return index, tf.logical_and(pos > 0, tf.equal(tf.gather(sorted_keys, index), queries))
+
+
 class _Lattice:
     """A permutohedral lattice over P feature vectors, numbered with int64 keys (built once per call)."""
 
-    def __init__(self, features, group, check_bits=True):
+    def __init__(self, features, group, splat="cumsum", check_bits=True):
         """Args:
             features: float32 [P, d] scaled features.
             group: int32 [P] index of the image each point belongs to (points of different images never
                 share a vertex).
+            splat: "cumsum", "scatter" or "segment_sum" (see ``dense_crf_portable``).
             check_bits: when running eagerly, raise if the packed keys would overflow int64.
         """
         d = int(features.shape[-1])
@@ -121,48 +162,89 @@ class _Lattice:
         # log2 of the key space (computed in float so that it stays meaningful if int64 would overflow).
         self.key_bits = (tf.reduce_sum(tf.math.log(tf.cast(radix, tf.float32))) +
                          tf.math.log(tf.cast(tf.reduce_max(group) + 1, tf.float32))) / math.log(2.0)
-        if check_bits and tf.executing_eagerly() and float(self.key_bits) > 62.5:
+        if check_bits and tf.executing_eagerly() and float(self.key_bits) > 61.5:
             raise ValueError(
-                f"The {d}-D lattice keys of this input need {float(self.key_bits):.1f} bits (> 62.5): the "
+                f"The {d}-D lattice keys of this input need {float(self.key_bits):.1f} bits (> 61.5): the "
                 f"features span too many lattice cells. Use larger standard deviations (e.g. "
                 f"bilateral_rgb_std >= 0.5) or smaller images / batches.")
         packed = tf.cast(group, tf.int64)[:, None] * strides[d]  # [P, 1]
         for i in range(d):
             packed = packed + tf.cast(shifted[:, :, i], tf.int64) * strides[i]  # [P, d+1]
-        unique_keys, offsets = tf.unique(tf.reshape(packed, [-1]))
-        self.num_vertices = tf.shape(unique_keys)[0]
+        # Number the vertices in key order: sort the (point, corner) entries by key, then runs of equal keys.
+        packed = tf.reshape(packed, [-1])  # [E], E = P*(d+1)
+        num_entries = tf.shape(packed)[0]
+        order = _argsort_int64(packed)
+        sorted_keys = tf.gather(packed, order)
+        is_start = tf.concat([[True], tf.not_equal(sorted_keys[1:], sorted_keys[:-1])], axis=0)
+        run = tf.cumsum(tf.cast(is_start, tf.int32)) - 1  # vertex id of each sorted entry
+        starts = tf.cast(tf.where(is_start)[:, 0], tf.int32)  # [M] first sorted entry of each vertex
+        self.num_vertices = num_vertices = tf.shape(starts)[0]
+        vertex_keys = tf.gather(sorted_keys, starts)  # [M], ascending
+        # Undo the sort (a permutation: no duplicate indices, so safe in every runtime's ScatterND).
+        offsets = tf.scatter_nd(order[:, None], run, num_entries[None])
+        self.offsets = tf.reshape(offsets, [-1, d + 1])  # [P, d+1] vertex id of each simplex corner
         # Blur neighbours along lattice axis j: n1 = key - 1 everywhere except key[j] + d; n2 = -(n1 - key).
         ones = strides[0]
         for i in range(1, d):
             ones = ones + strides[i]
-        deltas = []
+        queries = []
         for j in range(d + 1):
             delta = -ones + (np.int64(d + 1) * strides[j] if j < d else tf.constant(0, tf.int64))
-            deltas += [delta, -delta]
-        candidates = tf.concat([unique_keys] + [unique_keys + delta for delta in deltas], axis=0)
-        _, index = tf.unique(candidates)
-        # The first M entries are the vertices themselves (indices 0..M-1); a new index means "absent",
-        # which maps onto the zero row M appended while blurring.
-        neighbours = tf.minimum(index[self.num_vertices:], self.num_vertices)
-        neighbours = tf.reshape(neighbours, [2 * (d + 1), -1])
-        # Row M of the grid stays zero: its own neighbours are itself.
-        self.neighbours = tf.concat([neighbours, tf.fill([2 * (d + 1), 1], self.num_vertices)], axis=1)
-        self.offsets = tf.reshape(offsets, [-1, d + 1])  # [P, d+1] vertex index of each simplex corner
+            queries += [vertex_keys + delta, vertex_keys - delta]
+        queries = tf.concat(queries, axis=0)  # [2(d+1)M]
+        found, exists = _sorted_lookup(vertex_keys, queries)
+        # A missing neighbour reads row M of the grid, which stays zero (its own neighbours are itself).
+        neighbours = tf.reshape(tf.where(exists, found, num_vertices), [2 * (d + 1), -1])
+        self.neighbours = tf.concat([neighbours, tf.fill([2 * (d + 1), 1], num_vertices)], axis=1)
         self.alpha = np.float32(1.0 / (1.0 + 2.0 ** -d))
+        self.splat = splat
+        if splat == "cumsum":
+            # The sorted (point, corner) entries: every vertex owns one contiguous run, ending at ends[m].
+            self.order = order
+            self.ends = tf.concat([starts[1:] - 1, num_entries[None] - 1], axis=0)  # [M]
+            self.sorted_points = order // (d + 1)
+
+    def prepare_splat_weights(self, weights):
+        """Per-corner splat weights [P, d+1] in the layout ``splat_blur`` uses (sorted for "cumsum")."""
+        if self.splat == "cumsum":
+            max_weight_sum = tf.reduce_max(tf.reduce_sum(tf.abs(weights), axis=1))
+            return tf.gather(tf.reshape(weights, [-1]), self.order), max_weight_sum
+        return weights
+
+    def _splat(self, values, weights):
+        d, channels = self.d, tf.shape(values)[1]
+        if self.splat == "scatter":
+            grid = tf.zeros(tf.stack([self.num_vertices + 1, channels]))
+            for r in range(d + 1):
+                grid = tf.tensor_scatter_nd_add(grid, self.offsets[:, r:r + 1], weights[:, r:r + 1] * values)
+            return grid
+        if self.splat == "segment_sum":
+            contributions = tf.reshape(weights[:, :, None] * values[:, None, :], tf.stack([-1, channels]))
+            return tf.math.unsorted_segment_sum(contributions, tf.reshape(self.offsets, [-1]),
+                                                self.num_vertices + 1)
+        # "cumsum": exact segment sums of the sorted contributions through an int64 fixed-point prefix sum.
+        # The scale keeps the largest prefix (<= max over channels of sum_p |value| * sum_r weight) < 2^61.
+        sorted_weights, max_weight_sum = weights
+        total = tf.reduce_max(tf.reduce_sum(tf.abs(values), axis=0)) * max_weight_sum + 1.0
+        exponent = tf.minimum(tf.floor(61.0 - tf.math.log(total) / math.log(2.0)), 40.0)
+        scale = tf.exp(exponent * math.log(2.0))
+        contributions = tf.gather(values, self.sorted_points) * (sorted_weights * scale)[:, None]
+        prefix = tf.cumsum(tf.cast(tf.round(contributions), tf.int64), axis=0)
+        at_ends = tf.gather(prefix, self.ends)  # [M, C]
+        sums = at_ends - tf.concat([tf.zeros(tf.stack([1, channels]), tf.int64), at_ends[:-1]], axis=0)
+        return tf.concat([tf.cast(sums, tf.float32) / scale, tf.zeros(tf.stack([1, channels]))], axis=0)
 
     def splat_blur(self, values, weights):
         """Splat ``values`` with per-corner ``weights`` onto the lattice and blur along its d+1 axes.
 
         Args:
             values: float32 [P, C].
-            weights: float32 [P, d+1] splat weight of each point at each simplex corner.
+            weights: splat weights from ``prepare_splat_weights``.
 
         Returns:
             float32 [M+1, C] blurred lattice values (the last row is the zero row).
         """
-        grid = tf.zeros(tf.stack([self.num_vertices + 1, tf.shape(values)[1]]))
-        for r in range(self.d + 1):
-            grid = tf.tensor_scatter_nd_add(grid, self.offsets[:, r:r + 1], weights[:, r:r + 1] * values)
+        grid = self._splat(values, weights)
         for j in range(self.d + 1):
             grid = grid + 0.5 * (tf.gather(grid, self.neighbours[2 * j]) +
                                  tf.gather(grid, self.neighbours[2 * j + 1]))
@@ -184,12 +266,13 @@ class _Lattice:
 class _LatticeKernel:
     """Symmetrically normalised lattice Gaussian on the given features, times its Potts weight."""
 
-    def __init__(self, features, group, weight):
-        self.lattice = lat = _Lattice(features, group)
+    def __init__(self, features, group, weight, splat):
+        self.lattice = lat = _Lattice(features, group, splat)
         ones = tf.ones_like(features[:, :1])
-        response = tf.add_n(lat.slice_terms(lat.splat_blur(ones, lat.weights), lat.weights)) * lat.alpha
+        grid = lat.splat_blur(ones, lat.prepare_splat_weights(lat.weights))
+        response = tf.add_n(lat.slice_terms(grid, lat.weights)) * lat.alpha
         norm = tf.math.rsqrt(response + 1e-20)  # [P, 1], densecrf's NORMALIZE_SYMMETRIC
-        self.splat_weights = lat.weights * norm
+        self.splat_weights = lat.prepare_splat_weights(lat.weights * norm)
         self.slice_weights = lat.weights * (norm * (lat.alpha * weight))
 
     def __call__(self, q_flat, q_image):
@@ -224,7 +307,7 @@ class _SeparableKernel:
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
-def _check_args(iterations, params, gaussian_filter):
+def _check_args(iterations, params, gaussian_filter, splat):
     if not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise ValueError(f"`iterations` must be a Python int >= 0 (it is unrolled into the graph); "
                          f"got {iterations!r}.")
@@ -235,11 +318,13 @@ def _check_args(iterations, params, gaussian_filter):
             raise ValueError(f"`{name}` must be > 0; got {value!r}.")
     if gaussian_filter not in ("lattice", "exact"):
         raise ValueError(f"`gaussian_filter` must be 'lattice' or 'exact'; got {gaussian_filter!r}.")
+    if splat not in SPLAT_MODES:
+        raise ValueError(f"`splat` must be one of {SPLAT_MODES}; got {splat!r}.")
 
 
 def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0,
                        bilateral_rgb_std=3.0, gaussian_weight=3.0, gaussian_xy_std=1.0,
-                       gaussian_filter="lattice"):
+                       gaussian_filter="lattice", splat="cumsum"):
     """Fully connected CRF mean-field inference built only from stock TF ops.
 
     Works eagerly and inside ``tf.function``; graphs that contain it convert to LiteRT with
@@ -260,6 +345,13 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         gaussian_xy_std: standard deviation of the smoothness kernel, pixels.
         gaussian_filter: "lattice" (densecrf's 2-D permutohedral lattice, matches pydensecrf) or "exact"
             (separable Gaussian convolution).
+        splat: how values are summed onto lattice vertices; all give the same result up to float rounding.
+            "cumsum" (default): sort once, then exact int64 fixed-point prefix sums; correct in every
+            runtime. "scatter": ``tf.tensor_scatter_nd_add``; fastest in TF, but onnxruntime's
+            ScatterND(reduction="add") races on duplicate indices when run with > 1 thread (wrong sums;
+            microsoft/onnxruntime#18048, #23396), so do not use it for ONNX. "segment_sum":
+            ``tf.math.unsorted_segment_sum``; fastest in LiteRT, but tf2onnx lowers it to a
+            [vertices x largest run] table that runs out of memory on real images, so not for ONNX.
 
     Returns:
         float32 tensor shaped like ``probs``: the refined marginals (sum to 1 over C).
@@ -267,7 +359,7 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
     params = dict(bilateral_weight=bilateral_weight, bilateral_xy_std=bilateral_xy_std,
                   bilateral_rgb_std=bilateral_rgb_std, gaussian_weight=gaussian_weight,
                   gaussian_xy_std=gaussian_xy_std)
-    _check_args(iterations, params, gaussian_filter)
+    _check_args(iterations, params, gaussian_filter, splat)
     probs = tf.convert_to_tensor(probs)
     images = tf.convert_to_tensor(images)
     if probs.dtype != tf.float32:
@@ -292,11 +384,11 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         raise ValueError("gaussian_filter='exact' needs the number of classes (last axis of `probs`) to "
                          "be known when tracing; give the input a static class dimension.")
 
-    out = _mean_field(probs, images, iterations, gaussian_filter, **params)
+    out = _mean_field(probs, images, iterations, gaussian_filter, splat, **params)
     return out[0] if squeeze else out
 
 
-def _mean_field(probs, images, iterations, gaussian_filter, bilateral_weight, bilateral_xy_std,
+def _mean_field(probs, images, iterations, gaussian_filter, splat, bilateral_weight, bilateral_xy_std,
                 bilateral_rgb_std, gaussian_weight, gaussian_xy_std):
     shape = tf.shape(probs)
     n, h, w, c = shape[0], shape[1], shape[2], shape[3]
@@ -315,12 +407,12 @@ def _mean_field(probs, images, iterations, gaussian_filter, bilateral_weight, bi
     if bilateral_weight > 0:
         sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
         feats = tf.concat([tf.stack([x_grid / sxy, y_grid / sxy], axis=1), rgb / srgb], axis=1)
-        kernels.append(_LatticeKernel(feats, group, bilateral_weight))
+        kernels.append(_LatticeKernel(feats, group, bilateral_weight, splat))
     if gaussian_weight > 0:
         sxy = np.float32(gaussian_xy_std)
         if gaussian_filter == "lattice":
             feats = tf.stack([x_grid / sxy, y_grid / sxy], axis=1)
-            kernels.append(_LatticeKernel(feats, group, gaussian_weight))
+            kernels.append(_LatticeKernel(feats, group, gaussian_weight, splat))
         else:
             kernels.append(_SeparableKernel(float(gaussian_xy_std), int(probs.shape[-1]), shape,
                                             gaussian_weight))
@@ -336,7 +428,7 @@ def _mean_field(probs, images, iterations, gaussian_filter, bilateral_weight, bi
 
 
 def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
-    """Bits the packed int64 lattice keys of the bilateral kernel need for these images (must be < 63).
+    """Bits the packed int64 lattice keys of the bilateral kernel need for these images (must be <= 61.5).
 
     Args:
         images: uint8 [N, H, W, 3].
@@ -354,7 +446,7 @@ def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
     rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
     sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
     feats = tf.concat([tf.stack([xs / sxy, ys / sxy], axis=1), rgb / srgb], axis=1)
-    return float(_Lattice(feats, group, check_bits=False).key_bits)
+    return float(_Lattice(feats, group, splat="scatter", check_bits=False).key_bits)
 
 
 def crf_postprocess(probabilities, image, iterations=10, **crf_kwargs):
