@@ -244,14 +244,19 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     for (int b = 0; b < nb; ++b) x[b] = a.neg_u[p * nb + b];
     if (a.lb != nullptr) {
-      for (int b = 0; b < nb; ++b) acc[b] = f8{};
+      f8 acc2[NB > 0 ? NB : kMaxBlocks];
+      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
       const int32_t* off = &a.lb->offset[p * 6];
       const float* w = &a.lb->weight[p * 6];
-      for (int r = 0; r < 6; ++r) {
-        const f8* v = a.vb + static_cast<int64_t>(off[r]) * nb;
-        for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+      for (int r = 0; r < 6; r += 2) {
+        const f8* v0 = a.vb + static_cast<int64_t>(off[r]) * nb;
+        const f8* v1 = a.vb + static_cast<int64_t>(off[r + 1]) * nb;
+        for (int b = 0; b < nb; ++b) {
+          acc[b] += w[r] * v0[b];
+          acc2[b] += w[r + 1] * v1[b];
+        }
       }
-      for (int b = 0; b < nb; ++b) x[b] += a.wb * acc[b];
+      for (int b = 0; b < nb; ++b) x[b] += a.wb * (acc[b] + acc2[b]);
     }
     if (a.lg != nullptr) {
       for (int b = 0; b < nb; ++b) acc[b] = f8{};
@@ -401,24 +406,41 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
   return msg.str();
 }
 
+int SplitCount(int64_t num_pixels, int num_threads) {
+  return num_pixels < 4096 ? 1 : std::max(1, std::min(num_threads, 16));
+}
+
+std::shared_ptr<const Lattice> BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads,
+                                                    const ParallelFor& pfor) {
+  auto lattice = std::make_shared<Lattice>();
+  BuildLattice<2>(height * width, [&](int64_t p, float* f) {
+    f[0] = static_cast<float>(p % width) / xy_std;
+    f[1] = static_cast<float>(p / width) / xy_std;
+  }, SplitCount(height * width, num_threads), pfor, lattice.get());
+  Normalize(lattice.get(), pfor);
+  return lattice;
+}
+
 void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                    int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q_out) {
+                   const ParallelFor& pfor, float* q_out, const Lattice* gaussian) {
   const KernelTable& K = Kernels();
   const int64_t N = height * width;
   const int C = num_labels, nb = (num_labels + 7) / 8;
-  const int T = N * nb < 8192 ? 1 : std::max(1, std::min(num_threads, 16));
+  const int T = SplitCount(N, num_threads);
 
   DKCRF_TIC(unary);
-  AlignedVector neg_u(N * nb), q(N * nb);
+  AlignedVector neg_u(N * nb), q_buffer(N * nb);
+  f8* q = q_buffer.data();
   pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.neg_unary(in, input_type, C, nb, b, e, neg_u.data()); });
-  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u.data(), nb, b, e, q.data()); });
+  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u.data(), nb, b, e, q); });
   DKCRF_TOC(unary);
 
   const bool use_b = params.bilateral_weight > 0.f, use_g = params.gaussian_weight > 0.f;
   if (params.iterations > 0 && (use_b || use_g)) {
     DKCRF_TIC(build);
-    Lattice lb, lg;
+    Lattice lb;
+    std::shared_ptr<const Lattice> own_g;
     if (use_b) {
       const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
       BuildLattice<5>(N, [&](int64_t p, float* f) {
@@ -430,14 +452,11 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       }, T, pfor, &lb);
       Normalize(&lb, pfor);
     }
-    if (use_g) {
-      const float sxy = params.gaussian_xy_std;
-      BuildLattice<2>(N, [&](int64_t p, float* f) {
-        f[0] = static_cast<float>(p % width) / sxy;
-        f[1] = static_cast<float>(p / width) / sxy;
-      }, T, pfor, &lg);
-      Normalize(&lg, pfor);
+    if (use_g && gaussian == nullptr) {
+      own_g = BuildGaussianLattice(height, width, params.gaussian_xy_std, num_threads, pfor);
+      gaussian = own_g.get();
     }
+    const Lattice& lg = use_g ? *gaussian : lb;
     DKCRF_TOC(build);
 #ifdef DKCRF_PROFILE
     std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld T=%d\n", (long long)N, (long long)lb.num_points,
@@ -450,9 +469,9 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     for (int it = 0; it < params.iterations; ++it) {
       DKCRF_TIC(splat);
       pfor(T, splat_cost, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) {  // both lattices were built with T splat ranges
-          if (use_b) K.splat(lb, q.data(), nb, static_cast<int>(t), vb0.data());
-          if (use_g) K.splat(lg, q.data(), nb, static_cast<int>(t), vg0.data());
+        for (int64_t t = b; t < e; ++t) {  // the lattices were built with T splat ranges
+          if (use_b) K.splat(lb, q, nb, static_cast<int>(t), vb0.data());
+          if (use_g) K.splat(lg, q, nb, static_cast<int>(t), vg0.data());
         }
       });
       DKCRF_TOC(splat);
@@ -477,7 +496,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       DKCRF_TOC(blur);
       DKCRF_TIC(update);
       UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, cur_b, params.bilateral_weight,
-                      use_g ? &lg : nullptr, cur_g, params.gaussian_weight, q.data()};
+                      use_g ? &lg : nullptr, cur_g, params.gaussian_weight, q};
       pfor(N, 9 * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       DKCRF_TOC(update);
     }
@@ -485,7 +504,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
   // Unpad into the output.
   pfor(N, 2 * C, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p)
-      std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q.data() + p * nb), sizeof(float) * C);
+      std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q + p * nb), sizeof(float) * C);
   });
 }
 

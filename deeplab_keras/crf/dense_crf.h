@@ -9,6 +9,7 @@
 #define DEEPLAB_KERAS_CRF_DENSE_CRF_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "permutohedral.h"
@@ -37,12 +38,21 @@ constexpr float kProbClip = 1e-5f;                 // as pydensecrf.utils.unary_
 // offending argument and what to do.
 std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width);
 
+// Splat ranges / hash partitions used for an image of `num_pixels` pixels with `num_threads` threads.
+int SplitCount(int64_t num_pixels, int num_threads);
+
+// The Gaussian (x, y) kernel's lattice (normalised) for height x width images: it depends only on the image
+// size, so one build serves every image of a batch (and may be cached across calls).
+std::shared_ptr<const Lattice> BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads,
+                                                    const ParallelFor& pfor);
+
 // Runs the CRF on one image. `in` is [H*W, C] (probs / unary / logits), `image` [H*W, 3] uint8 (RGB in the
 // order the features use), `q` receives [H*W, C] probabilities. Inputs must be validated (finite, sizes).
+// `gaussian`: the BuildGaussianLattice result for this size and params.gaussian_xy_std (built here if null).
 // Throws std::bad_alloc when memory runs out (the caller turns it into an error status).
 void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                    int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q);
+                   const ParallelFor& pfor, float* q, const Lattice* gaussian = nullptr);
 
 }  // namespace dkcrf
 

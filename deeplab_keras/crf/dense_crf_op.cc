@@ -1,6 +1,9 @@
 // TensorFlow op "DenseCrf": fully connected CRF mean-field inference (see dense_crf.h).
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
 #include <cmath>
 #include <new>
 #include <string>
@@ -173,9 +176,13 @@ class DenseCrfOp : public OpKernel {
     float* q = out->flat<float>().data();
     const int64_t pixels = height * width;
     try {
+      std::shared_ptr<const dkcrf::Lattice> gaussian;
+      if (params.gaussian_weight > 0.f && params.iterations > 0)
+        gaussian = GaussianLattice(height, width, params.gaussian_xy_std, num_threads, pfor);
       for (int64_t n = 0; n < batch; ++n) {
         dkcrf::DenseCrfImage(data + n * pixels * labels, input_type_, images + n * pixels * 3, height, width,
-                             static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels);
+                             static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels,
+                             gaussian.get());
       }
     } catch (const std::bad_alloc&) {
       ctx->CtxFailure(errors::ResourceExhausted("DenseCrf: out of memory for a ", height, "x", width,
@@ -184,7 +191,50 @@ class DenseCrfOp : public OpKernel {
   }
 
  private:
+  // The Gaussian kernel's lattice depends only on (H, W, xy_std): one build serves a whole batch, and the
+  // last few are kept (up to kCacheBytes) for later calls on images of the same size.
+  struct CacheEntry {
+    int64_t height, width;
+    float xy_std;
+    int threads;
+    std::shared_ptr<const dkcrf::Lattice> lattice;
+    int64_t bytes;
+  };
+  static constexpr int64_t kCacheBytes = int64_t{64} << 20;
+
+  static int64_t Bytes(const dkcrf::Lattice& l) {
+    return static_cast<int64_t>(l.offset.size() * 4 + l.weight.size() * 4 + l.nbr.size() * 4 +
+                                l.range_entry.size() * 4);
+  }
+
+  std::shared_ptr<const dkcrf::Lattice> GaussianLattice(int64_t height, int64_t width, float xy_std, int threads,
+                                                        const dkcrf::ParallelFor& pfor) {
+    {
+      std::lock_guard<std::mutex> lock(cache_mu_);
+      for (size_t i = 0; i < cache_.size(); ++i) {
+        const CacheEntry& c = cache_[i];
+        if (c.height == height && c.width == width && c.xy_std == xy_std && c.threads == threads) {
+          std::rotate(cache_.begin(), cache_.begin() + i, cache_.begin() + i + 1);  // most recent first
+          return cache_.front().lattice;
+        }
+      }
+    }
+    auto lattice = dkcrf::BuildGaussianLattice(height, width, xy_std, threads, pfor);
+    const int64_t bytes = Bytes(*lattice);
+    if (bytes <= kCacheBytes) {
+      std::lock_guard<std::mutex> lock(cache_mu_);
+      cache_.insert(cache_.begin(), CacheEntry{height, width, xy_std, threads, lattice, bytes});
+      int64_t total = 0;
+      size_t keep = 0;
+      while (keep < cache_.size() && total + cache_[keep].bytes <= kCacheBytes) total += cache_[keep++].bytes;
+      cache_.resize(keep);
+    }
+    return lattice;
+  }
+
   dkcrf::InputType input_type_;
+  std::mutex cache_mu_;
+  std::vector<CacheEntry> cache_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("DenseCrf").Device(DEVICE_CPU), DenseCrfOp);
