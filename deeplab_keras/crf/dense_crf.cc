@@ -357,17 +357,16 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
   });
 }
 
-// Zero-initialised, 64-byte aligned array of f8 (std::vector does not honour the vector type's alignment).
+// 64-byte aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment).
 class AlignedVector {
  public:
   explicit AlignedVector(int64_t n)
-      : data_(static_cast<f8*>(::operator new(sizeof(f8) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {
-    std::memset(static_cast<void*>(data_), 0, sizeof(f8) * std::max<int64_t>(n, 1));
-  }
+      : data_(static_cast<f8*>(::operator new(sizeof(f8) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
   ~AlignedVector() { ::operator delete(data_, std::align_val_t(64)); }
   AlignedVector(const AlignedVector&) = delete;
   AlignedVector& operator=(const AlignedVector&) = delete;
   f8* data() { return data_; }
+  void Zero(int64_t begin, int64_t end) { std::fill(data_ + begin, data_ + end, f8{}); }
 
  private:
   f8* data_;
@@ -465,6 +464,8 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     const int64_t Mb = use_b ? lb.num_points : 0, Mg = use_g ? lg.num_points : 0;
     // Two value buffers per lattice, (M + 1) rows: the last row stays zero (absent blur neighbour).
     AlignedVector vb0((Mb + 1) * nb), vb1((Mb + 1) * nb), vg0((Mg + 1) * nb), vg1((Mg + 1) * nb);
+    for (AlignedVector* v : {&vb0, &vb1}) v->Zero(Mb * nb, (Mb + 1) * nb);
+    for (AlignedVector* v : {&vg0, &vg1}) v->Zero(Mg * nb, (Mg + 1) * nb);
     const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / T;
     for (int it = 0; it < params.iterations; ++it) {
       DKCRF_TIC(splat);

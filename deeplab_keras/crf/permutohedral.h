@@ -19,7 +19,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <new>
+#include <utility>
 #include <vector>
 
 // Compile with -DDKCRF_PROFILE to print the time of each stage (development only).
@@ -51,17 +53,39 @@ namespace dkcrf {
 using ParallelFor =
     std::function<void(int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
 
+// std::vector whose resize() leaves new elements uninitialised (for large arrays that are written anyway).
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() = default;
+  template <typename U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}  // NOLINT
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using RawVector = std::vector<T, DefaultInitAllocator<T>>;
+
 // A built lattice: what repeated filtering needs.
 struct Lattice {
   int d = 0;                     // feature dimension
   int64_t num_pixels = 0;        // N
   int64_t num_points = 0;        // M; row M of a value buffer is the all-zero row
-  std::vector<int32_t> offset;   // [N * (d+1)] lattice point of each pixel vertex
-  std::vector<float> weight;     // [N * (d+1)] barycentric weight (times the pixel's norm after Normalize)
-  std::vector<int32_t> nbr;      // [(d+1) * M * 2] blur neighbours per direction; M when absent
+  RawVector<int32_t> offset;     // [N * (d+1)] lattice point of each pixel vertex
+  RawVector<float> weight;       // [N * (d+1)] barycentric weight (times the pixel's norm after Normalize)
+  RawVector<int32_t> nbr;        // [(d+1) * M * 2] blur neighbours per direction; M when absent
   std::vector<int64_t> range_point;   // [T + 1] splat range t covers points [range_point[t], range_point[t+1])
   std::vector<int64_t> range_start;   // [T + 1] its vertices are range_entry[range_start[t] .. range_start[t+1])
-  std::vector<int32_t> range_entry;   // [N * (d+1)] pixel-vertex indices, ascending within a range
+  RawVector<int32_t> range_entry;     // [N * (d+1)] pixel-vertex indices, ascending within a range
 };
 
 namespace internal {
@@ -171,10 +195,10 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   const int64_t E = N * D1;  // pixel vertices ("entries")
   lat->d = D;
   lat->num_pixels = N;
-  lat->offset.assign(E, 0);
-  lat->weight.assign(E, 0.f);
-  std::vector<int32_t> keys(E * D);
-  std::vector<uint32_t> hashes(E);
+  lat->offset.resize(E);
+  lat->weight.resize(E);
+  RawVector<int32_t> keys(E * D);
+  RawVector<uint32_t> hashes(E);
   uint32_t mult[D];
   for (int i = 0; i < D; ++i) mult[i] = internal::Multiplier(D, i);
 
@@ -319,7 +343,7 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   }
   // Found in slot order (the lookups then walk the tables in D1 * 2 streams), written point-major (one cache
   // line per point), then transposed to the direction-major layout the blur passes read.
-  std::vector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
+  RawVector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
   std::vector<int64_t> slot_base(P + 1, 0);
   for (int p = 0; p < P; ++p) slot_base[p + 1] = slot_base[p] + static_cast<int64_t>(tables[p].slots.size());
   pfor(slot_base[P], 20 * D1, [&](int64_t b, int64_t end) {
