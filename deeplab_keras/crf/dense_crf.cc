@@ -466,13 +466,16 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     AlignedVector vb0((Mb + 1) * nb), vb1((Mb + 1) * nb), vg0((Mg + 1) * nb), vg1((Mg + 1) * nb);
     for (AlignedVector* v : {&vb0, &vb1}) v->Zero(Mb * nb, (Mb + 1) * nb);
     for (AlignedVector* v : {&vg0, &vg1}) v->Zero(Mg * nb, (Mg + 1) * nb);
-    const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / T;
+    // Splat work units: the splat ranges of both lattices.
+    const int64_t Rb = use_b ? static_cast<int64_t>(lb.range_point.size()) - 1 : 0;
+    const int64_t Rg = use_g ? static_cast<int64_t>(lg.range_point.size()) - 1 : 0;
+    const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / std::max<int64_t>(Rb + Rg, 1);
     for (int it = 0; it < params.iterations; ++it) {
       DKCRF_TIC(splat);
-      pfor(T, splat_cost, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) {  // the lattices were built with T splat ranges
-          if (use_b) K.splat(lb, q, nb, static_cast<int>(t), vb0.data());
-          if (use_g) K.splat(lg, q, nb, static_cast<int>(t), vg0.data());
+      pfor(Rb + Rg, splat_cost, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          if (t < Rb) K.splat(lb, q, nb, static_cast<int>(t), vb0.data());
+          else K.splat(lg, q, nb, static_cast<int>(t - Rb), vg0.data());
         }
       });
       DKCRF_TOC(splat);

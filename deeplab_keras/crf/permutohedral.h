@@ -380,9 +380,10 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   DKCRF_TOC(neighbours);
 
   DKCRF_TIC(ranges);
-  // 4. Splat ranges: T contiguous ranges of points, each with its vertices in ascending order.
+  // 4. Splat ranges: T contiguous ranges of points, each with its vertices in ascending order (8 per thread,
+  // so that the thread pool can balance them when a core is busy with something else).
   // Point o belongs to range floor(o * T / M), i.e. range t is [ceil(t * M / T), ceil((t + 1) * M / T)).
-  const int T = std::max(1, std::min(num_threads, 16));
+  const int T = num_threads > 1 ? 8 * std::min(num_threads, 16) : 1;
   lat->range_point.assign(T + 1, 0);
   for (int t = 0; t <= T; ++t) lat->range_point[t] = (t * M + T - 1) / T;
   lat->range_entry.resize(E);
