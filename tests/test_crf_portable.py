@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from deeplab_keras.crf.portable import SPLAT_MODES, crf_postprocess, dense_crf_portable, lattice_key_bits
+from deeplab_keras.crf.portable import RUNTIME_SPLAT, crf_postprocess, dense_crf_portable, lattice_key_bits
 
 SAMPLES = ["2007_000032", "2007_000033", "2007_000063", "2008_000009", "2009_000006", "2010_000002",
            "2011_000003"]
@@ -95,13 +95,13 @@ def test_matches_pydensecrf_on_random_unaries(params):
     assert agreement(out, probs[0]) < 0.99
 
 
-@pytest.mark.parametrize("splat", SPLAT_MODES)
-def test_splat_modes_match_pydensecrf_on_a_batch(voc_samples_dir, splat):
+@pytest.mark.parametrize("runtime", list(RUNTIME_SPLAT))
+def test_runtime_variants_match_pydensecrf_on_a_batch(voc_samples_dir, runtime):
     small = [voc_sample(voc_samples_dir, name, scale=0.2) for name in SAMPLES[3:5]]
     size = min(s[0].shape[0] for s in small), min(s[0].shape[1] for s in small)
     images = np.stack([s[0][: size[0], : size[1]] for s in small])
     probs = np.stack([s[1][: size[0], : size[1]] for s in small])
-    out = dense_crf_portable(probs, images, splat=splat).numpy()
+    out = dense_crf_portable(probs, images, runtime=runtime).numpy()
     for i in range(2):
         ref = pydensecrf_reference(probs[i], images[i])
         assert agreement(out[i], ref) >= 0.999
@@ -180,6 +180,8 @@ def test_errors_name_the_problem():
         dense_crf_portable(probs, images, iterations=-1)
     with pytest.raises(ValueError, match="bilateral_rgb_std"):
         dense_crf_portable(probs, images, bilateral_rgb_std=0.0)
+    with pytest.raises(ValueError, match="splat"):
+        dense_crf_portable(probs, images, splat="atomic")
     with pytest.raises(ValueError, match="gaussian_filter"):
         dense_crf_portable(probs, images, gaussian_filter="box")
     with pytest.raises(ValueError, match="RGB"):

@@ -19,11 +19,12 @@ Why a permutohedral lattice, and how it is made of stock ops:
   would differ from the reference by its own error, or cost O((HW)^2)).
 * densecrf's hash table becomes integer keys: a vertex's d coordinates (plus the image index, so one graph
   filters a whole batch) are packed into one int64 with a per-call mixed radix. The (point, corner) keys
-  are sorted (a stable LSD argsort over three 21-bit digits: tf2onnx casts TopK inputs to float32, so each
-  digit is kept as a float32-exact multiple of a power of two); runs of equal keys are the vertices. Blur
+  are sorted (one int64 TopK for TF / LiteRT; for ONNX a stable LSD argsort over three 21-bit digits, as
+  tf2onnx casts TopK inputs to float32: each digit is a float32-exact multiple of a power of two); runs of
+  equal keys are the vertices. Blur
   neighbours (key +- the lattice axis offsets) are found by a branch-free binary search over the sorted
   vertex keys (28 unrolled gather/compare steps); a missing neighbour reads a zero row. Blur and slice are
-  ``tf.gather``. Splat has three forms (``splat=``), all exact up to float rounding:
+  ``tf.gather``. Splat has three forms (``splat=``, picked by ``runtime=``), all exact up to float rounding:
   "cumsum" (default; segment sums of the sorted entries through an int64 fixed-point ``tf.cumsum``, correct
   in every runtime), "scatter" (``tf.tensor_scatter_nd_add``: fastest in TF; onnxruntime's
   ScatterND(reduction="add") loses updates on duplicate indices with more than one thread,
@@ -53,6 +54,8 @@ import tensorflow as tf
 __all__ = ["dense_crf_portable", "crf_postprocess", "lattice_key_bits", "SPLAT_MODES", "RUNTIME_SPLAT"]
 
 SPLAT_MODES = ("cumsum", "scatter", "segment_sum")
+#: Fastest exact splat per target runtime (None: a graph that is exact in all of them).
+RUNTIME_SPLAT = {None: "cumsum", "tf": "scatter", "litert": "segment_sum", "onnx": "cumsum"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,13 +115,17 @@ def _lattice_coordinates(features):
     return keys, weights
 
 
-def _argsort_int64(keys):
-    """Stable ascending argsort of non-negative int64 keys < 2^63, exact in TF, LiteRT and onnxruntime.
+def _argsort_int64(keys, native):
+    """Stable ascending argsort of non-negative int64 keys < 2^63.
 
-    tf2onnx casts TopK inputs to float32, which would merge keys above 2^24; so sort LSD-first by three
-    21-bit digits, each kept as a float32-exact multiple of a power of two (TopK is stable in all three
-    runtimes: equal values keep their index order).
+    Args:
+        keys: int64 [E].
+        native: one int64 TopK (exact in TF and LiteRT). Otherwise (for ONNX: tf2onnx casts TopK inputs to
+            float32, which would merge keys above 2^24) sort LSD-first by three 21-bit digits, each kept as
+            a float32-exact multiple of a power of two; TopK is stable in all three runtimes.
     """
+    if native:
+        return tf.argsort(keys, stable=True)
     low = tf.math.floormod(keys, np.int64(1 << 21))
     mid = tf.math.floormod(keys, np.int64(1 << 42)) - low
     digits = [low, mid, keys - mid - low]
@@ -153,12 +160,13 @@ def _sorted_lookup(sorted_keys, queries, steps=28):
 class _Lattice:
     """A permutohedral lattice over P feature vectors, numbered with int64 keys (built once per call)."""
 
-    def __init__(self, features, group, splat="cumsum", check_bits=True):
+    def __init__(self, features, group, splat="cumsum", native_sort=False, check_bits=True):
         """Args:
             features: float32 [P, d] scaled features.
             group: int32 [P] index of the image each point belongs to (points of different images never
                 share a vertex).
             splat: "cumsum", "scatter" or "segment_sum" (see ``dense_crf_portable``).
+            native_sort: sort int64 keys with one TopK (TF / LiteRT only, see ``_argsort_int64``).
             check_bits: when running eagerly, raise if the packed keys would overflow int64.
         """
         d = int(features.shape[-1])
@@ -184,7 +192,7 @@ class _Lattice:
         # Number the vertices in key order: sort the (point, corner) entries by key, then runs of equal keys.
         packed = tf.reshape(packed, [-1])  # [E], E = P*(d+1)
         num_entries = tf.shape(packed)[0]
-        order = _argsort_int64(packed)
+        order = _argsort_int64(packed, native_sort)
         sorted_keys = tf.gather(packed, order)
         is_start = tf.concat([[True], tf.not_equal(sorted_keys[1:], sorted_keys[:-1])], axis=0)
         run = tf.cumsum(tf.cast(is_start, tf.int32)) - 1  # vertex id of each sorted entry
@@ -277,8 +285,8 @@ class _Lattice:
 class _LatticeKernel:
     """Symmetrically normalised lattice Gaussian on the given features, times its Potts weight."""
 
-    def __init__(self, features, group, weight, splat):
-        self.lattice = lat = _Lattice(features, group, splat)
+    def __init__(self, features, group, weight, splat, native_sort):
+        self.lattice = lat = _Lattice(features, group, splat, native_sort)
         ones = tf.ones_like(features[:, :1])
         grid = lat.splat_blur(ones, lat.prepare_splat_weights(lat.weights))
         response = tf.add_n(lat.slice_terms(grid, lat.weights)) * lat.alpha
@@ -318,7 +326,7 @@ class _SeparableKernel:
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
-def _check_args(iterations, params, gaussian_filter, splat):
+def _check_args(iterations, params, gaussian_filter, runtime, splat):
     if not isinstance(iterations, (int, np.integer)) or iterations < 0:
         raise ValueError(f"`iterations` must be a Python int >= 0 (it is unrolled into the graph); "
                          f"got {iterations!r}.")
@@ -329,13 +337,15 @@ def _check_args(iterations, params, gaussian_filter, splat):
             raise ValueError(f"`{name}` must be > 0; got {value!r}.")
     if gaussian_filter not in ("lattice", "exact"):
         raise ValueError(f"`gaussian_filter` must be 'lattice' or 'exact'; got {gaussian_filter!r}.")
-    if splat not in SPLAT_MODES:
-        raise ValueError(f"`splat` must be one of {SPLAT_MODES}; got {splat!r}.")
+    if runtime not in RUNTIME_SPLAT:
+        raise ValueError(f"`runtime` must be one of {list(RUNTIME_SPLAT)}; got {runtime!r}.")
+    if splat is not None and splat not in SPLAT_MODES:
+        raise ValueError(f"`splat` must be None or one of {SPLAT_MODES}; got {splat!r}.")
 
 
 def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0,
                        bilateral_rgb_std=3.0, gaussian_weight=3.0, gaussian_xy_std=1.0,
-                       gaussian_filter="lattice", splat="cumsum"):
+                       gaussian_filter="lattice", runtime=None, splat=None):
     """Fully connected CRF mean-field inference built only from stock TF ops.
 
     Works eagerly and inside ``tf.function``; graphs that contain it convert to LiteRT with
@@ -356,13 +366,13 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         gaussian_xy_std: standard deviation of the smoothness kernel, pixels.
         gaussian_filter: "lattice" (densecrf's 2-D permutohedral lattice, matches pydensecrf) or "exact"
             (separable Gaussian convolution).
-        splat: how values are summed onto lattice vertices; all give the same result up to float rounding.
-            "cumsum" (default): sort once, then exact int64 fixed-point prefix sums; correct in every
-            runtime. "scatter": ``tf.tensor_scatter_nd_add``; fastest in TF, but onnxruntime's
-            ScatterND(reduction="add") races on duplicate indices when run with > 1 thread (wrong sums;
-            microsoft/onnxruntime#18048, #23396), so do not use it for ONNX. "segment_sum":
-            ``tf.math.unsorted_segment_sum``; fastest in LiteRT, but tf2onnx lowers it to a
-            [vertices x largest run] table that runs out of memory on real images, so not for ONNX.
+        runtime: the runtime that will execute the graph: None (any: TF, LiteRT and onnxruntime), "tf",
+            "litert" or "onnx". It only picks equivalent implementations (same results up to float
+            rounding) that are fast and exact there; a graph traced for "tf" or "litert" is wrong in
+            onnxruntime (int64 TopK is cast to float32 by tf2onnx; ScatterND(add) races) and the
+            "litert" one does not convert to ONNX in reasonable memory. Trace once per target format.
+        splat: override the splat form: "cumsum" (exact everywhere), "scatter" (TF, LiteRT) or
+            "segment_sum" (TF, LiteRT); None picks ``RUNTIME_SPLAT[runtime]``.
 
     Returns:
         float32 tensor shaped like ``probs``: the refined marginals (sum to 1 over C).
@@ -370,7 +380,7 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
     params = dict(bilateral_weight=bilateral_weight, bilateral_xy_std=bilateral_xy_std,
                   bilateral_rgb_std=bilateral_rgb_std, gaussian_weight=gaussian_weight,
                   gaussian_xy_std=gaussian_xy_std)
-    _check_args(iterations, params, gaussian_filter, splat)
+    _check_args(iterations, params, gaussian_filter, runtime, splat)
     probs = tf.convert_to_tensor(probs)
     images = tf.convert_to_tensor(images)
     if probs.dtype != tf.float32:
@@ -395,11 +405,12 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         raise ValueError("gaussian_filter='exact' needs the number of classes (last axis of `probs`) to "
                          "be known when tracing; give the input a static class dimension.")
 
-    out = _mean_field(probs, images, iterations, gaussian_filter, splat, **params)
+    out = _mean_field(probs, images, iterations, gaussian_filter, splat or RUNTIME_SPLAT[runtime],
+                      runtime in ("tf", "litert"), **params)
     return out[0] if squeeze else out
 
 
-def _mean_field(probs, images, iterations, gaussian_filter, splat, bilateral_weight, bilateral_xy_std,
+def _mean_field(probs, images, iterations, gaussian_filter, splat, native_sort, bilateral_weight, bilateral_xy_std,
                 bilateral_rgb_std, gaussian_weight, gaussian_xy_std):
     shape = tf.shape(probs)
     n, h, w, c = shape[0], shape[1], shape[2], shape[3]
@@ -418,12 +429,12 @@ def _mean_field(probs, images, iterations, gaussian_filter, splat, bilateral_wei
     if bilateral_weight > 0:
         sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
         feats = tf.concat([tf.stack([x_grid / sxy, y_grid / sxy], axis=1), rgb / srgb], axis=1)
-        kernels.append(_LatticeKernel(feats, group, bilateral_weight, splat))
+        kernels.append(_LatticeKernel(feats, group, bilateral_weight, splat, native_sort))
     if gaussian_weight > 0:
         sxy = np.float32(gaussian_xy_std)
         if gaussian_filter == "lattice":
             feats = tf.stack([x_grid / sxy, y_grid / sxy], axis=1)
-            kernels.append(_LatticeKernel(feats, group, gaussian_weight, splat))
+            kernels.append(_LatticeKernel(feats, group, gaussian_weight, splat, native_sort))
         else:
             kernels.append(_SeparableKernel(float(gaussian_xy_std), int(probs.shape[-1]), shape,
                                             gaussian_weight))
@@ -457,11 +468,7 @@ def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
     rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
     sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
     feats = tf.concat([tf.stack([xs / sxy, ys / sxy], axis=1), rgb / srgb], axis=1)
-    return float(_Lattice(feats, group, splat="scatter", check_bits=False).key_bits)
-
-
-#: Fastest exact splat per runtime (see ``dense_crf_portable``); ``None`` -> the default, exact everywhere.
-RUNTIME_SPLAT = {None: "cumsum", "tf": "scatter", "litert": "segment_sum", "onnx": "cumsum"}
+    return float(_Lattice(feats, group, splat="scatter", native_sort=True, check_bits=False).key_bits)
 
 
 def crf_postprocess(probabilities, image, iterations=10, runtime=None, **crf_kwargs):
@@ -470,23 +477,19 @@ def crf_postprocess(probabilities, image, iterations=10, runtime=None, **crf_kwa
     For export signatures: ``image`` uint8 [N, H, W, 3] and ``probabilities`` float32 [N, H, W, C] at the
     image's size (e.g. ``tf.nn.softmax(tf.image.resize(logits, [H, W]))``) in, refined
     ``{"labels": int32 [N, H, W], "probabilities": float32 [N, H, W, C]}`` out. Only stock TF ops.
-    Trace one function per target format: the splat that is fastest in one runtime can be slow or wrong
-    in another (``RUNTIME_SPLAT``).
+    Trace one function per target format (``runtime``): what is fastest in one runtime can be slow or
+    wrong in another.
 
     Args:
         probabilities: float32 [N, H, W, C] class probabilities at image resolution.
         image: uint8 [N, H, W, 3] RGB image.
         iterations: mean-field iterations.
         runtime: the runtime that will execute the traced graph: "tf" (SavedModel / TF Serving),
-            "litert" (TFLite builtins), "onnx" (onnxruntime), or None (any of them; the exact
-            "cumsum" splat).
-        **crf_kwargs: other ``dense_crf_portable`` parameters (``splat`` overrides ``runtime``).
+            "litert" (TFLite builtins), "onnx" (onnxruntime), or None (exact in any of them).
+        **crf_kwargs: other ``dense_crf_portable`` parameters.
 
     Returns:
         dict with "labels" (int32 [N, H, W]) and "probabilities" (float32 [N, H, W, C]).
     """
-    if runtime not in RUNTIME_SPLAT:
-        raise ValueError(f"`runtime` must be one of {list(RUNTIME_SPLAT)}; got {runtime!r}.")
-    crf_kwargs.setdefault("splat", RUNTIME_SPLAT[runtime])
-    refined = dense_crf_portable(probabilities, image, iterations=iterations, **crf_kwargs)
+    refined = dense_crf_portable(probabilities, image, iterations=iterations, runtime=runtime, **crf_kwargs)
     return {"labels": tf.argmax(refined, axis=-1, output_type=tf.int32), "probabilities": refined}
