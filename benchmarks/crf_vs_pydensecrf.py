@@ -1,0 +1,218 @@
+"""Dense CRF: the C++ TensorFlow op (deeplab_keras.crf.dense_crf) against pydensecrf, side by side in one run.
+
+Headline: a 500x375 VOC image (2007_000063), 21 labels, DeepLab-like probabilities, 10 iterations, DeepLab v2
+defaults. Prints both times (min and median of interleaved repeats), the speed ratio, the peak memory each
+needs (measured in its own subprocess), label agreement and |diff|; then the scaling over batch sizes 1..4 and
+image sizes 250x188, 500x375, 1000x750. pydensecrf is single-threaded; the op uses TensorFlow's intra-op pool
+(all cores unless --threads). Times on a shared machine are noisy: compare the ratios, measured side by side.
+
+Usage: python benchmarks/crf_vs_pydensecrf.py [--repeats 5] [--threads N] [--quick] [--json out.json]
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VOC = REPO.parent / "shared" / "data" / "voc2012-samples" / "VOC2012"
+SAMPLE = "2007_000063"  # 500 x 375
+PARAMS = dict(bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0, gaussian_weight=3.0,
+              gaussian_xy_std=1.0)
+ITERATIONS = 10
+
+
+def make_inputs(width, height, classes=21, seed=0):
+    """VOC image resized to width x height and DeepLab-like probabilities from its (blurred, coarse, noisy) labels."""
+    import tensorflow as tf
+    from PIL import Image
+    from scipy import ndimage
+
+    image = np.array(Image.open(VOC / "JPEGImages" / f"{SAMPLE}.jpg").convert("RGB").resize((width, height),
+                                                                                            Image.BILINEAR))
+    label = np.array(Image.open(VOC / "SegmentationClass" / f"{SAMPLE}.png").resize((width, height),
+                                                                                     Image.NEAREST))
+    nearest = ndimage.distance_transform_edt(label == 255, return_distances=False, return_indices=True)
+    filled = np.minimum(label[tuple(nearest)], classes - 1)
+    onehot = ndimage.gaussian_filter(np.eye(classes, dtype=np.float32)[filled], (12, 12, 0))
+    coarse = tf.image.resize(onehot[None], ((height + 7) // 8, (width + 7) // 8), "area")
+    rng = np.random.default_rng(seed)
+    logits = 4.0 * coarse + rng.normal(0.0, 0.5, coarse.shape).astype(np.float32)
+    probs = tf.nn.softmax(tf.image.resize(logits, (height, width), "bilinear"))[0].numpy()
+    return image, probs.astype(np.float32)
+
+
+def run_pydensecrf(probs, image, iterations=ITERATIONS):
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    h, w, c = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.transpose(2, 0, 1))))
+    crf.addPairwiseGaussian(sxy=PARAMS["gaussian_xy_std"], compat=PARAMS["gaussian_weight"])
+    crf.addPairwiseBilateral(sxy=PARAMS["bilateral_xy_std"], srgb=PARAMS["bilateral_rgb_std"],
+                             rgbim=np.ascontiguousarray(image), compat=PARAMS["bilateral_weight"])
+    return np.array(crf.inference(iterations)).reshape(c, h, w).transpose(1, 2, 0)
+
+
+def run_op(probs, images, iterations=ITERATIONS):
+    import deeplab_keras as dk
+
+    return dk.crf.dense_crf(probs, images, iterations=iterations, **PARAMS).numpy()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def side_by_side(probs_list, images_list, repeats):
+    """Interleaved repeats of pydensecrf (looping over the images) and the op (one batched call)."""
+    probs, images = np.stack(probs_list), np.stack(images_list)
+    run_op(probs[:1, :8, :8], images[:1, :8, :8])  # load the library, warm the thread pool
+    ref_times, op_times = [], []
+    ref = out = None
+    for _ in range(repeats):
+        t, ref = timed(lambda: np.stack([run_pydensecrf(p, im) for p, im in zip(probs_list, images_list)]))
+        ref_times.append(t)
+        t, out = timed(lambda: run_op(probs, images))
+        op_times.append(t)
+    return ref_times, op_times, ref, out
+
+
+def memory_worker(kind, width, height):
+    """Subprocess body: peak RSS growth during one run of `kind` over the RSS just before it (MiB), sampled
+    every millisecond (after a tiny warm-up run, so one-time runtime set-up is not counted)."""
+    import threading
+
+    import psutil
+
+    image, probs = make_inputs(width, height)
+    run = (lambda p, im: run_op(p[None], im[None])) if kind == "op" else run_pydensecrf
+    run(probs[:8, :8], image[:8, :8])
+    process = psutil.Process()
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    run(probs, image)
+    done.set()
+    sampler.join()
+    peak = max(peak, process.memory_info().rss)
+    print(json.dumps({"peak_mib": (peak - before) / 2 ** 20}))
+
+
+def peak_memory(kind, width, height, threads):
+    cmd = [sys.executable, __file__, "--memory-worker", kind, "--size", f"{width}x{height}"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    if result.returncode != 0:
+        return float("nan")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def measure_headline(repeats):
+    image, probs = make_inputs(500, 375)
+    ref_t, op_t, ref, out = side_by_side([probs], [image], repeats)
+    diff = np.abs(ref - out)
+    return {"pydensecrf_ms": [t * 1e3 for t in ref_t], "op_ms": [t * 1e3 for t in op_t],
+            "agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()), "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean())}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (default 5)")
+    parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (default 0: all cores)")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, skip the 1000x750 size")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--memory-worker", choices=["op", "ref"], help=argparse.SUPPRESS)
+    parser.add_argument("--headline-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="500x375", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, *map(int, args.size.split("x")))
+        return 0
+    repeats = 2 if args.quick else args.repeats
+    if args.headline_only:
+        print(json.dumps(measure_headline(repeats)))
+        return 0
+    threads = args.threads or os.cpu_count()
+    print(f"dense CRF, 21 labels, {ITERATIONS} iterations, DeepLab defaults {PARAMS}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; op threads: {threads}; "
+          f"pydensecrf: 1 thread; TF {tf.__version__}; {repeats} interleaved repeats")
+    results = {"threads": threads, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
+
+    headline = measure_headline(repeats)
+    ref_min, op_min = min(headline["pydensecrf_ms"]), min(headline["op_ms"])
+    ref_med, op_med = statistics.median(headline["pydensecrf_ms"]), statistics.median(headline["op_ms"])
+    print(f"\n500x375 image, batch 1 (op on {threads} threads)")
+    print(f"  pydensecrf      : min {ref_min:8.1f} ms   median {ref_med:8.1f} ms")
+    print(f"  dense_crf (op)  : min {op_min:8.1f} ms   median {op_med:8.1f} ms   first call {headline['op_ms'][0]:.1f} ms"
+          " (later calls reuse the cached Gaussian-kernel lattice of this image size)")
+    print(f"  speed ratio     : {ref_min / op_min:.2f}x (min)   {ref_med / op_med:.2f}x (median)   target >= 4x")
+    print(f"  label agreement : {headline['agreement'] * 100:.4f} %   |diff| max {headline['max_abs_diff']:.2e}  "
+          f"mean {headline['mean_abs_diff']:.2e}")
+    mem_ref, mem_op = peak_memory("ref", 500, 375, args.threads), peak_memory("op", 500, 375, args.threads)
+    print(f"  peak memory     : pydensecrf {mem_ref:.0f} MiB   op {mem_op:.0f} MiB (RSS growth during one run)")
+    headline.update(peak_mib_pydensecrf=mem_ref, peak_mib_op=mem_op)
+    results["headline"] = headline
+    if not args.threads and (os.cpu_count() or 1) > 1:
+        # The same comparison with the op on one thread (a fresh process: TF fixes its pool size at start-up).
+        child = subprocess.run([sys.executable, __file__, "--headline-only", "--threads", "1", "--repeats",
+                                str(repeats)], capture_output=True, text=True, timeout=1800, cwd=REPO)
+        if child.returncode == 0:
+            one = json.loads(child.stdout.strip().splitlines()[-1])
+            r1, o1 = min(one["pydensecrf_ms"]), min(one["op_ms"])
+            print(f"  op on 1 thread  : min {o1:8.1f} ms (pydensecrf in that run {r1:.1f} ms): ratio {r1 / o1:.2f}x")
+            results["headline_1_thread"] = one
+
+    print("\nbatch scaling at 500x375 (pydensecrf loops over the images, the op takes one batch)")
+    print("  batch   pydensecrf ms   op ms    ratio   agreement")
+    results["batch"] = []
+    for batch in (1, 2, 3, 4):
+        cases = [make_inputs(500, 375, seed=s) for s in range(batch)]
+        ref_t, op_t, ref, out = side_by_side([c[1] for c in cases], [c[0] for c in cases], max(1, repeats - 2))
+        agree = (ref.argmax(-1) == out.argmax(-1)).mean()
+        print(f"  {batch:5d}   {min(ref_t) * 1e3:13.1f}   {min(op_t) * 1e3:6.1f}   {min(ref_t) / min(op_t):5.2f}x"
+              f"   {agree * 100:.4f} %")
+        results["batch"].append({"batch": batch, "pydensecrf_ms": min(ref_t) * 1e3, "op_ms": min(op_t) * 1e3,
+                                 "agreement": float(agree)})
+
+    print("\nimage-size scaling (batch 1)")
+    print("  size         pydensecrf ms   op ms    ratio   agreement")
+    results["sizes"] = []
+    for width, height in ((250, 188), (500, 375)) + (() if args.quick else ((1000, 750),)):
+        image, probs = make_inputs(width, height)
+        ref_t, op_t, ref, out = side_by_side([probs], [image], max(1, repeats - 2))
+        agree = (ref.argmax(-1) == out.argmax(-1)).mean()
+        print(f"  {width}x{height:<8d} {min(ref_t) * 1e3:13.1f}   {min(op_t) * 1e3:6.1f}   "
+              f"{min(ref_t) / min(op_t):5.2f}x   {agree * 100:.4f} %")
+        results["sizes"].append({"size": f"{width}x{height}", "pydensecrf_ms": min(ref_t) * 1e3,
+                                 "op_ms": min(op_t) * 1e3, "agreement": float(agree)})
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
