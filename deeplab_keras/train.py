@@ -833,10 +833,6 @@ def _raw_datasets(cfg):
     return train, val
 
 
-def _epoch_seed(seed, epoch):
-    return int((int(seed) * 1000003 + int(epoch) * 7919 + 17) % (2 ** 31 - 1))
-
-
 def make_train_stream(raw, cfg, start_epoch=0):
     """The training batches from ``start_epoch`` to the end: epoch ``k`` is a pure function of (seed, k).
 
@@ -854,22 +850,18 @@ def make_train_stream(raw, cfg, start_epoch=0):
     """
     from deeplab_keras.data import make_pipeline
 
-    def epoch(k):
+    def epoch(k):  # k: int64 scalar tensor; the seed of epoch k is computed in the graph
+        seed = (tf.constant(int(cfg.seed) * 1000003 + 17, tf.int64) + k * 7919) % (2 ** 31 - 1)
         return make_pipeline(raw, training=True, batch_size=cfg.batch_size, crop_size=_ints(cfg.crop_size),
                              scale_range=_scale_range(cfg), flip=cfg.flip, ignore_label=cfg.ignore_label,
-                             num_classes=cfg.num_classes, shuffle_buffer=cfg.shuffle_buffer,
-                             seed=_epoch_seed(cfg.seed, k), repeat=True, prefetch=False).take(cfg.steps_per_epoch)
+                             num_classes=cfg.num_classes, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                             repeat=True, prefetch=False).take(cfg.steps_per_epoch)
 
-    def build(_):
-        stream = None
-        for k in range(start_epoch, cfg.epochs):
-            stream = epoch(k) if stream is None else stream.concatenate(epoch(k))
-        return stream if stream is not None else epoch(0).take(0)  # take(0): nothing left to train
-
-    # Built inside flat_map, the pipeline is instantiated afresh by every iterator, so its seeded shuffle and
-    # augmentation restart identically each time (iterating one dataset object twice re-randomises it, and
-    # Keras opens an extra iterator under a distribution strategy to build the model).
-    stream = tf.data.Dataset.range(1).flat_map(build)
+    # flat_map builds the pipeline graph once (not once per epoch) and instantiates it afresh for every
+    # epoch and every iterator, so its seeded shuffle and augmentation restart identically each time
+    # (iterating one dataset object twice would re-randomise it, and Keras opens an extra iterator under a
+    # distribution strategy).
+    stream = tf.data.Dataset.range(start_epoch, max(cfg.epochs, start_epoch)).flat_map(epoch)
     return _data_sharded(stream.prefetch(tf.data.AUTOTUNE))
 
 
