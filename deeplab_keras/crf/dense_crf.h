@@ -30,6 +30,7 @@ struct CrfParams {
 // Limits (documented in the Python API).
 constexpr int kMaxLabels = 1024;
 constexpr int64_t kMaxPixels = int64_t{1} << 26;   // per image
+constexpr int64_t kMaxValues = int64_t{1} << 30;   // pixels x labels per image
 constexpr int kMaxIterations = 10000;
 constexpr float kMaxFeature = 262144.f;            // x/xy_std, y/xy_std and 255/rgb_std
 constexpr float kProbClip = 1e-5f;                 // as pydensecrf.utils.unary_from_softmax

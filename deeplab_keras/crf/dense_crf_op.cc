@@ -126,6 +126,10 @@ class DenseCrfOp : public OpKernel {
     OP_REQUIRES(ctx, height * width <= dkcrf::kMaxPixels,
                 errors::InvalidArgument("DenseCrf: an image may have at most ", dkcrf::kMaxPixels,
                                         " pixels, got ", height, "x", width, "; run it on tiles"));
+    OP_REQUIRES(ctx, height * width * labels <= dkcrf::kMaxValues,
+                errors::InvalidArgument("DenseCrf: an image may have at most ", dkcrf::kMaxValues,
+                                        " pixels x labels, got ", height, "x", width, "x", labels,
+                                        "; run it on tiles"));
     dkcrf::CrfParams params;
     params.iterations = ctx->input(2).scalar<int32>()();
     params.bilateral_weight = ctx->input(3).scalar<float>()();

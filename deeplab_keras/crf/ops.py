@@ -8,6 +8,7 @@ from deeplab_keras.crf import _loader
 INPUT_TYPES = ("probs", "unary", "logits")
 MAX_LABELS = 1024
 MAX_PIXELS = 1 << 26
+MAX_VALUES = 1 << 30
 PROB_CLIP = 1e-5
 
 
@@ -28,7 +29,8 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
         probs: float [N, H, W, C] class probabilities (e.g. a softmax resized to the image size); with
             ``input_type="unary"`` unary energies, with ``"logits"`` logits (``U = -logits``). Cast to float32.
             1 <= C <= 1024; every value finite (and >= 0 for probabilities).
-        images: uint8 [N, H, W, 3] RGB images, the same N, H, W as ``probs`` (H * W <= 2**26).
+        images: uint8 [N, H, W, 3] RGB images, the same N, H, W as ``probs`` (H * W <= 2**26 and
+            H * W * C <= 2**30 per image: tile larger inputs).
         iterations: mean-field iterations, >= 0 (0 returns ``softmax(-U)``).
         bilateral_weight: weight (``compat``) of the appearance kernel, >= 0.
         bilateral_xy_std: its spatial standard deviation in pixels, > 0.
