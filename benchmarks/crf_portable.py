@@ -2,7 +2,7 @@
 pydensecrf, measured side by side in one run (interleaved repeats; medians of wall and CPU time).
 
     python benchmarks/crf_portable.py                  # 500x375 VOC image, 21 labels, 10 iterations
-    python benchmarks/crf_portable.py --repeats 5 --no-exact
+    python benchmarks/crf_portable.py --repeats 5 --exact   # also the exact separable (x, y) Gaussian
 
 CPU time is the process's user+system time over the call (all threads), so it is less sensitive to other
 load on a shared machine than wall time; ratios are "x slower than pydensecrf" (> 1 is slower).
@@ -40,11 +40,12 @@ def load_inputs(name, num_classes, seed=0):
     return image, tf.nn.softmax(4.0 * smooth + noise).numpy().astype(np.float32)
 
 
-def traced(num_classes, iterations, gaussian_filter):
+def traced(num_classes, iterations, gaussian_filter, runtime):
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, num_classes], tf.float32),
                                   tf.TensorSpec([None, None, None, 3], tf.uint8)])
     def crf(probs, images):
-        return dense_crf_portable(probs, images, iterations=iterations, gaussian_filter=gaussian_filter)
+        return dense_crf_portable(probs, images, iterations=iterations, gaussian_filter=gaussian_filter,
+                                  runtime=runtime)
     return crf
 
 
@@ -117,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--no-exact", action="store_true", help="skip gaussian_filter='exact' variants")
+    parser.add_argument("--exact", action="store_true", help="also time gaussian_filter='exact' variants")
     parser.add_argument("--no-litert", action="store_true")
     parser.add_argument("--no-onnx", action="store_true")
     args = parser.parse_args(argv)
@@ -136,18 +137,19 @@ def main(argv=None):
         runners["C++ op (TF)"] = lambda: dense_crf(batch_p, batch_i, iterations=args.iterations).numpy()[0]
     except Exception as e:  # the op is optional here: report why it is missing
         notes["C++ op (TF)"] = f"unavailable: {type(e).__name__}: {e}"
-    modes = ["lattice"] + ([] if args.no_exact else ["exact"])
-    for mode in modes:
-        fn = traced(args.classes, args.iterations, mode)
+    for mode in ["lattice"] + (["exact"] if args.exact else []):
+        fn = traced(args.classes, args.iterations, mode, "tf")
         runners[f"portable/{mode} TF"] = lambda fn=fn: fn(batch_p, batch_i).numpy()[0]
         if not args.no_litert:
-            run, conv_s, size = litert_runner(fn, batch_p, batch_i, args.threads)
+            run, conv_s, size = litert_runner(traced(args.classes, args.iterations, mode, "litert"),
+                                              batch_p, batch_i, args.threads)
             runners[f"portable/{mode} LiteRT"] = lambda run=run: run()[0]
-            notes[f"portable/{mode} LiteRT"] = f"convert {conv_s:.1f} s, {size / 1e3:.0f} kB"
+            notes[f"portable/{mode} LiteRT"] = f"convert {conv_s:.0f} s, {size / 1e3:.0f} kB"
         if not args.no_onnx:
-            run, conv_s, size = onnx_runner(fn, batch_p, batch_i, args.threads)
+            run, conv_s, size = onnx_runner(traced(args.classes, args.iterations, mode, "onnx"),
+                                            batch_p, batch_i, args.threads)
             runners[f"portable/{mode} ORT"] = lambda run=run: run()[0]
-            notes[f"portable/{mode} ORT"] = f"convert {conv_s:.1f} s, {size / 1e3:.0f} kB"
+            notes[f"portable/{mode} ORT"] = f"convert {conv_s:.0f} s, {size / 1e3:.0f} kB"
 
     outputs, walls, cpus = {}, {k: [] for k in runners}, {k: [] for k in runners}
     for name, run in runners.items():  # warm-up (tracing, allocation)

@@ -312,7 +312,8 @@ class _SeparableKernel:
         response = tf.nn.depthwise_conv2d(
             tf.nn.depthwise_conv2d(ones, tf.constant(taps[:, None, None, None]), [1] * 4, "SAME"),
             tf.constant(taps[None, :, None, None]), [1] * 4, "SAME")
-        self.norm = tf.math.rsqrt(response + 1e-20)  # [N, H, W, 1]
+        # (A [1, 1, 1, 1] epsilon: tf2onnx's transpose optimiser trips over 0-d constants after a Conv.)
+        self.norm = tf.math.rsqrt(response + np.full((1, 1, 1, 1), 1e-20, np.float32))  # [N, H, W, 1]
         self.weight = np.float32(weight)
         self.flat_shape = tf.stack([-1, num_channels])
 
