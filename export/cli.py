@@ -104,6 +104,8 @@ def _check_args(p, a):
                 p.error(f"{flag} applies to --format tflite only")
     if fmt != "onnx" and a.opset != 17:
         p.error("--opset applies to --format onnx only")
+    if fmt == "onnx" and a.opset < 13:
+        p.error(f"--opset must be >= 13 (got {a.opset})")
     if fmt != "saved_model" and a.version is not None:
         p.error("--version applies to --format saved_model only")
     if fmt == "saved_model":

@@ -305,13 +305,45 @@ def portable_crf(iterations=10, **crf_kwargs):
         iterations: mean-field iterations (unrolled into the exported graph).
         **crf_kwargs: other ``dense_crf_portable`` parameters (DeepLab v2 defaults otherwise).
     Returns:
-        ``crf(probabilities, images) -> probabilities`` taking float32 images in 0..255.
+        a ``PortableCRF``: ``crf(probabilities, images) -> probabilities`` taking float32 images in 0..255;
+        each exporter calls ``crf.for_runtime(...)`` to trace the variant that is exact and fast in its runtime.
     """
-    from deeplab_keras.crf.portable import dense_crf_portable
+    return PortableCRF(iterations=iterations, **crf_kwargs)
 
-    def crf(probabilities, images):
+
+class PortableCRF:
+    """Callable CRF hook over ``dense_crf_portable``; ``for_runtime`` picks the splat for a target runtime.
+
+    Args:
+        runtime: ``"tf"``, ``"litert"``, ``"onnx"`` or None (``deeplab_keras.crf.portable.RUNTIME_SPLAT``).
+        **crf_kwargs: ``dense_crf_portable`` parameters (``iterations``, weights, stds, ``splat``, ...).
+    """
+
+    def __init__(self, runtime=None, **crf_kwargs):
+        self.runtime = runtime
+        self.crf_kwargs = crf_kwargs
+
+    @property
+    def config(self):
+        """Parameters for the export report."""
+        from deeplab_keras.crf.portable import RUNTIME_SPLAT
+
+        return {**self.crf_kwargs, "runtime": self.runtime,
+                "splat": self.crf_kwargs.get("splat", RUNTIME_SPLAT.get(self.runtime))}
+
+    def for_runtime(self, runtime):
+        """The same CRF traced for ``runtime`` (the splat that is exact and fastest there)."""
+        return PortableCRF(runtime=runtime, **self.crf_kwargs)
+
+    def __call__(self, probabilities, images):
+        from deeplab_keras.crf.portable import RUNTIME_SPLAT, dense_crf_portable
+
+        kwargs = dict(self.crf_kwargs)
+        kwargs.setdefault("splat", RUNTIME_SPLAT[self.runtime])
         pixels = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-        return dense_crf_portable(probabilities, pixels, iterations=iterations, **crf_kwargs)
+        return dense_crf_portable(probabilities, pixels, **kwargs)
 
-    crf.config = dict(iterations=iterations, **crf_kwargs)
-    return crf
+
+def crf_for(crf, runtime):
+    """``crf.for_runtime(runtime)`` when the hook supports it, else ``crf`` itself (any stock-op callable)."""
+    return crf.for_runtime(runtime) if hasattr(crf, "for_runtime") else crf

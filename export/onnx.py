@@ -133,6 +133,7 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
         common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
     progress = progress or common.Progress(False)
+    crf = common.crf_for(crf, "onnx") if crf is not None else None
     if outputs not in common.OUTPUT_KINDS:
         raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
     if int(opset) < MIN_OPSET:

@@ -118,6 +118,7 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
         common.ExportError: bad destination; verify.VerificationError: outputs out of tolerance.
     """
     progress = progress or common.Progress(False)
+    crf = common.crf_for(crf, "tf") if crf is not None else None
     version = next_version(out) if version is None else int(version)
     if version < 0:
         raise common.ExportError(f"--version must be a non-negative integer, got {version}")

@@ -189,6 +189,7 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
         common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
     progress = progress or common.Progress(False)
+    crf = common.crf_for(crf, "litert") if crf is not None else None
     if outputs not in common.OUTPUT_KINDS:
         raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
     if quantize not in QUANTIZE_MODES:
