@@ -851,6 +851,9 @@ def make_train_stream(raw, cfg, start_epoch=0):
     from deeplab_keras.data import make_pipeline
 
     def epoch(k):  # k: int64 scalar tensor; the seed of epoch k is computed in the graph
+        # This function's own graph-level seed (traced, so the process's global seed is untouched): the
+        # stream then depends on cfg.seed only, and a global seed of 0 cannot trip tf's (0, 0) seed check.
+        tf.random.set_seed(20160602)
         seed = (tf.constant(int(cfg.seed) * 1000003 + 17, tf.int64) + k * 7919) % (2 ** 31 - 1)
         return make_pipeline(raw, training=True, batch_size=cfg.batch_size, crop_size=_ints(cfg.crop_size),
                              scale_range=_scale_range(cfg), flip=cfg.flip, ignore_label=cfg.ignore_label,
