@@ -115,27 +115,22 @@ DKCRF_INLINE void NegUnaryT(const float* in, InputType type, int C, int nb_rt, i
     const float* row = in + p * C;
     f8* o = out + p * nb;
     for (int b = 0; b < nb; ++b) {
-      f8 v = Broadcast(-1e30f);
-      const int n = std::min(8, C - 8 * b);
+      const int n = std::min(8, C - 8 * b);  // real labels in this block (the rest is padding)
+      f8 v = Broadcast(1.f);
       if (n == 8) {
         std::memcpy(&v, row + 8 * b, sizeof(v));
       } else {
         for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
       }
       if (probs) {
-        v = v < kProbClip ? Broadcast(kProbClip) : v;  // also maps the pad to the clip, fixed below
+        v = v < kProbClip ? Broadcast(kProbClip) : v;
         v = v > 1.f ? Broadcast(1.f) : v;
         v = LogPositive(v);
-        if (n < 8) {
-          for (int k = n; k < 8; ++k) v[k] = -1e30f;
-        }
-        o[b] = v;
       } else {
-        o[b] = n < 8 ? v * sign + 0.f : v * sign;
-        if (n < 8) {
-          for (int k = n; k < 8; ++k) o[b][k] = -1e30f;
-        }
+        v = v * sign;
       }
+      for (int k = n; k < 8; ++k) v[k] = -1e30f;  // padding labels: probability 0
+      o[b] = v;
     }
   }
 }
