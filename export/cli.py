@@ -50,7 +50,8 @@ def build_parser():
     which.add_argument("--backbone", choices=BACKBONES, help="build a fresh dk.DeepLabV2 with this backbone")
     src.add_argument("--num-classes", type=_positive, default=21, help="classes (with --backbone)")
     src.add_argument("--output-stride", type=int, choices=(8, 16, 32), default=8, help="with --backbone")
-    src.add_argument("--aspp", default="L", help="'L', 'S' or comma-separated rates (with --backbone)")
+    src.add_argument("--aspp", default="L",
+                     help="'L', 'S', 'largefov' (vgg16) or comma-separated rates (with --backbone)")
     src.add_argument("--msc-scales", type=float, nargs="+", metavar="S", help="MSC scales, e.g. 1 0.75 0.5")
     src.add_argument("--weights", default=None, help="None, 'imagenet' or a weights path (with --backbone)")
     src.add_argument("--width-multiplier", type=float, default=1.0, help="channel multiplier (with --backbone)")
@@ -149,8 +150,12 @@ def _build_model(a, progress):
 
     keras.utils.set_random_seed(a.seed)
     aspp = a.aspp
-    if aspp not in ("L", "S"):
-        aspp = tuple(int(r) for r in aspp.split(","))
+    if "," in aspp or aspp.isdigit():  # explicit rates, e.g. "6,12,18,24"
+        try:
+            aspp = tuple(int(r) for r in aspp.split(","))
+        except ValueError:
+            raise ValueError(f"--aspp {a.aspp!r}: give 'L', 'S', 'largefov' (vgg16) or comma-separated "
+                             "integer rates")
     weights = None if a.weights in (None, "None", "none") else a.weights
     with progress.step("build_s", f"building DeepLabV2 ({a.backbone}, {a.num_classes} classes)"):
         return dk.DeepLabV2(num_classes=a.num_classes, backbone=a.backbone, output_stride=a.output_stride,

@@ -171,3 +171,16 @@ def test_bad_requests(model, tmp_path, fp32_static):
     with pytest.raises(common.ExportError, match="directory"):
         tflite.export_tflite(model, str(tmp_path))
     assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_export_leaves_nothing(model, tmp_path, monkeypatch):
+    """An export interrupted mid-conversion (Ctrl-C) leaves neither a partial artifact nor temporaries."""
+    def interrupted(*args, **kwargs):
+        with open(os.path.join(kwargs["workdir"], "partial.bin"), "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tflite, "convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tflite.export_tflite(model, str(tmp_path / "m.tflite"))
+    assert not list(tmp_path.iterdir())
