@@ -184,6 +184,8 @@ def test_errors_name_the_problem():
         dense_crf_portable(probs, images, splat="atomic")
     with pytest.raises(ValueError, match="gaussian_filter"):
         dense_crf_portable(probs, images, gaussian_filter="box")
+    with pytest.raises(ValueError, match="H, W, C > 0"):
+        dense_crf_portable(probs[:, :0], images[:, :0])
     with pytest.raises(ValueError, match="RGB"):
         dense_crf_portable(probs, np.zeros((1, 9, 11, 4), np.uint8))
 

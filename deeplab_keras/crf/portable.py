@@ -402,6 +402,8 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         raise ValueError(f"`probs` and `images` must share N, H, W; got shapes {probs.shape} and "
                          f"{images.shape}.")
     num_channels = probs.shape[-1]
+    if 0 in probs.shape[1:].as_list():
+        raise ValueError(f"`probs` must have H, W, C > 0; got shape {probs.shape}.")
     if gaussian_filter == "exact" and num_channels is None:
         raise ValueError("gaussian_filter='exact' needs the number of classes (last axis of `probs`) to "
                          "be known when tracing; give the input a static class dimension.")
