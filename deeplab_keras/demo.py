@@ -86,7 +86,7 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
     from deeplab_keras.predict import overlay, png_bytes, predict_files, read_image
     from deeplab_keras.utils import atomic_write_bytes
     from deeplab_keras.inference import predict_probabilities
-    from deeplab_keras.train import load_config, train, _raw_datasets
+    from deeplab_keras.train import load_config, load_datasets, train
 
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "report.json")) and not overwrite:
@@ -106,7 +106,7 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
                                                                     for k, v in result.history.items()}}
 
     log("[2/6] evaluating on the held-out synthetic split, without and with the CRF")
-    _, val = _raw_datasets(cfg)
+    _, val = load_datasets(cfg)
     t = time.time()
     results = evaluate(model, val, cfg.num_classes, crf=True, progress=False)
     log(format_table(results))
