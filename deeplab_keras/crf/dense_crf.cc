@@ -180,42 +180,27 @@ DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int t, f8* V)
   }
 }
 
-// out[m] = in[m] + (in[n1(m)] + in[n2(m)]) / 2 along one lattice direction.
+// In-place blur of chains [c0, c1) of one direction: along each chain p_0, ..., p_k,
+// V[p_i] <- V[p_i] + (V[p_{i-1}] + V[p_{i+1}]) / 2 with the old values (0 beyond the ends); the same float
+// operations as the reference's pass over all points (which leaves a point without neighbours unchanged).
 template <int NB>
-DKCRF_INLINE void BlurT(const f8* in, const int32_t* nbr, int nb_rt, int64_t begin, int64_t end, f8* out) {
+DKCRF_INLINE void ChainBlurT(f8* V, const int32_t* point, const int64_t* start, int64_t c0, int64_t c1,
+                             int nb_rt) {
   const int nb = NB > 0 ? NB : nb_rt;
-  for (int64_t m = begin; m < end; ++m) {
-    const f8* a = in + m * nb;
-    const f8* n1 = in + static_cast<int64_t>(nbr[2 * m]) * nb;
-    const f8* n2 = in + static_cast<int64_t>(nbr[2 * m + 1]) * nb;
-    f8* o = out + m * nb;
-    for (int b = 0; b < nb; ++b) o[b] = a[b] + 0.5f * (n1[b] + n2[b]);
-  }
-}
-
-// Two consecutive blur passes fused (directions j then j2): out = t[m] + (t[a] + t[b]) / 2 with a, b the j2
-// neighbours and t = blur_j(in) evaluated on the fly (t = 0 at the absent point M). Bit-identical to two
-// passes, with one read and one write of the buffer instead of two of each.
-template <int NB>
-DKCRF_INLINE void Blur2T(const f8* in, const int32_t* nbr, const int32_t* nbr2, int64_t M, int nb_rt, int64_t begin,
-                         int64_t end, f8* out) {
-  const int nb = NB > 0 ? NB : nb_rt;
-  f8 t[3][NB > 0 ? NB : kMaxBlocks];
-  for (int64_t m = begin; m < end; ++m) {
-    const int64_t pts[3] = {m, nbr2[2 * m], nbr2[2 * m + 1]};
-    for (int k = 0; k < 3; ++k) {
-      const int64_t x = pts[k];
-      if (x == M) {
-        for (int b = 0; b < nb; ++b) t[k][b] = f8{};
-        continue;
+  f8 prev[NB > 0 ? NB : kMaxBlocks];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i0 = start[c], i1 = start[c + 1];
+    for (int b = 0; b < nb; ++b) prev[b] = f8{};
+    f8* row = V + static_cast<int64_t>(point[i0]) * nb;
+    for (int64_t i = i0; i < i1; ++i) {
+      f8* next = i + 1 < i1 ? V + static_cast<int64_t>(point[i + 1]) * nb : nullptr;
+      for (int b = 0; b < nb; ++b) {
+        const f8 cur = row[b];
+        row[b] = cur + 0.5f * (prev[b] + (next != nullptr ? next[b] : f8{}));
+        prev[b] = cur;
       }
-      const f8* a = in + x * nb;
-      const f8* n1 = in + static_cast<int64_t>(nbr[2 * x]) * nb;
-      const f8* n2 = in + static_cast<int64_t>(nbr[2 * x + 1]) * nb;
-      for (int b = 0; b < nb; ++b) t[k][b] = a[b] + 0.5f * (n1[b] + n2[b]);
+      row = next;
     }
-    f8* o = out + m * nb;
-    for (int b = 0; b < nb; ++b) o[b] = t[0][b] + 0.5f * (t[1][b] + t[2][b]);
   }
 }
 
@@ -291,14 +276,9 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
     ScopedFlushDenormal ftz;                                                                               \
     DKCRF_DISPATCH_NB(nb, (SplatT<NB>(L, q, nb, t, V)))                                                    \
   }                                                                                                        \
-  ATTR void Blur##SUFFIX(const f8* in, const int32_t* nbr, int nb, int64_t b, int64_t e, f8* out) {        \
+  ATTR void Blur##SUFFIX(f8* V, const int32_t* point, const int64_t* start, int64_t c0, int64_t c1, int nb) { \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (BlurT<NB>(in, nbr, nb, b, e, out)))                                             \
-  }                                                                                                        \
-  ATTR void Blur2##SUFFIX(const f8* in, const int32_t* nbr, const int32_t* nbr2, int64_t M, int nb, int64_t b, \
-                          int64_t e, f8* out) {                                                            \
-    ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (Blur2T<NB>(in, nbr, nbr2, M, nb, b, e, out)))                                   \
+    DKCRF_DISPATCH_NB(nb, (ChainBlurT<NB>(V, point, start, c0, c1, nb)))                                   \
   }                                                                                                        \
   ATTR void Update##SUFFIX(const UpdateArgs& a, int64_t b, int64_t e) {                                    \
     ScopedFlushDenormal ftz;                                                                               \
@@ -314,8 +294,7 @@ struct KernelTable {
   void (*neg_unary)(const float*, InputType, int, int, int64_t, int64_t, f8*);
   void (*softmax)(const f8*, int, int64_t, int64_t, f8*);
   void (*splat)(const Lattice&, const f8*, int, int, f8*);
-  void (*blur)(const f8*, const int32_t*, int, int64_t, int64_t, f8*);
-  void (*blur2)(const f8*, const int32_t*, const int32_t*, int64_t, int, int64_t, int64_t, f8*);
+  void (*blur)(f8*, const int32_t*, const int64_t*, int64_t, int64_t, int);
   void (*update)(const UpdateArgs&, int64_t, int64_t);
 };
 
@@ -324,9 +303,9 @@ const KernelTable& Kernels() {
 #if defined(DKCRF_X86) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, Blur2Avx2, UpdateAvx2};
+      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
-    return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, Blur2Generic, UpdateGeneric};
+    return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
   }();
   return table;
 }
@@ -335,12 +314,17 @@ const KernelTable& Kernels() {
 void Normalize(Lattice* L, const ParallelFor& pfor) {
   const int d1 = L->d + 1;
   const int64_t M = L->num_points, N = L->num_pixels;
-  std::vector<float> va(M + 1, 0.f), vb(M + 1, 0.f), norm(N);
+  std::vector<float> va(M + 1, 0.f), norm(N);
   for (int64_t e = 0; e < N * d1; ++e) va[L->offset[e]] += L->weight[e];  // splat of ones, pixel order
-  for (int j = 0; j < d1; ++j) {
-    const int32_t* nbr = &L->nbr[static_cast<int64_t>(j) * M * 2];
-    for (int64_t m = 0; m < M; ++m) vb[m] = va[m] + 0.5f * (va[nbr[2 * m]] + va[nbr[2 * m + 1]]);
-    std::swap(va, vb);
+  for (int j = 0; j < d1; ++j) {  // in-place chain blur (see ChainBlurT)
+    for (int64_t c = L->dir_chain[j]; c < L->dir_chain[j + 1]; ++c) {
+      float prev = 0.f;
+      for (int64_t i = L->chain_start[c], i1 = L->chain_start[c + 1]; i < i1; ++i) {
+        const float cur = va[L->chain_point[i]];
+        va[L->chain_point[i]] = cur + 0.5f * (prev + (i + 1 < i1 ? va[L->chain_point[i + 1]] : 0.f));
+        prev = cur;
+      }
+    }
   }
   pfor(N, 8 * d1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -457,10 +441,8 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
                  (long long)lg.num_points, T);
 #endif
     const int64_t Mb = use_b ? lb.num_points : 0, Mg = use_g ? lg.num_points : 0;
-    // Two value buffers per lattice, (M + 1) rows: the last row stays zero (absent blur neighbour).
-    AlignedVector vb0((Mb + 1) * nb), vb1((Mb + 1) * nb), vg0((Mg + 1) * nb), vg1((Mg + 1) * nb);
-    for (AlignedVector* v : {&vb0, &vb1}) v->Zero(Mb * nb, (Mb + 1) * nb);
-    for (AlignedVector* v : {&vg0, &vg1}) v->Zero(Mg * nb, (Mg + 1) * nb);
+    // One value buffer per lattice (the blur runs in place).
+    AlignedVector vb(std::max<int64_t>(Mb, 1) * nb), vg(std::max<int64_t>(Mg, 1) * nb);
     // Splat work units: the splat ranges of both lattices.
     const int64_t Rb = use_b ? static_cast<int64_t>(lb.range_point.size()) - 1 : 0;
     const int64_t Rg = use_g ? static_cast<int64_t>(lg.range_point.size()) - 1 : 0;
@@ -469,33 +451,30 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       DKCRF_TIC(splat);
       pfor(Rb + Rg, splat_cost, [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
-          if (t < Rb) K.splat(lb, q, nb, static_cast<int>(t), vb0.data());
-          else K.splat(lg, q, nb, static_cast<int>(t - Rb), vg0.data());
+          if (t < Rb) K.splat(lb, q, nb, static_cast<int>(t), vb.data());
+          else K.splat(lg, q, nb, static_cast<int>(t - Rb), vg.data());
         }
       });
       DKCRF_TOC(splat);
       DKCRF_TIC(blur);
-      f8 *cur_b = vb0.data(), *nxt_b = vb1.data(), *cur_g = vg0.data(), *nxt_g = vg1.data();
-      // Passes fused in pairs: bilateral (0,1) (2,3) (4,5); Gaussian (0,1) then 2 alone.
-      for (int j = 0; j < 6; j += 2) {
-        const int64_t mb = Mb, mg = j < 3 ? Mg : 0;
-        const bool pair_g = j + 1 < 3;
-        if (mb + mg == 0) continue;
-        auto nbr = [](const Lattice& L, int dir) { return &L.nbr[static_cast<int64_t>(dir) * L.num_points * 2]; };
-        pfor(mb + mg, 12 * nb, [&](int64_t b, int64_t e) {
-          if (b < mb) K.blur2(cur_b, nbr(lb, j), nbr(lb, j + 1), Mb, nb, b, std::min(e, mb), nxt_b);
-          if (e > mb) {
-            if (pair_g) K.blur2(cur_g, nbr(lg, j), nbr(lg, j + 1), Mg, nb, std::max(b, mb) - mb, e - mb, nxt_g);
-            else K.blur(cur_g, nbr(lg, j), nb, std::max(b, mb) - mb, e - mb, nxt_g);
-          }
+      // The d+1 directions in order (6 for the bilateral lattice, 3 for the Gaussian one), chains in parallel.
+      for (int j = 0; j < 6; ++j) {
+        const int64_t cb0 = use_b ? lb.dir_chain[j] : 0, nb_chains = use_b ? lb.dir_chain[j + 1] - cb0 : 0;
+        const int64_t cg0 = use_g && j < 3 ? lg.dir_chain[j] : 0;
+        const int64_t ng_chains = use_g && j < 3 ? lg.dir_chain[j + 1] - cg0 : 0;
+        if (nb_chains + ng_chains == 0) continue;
+        pfor(nb_chains + ng_chains, 12 * nb, [&](int64_t b, int64_t e) {
+          if (b < nb_chains)
+            K.blur(vb.data(), lb.chain_point.data(), lb.chain_start.data(), cb0 + b, cb0 + std::min(e, nb_chains), nb);
+          if (e > nb_chains)
+            K.blur(vg.data(), lg.chain_point.data(), lg.chain_start.data(), cg0 + std::max(b, nb_chains) - nb_chains,
+                   cg0 + e - nb_chains, nb);
         });
-        if (mb > 0) std::swap(cur_b, nxt_b);
-        if (mg > 0) std::swap(cur_g, nxt_g);
       }
       DKCRF_TOC(blur);
       DKCRF_TIC(update);
-      UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, cur_b, params.bilateral_weight,
-                      use_g ? &lg : nullptr, cur_g, params.gaussian_weight, q};
+      UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
+                      use_g ? &lg : nullptr, vg.data(), params.gaussian_weight, q};
       pfor(N, 9 * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       DKCRF_TOC(update);
     }

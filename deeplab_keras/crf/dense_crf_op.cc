@@ -207,8 +207,8 @@ class DenseCrfOp : public OpKernel {
   static constexpr int64_t kCacheBytes = int64_t{64} << 20;
 
   static int64_t Bytes(const dkcrf::Lattice& l) {
-    return static_cast<int64_t>(l.offset.size() * 4 + l.weight.size() * 4 + l.nbr.size() * 4 +
-                                l.range_entry.size() * 4);
+    return static_cast<int64_t>(l.offset.size() * 4 + l.weight.size() * 4 + l.chain_point.size() * 4 +
+                                l.chain_start.size() * 8 + l.range_entry.size() * 4);
   }
 
   std::shared_ptr<const dkcrf::Lattice> GaussianLattice(int64_t height, int64_t width, float xy_std, int threads,

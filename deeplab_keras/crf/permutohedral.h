@@ -5,7 +5,8 @@
 //   * the splat is split into T ranges of lattice points; range t keeps the list of pixel vertices that land
 //     in it (ascending), so T threads splat without write conflicts and every point sums its contributions in
 //     pixel order, exactly like the reference's sequential splat (the result does not depend on T);
-//   * blur neighbours are resolved to indices once; a missing neighbour points at a zero row (index M);
+//   * blur neighbours are resolved once into chains along each lattice direction, blurred in place (no second
+//     buffer, nothing to do for points without neighbours in that direction);
 //   * construction is parallel: pixels are elevated and hashed in parallel, then lattice points are inserted
 //     into hash tables partitioned by key hash.
 // The elevation / rounding / rank arithmetic follows the reference float computation step by step so both
@@ -82,7 +83,12 @@ struct Lattice {
   int64_t num_points = 0;        // M; row M of a value buffer is the all-zero row
   RawVector<int32_t> offset;     // [N * (d+1)] lattice point of each pixel vertex
   RawVector<float> weight;       // [N * (d+1)] barycentric weight (times the pixel's norm after Normalize)
-  RawVector<int32_t> nbr;        // [(d+1) * M * 2] blur neighbours per direction; M when absent
+  // Blur chains: along direction j the points form chains p0 -> p1 -> ... (p_{i+1} = p_i + v_j). The blur
+  // out[p_i] = in[p_i] + (in[p_{i-1}] + in[p_{i+1}]) / 2 then runs in place along each chain; points with no
+  // neighbour in that direction are left alone.
+  RawVector<int32_t> chain_point;   // points of all chains (of >= 2 points), direction by direction
+  std::vector<int64_t> chain_start;  // chain c is chain_point[chain_start[c] .. chain_start[c + 1])
+  std::vector<int64_t> dir_chain;    // [d + 2] chains of direction j: [dir_chain[j], dir_chain[j + 1])
   std::vector<int64_t> range_point;   // [T + 1] splat range t covers points [range_point[t], range_point[t+1])
   std::vector<int64_t> range_start;   // [T + 1] its vertices are range_entry[range_start[t] .. range_start[t+1])
   RawVector<int32_t> range_entry;     // [N * (d+1)] pixel-vertex indices, ascending within a range
@@ -342,7 +348,7 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     delta[j] = h;
   }
   // Found in slot order (the lookups then walk the tables in D1 * 2 streams), written point-major (one cache
-  // line per point), then transposed to the direction-major layout the blur passes read.
+  // line per point), then linked into chains.
   RawVector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
   std::vector<int64_t> slot_base(P + 1, 0);
   for (int p = 0; p < P; ++p) slot_base[p + 1] = slot_base[p] + static_cast<int64_t>(tables[p].slots.size());
@@ -367,16 +373,22 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   });
   tables.clear();
   tables.shrink_to_fit();
-  lat->nbr.resize(static_cast<size_t>(D1) * M * 2);
-  pfor(M, 4 * D1, [&](int64_t b, int64_t end) {
-    for (int j = 0; j <= D; ++j) {
-      int32_t* out = &lat->nbr[static_cast<int64_t>(j) * M * 2];
-      for (int64_t m = b; m < end; ++m) {
-        out[2 * m] = nbr_pm[(m * D1 + j) * 2];
-        out[2 * m + 1] = nbr_pm[(m * D1 + j) * 2 + 1];
-      }
+  // Chains along each direction, started at points without an n1 neighbour, in ascending start order.
+  lat->chain_point.clear();
+  lat->chain_point.reserve(static_cast<size_t>(D1) * M);
+  lat->chain_start.clear();
+  lat->dir_chain.assign(D1 + 1, 0);
+  for (int j = 0; j <= D; ++j) {
+    lat->dir_chain[j] = static_cast<int64_t>(lat->chain_start.size());
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t* n = &nbr_pm[(m * D1 + j) * 2];
+      if (n[0] != M || n[1] == M) continue;  // not a chain start, or an isolated point
+      lat->chain_start.push_back(static_cast<int64_t>(lat->chain_point.size()));
+      for (int64_t x = m; x != M; x = nbr_pm[(x * D1 + j) * 2 + 1]) lat->chain_point.push_back(static_cast<int32_t>(x));
     }
-  });
+  }
+  lat->dir_chain[D1] = static_cast<int64_t>(lat->chain_start.size());
+  lat->chain_start.push_back(static_cast<int64_t>(lat->chain_point.size()));
   DKCRF_TOC(neighbours);
 
   DKCRF_TIC(ranges);
