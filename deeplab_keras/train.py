@@ -111,6 +111,9 @@ class TrainConfig:
             layers that output the logits (ResNet ASPP branches ``aspp/aspp_r<rate>_conv``, VGG ``fc8``),
             which are the ``lr_mult: 10`` layers of the released prototxts.
         train_bn: train batch normalisation (default frozen).
+        bn_momentum: with ``train_bn``, the moving-statistics momentum to use (None: the model's, 0.99); a
+            lower value (e.g. 0.9) makes the inference statistics follow fast-changing weights (short runs
+            from scratch).
         upsample_logits: upsample logits to the labels (True) or downsample labels to the logits (False).
         ignore_label: label value ignored by the loss and the metrics.
         mixed_precision: None/"float32", "mixed_float16" (with dynamic loss scaling) or "mixed_bfloat16".
@@ -170,6 +173,7 @@ class TrainConfig:
     bias_lr_mult: float = 2.0
     classifier_pattern: str = r"(^|/)(aspp_r\d+_conv|fc8[^/]*)/"
     train_bn: bool = False
+    bn_momentum: Optional[float] = None
     upsample_logits: bool = True
     ignore_label: int = 255
     # precision / distribution
@@ -183,7 +187,7 @@ class TrainConfig:
     plot: bool = True
     verbose: int = 1
 
-    _FLOAT_FIELDS = ("width_multiplier", "base_lr", "lr_power", "end_lr", "momentum", "weight_decay",
+    _FLOAT_FIELDS = ("width_multiplier", "bn_momentum", "base_lr", "lr_power", "end_lr", "momentum", "weight_decay",
                      "classifier_lr_mult", "bias_lr_mult")
 
     def __post_init__(self):
@@ -234,6 +238,8 @@ class TrainConfig:
         for name in ("weight_decay", "classifier_lr_mult", "bias_lr_mult", "momentum", "end_lr"):
             need(float(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         need(self.base_lr is None or float(self.base_lr) > 0, f"base_lr must be > 0, got {self.base_lr!r}")
+        need(self.bn_momentum is None or 0 <= float(self.bn_momentum) < 1,
+             f"bn_momentum must be in [0, 1) or None, got {self.bn_momentum!r}")
         need(0 <= self.ignore_label <= 255, f"ignore_label must be in 0..255, got {self.ignore_label!r}")
         try:
             re.compile(self.classifier_pattern)
@@ -1069,6 +1075,8 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
         for layer in net._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = bool(cfg.train_bn)
+                if cfg.train_bn and cfg.bn_momentum is not None:
+                    layer.momentum = float(cfg.bn_momentum)
         with _policy_scope(cfg.mixed_precision):
             trainer = SegmentationTrainer(net, cfg.num_classes, msc=bool(cfg.msc_scales),
                                           weight_decay=cfg.weight_decay, ignore_label=cfg.ignore_label,
