@@ -64,7 +64,77 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
     archive._filter_and_track_resources()  # what keras' own ONNX export does before taking the concrete function
     concrete = archive._get_concrete_fn("serve")
     proto, _ = tf2onnx.convert.from_function(concrete, input_signature=signature, opset=int(opset))
+    softmax_on_last_axis(proto)
     return proto
+
+
+def _attr(node, name, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            import onnx
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _toposort(graph):
+    """Reorders ``graph.node`` so that every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError("ONNX graph has a cycle or a dangling input after the softmax rewrite")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def softmax_on_last_axis(proto):
+    """Moves the NCHW -> NHWC ``Transpose`` that follows ``Softmax(axis=1)`` in front of it (in place).
+
+    tf2onnx's transpose optimizer pushes the layout transpose past the softmax, so onnxruntime computes the
+    softmax over axis 1 of an NCHW tensor, about 10x slower than over the last axis (measured: 306 ms vs 27 ms
+    for 513x513x21). Rewritten: ``Transpose(0,2,3,1) -> Softmax(axis=-1)``; an ``ArgMax(axis=1)`` of the same
+    tensor reads the transposed one with ``axis=3``. Same values; the export's verification checks them.
+
+    Returns:
+        the number of softmax nodes rewritten.
+    """
+    import onnx
+
+    graph = proto.graph
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    rewritten = 0
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        users = consumers[softmax.output[0]]
+        if _attr(softmax, "axis") != 1 or len(users) != 1 or users[0].op_type != "Transpose" or \
+                list(_attr(users[0], "perm", [])) != [0, 2, 3, 1]:
+            continue
+        transpose, source = users[0], softmax.input[0]
+        nhwc = source + "__nhwc"
+        new_nodes = [onnx.helper.make_node("Transpose", [source], [nhwc], perm=[0, 2, 3, 1],
+                                           name=transpose.name + "__before_softmax"),
+                     onnx.helper.make_node("Softmax", [nhwc], [transpose.output[0]], axis=-1,
+                                           name=softmax.name)]
+        for argmax in consumers[source]:
+            if argmax.op_type == "ArgMax" and _attr(argmax, "axis") == 1 and _attr(argmax, "keepdims", 1) == 0:
+                argmax.input[0] = nhwc
+                for attr in argmax.attribute:
+                    if attr.name == "axis":
+                        attr.i = 3
+        graph.node.remove(softmax)
+        graph.node.remove(transpose)
+        graph.node.extend(new_nodes)
+        rewritten += 1
+    if rewritten:
+        _toposort(graph)
+    return rewritten
 
 
 def node_stats(proto):

@@ -61,6 +61,8 @@ def test_static_size_gives_single_dilated_conv_nodes(model, static):
     assert report["verification"]["passed"] and report["input_size"] == [65, 81]
     assert stats["dilated_convs_single_node"] and stats["space_to_depth_nodes"] == 0
     assert stats["dilated_conv_nodes"] == _dilated_keras_convs(model) > 0
+    softmax = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax"]
+    assert [onnx.helper.get_attribute_value(a) for n in softmax for a in n.attribute if a.name == "axis"] == [-1]
     session = onnx_export.make_session(str(path))
     for batch in (1, 2):  # batch stays dynamic
         images = synthetic_images((65, 81), batch, seed=10 + batch)
