@@ -74,8 +74,9 @@ def main(argv=None):
         if "keras_tf" in args.runtimes:
             serve = tf.function(lambda x: common.serving_outputs(model, x))  # traced for the benchmark's shape
             runners["keras_tf"] = lambda x, f=serve: f(tf.constant(x))["labels"].numpy()
-            weights = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
-            sizes["keras_tf"] = weights  # float32 weights (the .keras file is about this size)
+            keras_path = os.path.join(base, "model.keras")
+            model.save(keras_path)
+            sizes["keras_tf"] = os.path.getsize(keras_path)
         if "saved_model" in args.runtimes:
             report = saved_model.export_saved_model(model, os.path.join(base, "sm"), overwrite=True, version=1,
                                                     num_samples=1, progress=progress)
