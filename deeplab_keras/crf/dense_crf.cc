@@ -207,24 +207,31 @@ DKCRF_INLINE void ChainBlurT(f8* V, const int32_t* point, const int64_t* start, 
 struct UpdateArgs {
   const f8* neg_u;
   int nb;
-  const Lattice* lb;  // bilateral lattice or null
+  const Lattice* lb;         // bilateral lattice or null
   const f8* vb;
   float wb;
-  const Lattice* lg;  // Gaussian lattice or null
+  const Lattice* lg;         // Gaussian kernel as a lattice, or null
   const f8* vg;
+  const GaussianKernel* gs;  // Gaussian kernel as a stencil over q_in, or null
   float wg;
+  const f8* q_in;
   f8* q;
 };
 
-// For pixels [begin, end): x = -U + wb * slice_b + wg * slice_g, q = softmax(x).
+// For pixels [begin, end): x = -U + wb * slice_b + wg * (slice_g or the stencil over q_in), q = softmax(x).
 template <int NB>
 DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   const int nb = NB > 0 ? NB : a.nb;
-  f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks];
+  f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks], acc2[NB > 0 ? NB : kMaxBlocks];
+  int64_t row = 0, col = 0, stencil_row = 0;
+  if (a.gs != nullptr) {
+    row = begin / a.gs->width;
+    col = begin - row * a.gs->width;
+    stencil_row = a.gs->ProbeRow(row) * a.gs->width;
+  }
   for (int64_t p = begin; p < end; ++p) {
     for (int b = 0; b < nb; ++b) x[b] = a.neg_u[p * nb + b];
-    if (a.lb != nullptr) {
-      f8 acc2[NB > 0 ? NB : kMaxBlocks];
+    if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
       for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
       const int32_t* off = &a.lb->offset[p * 6];
       const float* w = &a.lb->weight[p * 6];
@@ -247,6 +254,31 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
         for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
       }
       for (int b = 0; b < nb; ++b) x[b] += a.wg * acc[b];
+    }
+    if (a.gs != nullptr) {
+      const int64_t k = stencil_row + col;
+      const int32_t* off = a.gs->offset.data();
+      const float* w = a.gs->weight.data();
+      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
+      int32_t t = a.gs->start[k];
+      const int32_t t_end = a.gs->start[k + 1];
+      for (; t + 1 < t_end; t += 2) {
+        const f8* v0 = a.q_in + (p + off[t]) * nb;
+        const f8* v1 = a.q_in + (p + off[t + 1]) * nb;
+        for (int b = 0; b < nb; ++b) {
+          acc[b] += w[t] * v0[b];
+          acc2[b] += w[t + 1] * v1[b];
+        }
+      }
+      if (t < t_end) {
+        const f8* v0 = a.q_in + (p + off[t]) * nb;
+        for (int b = 0; b < nb; ++b) acc[b] += w[t] * v0[b];
+      }
+      for (int b = 0; b < nb; ++b) x[b] += a.wg * (acc[b] + acc2[b]);
+      if (++col == a.gs->width) {
+        col = 0;
+        stencil_row = a.gs->ProbeRow(++row) * a.gs->width;
+      }
     }
     SoftmaxRowT<NB>(x, nb, a.q + p * nb);
   }
@@ -388,20 +420,129 @@ int SplitCount(int64_t num_pixels, int num_threads) {
   return num_pixels < 4096 ? 1 : std::max(1, std::min(num_threads, 16));
 }
 
-std::shared_ptr<const Lattice> BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads,
-                                                    const ParallelFor& pfor) {
-  auto lattice = std::make_shared<Lattice>();
-  BuildLattice<2>(height * width, [&](int64_t p, float* f) {
+int64_t GaussianKernel::Bytes() const {
+  return static_cast<int64_t>(lattice.offset.size() * 4 + lattice.weight.size() * 4 + lattice.chain_point.size() * 4 +
+                              lattice.chain_start.size() * 8 + lattice.range_entry.size() * 4 + start.size() * 4 +
+                              offset.size() * 4 + weight.size() * 4);
+}
+
+namespace {
+
+bool StencilApplies(float xy_std) {
+  int exponent = 0;
+  return xy_std > 0.f && xy_std <= 1.f && std::frexp(xy_std, &exponent) == 0.5f;
+}
+
+// Reads the stencil off the lattice of a probe image (see GaussianKernel).
+void BuildStencil(int64_t height, int64_t width, float xy_std, const ParallelFor& pfor, GaussianKernel* g) {
+  constexpr int64_t kBand = 12;  // rows the top / bottom border influences (blur reach, twice for the norms)
+  g->width = width;
+  g->height = height;
+  g->band = kBand;
+  g->probe_rows = std::min<int64_t>(height, 2 * kBand + 1);
+  const int64_t np = g->probe_rows * width;
+  Lattice L;
+  BuildLattice<2>(np, [&](int64_t p, float* f) {
     f[0] = static_cast<float>(p % width) / xy_std;
     f[1] = static_cast<float>(p / width) / xy_std;
-  }, SplitCount(height * width, num_threads), pfor, lattice.get());
-  Normalize(lattice.get(), pfor);
-  return lattice;
+  }, 1, pfor, &L);
+  Normalize(&L, pfor);
+  const int64_t M = L.num_points;
+  // Blur neighbours from the chains: n1 (previous) and n2 (next) of each point per direction; M when absent.
+  std::vector<int32_t> n1(3 * (M + 1), static_cast<int32_t>(M)), n2(3 * (M + 1), static_cast<int32_t>(M));
+  for (int j = 0; j < 3; ++j) {
+    for (int64_t c = L.dir_chain[j]; c < L.dir_chain[j + 1]; ++c) {
+      for (int64_t i = L.chain_start[c]; i + 1 < L.chain_start[c + 1]; ++i) {
+        n2[j * (M + 1) + L.chain_point[i]] = L.chain_point[i + 1];
+        n1[j * (M + 1) + L.chain_point[i + 1]] = L.chain_point[i];
+      }
+    }
+  }
+  // Vertices (pixel entries) of each point.
+  std::vector<int32_t> pstart(M + 2, 0), pentry(np * 3);
+  for (int64_t e = 0; e < np * 3; ++e) ++pstart[L.offset[e] + 2];
+  for (int64_t m = 0; m < M; ++m) pstart[m + 2] += pstart[m + 1];
+  for (int64_t e = 0; e < np * 3; ++e) pentry[pstart[L.offset[e] + 1]++] = static_cast<int32_t>(e);
+  // Row i of the filter: u = S e_i pushed through the blur passes in reverse order (each pass is a symmetric
+  // matrix, so this is B^T u), then sliced: K[i, j] = sum_m (B^T u)[m] * w[j at m].
+  std::vector<float> u(M + 1, 0.f), v(M + 1, 0.f), row(np, 0.f);
+  std::vector<int32_t> touched, next, cols;
+  std::vector<char> in_next(M + 1, 0), in_row(np, 0);
+  g->start.assign(np + 1, 0);
+  for (int64_t i = 0; i < np; ++i) {
+    touched.clear();
+    for (int r = 0; r < 3; ++r) {
+      const int32_t o = L.offset[i * 3 + r];
+      touched.push_back(o);
+      u[o] += L.weight[i * 3 + r];
+    }
+    for (int j = 2; j >= 0; --j) {
+      next.clear();
+      auto add = [&](int32_t m, float value) {
+        if (m == M) return;
+        if (!in_next[m]) {
+          in_next[m] = 1;
+          next.push_back(m);
+        }
+        v[m] += value;
+      };
+      for (int32_t m : touched) {
+        add(m, u[m]);
+        add(n1[j * (M + 1) + m], 0.5f * u[m]);
+        add(n2[j * (M + 1) + m], 0.5f * u[m]);
+      }
+      for (int32_t m : touched) u[m] = 0.f;
+      for (int32_t m : next) {
+        u[m] = v[m];
+        v[m] = 0.f;
+        in_next[m] = 0;
+      }
+      touched.swap(next);
+    }
+    cols.clear();
+    for (int32_t m : touched) {
+      for (int32_t k = pstart[m]; k < pstart[m + 1]; ++k) {
+        const int32_t e = pentry[k], j = e / 3;
+        if (!in_row[j]) {
+          in_row[j] = 1;
+          cols.push_back(j);
+        }
+        row[j] += u[m] * L.weight[e];
+      }
+      u[m] = 0.f;
+    }
+    std::sort(cols.begin(), cols.end());
+    for (int32_t j : cols) {
+      g->offset.push_back(static_cast<int32_t>(j - i));
+      g->weight.push_back(row[j]);
+      row[j] = 0.f;
+      in_row[j] = 0;
+    }
+    g->start[i + 1] = static_cast<int32_t>(g->offset.size());
+  }
+  g->stencil = true;
+}
+
+}  // namespace
+
+std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_t width, float xy_std,
+                                                          int num_threads, const ParallelFor& pfor) {
+  auto kernel = std::make_shared<GaussianKernel>();
+  if (StencilApplies(xy_std)) {
+    BuildStencil(height, width, xy_std, pfor, kernel.get());
+  } else {
+    BuildLattice<2>(height * width, [&](int64_t p, float* f) {
+      f[0] = static_cast<float>(p % width) / xy_std;
+      f[1] = static_cast<float>(p / width) / xy_std;
+    }, SplitCount(height * width, num_threads), pfor, &kernel->lattice);
+    Normalize(&kernel->lattice, pfor);
+  }
+  return kernel;
 }
 
 void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                    int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q_out, const Lattice* gaussian) {
+                   const ParallelFor& pfor, float* q_out, const GaussianKernel* gaussian) {
   const KernelTable& K = Kernels();
   const int64_t N = height * width;
   const int C = num_labels, nb = (num_labels + 7) / 8;
@@ -409,6 +550,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
 
   DKCRF_TIC(unary);
   AlignedVector neg_u(N * nb), q_buffer(N * nb);
+  std::unique_ptr<AlignedVector> q_next_store;
   f8* q = q_buffer.data();
   pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.neg_unary(in, input_type, C, nb, b, e, neg_u.data()); });
   pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u.data(), nb, b, e, q); });
@@ -418,7 +560,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
   if (params.iterations > 0 && (use_b || use_g)) {
     DKCRF_TIC(build);
     Lattice lb;
-    std::shared_ptr<const Lattice> own_g;
+    std::shared_ptr<const GaussianKernel> own_g;
     if (use_b) {
       const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
       BuildLattice<5>(N, [&](int64_t p, float* f) {
@@ -431,21 +573,26 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       Normalize(&lb, pfor);
     }
     if (use_g && gaussian == nullptr) {
-      own_g = BuildGaussianLattice(height, width, params.gaussian_xy_std, num_threads, pfor);
+      own_g = BuildGaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);
       gaussian = own_g.get();
     }
-    const Lattice& lg = use_g ? *gaussian : lb;
+    const bool stencil_g = use_g && gaussian->stencil, lattice_g = use_g && !gaussian->stencil;
+    const Lattice& lg = lattice_g ? gaussian->lattice : lb;
+    // The stencil reads the previous Q of neighbouring pixels while the new Q is written: a second buffer
+    // (owned at function scope: after an odd number of iterations the result lives in it).
+    if (stencil_g) q_next_store = std::make_unique<AlignedVector>(N * nb);
+    f8* q_next = stencil_g ? q_next_store->data() : q;
     DKCRF_TOC(build);
 #ifdef DKCRF_PROFILE
     std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld T=%d\n", (long long)N, (long long)lb.num_points,
                  (long long)lg.num_points, T);
 #endif
-    const int64_t Mb = use_b ? lb.num_points : 0, Mg = use_g ? lg.num_points : 0;
+    const int64_t Mb = use_b ? lb.num_points : 0, Mg = lattice_g ? lg.num_points : 0;
     // One value buffer per lattice (the blur runs in place).
     AlignedVector vb(std::max<int64_t>(Mb, 1) * nb), vg(std::max<int64_t>(Mg, 1) * nb);
     // Splat work units: the splat ranges of both lattices.
     const int64_t Rb = use_b ? static_cast<int64_t>(lb.range_point.size()) - 1 : 0;
-    const int64_t Rg = use_g ? static_cast<int64_t>(lg.range_point.size()) - 1 : 0;
+    const int64_t Rg = lattice_g ? static_cast<int64_t>(lg.range_point.size()) - 1 : 0;
     const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / std::max<int64_t>(Rb + Rg, 1);
     for (int it = 0; it < params.iterations; ++it) {
       DKCRF_TIC(splat);
@@ -460,8 +607,8 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       // The d+1 directions in order (6 for the bilateral lattice, 3 for the Gaussian one), chains in parallel.
       for (int j = 0; j < 6; ++j) {
         const int64_t cb0 = use_b ? lb.dir_chain[j] : 0, nb_chains = use_b ? lb.dir_chain[j + 1] - cb0 : 0;
-        const int64_t cg0 = use_g && j < 3 ? lg.dir_chain[j] : 0;
-        const int64_t ng_chains = use_g && j < 3 ? lg.dir_chain[j + 1] - cg0 : 0;
+        const int64_t cg0 = lattice_g && j < 3 ? lg.dir_chain[j] : 0;
+        const int64_t ng_chains = lattice_g && j < 3 ? lg.dir_chain[j + 1] - cg0 : 0;
         if (nb_chains + ng_chains == 0) continue;
         pfor(nb_chains + ng_chains, 12 * nb, [&](int64_t b, int64_t e) {
           if (b < nb_chains)
@@ -474,8 +621,10 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       DKCRF_TOC(blur);
       DKCRF_TIC(update);
       UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
-                      use_g ? &lg : nullptr, vg.data(), params.gaussian_weight, q};
-      pfor(N, 9 * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+                      lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
+                      params.gaussian_weight, q, q_next};
+      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      std::swap(q, q_next);
       DKCRF_TOC(update);
     }
   }

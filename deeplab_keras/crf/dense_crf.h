@@ -42,18 +42,44 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width);
 // Splat ranges / hash partitions used for an image of `num_pixels` pixels with `num_threads` threads.
 int SplitCount(int64_t num_pixels, int num_threads);
 
-// The Gaussian (x, y) kernel's lattice (normalised) for height x width images: it depends only on the image
-// size, so one build serves every image of a batch (and may be cached across calls).
-std::shared_ptr<const Lattice> BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads,
-                                                    const ParallelFor& pfor);
+// The Gaussian (x, y) kernel (normalised, without its weight) for height x width images. It depends only on
+// the image size, so one build serves every image of a batch (and may be cached across calls).
+//
+// For a power-of-two xy_std <= 1 (DeepLab's default 1) the features y / xy_std are exact integer multiples and
+// moving one row down moves every elevated point by a lattice vector: the lattice filter (splat, blur, slice,
+// symmetric normalisation) is then the same linear stencil on every row away from the top and bottom borders
+// (each column has its own, x / xy_std * sqrt(3) being irrational). The kernel is read off a probe image of the
+// same width and 2 * band + 1 rows and applied as an explicit stencil (about 30 taps for xy_std = 1): no
+// splat, blur or slice in the iterations. It equals the lattice filter up to float rounding. Otherwise the
+// kernel is the lattice itself.
+struct GaussianKernel {
+  bool stencil = false;
+  Lattice lattice;              // when !stencil
+  int64_t width = 0, height = 0;
+  int64_t band = 0, probe_rows = 0;
+  std::vector<int32_t> start;   // [width * probe_rows + 1]: taps of probe pixel k are [start[k], start[k + 1])
+  std::vector<int32_t> offset;  // pixel index offset of a tap (dy * width + dx)
+  std::vector<float> weight;    // its weight
+
+  // Probe row whose stencil row y of the image uses.
+  int64_t ProbeRow(int64_t y) const {
+    if (probe_rows == height || y < band) return y;
+    if (y >= height - band) return y - (height - probe_rows);
+    return band;
+  }
+  int64_t Bytes() const;
+};
+
+std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_t width, float xy_std,
+                                                          int num_threads, const ParallelFor& pfor);
 
 // Runs the CRF on one image. `in` is [H*W, C] (probs / unary / logits), `image` [H*W, 3] uint8 (RGB in the
 // order the features use), `q` receives [H*W, C] probabilities. Inputs must be validated (finite, sizes).
-// `gaussian`: the BuildGaussianLattice result for this size and params.gaussian_xy_std (built here if null).
+// `gaussian`: the BuildGaussianKernel result for this size and params.gaussian_xy_std (built here if null).
 // Throws std::bad_alloc when memory runs out (the caller turns it into an error status).
 void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                    int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q, const Lattice* gaussian = nullptr);
+                   const ParallelFor& pfor, float* q, const GaussianKernel* gaussian = nullptr);
 
 }  // namespace dkcrf
 

@@ -180,9 +180,9 @@ class DenseCrfOp : public OpKernel {
     float* q = out->flat<float>().data();
     const int64_t pixels = height * width;
     try {
-      std::shared_ptr<const dkcrf::Lattice> gaussian;
+      std::shared_ptr<const dkcrf::GaussianKernel> gaussian;
       if (params.gaussian_weight > 0.f && params.iterations > 0)
-        gaussian = GaussianLattice(height, width, params.gaussian_xy_std, num_threads, pfor);
+        gaussian = GaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);
       for (int64_t n = 0; n < batch; ++n) {
         dkcrf::DenseCrfImage(data + n * pixels * labels, input_type_, images + n * pixels * 3, height, width,
                              static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels,
@@ -195,45 +195,40 @@ class DenseCrfOp : public OpKernel {
   }
 
  private:
-  // The Gaussian kernel's lattice depends only on (H, W, xy_std): one build serves a whole batch, and the
-  // last few are kept (up to kCacheBytes) for later calls on images of the same size.
+  // The Gaussian kernel depends only on (H, W, xy_std): one build serves a whole batch, and the last few are
+  // kept (up to kCacheBytes) for later calls on images of the same size.
   struct CacheEntry {
     int64_t height, width;
     float xy_std;
     int threads;
-    std::shared_ptr<const dkcrf::Lattice> lattice;
+    std::shared_ptr<const dkcrf::GaussianKernel> kernel;
     int64_t bytes;
   };
   static constexpr int64_t kCacheBytes = int64_t{64} << 20;
 
-  static int64_t Bytes(const dkcrf::Lattice& l) {
-    return static_cast<int64_t>(l.offset.size() * 4 + l.weight.size() * 4 + l.chain_point.size() * 4 +
-                                l.chain_start.size() * 8 + l.range_entry.size() * 4);
-  }
-
-  std::shared_ptr<const dkcrf::Lattice> GaussianLattice(int64_t height, int64_t width, float xy_std, int threads,
-                                                        const dkcrf::ParallelFor& pfor) {
+  std::shared_ptr<const dkcrf::GaussianKernel> GaussianKernel(int64_t height, int64_t width, float xy_std,
+                                                              int threads, const dkcrf::ParallelFor& pfor) {
     {
       std::lock_guard<std::mutex> lock(cache_mu_);
       for (size_t i = 0; i < cache_.size(); ++i) {
         const CacheEntry& c = cache_[i];
         if (c.height == height && c.width == width && c.xy_std == xy_std && c.threads == threads) {
           std::rotate(cache_.begin(), cache_.begin() + i, cache_.begin() + i + 1);  // most recent first
-          return cache_.front().lattice;
+          return cache_.front().kernel;
         }
       }
     }
-    auto lattice = dkcrf::BuildGaussianLattice(height, width, xy_std, threads, pfor);
-    const int64_t bytes = Bytes(*lattice);
+    auto kernel = dkcrf::BuildGaussianKernel(height, width, xy_std, threads, pfor);
+    const int64_t bytes = kernel->Bytes();
     if (bytes <= kCacheBytes) {
       std::lock_guard<std::mutex> lock(cache_mu_);
-      cache_.insert(cache_.begin(), CacheEntry{height, width, xy_std, threads, lattice, bytes});
+      cache_.insert(cache_.begin(), CacheEntry{height, width, xy_std, threads, kernel, bytes});
       int64_t total = 0;
       size_t keep = 0;
       while (keep < cache_.size() && total + cache_[keep].bytes <= kCacheBytes) total += cache_[keep++].bytes;
       cache_.resize(keep);
     }
-    return lattice;
+    return kernel;
   }
 
   dkcrf::InputType input_type_;
