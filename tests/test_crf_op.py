@@ -131,6 +131,14 @@ def test_crf_improves_miou_on_voc_samples(voc_results):
     (3, (20, 30, 2), dict(bilateral_weight=0.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
                           gaussian_weight=6.0, gaussian_xy_std=2.0), 20),
     (4, (65, 44, 8), DEEPLAB, 1),
+    # Gaussian kernel alone at power-of-two stds (the op's exact per-column stencil path; H > 25 exercises the
+    # shared interior rows) and at a std that takes the lattice path.
+    (5, (70, 34, 4), dict(bilateral_weight=0.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
+                          gaussian_weight=5.0, gaussian_xy_std=1.0), 7),
+    (6, (61, 40, 3), dict(bilateral_weight=0.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
+                          gaussian_weight=5.0, gaussian_xy_std=0.5), 4),
+    (7, (52, 36, 3), dict(bilateral_weight=2.0, bilateral_xy_std=30.0, bilateral_rgb_std=10.0,
+                          gaussian_weight=5.0, gaussian_xy_std=1.5), 4),
 ])
 def test_random_inputs_agree_with_pydensecrf(seed, shape, params, iterations):
     rng = np.random.default_rng(seed)
