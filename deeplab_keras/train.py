@@ -25,11 +25,23 @@ The recipe (Chen et al., TPAMI 2017, and the released Caffe prototxts), all conf
 * MSC (``msc_scales``): the loss is the sum of the per-scale losses and the loss of the max-fused logits
   (from ``model.multi_scale_logits``).
 
+Mixed precision (``mixed_precision``): ``mixed_float16`` wraps the optimizer in ``LossScaleOptimizer``
+(dynamic loss scaling; a step whose gradients overflow is skipped, and the poly schedule counts applied
+steps); ``mixed_bfloat16`` needs no scaling. The model's logits are float32 and the loss is computed in
+float32; ``model.keras`` is a float32 copy of the same weights (``models.as_float32``).
+
+Distribution (``strategy``): "default" (one device), "mirrored", "multi_worker" (cluster from TF_CONFIG;
+only the chief writes checkpoints and logs), "tpu", "one_device". ``batch_size`` is global; every replica
+gets an exact slice of each global batch (:func:`distribute_stream`), so a distributed run computes the same
+steps as a single-device one (tested: 2 logical CPUs, and 2 worker processes). The logged training mIoU is
+Keras' mean over replicas; use ``deeplab_keras.evaluate`` for exact numbers.
+
 Resume: every epoch (``steps_per_epoch`` steps) the weights, optimizer state and epoch are backed up with a
 :class:`keras.callbacks.BackupAndRestore` subclass that writes atomically; the batches of epoch ``k`` are a
 pure function of ``(seed, k)``, so a run killed at any point and restarted with the same command continues
 from the last finished epoch and ends with the same weights as an uninterrupted run (with
-``deterministic=True``, which turns on ``tf.config.experimental.enable_op_determinism``).
+``deterministic=True``, which turns on ``tf.config.experimental.enable_op_determinism`` for the process).
+Re-running a finished run restores its final state and trains nothing.
 
 Run directory layout::
 
@@ -42,7 +54,6 @@ Run directory layout::
 """
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -436,11 +447,6 @@ class ScaledSGD(keras.optimizers.SGD):
         config = super().get_config()
         config["multipliers"] = self.multipliers
         return config
-
-
-def _is_bias(variable):
-    path = getattr(variable, "path", None) or variable.name
-    return path.split("/")[-1].split(":")[0] == "bias"
 
 
 def _conv_kernels(model):
