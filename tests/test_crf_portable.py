@@ -267,14 +267,16 @@ def _check_runtime(run, fn, shapes=((1, 33, 41), (2, 45, 38))):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(runtime="litert"),
-                                    pytest.param(dict(gaussian_filter="exact"), marks=pytest.mark.slow)])
+                                    pytest.param(dict(gaussian_filter="exact"), marks=pytest.mark.slow)],
+                         ids=["any-runtime", "litert", "exact-gaussian"])
 def test_tflite_builtins_conversion_runs_in_litert(kwargs):
     fn = _traced(**kwargs)
     _check_runtime(_litert(fn), fn)
 
 
 @pytest.mark.parametrize("kwargs", [dict(runtime="onnx"),
-                                    pytest.param(dict(gaussian_filter="exact"), marks=pytest.mark.slow)])
+                                    pytest.param(dict(gaussian_filter="exact"), marks=pytest.mark.slow)],
+                         ids=["onnx", "exact-gaussian"])
 def test_onnx_conversion_runs_in_onnxruntime(kwargs):
     fn = _traced(**kwargs)
     _check_runtime(_onnxruntime(fn), fn)
