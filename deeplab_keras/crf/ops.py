@@ -23,7 +23,10 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
     ``(x/gaussian_xy_std, y/gaussian_xy_std)``, both through a permutohedral lattice with symmetric
     normalisation, i.e. ``addPairwiseBilateral(sxy, srgb, rgbim, compat)`` + ``addPairwiseGaussian(sxy,
     compat)``. Defaults are DeepLab v2 ResNet-101's. Runs on CPU, batched and parallel over TensorFlow's
-    intra-op thread pool (``tf.config.threading``). Not differentiable.
+    intra-op thread pool (``tf.config.threading``); the result does not depend on the number of threads. For a
+    power-of-two ``gaussian_xy_std <= 1`` (the default 1) the Gaussian kernel's lattice filter is applied as its
+    exact per-column pixel stencil (equal up to float rounding); that kernel depends only on the image size and
+    is built once per batch and cached for later calls. Not differentiable.
 
     Args:
         probs: float [N, H, W, C] class probabilities (e.g. a softmax resized to the image size); with
