@@ -235,6 +235,24 @@ def test_result_does_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(np.load(paths[2]), here)
 
 
+def test_portable_kernels_match_the_avx2_kernels():
+    """The plain x86-64 kernels (what a CPU without AVX2/FMA runs) give the same result up to FMA rounding."""
+    rng = np.random.default_rng(10)
+    image, probs = random_case(rng, 40, 36, 21)
+    here = dk.crf.dense_crf(probs[None], image[None]).numpy()
+    script = (
+        "import sys, numpy as np\n"
+        "import deeplab_keras as dk\n"
+        "np.save(sys.argv[3], dk.crf.dense_crf(np.load(sys.argv[1]), np.load(sys.argv[2])).numpy())\n")
+    tmp = __import__("tempfile").mkdtemp()
+    paths = [os.path.join(tmp, n) for n in ("p.npy", "im.npy", "out.npy")]
+    np.save(paths[0], probs[None])
+    np.save(paths[1], image[None])
+    env = dict(os.environ, DEEPLAB_KERAS_CRF_GENERIC="1")
+    subprocess.run([sys.executable, "-c", script, *paths], check=True, capture_output=True, timeout=300, env=env)
+    np.testing.assert_allclose(np.load(paths[2]), here, atol=1e-5)
+
+
 def test_empty_batch_returns_empty():
     out = dk.crf.dense_crf(np.zeros((0, 5, 6, 3), np.float32), np.zeros((0, 5, 6, 3), np.uint8))
     assert out.shape == (0, 5, 6, 3)

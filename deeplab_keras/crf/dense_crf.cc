@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <sstream>
@@ -334,7 +335,10 @@ const KernelTable& Kernels() {
   static const KernelTable table = [] {
 #if defined(DKCRF_X86) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    // DEEPLAB_KERAS_CRF_GENERIC=1 forces the plain x86-64 kernels (tests of the portable path).
+    const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
+    if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
       return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
     return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
