@@ -97,16 +97,6 @@ def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_saved_model_versions(tmp_path):
-    base = tmp_path / "serving"
-    assert main(TINY_ARGS + ["--format", "saved_model", "--version", "3", "--verify-size", "33", "41",
-                             "--num-samples", "1", "--out", str(base)]) == 0
-    assert main(TINY_ARGS + ["--format", "saved_model", "--verify-size", "33", "41", "--num-samples", "1",
-                             "--out", str(base)]) == 0
-    assert sorted(os.listdir(base)) == ["3", "3.report.json", "4", "4.report.json"]
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt, extra", [("saved_model", []), ("tflite", ["--input-size", "33", "41"]),
                                         ("onnx", [])])
 def test_with_crf_in_every_format(fmt, extra, tmp_path):
