@@ -15,7 +15,6 @@ Example:
     >>> results = evaluate("runs/tiny", dataset, crf=True)          # doctest: +SKIP
     >>> print(format_table(results))                                 # doctest: +SKIP
 """
-import json
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
            "DEFAULT_CRF_PARAMS"]
@@ -269,11 +270,4 @@ def format_table(results):
 
 def write_json(results, path):
     """Writes ``results`` as JSON atomically (temporary file + rename)."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(os.path.abspath(os.fspath(path)), results)

@@ -6,7 +6,6 @@ bilinearly resized to the input size inside the graph (as ``deeplab-predict`` do
 themselves). An optional ``crf`` callable refines the probabilities
 before the argmax; it must be made of stock TF ops so that every format can carry it.
 """
-import json
 import os
 import shutil
 import sys
@@ -15,6 +14,8 @@ import time
 
 import numpy as np
 import tensorflow as tf
+
+from deeplab_keras.utils import atomic_write_json
 
 OUTPUT_KINDS = ("full", "logits")
 
@@ -165,29 +166,7 @@ def publish(staged, final_path, overwrite):
 
 def write_json_atomic(path, data):
     """Writes ``data`` as indented JSON to ``path`` via a temporary file and rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+    return atomic_write_json(path, data, indent=2)
 
 
 def path_size(path):
