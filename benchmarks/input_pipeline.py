@@ -28,6 +28,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from deeplab_keras import data  # noqa: E402
+from deeplab_keras.inference import upsample_logits  # noqa: E402
 
 
 def pipeline(root, args, parallel, seed=0):
@@ -62,7 +63,7 @@ def make_step(args):
         labels = tf.cast(labels, tf.int32)
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            logits = tf.image.resize(logits, tf.shape(labels)[1:3], method="bilinear")
+            logits = upsample_logits(logits, tf.shape(labels)[1:3])
             loss = loss_fn(labels, logits)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))

@@ -1,9 +1,11 @@
 """Evaluation: confusion-matrix mIoU (ignoring 255), per-class IoU, pixel accuracy, with and without the CRF.
 
-Predictions are made at full image resolution: the logits of each image (optionally at several input scales
-and horizontally flipped) are upsampled to the image size with corner-aligned bilinear interpolation (the
-geometry of an output-stride-8 network, the same resize the training loss uses), turned into softmax
-probabilities and averaged over scales / flips. With ``crf=True`` the same probabilities also go through
+Predictions are made at full image resolution by ``deeplab_keras.inference`` (the same code as
+``deeplab-predict``): the logits of each image (optionally at several input scales and horizontally flipped) are
+upsampled to the image size with ``inference.upsample_logits`` (corner-aligned bilinear, the geometry of an
+output-stride-8 network, the same resize the training loss and the exported graphs use), turned into softmax
+probabilities and averaged over scales / flips. ``predict_probabilities`` here is
+``deeplab_keras.inference.predict_probabilities``. With ``crf=True`` the same probabilities also go through
 ``deeplab_keras.crf.dense_crf`` and both results are reported from the one pass over the data.
 
 The mIoU is the mean over classes of ``TP / (TP + FP + FN)`` from a confusion matrix accumulated over the
@@ -22,8 +24,8 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
+from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
@@ -91,61 +93,6 @@ def scores(cm, class_names=None):
     }
 
 
-def _resize_aligned(x, size):
-    return tf.raw_ops.ResizeBilinear(images=tf.cast(x, tf.float32), size=tf.cast(size, tf.int32),
-                                     align_corners=True, half_pixel_centers=False)
-
-
-class _Predictor:
-    """Full-resolution softmax probabilities of one image, one ``tf.function`` for every image size."""
-
-    def __init__(self, model, scales=(1.0,), flip=False):
-        if not scales or any(float(s) <= 0 for s in scales):
-            raise ValueError(f"scales={tuple(scales) if scales else scales!r}: give one or more positive scales, "
-                             "e.g. (1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5)")
-        self.model = model
-        self.scales = tuple(float(s) for s in scales)
-        self.flip = bool(flip)
-        self._fn = tf.function(self._probs, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
-                               reduce_retracing=True)
-
-    def _probs(self, images):
-        size = tf.shape(images)[1:3]
-        total = None
-        for s in self.scales:
-            if s == 1.0:
-                x = images
-            else:
-                scaled = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * s), tf.int32), 1)
-                x = _resize_aligned(images, scaled)
-            for flipped in ((False, True) if self.flip else (False,)):
-                inp = tf.reverse(x, [2]) if flipped else x
-                logits = tf.cast(self.model(inp, training=False), tf.float32)
-                if flipped:
-                    logits = tf.reverse(logits, [2])
-                probs = tf.nn.softmax(_resize_aligned(logits, size), axis=-1)
-                total = probs if total is None else total + probs
-        return total / float(len(self.scales) * (2 if self.flip else 1))
-
-    def __call__(self, images):
-        return self._fn(tf.cast(images, tf.float32))
-
-
-def predict_probabilities(model, images, scales=(1.0,), flip=False):
-    """Softmax probabilities [N,H,W,C] at the input size, averaged over ``scales`` and flips.
-
-    Args:
-        model: DeepLab model (RGB 0..255 float in, logits out).
-        images: [N,H,W,3] (or [H,W,3]) RGB 0..255.
-        scales: input scales to average over.
-        flip: also average the horizontally flipped input.
-    """
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank == 3:
-        images = images[None]
-    return _Predictor(model, scales, flip)._probs(tf.cast(images, tf.float32)).numpy()  # eager: no tracing
-
-
 def _examples(dataset):
     """Yields (image [H,W,3], label [H,W], name) numpy triples from dicts, tuples, batched or not."""
     for element in dataset:
@@ -205,7 +152,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         where scores is :func:`scores`'s dict.
     """
     model = _load(model)
-    predictor = _Predictor(model, scales, flip)
+    predictor = Predictor(model, scales, flip)
     params = dict(DEFAULT_CRF_PARAMS, **(crf_params or {}))
     cms, count, start = {}, 0, time.time()
     bar = None
@@ -216,7 +163,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
     for image, label, _ in _examples(dataset):
         if max_images is not None and count >= max_images:
             break
-        probs = predictor(image[None])
+        probs = predictor(image[None]).numpy()
         if num_classes is None:
             num_classes = int(probs.shape[-1])
         elif int(probs.shape[-1]) != num_classes:

@@ -66,6 +66,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from deeplab_keras import inference  # noqa: E402
+
 __all__ = [
     "TrainConfig", "load_config", "train", "TrainResult", "make_strategy", "build_model", "load_datasets",
     "make_train_stream", "make_val_stream", "distribute_stream", "read_history", "plot_history",
@@ -321,14 +323,10 @@ def _as_config(config):
 # ----------------------------------------------------------------------------------------------------------
 # Loss and metric
 # ----------------------------------------------------------------------------------------------------------
-def resize_logits(logits, size):
-    """Bilinear resize of logits [N,h,w,C] to ``size`` (H, W) with aligned corners, in float32.
-
-    Corner alignment matches the output-stride geometry (logit i sits on pixel ``OS * i``) and Caffe's Interp.
-    """
-    logits = tf.cast(logits, tf.float32)
-    return tf.raw_ops.ResizeBilinear(images=logits, size=tf.cast(size, tf.int32), align_corners=True,
-                                     half_pixel_centers=False)
+# The logits resize of the loss and the metric: ``deeplab_keras.inference.upsample_logits`` (corner-aligned
+# bilinear in float32, logit i on pixel OS * i as Caffe's Interp), the same one evaluation, prediction and the
+# exported graphs use. ``resize_logits`` is kept as the name this module has always exported.
+resize_logits = inference.upsample_logits
 
 
 def _resize_labels(labels, size):
@@ -969,29 +967,12 @@ class TrainResult:
 
 
 def _float32_copy(net, cfg):
-    """A float32 copy of a mixed-precision model (the lead's ``models.as_float32`` when present)."""
+    """A float32 copy of a mixed-precision model (``models.as_float32``); ``net`` itself otherwise."""
     if not cfg.mixed_precision or cfg.mixed_precision == "float32":
         return net
-    try:
-        from deeplab_keras.models import as_float32
-    except ImportError:
-        as_float32 = None
-    if as_float32 is not None:
-        return as_float32(net)
-    config = net.get_config()
-    with _policy_scope("float32"):
-        copy = net.__class__.from_config(_strip_policy(config))
-    copy.set_weights(net.get_weights())
-    return copy
+    from deeplab_keras.models import as_float32
 
-
-def _strip_policy(config):
-    if isinstance(config, dict):
-        return {k: ("float32" if k == "dtype" and not isinstance(v, (int, float)) and v is not None
-                    else _strip_policy(v)) for k, v in config.items()}
-    if isinstance(config, list):
-        return [_strip_policy(v) for v in config]
-    return config
+    return as_float32(net)
 
 
 def _tensorboard_available():

@@ -177,6 +177,7 @@ def main(argv=None):
 
     from deeplab_keras.export import common
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
+    from deeplab_keras.models import is_float32
 
     progress = common.Progress(not a.quiet)
     try:
@@ -187,7 +188,7 @@ def main(argv=None):
         except (OSError, ValueError) as e:  # an unusable checkpoint or model option
             print(f"deeplab-export: error: {e}", file=sys.stderr)
             return 2
-        if not common.is_float32(model):
+        if not is_float32(model):
             progress.info("the model uses mixed precision; exporting a float32 copy with the same weights")
         crf = _make_crf(a) if a.with_crf else None
         precision = {"none": "float32"}.get(a.quantize, a.quantize)

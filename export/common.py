@@ -1,7 +1,8 @@
 """Pieces shared by the three exporters: the serving graph, float32 preparation, atomic writes, reports.
 
 Every format exports the same computation (``serving_outputs``): the Keras model's logits at output stride,
-bilinearly resized to the input size inside the graph (as ``deeplab-predict`` does), a softmax, and an argmax.
+resized to the input size inside the graph by ``deeplab_keras.inference.upsample_logits`` (corner-aligned
+bilinear, the resize of training, ``deeplab-eval`` and ``deeplab-predict``), a softmax, and an argmax.
 ``outputs="logits"`` exports the raw logits at output stride instead (smaller, for devices that post-process
 themselves). An optional ``crf`` callable refines the probabilities
 before the argmax; it must be made of stock TF ops so that every format can carry it.
@@ -15,6 +16,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from deeplab_keras.inference import upsample_logits
 from deeplab_keras.utils import atomic_write_json
 
 OUTPUT_KINDS = ("full", "logits")
@@ -22,19 +24,6 @@ OUTPUT_KINDS = ("full", "logits")
 
 class ExportError(Exception):
     """A problem with the user's request (bad path, existing artifact, unusable option): exit code 2 at the CLI."""
-
-
-def upsample_logits(logits, size):
-    """Bilinearly resizes logits ``[N, h, w, C]`` to ``size`` (``[H, W]``): the same resize as ``deeplab-predict``
-    (``deeplab_keras.inference.upsample_logits``), so exported and Keras predictions agree.
-
-    Args:
-        logits: float tensor ``[N, h, w, C]``.
-        size: int32 tensor or pair ``(H, W)``.
-    """
-    from deeplab_keras.inference import upsample_logits as keras_upsample
-
-    return keras_upsample(tf.cast(logits, tf.float32), size)
 
 
 def serving_outputs(model, images, outputs="full", crf=None):
@@ -79,32 +68,6 @@ def reference_outputs(model, images, outputs="full", crf=None, batch_size=1):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def is_float32(model):
-    """True when every layer of ``model`` computes and stores in float32."""
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
-    for layer in layers:
-        policy = getattr(layer, "dtype_policy", None)
-        if policy is not None and (policy.compute_dtype != "float32" or policy.variable_dtype != "float32"):
-            return False
-    return True
-
-
-def to_float32(model):
-    """Returns ``model`` itself if it is float32, else a float32 rebuild with the same weights (mixed precision).
-
-    Args:
-        model: a Keras model, possibly built under ``mixed_float16`` / ``mixed_bfloat16``.
-    """
-    if is_float32(model):
-        return model
-    from deeplab_keras.models import as_float32
-
-    rebuilt = as_float32(model)
-    if not is_float32(rebuilt):
-        raise ExportError("could not rebuild the mixed-precision model in float32; export a float32 model instead")
-    return rebuilt
-
-
 def model_num_classes(model):
     """Number of classes (last dim of the logits) of ``model``."""
     num = getattr(model, "num_classes", None)
@@ -136,6 +99,30 @@ def check_destination(path, overwrite, what="artifact"):
         os.rmdir(tempfile.mkdtemp(prefix=".deeplab-export-probe-", dir=probe))
     except OSError as e:
         raise ExportError(f"cannot write {what} {path}: {probe} is not a writable directory ({e.strerror})")
+
+
+def check_outputs(outputs):
+    """Raises ``ExportError`` unless ``outputs`` is one of ``OUTPUT_KINDS``."""
+    if outputs not in OUTPUT_KINDS:
+        raise ExportError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
+
+
+def file_destination(out, overwrite, what, suffix):
+    """The absolute path of a single-file artifact (``.tflite``, ``.onnx``), checked before the slow steps.
+
+    Args:
+        out: the requested path.
+        overwrite: whether an existing file may be replaced.
+        what: a word for error messages, e.g. ``"ONNX file"``.
+        suffix: the file suffix suggested when ``out`` is a directory, e.g. ``".onnx"``.
+    Raises:
+        ExportError: ``out`` is a directory, exists without ``overwrite``, or cannot be written.
+    """
+    final = os.path.abspath(out)
+    if os.path.isdir(final):
+        raise ExportError(f"--out {final} is a directory; give a file path such as {final}/model{suffix}")
+    check_destination(final, overwrite, what)
+    return final
 
 
 def staging_dir(final_path):

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import common
 from deeplab_keras.export import verify as verify_lib
+from deeplab_keras.models import as_float32
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -204,15 +205,11 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
     """
     progress = progress or common.Progress(False)
     crf = common.crf_for(crf, "onnx") if crf is not None else None
-    if outputs not in common.OUTPUT_KINDS:
-        raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
+    common.check_outputs(outputs)
     if int(opset) < MIN_OPSET:
         raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
-    final = os.path.abspath(out)
-    if os.path.isdir(final):
-        raise common.ExportError(f"--out {final} is a directory; give a file path such as {final}/model.onnx")
-    common.check_destination(final, overwrite, "ONNX file")
-    model = common.to_float32(model)
+    final = common.file_destination(out, overwrite, "ONNX file", ".onnx")
+    model = as_float32(model)
     tolerance = tolerance or verify_lib.TOLERANCES["float32"]
     size = tuple(input_size) if input_size else tuple(verify_size)
     stage = common.staging_dir(final)

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import common
 from deeplab_keras.export import verify as verify_lib
+from deeplab_keras.models import as_float32
 
 SIGNATURE_IMAGE = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -124,7 +125,7 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
         raise common.ExportError(f"--version must be a non-negative integer, got {version}")
     final = os.path.join(os.path.abspath(out), str(version))
     common.check_destination(final, overwrite, "SavedModel version directory")
-    model = common.to_float32(model)
+    model = as_float32(model)
     tolerance = tolerance or verify_lib.TOLERANCES["float32"]
     stage = common.staging_dir(final)
     try:

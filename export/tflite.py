@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import common
 from deeplab_keras.export import verify as verify_lib
+from deeplab_keras.models import as_float32
 
 QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
 SIGNATURE = "serving_default"
@@ -49,6 +50,13 @@ def _write_float_saved_model(model, path, input_size, outputs, crf):
     archive.write_out(path, verbose=False)
 
 
+def _check_quantize(quantize, int8_io):
+    if quantize not in QUANTIZE_MODES:
+        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    if int8_io and quantize != "int8":
+        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
+
+
 def convert(model, input_size=None, outputs="full", quantize="none", representative=None, int8_io=False, crf=None,
             workdir=None):
     """Converts ``model`` to ``.tflite`` bytes (builtin ops only).
@@ -65,10 +73,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
     Returns:
         ``(tflite_bytes, full_integer)``: ``full_integer`` is False when int8 had to keep some float kernels.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
-    if int8_io and quantize != "int8":
-        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
+    _check_quantize(quantize, int8_io)
     import tempfile
 
     own = workdir is None
@@ -190,17 +195,10 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
     """
     progress = progress or common.Progress(False)
     crf = common.crf_for(crf, "litert") if crf is not None else None
-    if outputs not in common.OUTPUT_KINDS:
-        raise common.ExportError(f"outputs must be one of {common.OUTPUT_KINDS}, got {outputs!r}")
-    if quantize not in QUANTIZE_MODES:
-        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
-    if int8_io and quantize != "int8":
-        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
-    final = os.path.abspath(out)
-    if os.path.isdir(final):
-        raise common.ExportError(f"--out {final} is a directory; give a file path such as {final}/model.tflite")
-    common.check_destination(final, overwrite, "TFLite file")
-    model = common.to_float32(model)
+    common.check_outputs(outputs)
+    _check_quantize(quantize, int8_io)
+    final = common.file_destination(out, overwrite, "TFLite file", ".tflite")
+    model = as_float32(model)
     size = tuple(input_size) if input_size else tuple(verify_size)
     precision = _PRECISION[quantize]
     tolerance = tolerance or verify_lib.TOLERANCES[precision]

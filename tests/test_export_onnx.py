@@ -10,6 +10,7 @@ import pytest
 from deeplab_keras.export import common
 from deeplab_keras.export import onnx as onnx_export
 from deeplab_keras.export.verify import VerificationError, synthetic_images
+from deeplab_keras.models import is_float32
 from tests.conftest import tiny_model
 
 
@@ -70,6 +71,16 @@ def test_static_size_gives_single_dilated_conv_nodes(model, static):
         np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-4)
 
 
+def test_logits_resize_is_corner_aligned(static):
+    """tf2onnx carries inference.upsample_logits (ResizeBilinear, align_corners) as an align_corners Resize."""
+    path, _ = static
+    resizes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Resize"]
+    assert resizes
+    for node in resizes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["coordinate_transformation_mode"] == b"align_corners" and attrs["mode"] == b"linear"
+
+
 def test_opset_13_and_logits(model, tmp_path):
     path = tmp_path / "o13.onnx"
     report = onnx_export.export_onnx(model, str(path), opset=13, input_size=(33, 41), outputs="logits",
@@ -99,7 +110,7 @@ def test_mixed_precision_model_exports_as_float32(tmp_path):
         mixed = tiny_model(3, "resnet50")
     finally:
         keras.config.set_dtype_policy("float32")
-    assert not common.is_float32(mixed)
+    assert not is_float32(mixed)
     path = tmp_path / "m.onnx"
     report = onnx_export.export_onnx(mixed, str(path), input_size=(33, 41), num_samples=1)
     assert report["verification"]["passed"] and report["precision"] == "float32"

@@ -100,6 +100,18 @@ def test_fp32_static_size_fuses_dilated_convs(fp32_static):
     assert list(runner.input_details["shape"]) == [1, 65, 65, 3]
 
 
+def test_logits_resize_is_corner_aligned(fp32_static):
+    """LiteRT's builtin RESIZE_BILINEAR carries inference.upsample_logits' align_corners (no half-pixel centres)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    path, _ = fp32_static
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in flat.operatorCodes]
+    options = [op.builtinOptions for graph in flat.subgraphs for op in graph.operators
+               if codes[op.opcodeIndex] == schema.BuiltinOperator.RESIZE_BILINEAR]
+    assert options and all(o.alignCorners and not o.halfPixelCenters for o in options)
+
+
 def test_float16_logits(model, tmp_path, fp32_static):
     path = tmp_path / "fp16.tflite"
     report = tflite.export_tflite(model, str(path), quantize="float16", input_size=(65, 65), outputs="logits",

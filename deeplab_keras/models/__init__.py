@@ -1,6 +1,7 @@
 """DeepLab v2 model assembly and weight handling."""
 from deeplab_keras.models.deeplab import DeepLabV2, build_network
-from deeplab_keras.models.weights import as_float32, load_model, resolve_checkpoint, transfer_backbone_weights
+from deeplab_keras.models.weights import (as_float32, is_float32, load_model, resolve_checkpoint,
+                                          transfer_backbone_weights)
 
-__all__ = ["DeepLabV2", "build_network", "as_float32", "load_model", "resolve_checkpoint",
+__all__ = ["DeepLabV2", "build_network", "as_float32", "is_float32", "load_model", "resolve_checkpoint",
            "transfer_backbone_weights"]

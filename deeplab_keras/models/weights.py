@@ -124,12 +124,28 @@ def load_weights_into(model, weights):
     return model
 
 
+def is_float32(model):
+    """True when every layer of ``model`` computes and stores in float32 (no mixed-precision policy anywhere)."""
+    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
+    for layer in layers:
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and (policy.compute_dtype != "float32" or policy.variable_dtype != "float32"):
+            return False
+    return True
+
+
 def as_float32(model):
-    """A float32 copy of ``model`` (e.g. trained under mixed_float16) with the same weights, for export.
+    """``model`` in float32: ``model`` itself when it already is, else a float32 rebuild (e.g. of a model trained
+    under ``mixed_float16`` / ``mixed_bfloat16``) with the same weights, for saving and export.
+
+    Raises:
+        ValueError: the rebuilt model still holds a non-float32 layer (a custom layer that pins its own policy).
 
     Example:
         >>> fp32 = as_float32(model)                  # doctest: +SKIP
     """
+    if is_float32(model):
+        return model
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
@@ -139,4 +155,7 @@ def as_float32(model):
         keras.config.set_dtype_policy(previous)
     copy.set_weights([np.asarray(w, dtype=np.float32) if np.asarray(w).dtype.kind == "f" else w
                       for w in model.get_weights()])
+    if not is_float32(copy):
+        raise ValueError(f"could not rebuild the mixed-precision model {getattr(model, 'name', '')!r} in float32 "
+                         "(a layer keeps its own dtype policy); build and save the model in float32 instead")
     return copy
