@@ -10,6 +10,15 @@ SAMPLES = ["2007_000032", "2007_000033", "2007_000063", "2008_000009", "2009_000
            "2011_000003"]
 
 
+def test_portable_crf_is_importable_from_the_crf_package():
+    import deeplab_keras as dk
+    from deeplab_keras.crf import crf_postprocess as postprocess, dense_crf_portable as portable
+
+    assert portable is dense_crf_portable and postprocess is crf_postprocess
+    assert dk.crf.dense_crf_portable is dense_crf_portable
+    assert {"dense_crf_portable", "crf_postprocess"} <= set(dk.crf.__all__)
+
+
 # ----------------------------------------------------------------------------------------------------
 # References and inputs
 # ----------------------------------------------------------------------------------------------------

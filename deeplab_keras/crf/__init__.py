@@ -4,6 +4,10 @@
 permutohedral-lattice kernel; :class:`DenseCRF` is the same as a Keras layer. Importing this package does not
 load or build the op library: the first call does (see ``deeplab_keras.crf.build_op``).
 
+``dense_crf_portable(probs, images, ...)`` is the same inference made of stock TensorFlow ops (no custom op, so it
+exports to TF Serving, LiteRT and ONNX; ``deeplab_keras.crf.portable``), and ``crf_postprocess`` is its serving
+helper (softmax at image size in, refined probabilities and labels out).
+
 Example:
     >>> import numpy as np, deeplab_keras as dk
     >>> probs = np.full((1, 8, 8, 3), 1 / 3, "float32")
@@ -12,6 +16,8 @@ Example:
 """
 from deeplab_keras.crf._loader import OpLibraryError, ensure_library, load_library
 from deeplab_keras.crf.ops import INPUT_TYPES, dense_crf
+from deeplab_keras.crf.portable import crf_postprocess, dense_crf_portable
 from deeplab_keras.layers.crf import DenseCRF
 
-__all__ = ["dense_crf", "DenseCRF", "INPUT_TYPES", "OpLibraryError", "ensure_library", "load_library"]
+__all__ = ["dense_crf", "DenseCRF", "dense_crf_portable", "crf_postprocess", "INPUT_TYPES", "OpLibraryError",
+           "ensure_library", "load_library"]

@@ -478,7 +478,7 @@ def crf_postprocess(probabilities, image, iterations=10, runtime=None, **crf_kwa
     """Serving helper: refine a model's resized softmax with the portable CRF and take the labels.
 
     For export signatures: ``image`` uint8 [N, H, W, 3] and ``probabilities`` float32 [N, H, W, C] at the
-    image's size (e.g. ``tf.nn.softmax(tf.image.resize(logits, [H, W]))``) in, refined
+    image's size (e.g. ``tf.nn.softmax(deeplab_keras.inference.upsample_logits(logits, [H, W]))``) in, refined
     ``{"labels": int32 [N, H, W], "probabilities": float32 [N, H, W, C]}`` out. Only stock TF ops.
     Trace one function per target format (``runtime``): what is fastest in one runtime can be slow or
     wrong in another.
