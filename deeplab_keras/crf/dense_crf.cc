@@ -43,6 +43,17 @@ class ScopedFlushDenormal {
 
 DKCRF_INLINE f8 Broadcast(float v) { return f8{} + v; }
 
+// How far ahead (in rows) the scattered row accesses of splat, blur and slice are prefetched.
+constexpr int kPrefetchAhead = 8;
+
+// Prefetches a value row of nb 8-float blocks (its first, middle and last cache line: rows are at most 3
+// lines for nb <= 4; the hardware prefetcher follows longer rows).
+DKCRF_INLINE void PrefetchRow(const f8* row, int nb) {
+  __builtin_prefetch(row, 1, 3);
+  __builtin_prefetch(reinterpret_cast<const char*>(row + nb) - 1, 1, 3);
+  if (nb >= 3) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64, 1, 3);
+}
+
 DKCRF_INLINE float HorizontalMax(f8 v) {
   float m = v[0];
   for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
@@ -173,6 +184,7 @@ DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int t, f8* V)
   const int32_t* offset = L.offset.data();
   const float* weight = L.weight.data();
   for (int64_t k = L.range_start[t], k_end = L.range_start[t + 1]; k < k_end; ++k) {
+    if (k + kPrefetchAhead < k_end) PrefetchRow(V + static_cast<int64_t>(offset[entries[k + kPrefetchAhead]]) * nb, nb);
     const int32_t e = entries[k];
     const f8* src = q + static_cast<int64_t>(e / d1) * nb;
     f8* dst = V + static_cast<int64_t>(offset[e]) * nb;
@@ -189,11 +201,13 @@ DKCRF_INLINE void ChainBlurT(f8* V, const int32_t* point, const int64_t* start, 
                              int nb_rt) {
   const int nb = NB > 0 ? NB : nb_rt;
   f8 prev[NB > 0 ? NB : kMaxBlocks];
+  const int64_t last = start[c1];
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t i0 = start[c], i1 = start[c + 1];
     for (int b = 0; b < nb; ++b) prev[b] = f8{};
     f8* row = V + static_cast<int64_t>(point[i0]) * nb;
     for (int64_t i = i0; i < i1; ++i) {
+      if (i + kPrefetchAhead < last) PrefetchRow(V + static_cast<int64_t>(point[i + kPrefetchAhead]) * nb, nb);
       f8* next = i + 1 < i1 ? V + static_cast<int64_t>(point[i + 1]) * nb : nullptr;
       for (int b = 0; b < nb; ++b) {
         const f8 cur = row[b];
@@ -231,6 +245,10 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
     stencil_row = a.gs->ProbeRow(row) * a.gs->width;
   }
   for (int64_t p = begin; p < end; ++p) {
+    if (a.lb != nullptr && p + kPrefetchAhead < end) {
+      const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
+      for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
+    }
     for (int b = 0; b < nb; ++b) x[b] = a.neg_u[p * nb + b];
     if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
       for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
@@ -574,7 +592,9 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
         f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
         f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
       }, T, pfor, &lb);
+      DKCRF_TIC(normalize);
       Normalize(&lb, pfor);
+      DKCRF_TOC(normalize);
     }
     if (use_g && gaussian == nullptr) {
       own_g = BuildGaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);

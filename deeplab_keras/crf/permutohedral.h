@@ -148,6 +148,7 @@ struct Table {
     for (int i = 0; i < D; ++i) eq &= a[i] == b[i];
     return eq;
   }
+  void Prefetch(uint32_t h) const { __builtin_prefetch(&slots[SlotOf(h)], 0, 3); }
   // Id of the key or -1; *probes counts the occupied slots passed over.
   int32_t Find(const int32_t* key, uint32_t h, int64_t* probes = nullptr) const {
     for (uint32_t s = SlotOf(h);; s = (s + 1) & mask) {
@@ -292,7 +293,10 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
       try {
         for (int64_t p = pb; p < pe; ++p) {
           internal::Table<D>& t = tables[p];
+          constexpr int64_t kAhead = 16;  // prefetch the slot of a key this many entries ahead
           for (int64_t e = 0; e < E; ++e) {
+            if (e + kAhead < E && (part_bits == 0 || part_of(hashes[e + kAhead], mix) == p))
+              t.Prefetch(hashes[e + kAhead]);
             const uint32_t h = hashes[e];
             if (part_bits > 0 && part_of(h, mix) != p) continue;
             lat->offset[e] = t.Insert(&keys[e * D], h, &probes[p]);
@@ -305,10 +309,15 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     if (out_of_memory) throw std::bad_alloc();
     int64_t total_probes = 0;
     for (int64_t v : probes) total_probes += v;
+#ifdef DKCRF_PROFILE
+    std::fprintf(stderr, "  attempt %d probes %lld E %lld parts %d\n", attempt, (long long)total_probes, (long long)E, P);
+#endif
     if (total_probes <= 4 * E + 1024) break;  // else the linear hash clusters on this input: mix it
   }
   keys.clear();
   keys.shrink_to_fit();
+  DKCRF_TOC(insert);
+  DKCRF_TIC(renumber);
 
   // Renumber the points in order of first use by the pixels (raster order): the vertices of nearby pixels get
   // nearby ids, which keeps the per-iteration splat and slice cache-friendly.
@@ -337,7 +346,7 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   hashes.shrink_to_fit();
   to_global.clear();
   to_global.shrink_to_fit();
-  DKCRF_TOC(insert);
+  DKCRF_TOC(renumber);
 
   DKCRF_TIC(neighbours);
   // 3. Blur neighbours k -+ v_j of every point along the D+1 lattice directions (v_j = 1 except -D at j).
@@ -356,7 +365,18 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     int32_t nk[D];
     for (int p = 0; p < P; ++p) {
       const int64_t lo = std::max(b, slot_base[p]), hi = std::min(end, slot_base[p + 1]);
+      constexpr int64_t kAhead = 4;  // prefetch the neighbour slots of the point this many slots ahead
       for (int64_t s = lo; s < hi; ++s) {
+        if (s + kAhead < hi) {
+          const auto& ahead = tables[p].slots[s + kAhead - slot_base[p]];
+          if (ahead.id >= 0) {
+            for (int j = 0; j <= D; ++j) {
+              const uint32_t h1 = ahead.hash - delta[j], h2 = ahead.hash + delta[j];
+              tables[part_of(h1, mix)].Prefetch(h1);
+              tables[part_of(h2, mix)].Prefetch(h2);
+            }
+          }
+        }
         const auto& slot = tables[p].slots[s - slot_base[p]];
         if (slot.id < 0) continue;
         for (int j = 0; j <= D; ++j) {
@@ -373,23 +393,46 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   });
   tables.clear();
   tables.shrink_to_fit();
-  // Chains along each direction, started at points without an n1 neighbour, in ascending start order.
-  lat->chain_point.clear();
-  lat->chain_point.reserve(static_cast<size_t>(D1) * M);
-  lat->chain_start.clear();
+  DKCRF_TOC(neighbours);
+  DKCRF_TIC(chains);
+  // Chains along each direction, started at points without an n1 neighbour, in ascending start order
+  // (directions in parallel, then concatenated).
+  std::vector<std::vector<int32_t>> dir_points(D1);
+  std::vector<std::vector<int64_t>> dir_starts(D1);
+  pfor(D1, 8 * M, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j) {
+      std::vector<int32_t>& points = dir_points[j];
+      std::vector<int64_t>& starts = dir_starts[j];
+      for (int64_t m = 0; m < M; ++m) {
+        const int32_t* n = &nbr_pm[(m * D1 + j) * 2];
+        if (n[0] != M || n[1] == M) continue;  // not a chain start, or an isolated point
+        starts.push_back(static_cast<int64_t>(points.size()));
+        for (int64_t x = m; x != M; x = nbr_pm[(x * D1 + j) * 2 + 1]) points.push_back(static_cast<int32_t>(x));
+      }
+    }
+  });
+  nbr_pm.clear();
+  nbr_pm.shrink_to_fit();
+  int64_t total_points = 0, total_chains = 0;
+  for (int j = 0; j < D1; ++j) {
+    total_points += static_cast<int64_t>(dir_points[j].size());
+    total_chains += static_cast<int64_t>(dir_starts[j].size());
+  }
+  lat->chain_point.resize(total_points);
+  lat->chain_start.resize(total_chains + 1);
   lat->dir_chain.assign(D1 + 1, 0);
-  for (int j = 0; j <= D; ++j) {
-    lat->dir_chain[j] = static_cast<int64_t>(lat->chain_start.size());
-    for (int64_t m = 0; m < M; ++m) {
-      const int32_t* n = &nbr_pm[(m * D1 + j) * 2];
-      if (n[0] != M || n[1] == M) continue;  // not a chain start, or an isolated point
-      lat->chain_start.push_back(static_cast<int64_t>(lat->chain_point.size()));
-      for (int64_t x = m; x != M; x = nbr_pm[(x * D1 + j) * 2 + 1]) lat->chain_point.push_back(static_cast<int32_t>(x));
+  int64_t c = 0, i = 0;
+  for (int j = 0; j < D1; ++j) {
+    lat->dir_chain[j] = c;
+    for (int64_t start : dir_starts[j]) lat->chain_start[c++] = i + start;
+    std::copy(dir_points[j].begin(), dir_points[j].end(), lat->chain_point.begin() + i);
+    i += static_cast<int64_t>(dir_points[j].size());
+    if (j == D) {
+      lat->dir_chain[D1] = c;
+      lat->chain_start[c] = i;
     }
   }
-  lat->dir_chain[D1] = static_cast<int64_t>(lat->chain_start.size());
-  lat->chain_start.push_back(static_cast<int64_t>(lat->chain_point.size()));
-  DKCRF_TOC(neighbours);
+  DKCRF_TOC(chains);
 
   DKCRF_TIC(ranges);
   // 4. Splat ranges: T contiguous ranges of points, each with its vertices in ascending order (8 per thread,
