@@ -44,14 +44,14 @@ class ScopedFlushDenormal {
 DKCRF_INLINE f8 Broadcast(float v) { return f8{} + v; }
 
 // How far ahead (in rows) the scattered row accesses of splat, blur and slice are prefetched.
-constexpr int kPrefetchAhead = 8;
+constexpr int kPrefetchAhead = 16;
 
-// Prefetches a value row of nb 8-float blocks (its first, middle and last cache line: rows are at most 3
-// lines for nb <= 4; the hardware prefetcher follows longer rows).
+// Prefetches a value row of nb 32-byte blocks: its first and last cache line, and the middle one when a row
+// can span three (nb >= 4; the hardware prefetcher follows longer rows).
 DKCRF_INLINE void PrefetchRow(const f8* row, int nb) {
   __builtin_prefetch(row, 1, 3);
   __builtin_prefetch(reinterpret_cast<const char*>(row + nb) - 1, 1, 3);
-  if (nb >= 3) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64, 1, 3);
+  if (nb >= 4) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64, 1, 3);
 }
 
 DKCRF_INLINE float HorizontalMax(f8 v) {
@@ -173,23 +173,27 @@ DKCRF_INLINE void SoftmaxT(const f8* neg_u, int nb_rt, int64_t begin, int64_t en
   }
 }
 
-// Splat range t of a lattice: V[o] = sum over the range's vertices e (pixel order) of w[e] * q[pixel(e)].
+// Splat of points [m0, m1) of a lattice: V[m] = sum over the point's vertices e (pixel order) of
+// w[e] * q[pixel(e)].
 template <int NB>
-DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int t, f8* V) {
+DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int64_t m0, int64_t m1, f8* V) {
   const int nb = NB > 0 ? NB : nb_rt;
   const int d1 = L.d + 1;
-  const int64_t p0 = L.range_point[t], p1 = L.range_point[t + 1];
-  for (int64_t i = p0 * nb; i < p1 * nb; ++i) V[i] = f8{};
-  const int32_t* entries = L.range_entry.data();
-  const int32_t* offset = L.offset.data();
+  const int32_t* entries = L.point_entry.data();
+  const int32_t* start = L.point_start.data();
   const float* weight = L.weight.data();
-  for (int64_t k = L.range_start[t], k_end = L.range_start[t + 1]; k < k_end; ++k) {
-    if (k + kPrefetchAhead < k_end) PrefetchRow(V + static_cast<int64_t>(offset[entries[k + kPrefetchAhead]]) * nb, nb);
-    const int32_t e = entries[k];
-    const f8* src = q + static_cast<int64_t>(e / d1) * nb;
-    f8* dst = V + static_cast<int64_t>(offset[e]) * nb;
-    const float w = weight[e];
-    for (int b = 0; b < nb; ++b) dst[b] += w * src[b];
+  f8 acc[NB > 0 ? NB : kMaxBlocks];
+  const int64_t k_last = start[m1];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int b = 0; b < nb; ++b) acc[b] = f8{};
+    for (int64_t k = start[m], k_end = start[m + 1]; k < k_end; ++k) {
+      if (k + kPrefetchAhead < k_last) PrefetchRow(q + static_cast<int64_t>(entries[k + kPrefetchAhead] / d1) * nb, nb);
+      const int32_t e = entries[k];
+      const f8* src = q + static_cast<int64_t>(e / d1) * nb;
+      const float w = weight[e];
+      for (int b = 0; b < nb; ++b) acc[b] += w * src[b];
+    }
+    for (int b = 0; b < nb; ++b) V[m * nb + b] = acc[b];
   }
 }
 
@@ -323,9 +327,9 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
     ScopedFlushDenormal ftz;                                                                               \
     DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(neg_u, nb, b, e, q)))                                              \
   }                                                                                                        \
-  ATTR void Splat##SUFFIX(const Lattice& L, const f8* q, int nb, int t, f8* V) {                           \
+  ATTR void Splat##SUFFIX(const Lattice& L, const f8* q, int nb, int64_t m0, int64_t m1, f8* V) {         \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (SplatT<NB>(L, q, nb, t, V)))                                                    \
+    DKCRF_DISPATCH_NB(nb, (SplatT<NB>(L, q, nb, m0, m1, V)))                                               \
   }                                                                                                        \
   ATTR void Blur##SUFFIX(f8* V, const int32_t* point, const int64_t* start, int64_t c0, int64_t c1, int nb) { \
     ScopedFlushDenormal ftz;                                                                               \
@@ -344,7 +348,7 @@ DKCRF_KERNELS(Avx2, __attribute__((target("avx2,fma"))))
 struct KernelTable {
   void (*neg_unary)(const float*, InputType, int, int, int64_t, int64_t, f8*);
   void (*softmax)(const f8*, int, int64_t, int64_t, f8*);
-  void (*splat)(const Lattice&, const f8*, int, int, f8*);
+  void (*splat)(const Lattice&, const f8*, int, int64_t, int64_t, f8*);
   void (*blur)(f8*, const int32_t*, const int64_t*, int64_t, int64_t, int);
   void (*update)(const UpdateArgs&, int64_t, int64_t);
 };
@@ -444,7 +448,8 @@ int SplitCount(int64_t num_pixels, int num_threads) {
 
 int64_t GaussianKernel::Bytes() const {
   return static_cast<int64_t>(lattice.offset.size() * 4 + lattice.weight.size() * 4 + lattice.chain_point.size() * 4 +
-                              lattice.chain_start.size() * 8 + lattice.range_entry.size() * 4 + start.size() * 4 +
+                              lattice.chain_start.size() * 8 + lattice.point_entry.size() * 4 +
+                              lattice.point_start.size() * 4 + start.size() * 4 +
                               offset.size() * 4 + weight.size() * 4);
 }
 
@@ -614,17 +619,12 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     const int64_t Mb = use_b ? lb.num_points : 0, Mg = lattice_g ? lg.num_points : 0;
     // One value buffer per lattice (the blur runs in place).
     AlignedVector vb(std::max<int64_t>(Mb, 1) * nb), vg(std::max<int64_t>(Mg, 1) * nb);
-    // Splat work units: the splat ranges of both lattices.
-    const int64_t Rb = use_b ? static_cast<int64_t>(lb.range_point.size()) - 1 : 0;
-    const int64_t Rg = lattice_g ? static_cast<int64_t>(lg.range_point.size()) - 1 : 0;
-    const int64_t splat_cost = 4 * nb * (6 * N + 3 * N) / std::max<int64_t>(Rb + Rg, 1);
     for (int it = 0; it < params.iterations; ++it) {
       DKCRF_TIC(splat);
-      pfor(Rb + Rg, splat_cost, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) {
-          if (t < Rb) K.splat(lb, q, nb, static_cast<int>(t), vb.data());
-          else K.splat(lg, q, nb, static_cast<int>(t - Rb), vg.data());
-        }
+      // Points of both lattices are the work units (bilateral first).
+      pfor(Mb + Mg, 8 * nb * (use_b ? 6 : 3), [&](int64_t b, int64_t e) {
+        if (b < Mb) K.splat(lb, q, nb, b, std::min(e, Mb), vb.data());
+        if (e > Mb) K.splat(lg, q, nb, std::max(b, Mb) - Mb, e - Mb, vg.data());
       });
       DKCRF_TOC(splat);
       DKCRF_TIC(blur);

@@ -2,9 +2,9 @@
 //
 // The lattice is built once per image and then filters value rows of any width. Compared to the reference
 // implementation the data are arranged for many repeated filterings:
-//   * the splat is split into T ranges of lattice points; range t keeps the list of pixel vertices that land
-//     in it (ascending), so T threads splat without write conflicts and every point sums its contributions in
-//     pixel order, exactly like the reference's sequential splat (the result does not depend on T);
+//   * the splat is a gather: every lattice point keeps the list of its pixel vertices (ascending), so points
+//     are splatted in parallel without write conflicts and each sums its contributions in pixel order, exactly
+//     like the reference's sequential splat (the result does not depend on the thread count);
 //   * blur neighbours are resolved once into chains along each lattice direction, blurred in place (no second
 //     buffer, nothing to do for points without neighbours in that direction);
 //   * construction is parallel: pixels are elevated and hashed in parallel, then lattice points are inserted
@@ -89,9 +89,11 @@ struct Lattice {
   RawVector<int32_t> chain_point;   // points of all chains (of >= 2 points), direction by direction
   std::vector<int64_t> chain_start;  // chain c is chain_point[chain_start[c] .. chain_start[c + 1])
   std::vector<int64_t> dir_chain;    // [d + 2] chains of direction j: [dir_chain[j], dir_chain[j + 1])
-  std::vector<int64_t> range_point;   // [T + 1] splat range t covers points [range_point[t], range_point[t+1])
-  std::vector<int64_t> range_start;   // [T + 1] its vertices are range_entry[range_start[t] .. range_start[t+1])
-  RawVector<int32_t> range_entry;     // [N * (d+1)] pixel-vertex indices, ascending within a range
+  // Splat as a gather: the vertices (pixel entries) of point m are point_entry[point_start[m] ..
+  // point_start[m + 1]), in ascending (pixel) order, so each point sums its contributions in the reference's
+  // order and points can be splatted in parallel without write conflicts.
+  RawVector<int32_t> point_start;     // [M + 1]
+  RawVector<int32_t> point_entry;     // [N * (d+1)]
 };
 
 namespace internal {
@@ -309,9 +311,6 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     if (out_of_memory) throw std::bad_alloc();
     int64_t total_probes = 0;
     for (int64_t v : probes) total_probes += v;
-#ifdef DKCRF_PROFILE
-    std::fprintf(stderr, "  attempt %d probes %lld E %lld parts %d\n", attempt, (long long)total_probes, (long long)E, P);
-#endif
     if (total_probes <= 4 * E + 1024) break;  // else the linear hash clusters on this input: mix it
   }
   keys.clear();
@@ -434,21 +433,17 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   }
   DKCRF_TOC(chains);
 
-  DKCRF_TIC(ranges);
-  // 4. Splat ranges: T contiguous ranges of points, each with its vertices in ascending order (8 per thread,
-  // so that the thread pool can balance them when a core is busy with something else).
-  // Point o belongs to range floor(o * T / M), i.e. range t is [ceil(t * M / T), ceil((t + 1) * M / T)).
-  const int T = num_threads > 1 ? 8 * std::min(num_threads, 16) : 1;
-  lat->range_point.assign(T + 1, 0);
-  for (int t = 0; t <= T; ++t) lat->range_point[t] = (t * M + T - 1) / T;
-  lat->range_entry.resize(E);
-  auto range_of = [&](int64_t o) { return static_cast<int>((o * T) / M); };
-  std::vector<int64_t> count(T + 1, 0);
-  for (int64_t e = 0; e < E; ++e) ++count[range_of(lat->offset[e]) + 1];
-  for (int t = 0; t < T; ++t) count[t + 1] += count[t];
-  lat->range_start.assign(count.begin(), count.end());
-  for (int64_t e = 0; e < E; ++e) lat->range_entry[count[range_of(lat->offset[e])]++] = static_cast<int32_t>(e);
-  DKCRF_TOC(ranges);
+  DKCRF_TIC(groups);
+  // 4. Vertices grouped by point (counting sort on the point id, stable in e).
+  lat->point_start.assign(M + 1, 0);
+  for (int64_t e = 0; e < E; ++e) ++lat->point_start[lat->offset[e] + 1];
+  for (int64_t m = 0; m < M; ++m) lat->point_start[m + 1] += lat->point_start[m];
+  lat->point_entry.resize(E);
+  {
+    RawVector<int32_t> fill(lat->point_start.begin(), lat->point_start.end() - 1);
+    for (int64_t e = 0; e < E; ++e) lat->point_entry[fill[lat->offset[e]]++] = static_cast<int32_t>(e);
+  }
+  DKCRF_TOC(groups);
 }
 
 }  // namespace dkcrf
