@@ -7,8 +7,8 @@
 //     like the reference's sequential splat (the result does not depend on the thread count);
 //   * blur neighbours are resolved once into chains along each lattice direction, blurred in place (no second
 //     buffer, nothing to do for points without neighbours in that direction);
-//   * construction is parallel: pixels are elevated and hashed in parallel, then lattice points are inserted
-//     into hash tables partitioned by key hash.
+//   * construction is parallel: pixels are elevated and hashed in parallel, ranges of pixels inserted into
+//     hash tables in parallel and the tables merged in range order.
 // The elevation / rounding / rank arithmetic follows the reference float computation step by step so both
 // produce the same lattice points for the same features.
 #ifndef DEEPLAB_KERAS_CRF_PERMUTOHEDRAL_H_
@@ -119,7 +119,7 @@ inline uint32_t Mix(uint32_t h) {
   return h;
 }
 
-// Open-addressing table (linear probing, load <= 1/2, doubling when full) of one partition of the key space.
+// Open-addressing table (linear probing, load <= 1/2, doubling when full).
 // A slot holds the key, its linear hash and the point id.
 template <int D>
 struct Table {
@@ -130,11 +130,10 @@ struct Table {
   };
   std::vector<Slot> slots;
   uint32_t mask = 0, size = 0;
-  int shift = 0, part_bits = 0;
+  int shift = 0;
   bool mix = false;
 
-  void Init(int64_t expected, int partition_bits, bool mixing) {
-    part_bits = partition_bits;
+  void Init(int64_t expected, bool mixing) {
     mix = mixing;
     int bits = 4;
     while ((int64_t{1} << bits) < 2 * expected && bits < 30) ++bits;
@@ -142,8 +141,7 @@ struct Table {
     size = 0;
   }
   uint32_t SlotOf(uint32_t h) const {
-    const uint32_t v = (mix ? Mix(h) : h) << part_bits;
-    return v >> shift;
+    return (mix ? Mix(h) : h) >> shift;
   }
   static bool Equal(const int32_t* a, const int32_t* b) {
     bool eq = true;
@@ -197,7 +195,7 @@ struct Table {
 
 // Builds the lattice for N pixels whose D features come from feature(i, float* out).
 // Requires |feature| <= 2^18 (checked by the caller) so that lattice coordinates are exact in float.
-// num_threads: parallelism to prepare for (hash partitions, splat ranges); the result does not depend on it.
+// num_threads: parallelism to prepare for (pixel ranges inserted in parallel); the result does not depend on it.
 template <int D, typename FeatureFn>
 void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const ParallelFor& pfor, Lattice* lat) {
   constexpr int D1 = D + 1;
@@ -278,30 +276,28 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   DKCRF_TOC(elevate);
 
   DKCRF_TIC(insert);
-  // 2. Insert the keys, in pixel order, into 2^part_bits tables partitioned by the top hash bits.
-  int part_bits = 0;
-  while ((1 << part_bits) < std::min(num_threads, 16) && (E >> part_bits) > 65536) ++part_bits;
-  const int P = 1 << part_bits;
+  // 2. Insert the keys into hash tables. With P > 1 threads, table p takes the vertices of the p-th range of
+  // pixels, in pixel order; the tables are then merged into table 0 in range order. A point's id is thus its
+  // order of first use by the pixels (raster order) for any P: the vertices of nearby pixels get nearby ids,
+  // which keeps the per-iteration splat and slice cache-friendly.
+  const int P = num_threads > 1 && E > 4 * 65536 ? std::min(num_threads, 16) : 1;
+  std::vector<int64_t> first(P + 1);  // entries of range p: [first[p], first[p + 1]), on pixel boundaries
+  for (int p = 0; p <= P; ++p) first[p] = N * p / P * D1;
   std::vector<internal::Table<D>> tables(P);
-  auto part_of = [&](uint32_t h, bool mix) {
-    return part_bits == 0 ? 0 : static_cast<int>((mix ? internal::Mix(h) : h) >> (32 - part_bits));
-  };
   bool mix = false;
   for (int attempt = 0; attempt < 2; ++attempt, mix = true) {
-    for (int p = 0; p < P; ++p) tables[p].Init(E / (16 * P) + 16, part_bits, mix);
     std::vector<int64_t> probes(P, 0);
     std::atomic<bool> out_of_memory(false);
-    pfor(P, 20 * E, [&](int64_t pb, int64_t pe) {
+    pfor(P, 20 * E / P, [&](int64_t pb, int64_t pe) {
       try {
         for (int64_t p = pb; p < pe; ++p) {
           internal::Table<D>& t = tables[p];
+          const int64_t e0 = first[p], e1 = first[p + 1];
+          t.Init((e1 - e0) / 8 + 16, mix);
           constexpr int64_t kAhead = 16;  // prefetch the slot of a key this many entries ahead
-          for (int64_t e = 0; e < E; ++e) {
-            if (e + kAhead < E && (part_bits == 0 || part_of(hashes[e + kAhead], mix) == p))
-              t.Prefetch(hashes[e + kAhead]);
-            const uint32_t h = hashes[e];
-            if (part_bits > 0 && part_of(h, mix) != p) continue;
-            lat->offset[e] = t.Insert(&keys[e * D], h, &probes[p]);
+          for (int64_t e = e0; e < e1; ++e) {
+            if (e + kAhead < e1) t.Prefetch(hashes[e + kAhead]);
+            lat->offset[e] = t.Insert(&keys[e * D], hashes[e], &probes[p]);
           }
         }
       } catch (const std::bad_alloc&) {  // never let an exception escape a worker thread
@@ -315,37 +311,35 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   }
   keys.clear();
   keys.shrink_to_fit();
-  DKCRF_TOC(insert);
-  DKCRF_TIC(renumber);
-
-  // Renumber the points in order of first use by the pixels (raster order): the vertices of nearby pixels get
-  // nearby ids, which keeps the per-iteration splat and slice cache-friendly.
-  std::vector<int64_t> base(P + 1, 0);
-  for (int p = 0; p < P; ++p) base[p + 1] = base[p] + tables[p].size;
-  const int64_t M = base[P];
-  lat->num_points = M;
-  std::vector<int32_t> to_global(M, -1);
-  {
-    int32_t next = 0;
-    int32_t* offset = lat->offset.data();
-    for (int64_t e = 0; e < E; ++e) {
-      int32_t& g = to_global[base[part_of(hashes[e], mix)] + offset[e]];
-      if (g < 0) g = next++;
-      offset[e] = g;
-    }
-  }
-  pfor(P, 4 * M / P + 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      for (auto& slot : tables[p].slots) {
-        if (slot.id >= 0) slot.id = to_global[base[p] + slot.id];
-      }
-    }
-  });
   hashes.clear();
   hashes.shrink_to_fit();
-  to_global.clear();
-  to_global.shrink_to_fit();
-  DKCRF_TOC(renumber);
+  DKCRF_TOC(insert);
+  DKCRF_TIC(merge);
+  internal::Table<D>& table = tables[0];
+  if (P > 1) {
+    std::vector<std::vector<int32_t>> to_global(P);
+    for (int p = 1; p < P; ++p) {
+      const internal::Table<D>& t = tables[p];
+      std::vector<uint32_t> slot_of(t.size);  // local id -> slot
+      for (size_t s = 0; s < t.slots.size(); ++s) {
+        if (t.slots[s].id >= 0) slot_of[t.slots[s].id] = static_cast<uint32_t>(s);
+      }
+      to_global[p].resize(t.size);
+      for (uint32_t id = 0; id < t.size; ++id) {
+        const auto& slot = t.slots[slot_of[id]];
+        to_global[p][id] = table.Insert(slot.key, slot.hash, nullptr);
+      }
+    }
+    tables.resize(1);
+    pfor(P - 1, 2 * E / P, [&](int64_t pb, int64_t pe) {
+      for (int64_t p = pb + 1; p < pe + 1; ++p) {
+        for (int64_t e = first[p]; e < first[p + 1]; ++e) lat->offset[e] = to_global[p][lat->offset[e]];
+      }
+    });
+  }
+  const int64_t M = table.size;
+  lat->num_points = M;
+  DKCRF_TOC(merge);
 
   DKCRF_TIC(neighbours);
   // 3. Blur neighbours k -+ v_j of every point along the D+1 lattice directions (v_j = 1 except -D at j).
@@ -358,34 +352,29 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   // Found in slot order (the lookups then walk the tables in D1 * 2 streams), written point-major (one cache
   // line per point), then linked into chains.
   RawVector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
-  std::vector<int64_t> slot_base(P + 1, 0);
-  for (int p = 0; p < P; ++p) slot_base[p + 1] = slot_base[p] + static_cast<int64_t>(tables[p].slots.size());
-  pfor(slot_base[P], 20 * D1, [&](int64_t b, int64_t end) {
+  const int64_t num_slots = static_cast<int64_t>(table.slots.size());
+  pfor(num_slots, 20 * D1, [&](int64_t lo, int64_t hi) {
     int32_t nk[D];
-    for (int p = 0; p < P; ++p) {
-      const int64_t lo = std::max(b, slot_base[p]), hi = std::min(end, slot_base[p + 1]);
-      constexpr int64_t kAhead = 4;  // prefetch the neighbour slots of the point this many slots ahead
-      for (int64_t s = lo; s < hi; ++s) {
-        if (s + kAhead < hi) {
-          const auto& ahead = tables[p].slots[s + kAhead - slot_base[p]];
-          if (ahead.id >= 0) {
-            for (int j = 0; j <= D; ++j) {
-              const uint32_t h1 = ahead.hash - delta[j], h2 = ahead.hash + delta[j];
-              tables[part_of(h1, mix)].Prefetch(h1);
-              tables[part_of(h2, mix)].Prefetch(h2);
-            }
+    constexpr int64_t kAhead = 4;  // prefetch the neighbour slots of the point this many slots ahead
+    for (int64_t s = lo; s < hi; ++s) {
+      if (s + kAhead < hi) {
+        const auto& ahead = table.slots[s + kAhead];
+        if (ahead.id >= 0) {
+          for (int j = 0; j <= D; ++j) {
+            table.Prefetch(ahead.hash - delta[j]);
+            table.Prefetch(ahead.hash + delta[j]);
           }
         }
-        const auto& slot = tables[p].slots[s - slot_base[p]];
-        if (slot.id < 0) continue;
-        for (int j = 0; j <= D; ++j) {
-          for (int side = 0; side < 2; ++side) {  // side 0: k - v_j (n1), side 1: k + v_j (n2)
-            const int sign = side == 0 ? -1 : 1;
-            for (int i = 0; i < D; ++i) nk[i] = slot.key[i] + sign * (i == j ? -D : 1);
-            const uint32_t h = slot.hash + (side == 0 ? 0u - delta[j] : delta[j]);
-            const int32_t id = tables[part_of(h, mix)].Find(nk, h);
-            nbr_pm[(static_cast<int64_t>(slot.id) * D1 + j) * 2 + side] = id < 0 ? static_cast<int32_t>(M) : id;
-          }
+      }
+      const auto& slot = table.slots[s];
+      if (slot.id < 0) continue;
+      for (int j = 0; j <= D; ++j) {
+        for (int side = 0; side < 2; ++side) {  // side 0: k - v_j (n1), side 1: k + v_j (n2)
+          const int sign = side == 0 ? -1 : 1;
+          for (int i = 0; i < D; ++i) nk[i] = slot.key[i] + sign * (i == j ? -D : 1);
+          const uint32_t h = slot.hash + (side == 0 ? 0u - delta[j] : delta[j]);
+          const int32_t id = table.Find(nk, h);
+          nbr_pm[(static_cast<int64_t>(slot.id) * D1 + j) * 2 + side] = id < 0 ? static_cast<int32_t>(M) : id;
         }
       }
     }
