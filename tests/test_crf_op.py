@@ -1,6 +1,7 @@
 """Dense-CRF custom op: agreement with pydensecrf (real VOC samples, random inputs), CRF gain, input handling."""
 import os
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -217,22 +218,27 @@ def test_tf_function_dynamic_shapes_and_tensor_parameters():
 
 
 def test_result_does_not_depend_on_the_thread_count():
-    """The op splits the work by its intra-op thread count; a 1-thread process must give identical bits."""
+    """The op splits the work by its intra-op thread count; 1- and 3-thread processes must give identical bits.
+
+    256x192 pixels: large enough for the lattice build to insert pixel ranges in parallel and merge them.
+    """
     rng = np.random.default_rng(8)
-    image, probs = random_case(rng, 160, 120, 21)
+    image, probs = random_case(rng, 256, 192, 21)
     here = dk.crf.dense_crf(probs[None], image[None]).numpy()
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
-        "tf.config.threading.set_intra_op_parallelism_threads(1)\n"
+        "tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[4]))\n"
         "import deeplab_keras as dk\n"
         "p, im = np.load(sys.argv[1]), np.load(sys.argv[2])\n"
         "np.save(sys.argv[3], dk.crf.dense_crf(p, im).numpy())\n")
-    tmp = os.environ.get("PYTEST_TMPDIR") or __import__("tempfile").mkdtemp()
+    tmp = tempfile.mkdtemp()
     paths = [os.path.join(tmp, n) for n in ("p.npy", "im.npy", "out.npy")]
     np.save(paths[0], probs[None])
     np.save(paths[1], image[None])
-    subprocess.run([sys.executable, "-c", script, *paths], check=True, capture_output=True, timeout=300)
-    np.testing.assert_array_equal(np.load(paths[2]), here)
+    for threads in (1, 3):
+        subprocess.run([sys.executable, "-c", script, *paths, str(threads)], check=True, capture_output=True,
+                       timeout=300)
+        np.testing.assert_array_equal(np.load(paths[2]), here, err_msg=f"{threads} threads")
 
 
 def test_portable_kernels_match_the_avx2_kernels():
