@@ -4,7 +4,7 @@ Example:
     >>> import deeplab_keras as dk
     >>> from deeplab_keras.predict import predict_files
     >>> model = dk.DeepLabV2(num_classes=21, backbone="resnet50")
-    >>> summary = predict_files(model, ["photo.jpg"], "masks/", overlay=True)   # doctest: +SKIP
+    >>> summary = predict_files(model, ["photo.jpg"], "masks/", overlay_images=True)   # doctest: +SKIP
 """
 import argparse
 import csv
@@ -131,13 +131,15 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     """
     from tqdm import tqdm
 
-    from deeplab_keras.inference import predict_probabilities
+    from deeplab_keras.inference import Predictor
     os.makedirs(out_dir, exist_ok=True)
     if callable(model) and not hasattr(model, "layers"):
         run = model
     else:
+        predictor = Predictor(model, scales, flip)  # one traced function for every image size and batch
+
         def run(images, scales, flip):
-            return predict_probabilities(model, images, scales, flip)
+            return predictor(images).numpy()
     written, failed, areas = [], {}, {}
     pending = []
 
