@@ -134,10 +134,8 @@ def test_crf_improves_miou_on_voc_samples(voc_results):
     (4, (65, 44, 8), DEEPLAB, 1),
     # Gaussian kernel alone at power-of-two stds (the op's exact per-column stencil path; H > 25 exercises the
     # shared interior rows) and at a std that takes the lattice path.
-    (5, (70, 34, 4), dict(bilateral_weight=0.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-                          gaussian_weight=5.0, gaussian_xy_std=1.0), 7),
-    (6, (61, 40, 3), dict(bilateral_weight=0.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-                          gaussian_weight=5.0, gaussian_xy_std=0.5), 4),
+    (5, (70, 34, 4), dict(DEEPLAB, bilateral_weight=0.0, gaussian_weight=5.0, gaussian_xy_std=1.0), 7),
+    (6, (61, 40, 3), dict(DEEPLAB, bilateral_weight=0.0, gaussian_weight=5.0, gaussian_xy_std=0.5), 4),
     (7, (52, 36, 3), dict(bilateral_weight=2.0, bilateral_xy_std=30.0, bilateral_rgb_std=10.0,
                           gaussian_weight=5.0, gaussian_xy_std=1.5), 4),
 ])
@@ -217,6 +215,22 @@ def test_tf_function_dynamic_shapes_and_tensor_parameters():
     assert run.get_concrete_function().structured_outputs.shape.rank == 4
 
 
+def op_in_subprocess(probs, image, threads=0, env=None):
+    """``dense_crf(probs[None], image[None])`` in a fresh process: its own intra-op pool size (threads > 0) and
+    kernel choice (``env``)."""
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "if int(sys.argv[4]): tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[4]))\n"
+        "import deeplab_keras as dk\n"
+        "np.save(sys.argv[3], dk.crf.dense_crf(np.load(sys.argv[1]), np.load(sys.argv[2])).numpy())\n")
+    paths = [os.path.join(tempfile.mkdtemp(), n) for n in ("p.npy", "im.npy", "out.npy")]
+    np.save(paths[0], probs[None])
+    np.save(paths[1], image[None])
+    subprocess.run([sys.executable, "-c", script, *paths, str(threads)], check=True, capture_output=True,
+                   timeout=300, env=env)
+    return np.load(paths[2])
+
+
 def test_result_does_not_depend_on_the_thread_count():
     """The op splits the work by its intra-op thread count; 1- and 3-thread processes must give identical bits.
 
@@ -225,20 +239,8 @@ def test_result_does_not_depend_on_the_thread_count():
     rng = np.random.default_rng(8)
     image, probs = random_case(rng, 256, 192, 21)
     here = dk.crf.dense_crf(probs[None], image[None]).numpy()
-    script = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[4]))\n"
-        "import deeplab_keras as dk\n"
-        "p, im = np.load(sys.argv[1]), np.load(sys.argv[2])\n"
-        "np.save(sys.argv[3], dk.crf.dense_crf(p, im).numpy())\n")
-    tmp = tempfile.mkdtemp()
-    paths = [os.path.join(tmp, n) for n in ("p.npy", "im.npy", "out.npy")]
-    np.save(paths[0], probs[None])
-    np.save(paths[1], image[None])
     for threads in (1, 3):
-        subprocess.run([sys.executable, "-c", script, *paths, str(threads)], check=True, capture_output=True,
-                       timeout=300)
-        np.testing.assert_array_equal(np.load(paths[2]), here, err_msg=f"{threads} threads")
+        np.testing.assert_array_equal(op_in_subprocess(probs, image, threads), here, err_msg=f"{threads} threads")
 
 
 def test_portable_kernels_match_the_avx2_kernels():
@@ -246,17 +248,8 @@ def test_portable_kernels_match_the_avx2_kernels():
     rng = np.random.default_rng(10)
     image, probs = random_case(rng, 40, 36, 21)
     here = dk.crf.dense_crf(probs[None], image[None]).numpy()
-    script = (
-        "import sys, numpy as np\n"
-        "import deeplab_keras as dk\n"
-        "np.save(sys.argv[3], dk.crf.dense_crf(np.load(sys.argv[1]), np.load(sys.argv[2])).numpy())\n")
-    tmp = __import__("tempfile").mkdtemp()
-    paths = [os.path.join(tmp, n) for n in ("p.npy", "im.npy", "out.npy")]
-    np.save(paths[0], probs[None])
-    np.save(paths[1], image[None])
-    env = dict(os.environ, DEEPLAB_KERAS_CRF_GENERIC="1")
-    subprocess.run([sys.executable, "-c", script, *paths], check=True, capture_output=True, timeout=300, env=env)
-    np.testing.assert_allclose(np.load(paths[2]), here, atol=1e-5)
+    generic = op_in_subprocess(probs, image, env=dict(os.environ, DEEPLAB_KERAS_CRF_GENERIC="1"))
+    np.testing.assert_allclose(generic, here, atol=1e-5)
 
 
 def test_empty_batch_returns_empty():

@@ -403,7 +403,6 @@ class AlignedVector {
   AlignedVector(const AlignedVector&) = delete;
   AlignedVector& operator=(const AlignedVector&) = delete;
   f8* data() { return data_; }
-  void Zero(int64_t begin, int64_t end) { std::fill(data_ + begin, data_ + end, f8{}); }
 
  private:
   f8* data_;
@@ -440,10 +439,6 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
     }
   }
   return msg.str();
-}
-
-int SplitCount(int64_t num_pixels, int num_threads) {
-  return num_pixels < 4096 ? 1 : std::max(1, std::min(num_threads, 16));
 }
 
 int64_t GaussianKernel::Bytes() const {
@@ -485,11 +480,6 @@ void BuildStencil(int64_t height, int64_t width, float xy_std, const ParallelFor
       }
     }
   }
-  // Vertices (pixel entries) of each point.
-  std::vector<int32_t> pstart(M + 2, 0), pentry(np * 3);
-  for (int64_t e = 0; e < np * 3; ++e) ++pstart[L.offset[e] + 2];
-  for (int64_t m = 0; m < M; ++m) pstart[m + 2] += pstart[m + 1];
-  for (int64_t e = 0; e < np * 3; ++e) pentry[pstart[L.offset[e] + 1]++] = static_cast<int32_t>(e);
   // Row i of the filter: u = S e_i pushed through the blur passes in reverse order (each pass is a symmetric
   // matrix, so this is B^T u), then sliced: K[i, j] = sum_m (B^T u)[m] * w[j at m].
   std::vector<float> u(M + 1, 0.f), v(M + 1, 0.f), row(np, 0.f);
@@ -528,8 +518,8 @@ void BuildStencil(int64_t height, int64_t width, float xy_std, const ParallelFor
     }
     cols.clear();
     for (int32_t m : touched) {
-      for (int32_t k = pstart[m]; k < pstart[m + 1]; ++k) {
-        const int32_t e = pentry[k], j = e / 3;
+      for (int32_t k = L.point_start[m]; k < L.point_start[m + 1]; ++k) {  // the point's vertices
+        const int32_t e = L.point_entry[k], j = e / 3;
         if (!in_row[j]) {
           in_row[j] = 1;
           cols.push_back(j);
@@ -561,7 +551,7 @@ std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_
     BuildLattice<2>(height * width, [&](int64_t p, float* f) {
       f[0] = static_cast<float>(p % width) / xy_std;
       f[1] = static_cast<float>(p / width) / xy_std;
-    }, SplitCount(height * width, num_threads), pfor, &kernel->lattice);
+    }, num_threads, pfor, &kernel->lattice);
     Normalize(&kernel->lattice, pfor);
   }
   return kernel;
@@ -573,7 +563,6 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
   const KernelTable& K = Kernels();
   const int64_t N = height * width;
   const int C = num_labels, nb = (num_labels + 7) / 8;
-  const int T = SplitCount(N, num_threads);
 
   DKCRF_TIC(unary);
   AlignedVector neg_u(N * nb), q_buffer(N * nb);
@@ -596,7 +585,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
         f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
         f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
         f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
-      }, T, pfor, &lb);
+      }, num_threads, pfor, &lb);
       DKCRF_TIC(normalize);
       Normalize(&lb, pfor);
       DKCRF_TOC(normalize);
@@ -613,8 +602,8 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     f8* q_next = stencil_g ? q_next_store->data() : q;
     DKCRF_TOC(build);
 #ifdef DKCRF_PROFILE
-    std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld T=%d\n", (long long)N, (long long)lb.num_points,
-                 (long long)lg.num_points, T);
+    std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld threads=%d\n", (long long)N, (long long)lb.num_points,
+                 (long long)lg.num_points, num_threads);
 #endif
     const int64_t Mb = use_b ? lb.num_points : 0, Mg = lattice_g ? lg.num_points : 0;
     // One value buffer per lattice (the blur runs in place).

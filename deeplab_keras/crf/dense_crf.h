@@ -39,9 +39,6 @@ constexpr float kProbClip = 1e-5f;                 // as pydensecrf.utils.unary_
 // offending argument and what to do.
 std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width);
 
-// Splat ranges / hash partitions used for an image of `num_pixels` pixels with `num_threads` threads.
-int SplitCount(int64_t num_pixels, int num_threads);
-
 // The Gaussian (x, y) kernel (normalised, without its weight) for height x width images. It depends only on
 // the image size, so one build serves every image of a batch (and may be cached across calls).
 //
