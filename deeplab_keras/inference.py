@@ -17,41 +17,29 @@ The multi-scale test inputs are resized the same way (:func:`scale_images`). TFL
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["resize_bilinear", "upsample_logits", "scale_images", "Predictor", "predict_probabilities"]
-
-
-def resize_bilinear(images, size):
-    """Corner-aligned bilinear resize of ``images`` ``[N, h, w, C]`` to ``size`` ``(H, W)``, in float32.
-
-    The output's corner pixels equal the input's corner pixels exactly (``align_corners=True``,
-    ``half_pixel_centers=False``).
-
-    Args:
-        images: float (any precision) or integer tensor ``[N, h, w, C]``.
-        size: ``(H, W)``: int pair or int32 tensor.
-    Returns:
-        float32 tensor ``[N, H, W, C]``.
-    """
-    return tf.raw_ops.ResizeBilinear(images=tf.cast(images, tf.float32), size=tf.cast(size, tf.int32),
-                                     align_corners=True, half_pixel_centers=False)
+__all__ = ["upsample_logits", "scale_images", "Predictor", "predict_probabilities"]
 
 
 def upsample_logits(logits, size):
-    """Resizes logits ``[N, h, w, C]`` at output stride to ``size`` ``(H, W)``: corner-aligned bilinear, float32.
+    """Resizes ``[N, h, w, C]`` logits at output stride to ``size`` ``(H, W)``: corner-aligned bilinear, float32.
 
     The single logits resize of the package (training loss and metric, evaluation, ``deeplab-predict``, exported
-    graphs), so that all of them see the same full-resolution logits.
+    graphs), so that all of them see the same full-resolution logits; :func:`scale_images` uses it for the
+    test-time input scales too. The output's corner pixels equal the input's exactly (``align_corners=True``,
+    ``half_pixel_centers=False``).
+
+    Args:
+        logits: float (any precision) or integer tensor ``[N, h, w, C]``.
+        size: ``(H, W)``: int pair or int32 tensor.
+    Returns:
+        float32 tensor ``[N, H, W, C]``.
 
     Example:
         >>> logits = model(images)                                   # doctest: +SKIP
         >>> full = upsample_logits(logits, tf.shape(images)[1:3])   # doctest: +SKIP
     """
-    return resize_bilinear(logits, size)
-
-
-def scaled_size(size, scale):
-    """``max(round(size * scale), 1)`` per spatial dimension, int32 (``size``: ``(H, W)`` int32 tensor)."""
-    return tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * float(scale)), tf.int32), 1)
+    return tf.raw_ops.ResizeBilinear(images=tf.cast(logits, tf.float32), size=tf.cast(size, tf.int32),
+                                     align_corners=True, half_pixel_centers=False)
 
 
 def scale_images(images, scale):
@@ -60,7 +48,8 @@ def scale_images(images, scale):
     images = tf.cast(images, tf.float32)
     if float(scale) == 1.0:
         return images
-    return resize_bilinear(images, scaled_size(tf.shape(images)[1:3], scale))
+    size = tf.cast(tf.shape(images)[1:3], tf.float32) * float(scale)
+    return upsample_logits(images, tf.maximum(tf.cast(tf.round(size), tf.int32), 1))
 
 
 def _check_scales(scales):
