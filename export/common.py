@@ -151,11 +151,6 @@ def publish(staged, final_path, overwrite):
         shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
 
 
-def write_json_atomic(path, data):
-    """Writes ``data`` as indented JSON to ``path`` via a temporary file and rename."""
-    return atomic_write_json(path, data, indent=2)
-
-
 def path_size(path):
     """Size in bytes of a file, or of all files under a directory."""
     if os.path.isfile(path):
@@ -236,12 +231,12 @@ def finalize(report, staged, final_path, overwrite, report_path=None, progress=N
     verification = report["verification"]
     if not verification["passed"]:
         report["artifact"] = None
-        write_json_atomic(report_path, report)
+        atomic_write_json(report_path, report, indent=2)
         raise VerificationError(
             f"verification failed, {final_path} was not written: " + "; ".join(verification["failures"]) +
             f" (details in {report_path})", report)
     publish(staged, final_path, overwrite)
-    write_json_atomic(report_path, report)
+    atomic_write_json(report_path, report, indent=2)
     if progress is not None:
         progress.info(f"wrote {final_path} ({report['size_bytes'] / 1e6:.2f} MB) and {report_path}")
     return report

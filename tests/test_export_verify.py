@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from deeplab_keras.export import common, verify
+from deeplab_keras.utils import atomic_write_json
 
 
 def test_sample_images(voc_samples_dir, tmp_path):
@@ -91,6 +92,6 @@ def test_check_destination(tmp_path):
 
 def test_report_json_is_written_atomically(tmp_path):
     path = tmp_path / "r.json"
-    common.write_json_atomic(str(path), {"a": np.float32(1.5), "b": np.int64(3), "c": np.arange(2)})
+    atomic_write_json(str(path), {"a": np.float32(1.5), "b": np.int64(3), "c": np.arange(2)})
     assert path.read_text().strip().startswith("{") and '"a": 1.5' in path.read_text()
     assert sorted(os.listdir(tmp_path)) == ["r.json"]
