@@ -1,7 +1,11 @@
-"""Small shared helpers without heavy imports: PASCAL VOC names and palette, atomic file writes."""
+"""Small shared helpers without heavy imports: PASCAL VOC names and palette, atomic file writes, lock files."""
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -26,32 +30,70 @@ def voc_palette():
     return palette
 
 
-def atomic_write_bytes(path, data, overwrite=True):
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (never half written).
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", *, overwrite=True, encoding=None):
+    """Open a temporary file next to ``path``; on a clean exit it is synced and renamed onto ``path``.
+
+    On an exception (a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was, so a
+    file is never half written.
 
     Args:
-        path: destination file.
-        data: bytes (or str, written as UTF-8).
-        overwrite: if False, an existing ``path`` raises FileExistsError.
+        path: destination file (its folder must exist).
+        mode: "wb" or "w".
+        overwrite: if False, an existing ``path`` raises FileExistsError (checked atomically at the rename).
+        encoding: text encoding for mode "w" (default UTF-8).
+
+    Example:
+        >>> with atomic_write("/tmp/atomic_example.txt", "w") as f:
+        ...     _ = f.write("done")
     """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    if isinstance(data, str):
-        data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _rename_no_replace(tmp, path):
+    """Move ``tmp`` to ``path`` unless ``path`` exists (a hard link fails atomically on an existing name)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
+
+
+def atomic_write_bytes(path, data, overwrite=True):
+    """Write ``data`` (bytes, or str written as UTF-8) to ``path`` atomically; see :func:`atomic_write`.
+
+    Example:
+        >>> atomic_write_bytes("/tmp/atomic_example.bin", b"data")
+    """
+    with atomic_write(path, "wb", overwrite=overwrite) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def _json_default(value):
@@ -69,3 +111,87 @@ def atomic_write_json(path, obj, indent=1):
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     atomic_write_bytes(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
     return os.fspath(path)
+
+
+class LockedError(RuntimeError):
+    """Another live process holds an :func:`exclusive_lock`; the message names the lock file and its pid."""
+
+    def __init__(self, message, path, pid):
+        super().__init__(message)
+        self.path, self.pid = path, pid
+
+
+def _pid_alive(pid):
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_pid(fd):
+    try:
+        return int(os.pread(fd, 64, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, *, what=None, timeout=0.0, poll=0.05):
+    """Hold an exclusive lock file (``fcntl.flock`` + this process's pid written inside) for the ``with`` block.
+
+    The lock is the kernel's flock, so it is released when its holder exits in any way (SIGKILL too); a lock
+    file left behind by a dead process is simply taken over. The file is removed on a clean release.
+
+    Args:
+        path: the lock file (its folder is created).
+        what: what the lock protects, for the error message (e.g. "run directory runs/voc").
+        timeout: seconds to wait for a live holder before giving up (0: fail at once).
+        poll: seconds between attempts while waiting.
+
+    Raises:
+        LockedError: (a RuntimeError) another live process or thread holds the lock; names the file and pid.
+
+    Example:
+        >>> with exclusive_lock("/tmp/example.lock", what="the example folder"):
+        ...     pass
+    """
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            pid = _read_pid(fd)
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            if time.monotonic() < deadline:
+                time.sleep(poll)
+                continue
+            holder = f"process {pid}" if pid is not None else "another process"
+            if pid is not None and not _pid_alive(pid):
+                holder += " (exited; a child process it started still holds the lock)"
+            raise LockedError(f"{what or path} is in use by {holder} (lock file {path}); wait for it to finish "
+                              "or stop it", path, pid) from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file at the path
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still locked, so no one else can be holding the file at this path
+        os.close(fd)
