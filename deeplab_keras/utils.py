@@ -31,8 +31,50 @@ def voc_palette():
 
 
 @contextlib.contextmanager
+def atomic_path(path, *, overwrite=True):
+    """Yield a temporary path next to ``path`` for a writer that needs a file name (``model.save``,
+    ``savefig``); on a clean exit the file is synced, given normal permissions (0666 & ~umask) and renamed
+    onto ``path``. On an exception (a full disk, Ctrl-C) it is removed and ``path`` is left as it was.
+
+    Args:
+        path: destination file (its folder must exist). The temporary name ends with its base name, so
+            writers that check the extension (``.keras``, ``.weights.h5``) accept it.
+        overwrite: if False, an existing ``path`` raises FileExistsError (checked atomically at the rename).
+
+    Example:
+        >>> with atomic_path("/tmp/atomic_example.txt") as tmp:
+        ...     _ = open(tmp, "w").write("done")
+    """
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path, mode="wb", *, overwrite=True, encoding=None):
-    """Open a temporary file next to ``path``; on a clean exit it is synced and renamed onto ``path``.
+    """Open a temporary file next to ``path``; on a clean exit it is synced and renamed onto ``path``
+    (:func:`atomic_path`).
 
     On an exception (a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was, so a
     file is never half written.
@@ -49,27 +91,9 @@ def atomic_write(path, mode="wb", *, overwrite=True, encoding=None):
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def _rename_no_replace(tmp, path):
