@@ -150,3 +150,55 @@ def test_many_threads_one_holder_at_a_time(tmp_path):
     for t in threads:
         t.join()
     assert overlaps == []
+
+
+# A stand-in "tensorflow" package that prints TensorFlow's real start-up lines (as captured on a CPU-only machine)
+# and one genuine error to file descriptor 2, the way the C++ library does.
+FAKE_TF = r'''
+import os
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            b"I0000 00:00:1796072127.374922    6768 port.cc:153] oneDNN custom operations are on.\n"
+            b"I0000 00:00:1796072127.375298    6768 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+            b"GPU will not be used.\n"
+            b"E0000 00:00:1796072127.5    6768 op_kernel.cc:12] a genuine error\n")
+class config:
+    @staticmethod
+    def list_physical_devices(kind):
+        os.write(2, b"E0000 00:00:1796072227.448247    7997 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n")
+        return []
+'''
+QUIET = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("u", {UTILS_FILE!r}); u = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(u)
+u.quiet_tensorflow(debug=sys.argv[1] == "debug")
+print("after import", file=sys.stderr)
+u.quiet_tensorflow(debug=sys.argv[2] == "debug")
+"""
+NOISE = ("InitializeLog", "oneDNN", "cuda drivers", "cuInit")
+
+
+@pytest.mark.parametrize("first, second", [("quiet", "quiet"), ("debug", "quiet"), ("quiet", "debug")])
+def test_quiet_tensorflow_hides_start_up_noise_only(tmp_path, first, second):
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text(FAKE_TF)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    result = subprocess.run([sys.executable, "-c", QUIET, first, second], capture_output=True, text=True, env=env,
+                            check=True)
+    lines = result.stderr.splitlines()
+    assert sum("a genuine error" in line for line in lines) == 1  # real errors are never hidden
+    noise = [line for line in lines if any(word in line for word in NOISE)]
+    if first == second == "quiet":
+        assert noise == [] and lines == [lines[0], "after import"]
+    else:  # --debug shows the start-up lines, at import or replayed later
+        assert len(noise) == 4
+        assert (lines.index("after import") > lines.index(noise[0])) == (first == "debug")
+
+
+def test_package_import_and_first_op_print_nothing():
+    code = ("import numpy as np, deeplab_keras as dk, tensorflow as tf; tf.constant([1.0]) * 2; "
+            "dk.DeepLabV2(num_classes=2, backbone='vgg16')(np.zeros((1, 33, 33, 3), 'float32'))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stderr == ""
