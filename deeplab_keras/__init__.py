@@ -13,9 +13,21 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if _os.environ["KERAS_BACKEND"] == "tensorflow":  # import TF now without its CUDA/oneDNN start-up noise
+    from deeplab_keras.utils import quiet_tensorflow as _quiet_tensorflow
 
-from deeplab_keras import crf  # noqa: E402  (the op library itself loads lazily, on first use)
-from deeplab_keras.models.deeplab import DeepLabV2  # noqa: E402
+    _quiet_tensorflow(python_logs=False)
+
+from deeplab_keras.models.deeplab import DeepLabV2  # noqa: E402  (the model core imports no TensorFlow)
 
 __version__ = "0.1.0"
 __all__ = ["DeepLabV2", "crf", "__version__"]
+
+
+def __getattr__(name):
+    """``dk.crf`` imports TensorFlow (the op), so it loads on first use: the model core runs on any backend."""
+    if name == "crf":
+        import importlib
+
+        return importlib.import_module("deeplab_keras.crf")
+    raise AttributeError(f"module 'deeplab_keras' has no attribute {name!r}")

@@ -1,7 +1,5 @@
 """DeepLabV2: shapes at every output stride, the paper's parameter counts, keras.applications parity,
 ASPP sum, MSC max fusion, config / .keras round trips, float32 copies and argument errors."""
-import math
-
 import keras
 import numpy as np
 import pytest
@@ -9,7 +7,9 @@ from keras.applications.resnet import preprocess_input
 
 import deeplab_keras as dk
 from deeplab_keras.layers.aspp import ASPP
-from deeplab_keras.layers.preprocessing import CaffePreprocess, ResizeByScale, ResizeLike
+from deeplab_keras.layers.preprocessing import (DEEPLAB_MEAN_BGR, CaffeInterp, CaffePreprocess, ResizeLike,
+                                                 interp_size, resize_aligned)
+from deeplab_keras.models.deeplab import logits_size
 from deeplab_keras.models import as_float32, load_model, transfer_backbone_weights
 from deeplab_keras.models.weights import imagenet_reference
 from tests.conftest import TINY, tiny_model
@@ -25,10 +25,37 @@ def images(n, h, w):
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
 def test_logits_size_rule(backbone, output_stride):
     model = tiny_model(5, backbone, output_stride=output_stride)
-    for n, h, w in [(1, 33, 33), (2, 65, 97), (3, 50, 41)]:
+    for n, h, w in [(1, 33, 33), (2, 65, 98), (3, 50, 44)]:
         out = model(images(n, h, w))
-        assert tuple(out.shape) == (n, math.ceil(h / output_stride), math.ceil(w / output_stride), 5)
+        assert tuple(out.shape) == (n, *model.logits_size(h, w), 5)
         assert out.dtype == "float32" and np.isfinite(np.asarray(out)).all()
+
+
+def test_logits_size_is_caffes():
+    """The sizes the released Caffe nets give (reference logits in ../shared/data/caffe-reference)."""
+    assert [logits_size(n, n) for n in (321, 513)] == [(41, 41), (65, 65)]
+    assert logits_size(375, 500) == (48, 63)          # ceil(375 / 8) = 47: Caffe's ceil-mode pool1 gives 48
+    assert logits_size(366, 500) == (46, 63)
+    assert logits_size(366, 500, "vgg16") == (47, 64)
+    assert logits_size(320, 320) == (41, 41) and logits_size(513, 513, output_stride=16) == (33, 33)
+    model = tiny_model(3, "resnet50")
+    assert tuple(model(images(1, 375, 320)).shape) == (1, 48, 41, 3)
+
+
+def test_caffe_interp_sizes_and_aligned_corners():
+    import tensorflow as tf
+
+    assert [interp_size(n, 0.75) for n in (513, 321, 500)] == [385, 241, 373]
+    assert [interp_size(n, 0.5) for n in (513, 321, 500)] == [257, 161, 250]
+    x = images(2, 17, 23)
+    out = CaffeInterp(0.75)(x)
+    assert tuple(out.shape) == (2, 13, 16, 3)
+    expected = tf.compat.v1.image.resize_bilinear(x, (13, 16), align_corners=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-3)
+    up = resize_aligned(x, (33, 45))   # corners land on corners
+    np.testing.assert_allclose(np.asarray(up)[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(up), np.asarray(
+        tf.compat.v1.image.resize_bilinear(x, (33, 45), align_corners=True)), atol=1e-3)
 
 
 @pytest.mark.slow
@@ -49,14 +76,20 @@ def test_paper_param_counts_and_513_logits(backbone, aspp, expected):
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
 def test_resnet_matches_keras_applications_at_os32(backbone):
+    """Same layers and weights as keras.applications. The stems agree where conv1's output size is odd
+    (H mod 4 in {1, 2}: 97, 81, 321, 513); elsewhere Caffe's ceil-mode pool1 adds a row (see resnet.py)."""
     reference = imagenet_reference(backbone, weights=None)  # random weights: proves the mapping offline
-    model = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=32)
+    model = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=32, bn_epsilon=1.001e-5)
     copied = transfer_backbone_weights(model, reference)
     assert len(copied) == sum(1 for layer in reference.layers if layer.weights)
     x = images(2, 97, 81)
-    expected = np.asarray(reference(preprocess_input(x.copy())))
+    expected = np.asarray(reference(x[..., ::-1] - np.float32(DEEPLAB_MEAN_BGR)))
     features = keras.Model(model.network.input, model.network.get_layer("conv5_block3_out").output)(x)
     assert np.abs(np.asarray(features) - expected).max() <= 1e-4
+    x = images(1, 96, 96)   # conv1 gives 48 rows: Caffe's pool1 gives 25, keras.applications' 24
+    ours = keras.Model(model.network.input, model.network.get_layer("pool1_pool").output)(x)
+    theirs = keras.Model(reference.input, reference.get_layer("pool1_pool").output)(x)
+    assert ours.shape[1] == 25 and theirs.shape[1] == 24
     # At output stride 8 the same weights fill the same layers (only strides / dilations differ).
     dense = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=8)
     transfer_backbone_weights(dense, reference)
@@ -76,13 +109,16 @@ def test_vgg16_transfer_and_largefov_decimation():
     assert {"block1_conv1", "block5_conv3", "fc6_r12", "fc7_r12"} <= set(copied)
     x = images(1, 224, 224)  # the VGG16 reference with its top takes 224x224 only
     first = keras.Model(model.network.input, model.network.get_layer("block1_conv2").output)(x)
-    expected = keras.Model(reference.input, reference.get_layer("block1_conv2").output)(preprocess_input(x.copy()))
+    expected = keras.Model(reference.input, reference.get_layer("block1_conv2").output)(
+        x[..., ::-1] - np.float32(DEEPLAB_MEAN_BGR))
     assert np.abs(np.asarray(first) - np.asarray(expected)).max() <= 1e-4
     fc6 = model.network.get_layer("aspp").branches[0][0].get_weights()[0]
     np.testing.assert_array_equal(fc6, reference.get_layer("fc1").get_weights()[0].reshape(7, 7, 512, 4096)[::3, ::3, :, ::4])
     assert model.network.get_layer("aspp").branches[0][0].dilation_rate == (12, 12)
     assert model.network.get_layer("block5_conv1").dilation_rate == (2, 2)
     assert model.network.get_layer("block4_pool").strides == (1, 1)
+    assert model.pool5a and model.network.get_layer("pool5a").pool_size == (3, 3)
+    assert not dk.DeepLabV2(num_classes=21, backbone="vgg16", aspp="L", width_multiplier=0.0625).pool5a
 
 
 def test_transfer_refuses_mismatched_widths():
@@ -91,9 +127,12 @@ def test_transfer_refuses_mismatched_widths():
         transfer_backbone_weights(model, keras.applications.ResNet50(include_top=False, weights=None))
 
 
-def test_preprocessing_is_keras_applications_caffe_mode():
+def test_preprocessing_is_deeplabs_bgr_minus_mean():
     x = images(2, 9, 7)
-    np.testing.assert_allclose(np.asarray(CaffePreprocess()(x)), preprocess_input(x.copy()), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(CaffePreprocess()(x)), x[..., ::-1] - np.array([104.008, 116.669, 122.675]),
+                               atol=1e-4)
+    imagenet = CaffePreprocess(mean_bgr=(103.939, 116.779, 123.68))(x)
+    np.testing.assert_allclose(np.asarray(imagenet), preprocess_input(x.copy()), atol=1e-4)
 
 
 def test_aspp_sums_branch_logits():
@@ -114,11 +153,12 @@ def test_msc_fuses_by_pixelwise_max():
     assert set(outs) == {"scale_1.0", "scale_0.75", "scale_0.5", "fused"}
     shapes = {tuple(v.shape) for v in outs.values()}
     assert shapes == {(2, 9, 10, 4)}
+    assert tuple(model.get_layer("msc_input_0_75")(x).shape) == (2, 49, 55, 3)   # Caffe Interp: (64//4)*3+1
     per_scale = np.stack([np.asarray(outs[k]) for k in ("scale_1.0", "scale_0.75", "scale_0.5")])
     np.testing.assert_allclose(np.asarray(outs["fused"]), per_scale.max(0), atol=1e-6)
     np.testing.assert_allclose(np.asarray(model(x)), per_scale.max(0), atol=1e-5)
     # scale 0.5 really ran the shared network on a half-size input
-    half = ResizeLike()([model.network(ResizeByScale(0.5)(x)), outs["scale_1.0"]])
+    half = ResizeLike()([model.network(CaffeInterp(0.5)(x)), outs["scale_1.0"]])
     np.testing.assert_allclose(np.asarray(half), np.asarray(outs["scale_0.5"]), atol=1e-5)
 
 
@@ -143,7 +183,7 @@ def test_config_and_keras_file_round_trip(tmp_path, backbone, extra):
 
 
 @pytest.mark.parametrize("layer", [ASPP(5, (2, 4), branch_filters=8, dropout=0.3), CaffePreprocess(),
-                                   ResizeByScale(0.75), ResizeLike()])
+                                   CaffeInterp(0.75), ResizeLike()])
 def test_layers_round_trip_config(layer):
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
@@ -188,10 +228,20 @@ def test_as_float32_copies_a_mixed_precision_model():
     (dict(aspp=()), "aspp"), (dict(aspp="XL"), "aspp"), (dict(num_classes=0), "num_classes"),
     (dict(msc_scales=(0.5, 0.75)), "msc_scales"), (dict(aspp="largefov"), "largefov"),
     (dict(stage_blocks=(1, 1)), "stage_blocks"), (dict(width_multiplier=0), "width_multiplier"),
+    (dict(msc_scales=(1.0, 0.7071)), "scale"), (dict(pool5a=True), "pool5a"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dk.DeepLabV2(**{"num_classes": 3, "backbone": "resnet50", **kwargs})
+
+
+def test_wrong_input_shape_names_the_shape_not_the_values():
+    model = tiny_model(3)
+    with pytest.raises(ValueError, match=r"got shape \(33, 33, 3\) \(add a batch axis") as info:
+        model(np.zeros((33, 33, 3), "float32"))
+    assert len(str(info.value)) < 200
+    with pytest.raises(ValueError, match="H, W >= 33"):
+        model(np.zeros((1, 20, 40, 3), "float32"))
 
 
 def test_classifier_variables_are_the_head():

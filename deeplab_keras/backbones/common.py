@@ -1,4 +1,5 @@
-"""Helpers shared by the backbones."""
+"""Helpers shared by the backbones: stride -> dilation, widths, Caffe's ceil-mode pooling and its size rule."""
+import keras
 
 OUTPUT_STRIDES = (8, 16, 32)
 
@@ -42,3 +43,27 @@ def strides_and_dilations(output_stride, num_stages):
 def scaled(filters, width_multiplier):
     """Channel count scaled by ``width_multiplier`` (at least 1)."""
     return max(1, int(round(filters * width_multiplier)))
+
+
+def caffe_max_pool(x, name):
+    """Caffe's ``MAX 3x3, stride 2, pad 1`` pooling, which rounds the output size **up** (ceil mode):
+    ``ceil((n - 1) / 2) + 1`` (375 -> 189, 188 -> 95). Padding one row/column in front and two behind and pooling
+    without padding gives exactly Caffe's windows; the zero padding never wins the max because the input is a ReLU
+    output (>= 0), as everywhere DeepLab pools.
+
+    Args:
+        x: Keras tensor [N, H, W, C] of non-negative values.
+        name: layer name prefix (``<name>_pad`` and ``<name>``).
+    """
+    x = keras.layers.ZeroPadding2D(((1, 2), (1, 2)), name=f"{name}_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name=name)(x)
+
+
+def caffe_pool_size(n):
+    """Output size of :func:`caffe_max_pool` for an input of size ``n``."""
+    return -(-(n - 1) // 2) + 1
+
+
+def strided_conv_size(n):
+    """Output size of a stride-2 convolution with Caffe's arithmetic (1x1 pad 0, 3x3 pad 1, 7x7 pad 3)."""
+    return (n - 1) // 2 + 1

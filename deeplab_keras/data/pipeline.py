@@ -17,8 +17,7 @@ import inspect
 import tensorflow as tf
 
 from deeplab_keras.data._common import IGNORE_LABEL, SkipCounter
-
-MEAN_RGB = (123.68, 116.779, 103.939)
+from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB as MEAN_RGB  # crops are padded with it
 
 
 def _pair(value, name):
