@@ -7,6 +7,7 @@ Example:
     >>> summary = predict_files(model, ["photo.jpg"], "masks/", overlay_images=True)   # doctest: +SKIP
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -16,39 +17,25 @@ import sys
 import numpy as np
 from PIL import Image
 
-from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, voc_palette
+from deeplab_keras.data._common import BadDataError, read_image_rgb
+from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, voc_palette
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
-    """An input file that cannot be used as an image; the message names the file."""
+AREAS_FILES = ("areas.json", "areas.csv")
 
 
 def read_image(path, max_pixels=MAX_PIXELS):
-    """Read an image file as uint8 RGB [H, W, 3].
+    """Read an image file as uint8 RGB [H, W, 3] (:func:`deeplab_keras.data._common.read_image_rgb` with
+    predict's pixel limit).
 
     Raises:
-        ImageError: empty file, not an image, truncated data, or more than ``max_pixels`` pixels.
+        BadDataError: naming the file: missing, dangling symlink, empty, not an image, truncated, an unsupported
+            mode or more than ``max_pixels`` pixels.
     """
-    path = os.fspath(path)
-    if os.path.getsize(path) == 0:
-        raise ImageError(f"{path}: the file is empty (0 bytes)")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"{path}: {width}x{height} = {width * height} pixels is over the limit of "
-                                 f"{max_pixels} (raise it with --max-pixels if the image is genuine)")
-            image.load()
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{path}: refused as a decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: not a readable image ({err})") from None
+    return read_image_rgb(path, max_pixels)
 
 
 def label_png_bytes(labels):
@@ -75,7 +62,8 @@ def png_bytes(rgb):
 
 
 def collect_inputs(inputs):
-    """Expand files and directories (their image files, sorted) into a list of paths."""
+    """Expand files and directories (their image files, sorted; broken links included, to be reported) into a
+    list of paths; a file named twice is kept once."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -84,7 +72,75 @@ def collect_inputs(inputs):
             paths.append(item)
         else:
             raise FileNotFoundError(f"input {item!r} does not exist")
-    return paths
+    seen = set()
+    return [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+
+
+class OutputNameError(ValueError):
+    """Two inputs would write the same output file, or ``--out`` is not a folder; nothing was written."""
+
+
+def output_names(paths, out_dir, overlay_images=False):
+    """The files each input writes (``<stem>.png``, ``<stem>_overlay.png``), checked before anything is written.
+
+    Raises:
+        OutputNameError: ``out_dir`` is an existing file, or two inputs (``x.jpg`` and ``x.png``; ``x_overlay.jpg``
+            and ``x.jpg`` with overlays) would write the same file; the message names both inputs.
+    """
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputNameError(f"--out {out_dir} is an existing file, not a folder; choose another --out")
+    owners = {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for name in [stem + ".png"] + ([stem + "_overlay.png"] if overlay_images else []):
+            other = owners.setdefault(name, path)
+            if other != path:
+                raise OutputNameError(f"inputs {other} and {path} would both write {os.path.join(out_dir, name)}; "
+                                      "rename one of them or predict them into separate --out folders")
+    return owners
+
+
+def read_areas(out_dir):
+    """The ``areas.json`` of ``out_dir`` as {stem: {class: fraction}} ({} when there is none).
+
+    Raises:
+        ValueError: the file exists but is not such a table (it is never overwritten then).
+    """
+    path = os.path.join(os.fspath(out_dir), AREAS_FILES[0])
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            areas = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); move it away to start a new areas table") from None
+    if not isinstance(areas, dict) or not all(isinstance(a, dict) for a in areas.values()):
+        raise ValueError(f"{path} is not an areas table {{image: {{class: fraction}}}}; move it away")
+    return areas
+
+
+def merge_areas(out_dir, areas):
+    """Add ``areas`` to ``out_dir``'s areas.json / areas.csv, keeping other images' rows (an image predicted
+    again replaces its row). Runs under a lock file, so concurrent predictions into one folder lose nothing.
+
+    Returns:
+        the merged table.
+    """
+    out_dir = os.fspath(out_dir)
+    with exclusive_lock(os.path.join(out_dir, ".areas.lock"), what=f"the areas table of {out_dir}", timeout=120):
+        merged = read_areas(out_dir)
+        merged.update(areas)
+        merged = dict(sorted(merged.items()))
+        atomic_write_bytes(os.path.join(out_dir, AREAS_FILES[0]), json.dumps(merged, indent=1).encode())
+        buf = io.StringIO()
+        names = sorted({n for a in merged.values() for n in a})
+        writer = csv.writer(buf)
+        writer.writerow(["image"] + names)
+        for stem, a in merged.items():
+            writer.writerow([stem] + [a.get(n, 0.0) for n in names])
+        atomic_write_bytes(os.path.join(out_dir, AREAS_FILES[1]), buf.getvalue().encode())
+    return merged
 
 
 class SavedModelPredictor:
@@ -95,7 +151,11 @@ class SavedModelPredictor:
         versions = [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
         if not os.path.exists(os.path.join(directory, "saved_model.pb")) and versions:
             directory = os.path.join(directory, max(versions, key=int))
-        self.fn = tf.saved_model.load(directory).signatures["serving_default"]
+        signatures = tf.saved_model.load(directory).signatures
+        if "serving_default" not in signatures:
+            raise ValueError(f"{directory}: the SavedModel has no 'serving_default' signature (it has "
+                             f"{sorted(signatures) or 'none'}); export one with deeplab-export")
+        self.fn = signatures["serving_default"]
 
     def __call__(self, images, scales=(1.0,), flip=False):
         if tuple(scales) != (1.0,) or flip:
@@ -109,6 +169,9 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
                   crf_params=None, progress=True):
     """Segment image files and write ``<stem>.png`` (VOC palette), optional ``<stem>_overlay.png`` and
     ``areas.json`` / ``areas.csv`` (fraction of pixels per class) into ``out_dir``.
+
+    Output names are checked before anything is written; the areas of this run are merged into the folder's
+    existing tables (:func:`merge_areas`), also when the run stops early (a full disk, Ctrl-C).
 
     Args:
         model: a keras model, or a callable ``(uint8 images, scales, flip) -> probabilities`` such as
@@ -127,11 +190,17 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         progress: show a progress bar.
 
     Returns:
-        dict with ``written`` (stems), ``failed`` ({path: reason}) and ``areas``.
+        dict with ``written`` (stems), ``failed`` ({path: reason}) and ``areas`` (this run's).
+
+    Raises:
+        OutputNameError: ``out_dir`` is a file or two inputs would write the same file (nothing written).
+        RuntimeError: an output could not be written (e.g. a full disk); the message names the file.
     """
     from tqdm import tqdm
 
     from deeplab_keras.inference import Predictor
+    output_names(paths, out_dir, overlay_images)
+    read_areas(out_dir)  # refuse an unreadable areas table before predicting, not after
     os.makedirs(out_dir, exist_ok=True)
     if callable(model) and not hasattr(model, "layers"):
         run = model
@@ -155,43 +224,47 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
             stem = os.path.splitext(os.path.basename(path))[0]
             labels = p.argmax(-1).astype(np.uint8)
             names = class_names or (VOC_CLASSES if p.shape[-1] == 21 else [f"class_{i}" for i in range(p.shape[-1])])
+            target = os.path.join(out_dir, stem + ".png")
             try:
-                atomic_write_bytes(os.path.join(out_dir, stem + ".png"), label_png_bytes(labels), overwrite)
+                atomic_write_bytes(target, label_png_bytes(labels), overwrite)
                 if overlay_images:
-                    atomic_write_bytes(os.path.join(out_dir, stem + "_overlay.png"), png_bytes(overlay(image, labels)),
-                                       overwrite)
+                    target = os.path.join(out_dir, stem + "_overlay.png")
+                    atomic_write_bytes(target, png_bytes(overlay(image, labels)), overwrite)
             except FileExistsError as err:
                 if stop_on_error:
                     raise
                 failed[path] = str(err)
                 continue
+            except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
+                raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
+                                   "another --out") from err
             counts = np.bincount(labels.reshape(-1), minlength=p.shape[-1])
             areas[stem] = {names[i]: round(float(c) / labels.size, 6) for i, c in enumerate(counts) if c}
             written.append(stem)
         pending.clear()
 
-    for path in tqdm(paths, desc="predict", unit="img", disable=not progress):
-        try:
-            image = read_image(path, max_pixels)
-        except ImageError as err:
-            if stop_on_error:
-                raise
-            failed[path] = str(err)
-            print(f"skipped {err}", file=sys.stderr)
-            continue
-        if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
-            flush()
-        pending.append((path, image))
-    flush()
-    if written:
-        atomic_write_bytes(os.path.join(out_dir, "areas.json"), json.dumps(areas, indent=1).encode(), overwrite=True)
-        buf = io.StringIO()
-        names = sorted({n for a in areas.values() for n in a})
-        writer = csv.writer(buf)
-        writer.writerow(["image"] + names)
-        for stem, a in areas.items():
-            writer.writerow([stem] + [a.get(n, 0.0) for n in names])
-        atomic_write_bytes(os.path.join(out_dir, "areas.csv"), buf.getvalue().encode(), overwrite=True)
+    try:
+        for path in tqdm(paths, desc="predict", unit="img", disable=not progress):
+            try:
+                image = read_image(path, max_pixels)
+            except BadDataError as err:
+                if stop_on_error:
+                    raise
+                failed[path] = str(err)
+                if progress:
+                    print(f"skipped {err}", file=sys.stderr)
+                continue
+            if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
+                flush()
+            pending.append((path, image))
+        flush()
+    except BaseException:
+        if areas:  # keep the areas of the masks already written; the original error is what gets reported
+            with contextlib.suppress(Exception):
+                merge_areas(out_dir, areas)
+        raise
+    if areas:
+        merge_areas(out_dir, areas)
     return {"written": written, "failed": failed, "areas": areas}
 
 
@@ -203,6 +276,9 @@ def build_parser():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a .keras file or a deeplab-train run directory")
     source.add_argument("--saved-model", help="a SavedModel from deeplab-export (OUT/ or OUT/<version>/)")
+    source.add_argument("--preset", metavar="NAME", help="a released DeepLab v2 model (downloaded and converted once "
+                        "into the Keras cache), e.g. deeplabv2_resnet101_msc_voc")
+    parser.add_argument("--preset-sha256", metavar="HEX", help="the sha256 you trust for the preset's download")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--crf", action="store_true", help="refine with the dense CRF (custom op)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
@@ -212,24 +288,63 @@ def build_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first bad image")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary; failures only")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's start-up logs")
     return parser
 
 
 def main(argv=None):
-    """``deeplab-predict``: exit 0 when every image was written, 1 when some failed, 2 on bad arguments."""
+    """``deeplab-predict``: exit 0 when every image was written, 1 when some failed or the run stopped (a full
+    disk, Ctrl-C: 130), 2 on bad arguments; expected failures are one line, tracebacks only with ``--debug``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_tensorflow(args.debug)
+    try:
+        return _run(parser, args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("deeplab-predict: interrupted; the masks written so far are complete and their areas recorded",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
+        if args.debug:
+            raise
+        expected = isinstance(err, (RuntimeError, BadDataError, OSError))
+        print(f"deeplab-predict: error: {_first_line(err)}" + ("" if expected else
+              f" ({type(err).__name__}; rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _run(parser, args):
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if any(s <= 0 for s in args.scales):
         parser.error(f"--scales must be > 0, got {args.scales}")
+    if args.max_pixels < 1:
+        parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     for item in args.inputs:
         if not os.path.exists(item):
             parser.error(f"input {item!r} does not exist")
+    paths = collect_inputs(args.inputs)
+    if not paths:
+        parser.error(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
+    try:
+        output_names(paths, args.out, args.overlay)
+        read_areas(args.out)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         if args.checkpoint:
             from deeplab_keras.models import load_model
             model = load_model(args.checkpoint)
+        elif args.preset:
+            from deeplab_keras.models.presets import from_preset
+            model = from_preset(args.preset, sha256=args.preset_sha256)
         else:
             if not os.path.isdir(args.saved_model):
                 parser.error(f"--saved-model {args.saved_model!r} is not a directory")
@@ -237,11 +352,21 @@ def main(argv=None):
             model = predictor
     except (FileNotFoundError, ValueError, OSError) as err:
         parser.error(str(err).splitlines()[0])
-    summary = predict_files(model, collect_inputs(args.inputs), args.out, crf=args.crf, overlay_images=args.overlay,
+    except RuntimeError as err:  # a preset's download failed or does not match its sha256
+        print(f"deeplab-predict: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001  (e.g. a corrupt .keras: Keras raises many kinds)
+        if args.debug:
+            raise
+        parser.error(f"cannot load the model: {_first_line(err)} ({type(err).__name__})")
+    summary = predict_files(model, paths, args.out, crf=args.crf, overlay_images=args.overlay,
                             scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
-                            overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels)
-    print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed"
-          + "".join(f"\n  failed: {reason}" for reason in summary["failed"].values()))
+                            overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
+                            progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
+    for reason in summary["failed"].values():
+        print(f"  failed: {reason}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 

@@ -205,6 +205,17 @@ class DeepLabV2(keras.Model):
     def from_config(cls, config):
         return cls(**config)
 
+    @classmethod
+    def from_preset(cls, name, cache_dir=None, *, sha256=None):
+        """A released DeepLab v2 model by name (downloaded, checked, converted and cached on first use); see
+        :mod:`deeplab_keras.models.presets` for the names and the cache.
+
+        Example:
+            >>> model = DeepLabV2.from_preset("deeplabv2_resnet101_msc_voc")   # doctest: +SKIP
+        """
+        from deeplab_keras.models.presets import from_preset
+        return from_preset(name, cache_dir, sha256=sha256)
+
 
 def _check_input_shape(inputs):
     """Reject a wrongly shaped input by its shape alone (Keras' own error would print the whole array)."""
