@@ -226,9 +226,6 @@ def _check_input_shape(inputs):
     if len(shape) != 4 or shape[-1] != 3:
         hint = " (add a batch axis: images[None])" if len(shape) == 3 and shape[-1] == 3 else ""
         raise ValueError(f"DeepLabV2 takes RGB images of shape [N, H, W, 3]; got shape {shape}{hint}")
-    small = [d for d in shape[1:3] if d is not None and d < MIN_INPUT_SIZE]
-    if small:
-        raise ValueError(f"DeepLabV2 needs H, W >= {MIN_INPUT_SIZE}; got shape {shape} (resize or pad the image)")
 
 
 def _msc_input_name(scale):
