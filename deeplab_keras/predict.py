@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from deeplab_keras.data._common import BadDataError, read_image_rgb
-from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, voc_palette
+from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, usage_error,
+                                 voc_palette)
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -234,6 +235,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
                 if stop_on_error:
                     raise
                 failed[path] = str(err)
+                print(f"skipped {path}: {err}", file=sys.stderr)
                 continue
             except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
                 raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
@@ -251,8 +253,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
                 if stop_on_error:
                     raise
                 failed[path] = str(err)
-                if progress:
-                    print(f"skipped {err}", file=sys.stderr)
+                print(f"skipped {err}", file=sys.stderr)
                 continue
             if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
                 flush()
@@ -322,22 +323,22 @@ def _first_line(err):
 
 def _run(parser, args):
     if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        usage_error(parser, f"--batch-size must be >= 1, got {args.batch_size}")
     if any(s <= 0 for s in args.scales):
-        parser.error(f"--scales must be > 0, got {args.scales}")
+        usage_error(parser, f"--scales must be > 0, got {args.scales}")
     if args.max_pixels < 1:
-        parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
+        usage_error(parser, f"--max-pixels must be >= 1, got {args.max_pixels}")
     for item in args.inputs:
         if not os.path.exists(item):
-            parser.error(f"input {item!r} does not exist")
+            usage_error(parser, f"input {item!r} does not exist")
     paths = collect_inputs(args.inputs)
     if not paths:
-        parser.error(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
+        usage_error(parser, f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
     try:
         output_names(paths, args.out, args.overlay)
         read_areas(args.out)
     except ValueError as err:
-        parser.error(str(err))
+        usage_error(parser, str(err))
     try:
         if args.checkpoint:
             from deeplab_keras.models import load_model
@@ -347,26 +348,24 @@ def _run(parser, args):
             model = from_preset(args.preset, sha256=args.preset_sha256)
         else:
             if not os.path.isdir(args.saved_model):
-                parser.error(f"--saved-model {args.saved_model!r} is not a directory")
+                usage_error(parser, f"--saved-model {args.saved_model!r} is not a directory")
             predictor = SavedModelPredictor(args.saved_model)
             model = predictor
     except (FileNotFoundError, ValueError, OSError) as err:
-        parser.error(str(err).splitlines()[0])
+        usage_error(parser, str(err).splitlines()[0])
     except RuntimeError as err:  # a preset's download failed or does not match its sha256
         print(f"deeplab-predict: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001  (e.g. a corrupt .keras: Keras raises many kinds)
         if args.debug:
             raise
-        parser.error(f"cannot load the model: {_first_line(err)} ({type(err).__name__})")
+        usage_error(parser, f"cannot load the model: {_first_line(err)} ({type(err).__name__})")
     summary = predict_files(model, paths, args.out, crf=args.crf, overlay_images=args.overlay,
                             scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
                             overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
                             progress=not args.quiet)
-    if not args.quiet:
+    if not args.quiet:  # the failures were reported on stderr as they happened ("skipped ...")
         print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
-    for reason in summary["failed"].values():
-        print(f"  failed: {reason}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 

@@ -225,6 +225,15 @@ def exclusive_lock(path, *, what=None, timeout=0.0, poll=0.05):
         os.close(fd)
 
 
+def usage_error(parser, message):
+    """Exit 2 with one line ``<prog>: error: <message>`` on stderr (argparse's code, without its usage block).
+
+    Example:
+        >>> usage_error(argparse.ArgumentParser(prog="deeplab-x"), "--out o is a file")  # doctest: +SKIP
+    """
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
 # TensorFlow's start-up lines on a machine without a GPU (absl logs before absl::InitializeLog, which no
 # environment variable silences): oneDNN / CPU-feature banners, "Could not find cuda drivers", "failed call to
 # cuInit", duplicate cuDNN/cuFFT/cuBLAS factory registrations. Other lines (real errors) are always shown.

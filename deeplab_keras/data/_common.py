@@ -1,6 +1,9 @@
-"""Shared helpers of deeplab_keras.data: the VOC palette, PIL decoding with errors that name the file, atomic
-writes and the counter behind ``skip_bad``."""
+"""Shared helpers of deeplab_keras.data: the VOC palette, the package's one image reader (PIL, errors that name
+the file), atomic writes and the counter behind ``skip_bad``."""
+import errno
 import logging
+import os
+import stat
 import threading
 
 import numpy as np
@@ -15,24 +18,70 @@ class BadDataError(ValueError):
     """A data file cannot be used (undecodable, truncated, size mismatch, label value out of range)."""
 
 
-def read_image_rgb(path):
-    """Decodes an image file fully with PIL into uint8 [H, W, 3].
+# Modes PIL converts to RGB faithfully; 16-bit grayscale is scaled here; anything else is refused by name.
+_RGB_CONVERTIBLE = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"}
+_GRAY16 = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def read_image_rgb(path, max_pixels=None):
+    """Decodes an image file fully with PIL into uint8 RGB [H, W, 3]: the one image reader of the package.
+
+    16-bit grayscale (PIL mode ``I;16``) is scaled to 0..255 (value / 257, rounded); alpha is dropped;
+    32-bit integer/float and other modes without a 0..255 meaning are refused rather than clipped.
 
     Args:
-        path: image file (JPEG, PNG, BMP, ...).
+        path: image file (JPEG, PNG, BMP, TIFF, ...).
+        max_pixels: refuse images with more pixels (checked from the header, before decoding); None: PIL's
+            own decompression-bomb limit only.
 
     Raises:
-        BadDataError: naming ``path`` when the file is missing, undecodable or truncated.
+        BadDataError: naming ``path`` when the file is missing, a dangling symlink or symlink loop, empty,
+            undecodable, truncated, too large or of an unsupported mode.
+
+    Example:
+        >>> from deeplab_keras.data._common import read_image_rgb
+        >>> image = read_image_rgb("photo.png", max_pixels=50_000_000)   # doctest: +SKIP
     """
     from PIL import Image
+    path = os.fspath(path)
+    _check_file(path)
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadDataError(f"{path}: {width}x{height} = {width * height} pixels is over the limit of "
+                                   f"{max_pixels} (raise it with --max-pixels if the image is genuine)")
             im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
+            if im.mode in _GRAY16:
+                gray = np.asarray(im).astype(np.uint32)
+                return np.repeat(((gray * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=-1)
+            if im.mode not in _RGB_CONVERTIBLE:
+                raise BadDataError(f"{path}: image mode {im.mode!r} has no 0..255 colour range this reader "
+                                   "can map to RGB; save it as an 8-bit (or 16-bit grayscale) image")
+            return np.asarray(im.convert("RGB") if im.mode != "RGB" else im, dtype=np.uint8)
+    except BadDataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadDataError(f"{path}: refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for unreadable/truncated files
-        raise BadDataError(f"{path}: cannot decode image ({e}); re-export or remove the file") from e
+        raise BadDataError(f"{path}: cannot decode image ({e}); re-export or remove the file") from None
+
+
+def _check_file(path):
+    """Raises BadDataError naming ``path`` if it is not a readable, non-empty regular file."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        if os.path.islink(path):
+            if e.errno == errno.ELOOP:
+                raise BadDataError(f"{path}: symbolic link loop; fix or remove the link") from None
+            raise BadDataError(f"{path}: dangling symbolic link (its target {os.readlink(path)!r} does not exist); "
+                               "fix or remove the link") from None
+        raise BadDataError(f"{path}: cannot read the file ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadDataError(f"{path}: not a regular file")
+    if info.st_size == 0:
+        raise BadDataError(f"{path}: the file is empty (0 bytes)")
 
 
 def read_index_png(path):
@@ -45,6 +94,7 @@ def read_index_png(path):
         BadDataError: naming ``path`` for an undecodable file or an RGB label (colours are not indices).
     """
     from PIL import Image
+    _check_file(path)
     try:
         with Image.open(path) as im:
             im.load()
