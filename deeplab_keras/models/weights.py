@@ -105,9 +105,14 @@ def load_model(path, compile=False):
 
 
 def load_weights_into(model, weights):
-    """Fill ``model`` from ``weights``: "imagenet" or a checkpoint path (see :func:`resolve_checkpoint`)."""
+    """Fill ``model`` from ``weights``: "imagenet", a released DeepLab v2 ``.caffemodel`` or deeplab-pytorch
+    ``.pth`` (see :mod:`deeplab_keras.models.caffe`), or a checkpoint path (see :func:`resolve_checkpoint`)."""
     if isinstance(weights, str) and weights == "imagenet":
         transfer_backbone_weights(model, imagenet_reference(model.backbone))
+        return model
+    if isinstance(weights, (str, os.PathLike)) and os.fspath(weights).endswith((".caffemodel", ".pth")):
+        from deeplab_keras.models.caffe import load_scan, scan_weights
+        load_scan(model, scan_weights(weights))
         return model
     path = resolve_checkpoint(weights)
     if path.endswith(".keras"):

@@ -1,0 +1,309 @@
+"""Read PyTorch ``.pth`` state dicts of kazuto1011/deeplab-pytorch (its converted DeepLab v2 releases) without
+torch, and load them into a :class:`DeepLabV2`.
+
+A ``.pth`` written by ``torch.save`` is a zip (``<name>/data.pkl`` + raw little-endian storages
+``<name>/data/<key>``), or, before torch 1.6, a sequence of pickles followed by the storages. The pickle is read
+by a restricted unpickler that builds only ordered dicts and tensors (as numpy arrays) and refuses every other
+global, so a ``.pth`` cannot run code here.
+
+kazuto's names map onto Caffe's, and from there onto the model exactly as :mod:`deeplab_keras.models.caffe`
+does: ``[base.]layer1.conv1.{conv,bn}`` = conv1 / bn_conv1 + scale_conv1, ``layer{s}.block{i}.{shortcut,
+reduce,conv3x3,increase}.{conv,bn}`` = res{s}{block}_branch{1,2a,2b,2c} (+ bn / scale), ``aspp.c{k}`` = the k-th
+ASPP branch in the model's rate order (a state dict does not store the rates: DeepLabV2S files need aspp="S"),
+``fc`` = the COCO init's 1x1 classifier (backbone only). BatchNorm eps is kazuto's 1e-5.
+
+Example:
+    >>> from deeplab_keras.models.pth import read_pth
+    >>> state = read_pth("deeplabv2_resnet101_msc-vocaug-20000.pth")          # doctest: +SKIP
+    >>> state["base.aspp.c0.weight"].shape                                    # doctest: +SKIP
+    (21, 2048, 3, 3)
+"""
+import collections
+import os
+import pickle
+import re
+import struct
+import zipfile
+
+import numpy as np
+
+from deeplab_keras.models.caffe import CaffeLayer, Scan, load_scan
+
+
+class PthError(ValueError):
+    """A ``.pth`` that cannot be read safely or does not fit the model (one-line message naming the file)."""
+
+
+_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "bf16",
+           "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1",
+           "ByteStorage": "u1", "BoolStorage": "?"}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Storage:
+    def __init__(self, storage_type, key, numel):
+        self.dtype, self.key, self.numel = _DTYPES[storage_type.name], str(key), int(numel)
+        self.array = None
+
+
+class _Tensor:
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    return _Tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch", "Size"): tuple}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds OrderedDicts, tuples and tensor placeholders; any other global is refused (never imported)."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path, self.storages = path, {}
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _DTYPES:
+            return _StorageType(name)
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise PthError(f"{self.path} refers to {module}.{name}, which a state dict of tensors does not need; "
+                       "refusing to load it (only torch.save(model.state_dict()) files are read)")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise PthError(f"{self.path}: unsupported storage reference {str(pid)[:80]}")
+        key = str(pid[2])
+        if key not in self.storages:
+            self.storages[key] = _Storage(pid[1], key, pid[4])
+        return self.storages[key]
+
+
+def _load_pickle(unpickler, path):
+    try:
+        return unpickler.load()
+    except PthError:
+        raise
+    except Exception as e:  # a damaged pickle: EOFError, UnpicklingError, ...
+        raise PthError(f"{path} is not a readable .pth state dict ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _dtype(code, byteorder):
+    if code == "bf16":
+        return np.dtype(byteorder + "u2")
+    return np.dtype(code if code in ("?", "i1", "u1") else byteorder + code)
+
+
+def _array(storage, raw, byteorder, path):
+    dtype = _dtype(storage.dtype, byteorder)
+    if len(raw) < storage.numel * dtype.itemsize:
+        raise PthError(f"{path} is truncated: storage {storage.key} needs {storage.numel * dtype.itemsize:,} bytes, "
+                       f"has {len(raw):,}")
+    data = np.frombuffer(raw, dtype, count=storage.numel)
+    if storage.dtype == "bf16":
+        data = (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(data.dtype.newbyteorder("="), copy=False)
+
+
+def _materialize(obj, path):
+    if isinstance(obj, _Tensor):
+        base = obj.storage.array
+        item = base.itemsize
+        if obj.size and obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride)) >= base.size:
+            raise PthError(f"{path}: a tensor of shape {obj.size} runs past its storage {obj.storage.key}")
+        view = np.lib.stride_tricks.as_strided(base[obj.offset:], obj.size, [s * item for s in obj.stride])
+        return np.array(view)
+    if isinstance(obj, dict):
+        return collections.OrderedDict((k, _materialize(v, path)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, path) for v in obj)
+    return obj
+
+
+def read_pth(path):
+    """Read a ``torch.save`` file of tensors (a state dict) without torch.
+
+    Args:
+        path: the ``.pth`` (zip format of torch >= 1.6, or the older pickle format).
+
+    Returns:
+        the saved object with every tensor as a numpy array (an OrderedDict name -> array for a state dict).
+
+    Raises:
+        PthError: not a ``.pth``, truncated, or it refers to anything but tensors and dicts.
+
+    Example:
+        >>> {k: v.shape for k, v in read_pth("model.pth").items()}               # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PthError(f"{path} does not exist (or is not a file); pass a .pth file")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                pkl = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+                if not pkl:
+                    raise PthError(f"{path} is a zip without <name>/data.pkl: not a torch.save file "
+                                   "(a .keras model? load it with deeplab_keras.models.load_model)")
+                prefix = pkl[0][:-len("data.pkl")]
+                byteorder = z.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in z.namelist() \
+                    else "little"
+                with z.open(pkl[0]) as f:
+                    unpickler = _Unpickler(f, path)
+                    obj = _load_pickle(unpickler, path)
+                for key, storage in unpickler.storages.items():
+                    name = f"{prefix}data/{key}"
+                    if name not in z.namelist():
+                        raise PthError(f"{path} lacks the storage {name}")
+                    storage.array = _array(storage, z.read(name), "<" if byteorder == "little" else ">", path)
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise PthError(f"{path} is a damaged zip ({e}); download the file again") from None
+        return _materialize(obj, path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head[:1] != b"\x80":
+            raise PthError(f"{path} is not a .pth file (neither a torch zip nor a torch pickle)")
+        magic = _load_pickle(_Unpickler(f, path), path)
+        if magic != _LEGACY_MAGIC:
+            raise PthError(f"{path} is a pickle but not a torch.save file")
+        _load_pickle(_Unpickler(f, path), path)  # protocol version
+        sys_info = _load_pickle(_Unpickler(f, path), path)
+        byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+        unpickler = _Unpickler(f, path)
+        obj = _load_pickle(unpickler, path)
+        keys = _load_pickle(_Unpickler(f, path), path)
+        for key in keys:
+            storage = unpickler.storages.get(str(key))
+            header = f.read(8)
+            if len(header) < 8:
+                raise PthError(f"{path} is truncated (storage {key} is missing); download the file again")
+            numel = struct.unpack(byteorder + "q", header)[0]
+            if storage is None:
+                raise PthError(f"{path}: storage {key} is listed but not used")
+            raw = f.read(numel * _dtype(storage.dtype, byteorder).itemsize)
+            storage.array = _array(storage, raw, byteorder, path)
+    missing = [k for k, s in unpickler.storages.items() if s.array is None]
+    if missing:
+        raise PthError(f"{path} is truncated (storages {missing[:4]} are missing); download the file again")
+    return _materialize(obj, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kazuto1011/deeplab-pytorch names -> Caffe names (the mapping to Keras is caffe.py's)
+# ----------------------------------------------------------------------------------------------------------
+_BLOCK = re.compile(r"^layer(\d)\.block(\d+)\.(shortcut|reduce|conv3x3|increase)\.(conv|bn)\.(\w+)$")
+_BRANCH = {"shortcut": "1", "reduce": "2a", "conv3x3": "2b", "increase": "2c"}
+_BN_PARAMS = {"running_mean": 0, "running_var": 1, "weight": 2, "bias": 3}
+
+
+def _caffe_names(key):
+    """kazuto key -> (caffe conv / bn body, 'conv' | 'bn', param) or None."""
+    if key.startswith("layer1.conv1."):
+        rest = key[len("layer1.conv1."):]
+        part, _, param = rest.partition(".")
+        return ("conv1" if part == "conv" else "_conv1"), part, param
+    m = _BLOCK.match(key)
+    if m:
+        stage, block, branch, part, param = m.groups()
+        letter = "a" if block == "1" else f"b{int(block) - 1}"
+        body = f"{stage}{letter}_branch{_BRANCH[branch]}"
+        return ("res" + body if part == "conv" else body), part, param
+    return None
+
+
+def _state_dict(obj, path):
+    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return _state_dict(obj[key], path)
+    raise PthError(f"{path} holds no state dict of tensors")
+
+
+def pth_layers(path):
+    """The state dict of a deeplab-pytorch ``.pth`` as :class:`CaffeLayer` s with Caffe names and blob layout.
+
+    Returns:
+        (layers, names): the layers, and {caffe name: the .pth key prefix} for messages.
+    """
+    state = _state_dict(read_pth(path), path)
+    convs, bns, others, names = {}, {}, [], {}
+    for key, value in state.items():
+        short = re.sub(r"^(module\.)?(base\.)?", "", key)
+        if short.endswith("num_batches_tracked"):
+            continue
+        mapped = _caffe_names(short)
+        if mapped is not None and mapped[1] == "conv" and mapped[2] == "weight":
+            convs[mapped[0]] = [value.astype(np.float32)]
+            names[mapped[0]] = key.rsplit(".", 1)[0]
+        elif mapped is not None and mapped[1] == "bn" and mapped[2] in _BN_PARAMS:
+            bns.setdefault(mapped[0], [None] * 4)[_BN_PARAMS[mapped[2]]] = value.astype(np.float32)
+            names["bn" + mapped[0]] = names["scale" + mapped[0]] = key.rsplit(".", 1)[0]
+        elif re.match(r"^aspp\.c\d+\.(weight|bias)$", short) or re.match(r"^fc\.(weight|bias)$", short):
+            head, param = short.rsplit(".", 1)
+            name = f"fc1_pth_c{head.split('.c')[1]}" if head.startswith("aspp") else "fc"
+            convs.setdefault(name, [None, None])[0 if param == "weight" else 1] = value.astype(np.float32)
+            names[name] = key.rsplit(".", 1)[0]
+        else:
+            others.append(key)
+    if others:
+        raise PthError(f"{path} has {len(others)} tensors that are not part of kazuto1011/deeplab-pytorch's "
+                       f"DeepLabV2 ResNet: {', '.join(others[:8])}" + (" ..." if len(others) > 8 else ""))
+    layers = []
+    for name, blobs in convs.items():
+        if any(b is None for b in blobs):
+            raise PthError(f"{path}: {names[name]} lacks its weight or bias")
+        layers.append(CaffeLayer(name, "Convolution", blobs))
+    for body, (mean, var, gamma, beta) in bns.items():
+        if any(b is None for b in (mean, var, gamma, beta)):
+            raise PthError(f"{path}: {names['bn' + body]} lacks one of weight, bias, running_mean, running_var")
+        layers.append(CaffeLayer("bn" + body, "BatchNorm", [mean, var, np.ones(1, np.float32)],
+                                 batch_norm={"eps": 1e-5, "use_global_stats": True}))
+        layers.append(CaffeLayer("scale" + body, "Scale", [gamma, beta]))
+    return layers, names
+
+
+def pth_scan(path):
+    """The :class:`deeplab_keras.models.caffe.Scan` of a ``.pth`` (for the importer's checks and loading)."""
+    path = os.fspath(path)
+    layers, names = pth_layers(path)
+    return Scan(path, [layer._replace(blobs=[b.shape for b in layer.blobs]) for layer in layers], {},
+                lambda: iter(layers), names)
+
+
+def is_pth(path):
+    """True when ``path`` looks like a ``torch.save`` file (a zip with data.pkl, or a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def load_pth(model, path, backbone_only=False):
+    """Fill a :class:`DeepLabV2` (ResNet) from a deeplab-pytorch ``.pth`` state dict; see
+    :func:`deeplab_keras.models.caffe.load_caffemodel` for the checks, arguments and report.
+
+    Example:
+        >>> model = dk.DeepLabV2(21, "resnet101")                                 # doctest: +SKIP
+        >>> load_pth(model, "deeplabv2_resnet101_msc-vocaug-20000.pth")["head"]   # doctest: +SKIP
+        'loaded'
+    """
+    return load_scan(model, pth_scan(path), backbone_only)
