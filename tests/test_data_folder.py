@@ -82,11 +82,25 @@ def _break(root, how):
     if how == "rgb":
         Image.open(mask).convert("RGB").save(mask)
         return mask
+    if how == "dangling":
+        os.remove(image)
+        os.symlink(os.path.join(root, "gone.jpg"), image)
+        return image
+    if how == "loop":
+        os.remove(mask)
+        os.symlink(mask, mask)
+        return mask
+    if how == "float":
+        Image.fromarray(np.zeros((45, 61), np.float32), "F").save(image.replace(".jpg", ".tif"))
+        os.replace(image.replace(".jpg", ".tif"), image)
+        return image
     raise AssertionError(how)
 
 
 @pytest.mark.parametrize("how,match", [("truncated", "cannot decode image"), ("garbage", "cannot decode image"),
-                                       ("size", "label size"), ("value", "outside"), ("rgb", "mode 'RGB'")])
+                                       ("size", "label size"), ("value", "outside"), ("rgb", "mode 'RGB'"),
+                                       ("dangling", "dangling symbolic link"), ("loop", "symbolic link loop"),
+                                       ("float", "image mode 'F'")])
 def test_bad_files_raise_naming_the_file(shapes, how, match):
     bad = _break(shapes, how)
     with pytest.raises(tf.errors.OpError, match=match) as e:
@@ -124,3 +138,15 @@ def test_folder_through_pipeline_png_images(tmp_path):
     images, labels = next(iter(data.make_pipeline(ds, training=True, batch_size=3, crop_size=(25, 25),
                                                   num_classes=3, seed=0)))
     assert images.shape == (3, 25, 25, 3) and set(np.unique(labels.numpy())) <= {0, 1, 2, 255}
+
+
+def test_16_bit_grayscale_images_are_scaled(tmp_path):
+    root = tmp_path / "g16"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    gray16 = np.random.default_rng(0).integers(0, 65536, (30, 40)).astype(np.uint16)
+    Image.fromarray(gray16).save(root / "images" / "a.png")  # mode I;16
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / "masks" / "a.png")
+    (ex,) = _examples(data.folder_dataset(str(root), num_classes=2))
+    expected = np.round(gray16 / 257.0).astype(np.uint8)  # 0..65535 -> 0..255, not clipped to white
+    np.testing.assert_array_equal(ex["image"], np.repeat(expected[..., None], 3, -1))
