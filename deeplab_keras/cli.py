@@ -145,8 +145,10 @@ def _eval_parser():
     parser.add_argument("--seed", type=int, default=1000003,
                         help="synthetic: seed (default 1000003, the held-out split of a seed-0 training run)")
     parser.add_argument("--out", default=None,
-                        help="JSON output path (default: eval.json next to the checkpoint / in the run dir)")
+                        help="JSON output path (default: eval.json next to the checkpoint / in the run dir; "
+                             "eval_<preset>.json in the current folder for --preset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's start-up logs")
     return parser
 
 
@@ -161,28 +163,38 @@ def _eval_dataset(args, num_classes, parser):
     if not os.path.isdir(path):
         _fail(parser, f"--data {args.data!r} is neither 'synthetic' nor an existing folder")
     if os.path.isdir(os.path.join(path, "VOC2012")):
+        if num_classes < len(data.VOC_CLASSES):
+            _fail(parser, f"the model predicts {num_classes} classes but VOC 2012 has {len(data.VOC_CLASSES)}; "
+                          "evaluate a VOC model on VOC data")
         ds = data.load_voc(args.split, config="voc", manual_dir=path, data_dir=args.data_dir)
         names = list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
         return ds, names
     if os.path.isdir(os.path.join(path, "images")):
         names = data.read_class_names(path)
         if names is not None and len(names) != num_classes:
-            _fail(parser, f"{path} lists {len(names)} classes but the checkpoint predicts {num_classes}")
+            _fail(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")
         return data.folder_dataset(path, num_classes=num_classes), names
     _fail(parser, f"--data {path!r} holds neither VOC2012/ nor images/ + masks/")
 
 
-def eval_main(argv=None):
-    """``deeplab-eval --checkpoint PATH --data ... [--crf] [--scales ...] [--flip]``."""
-    parser = _eval_parser()
-    args = parser.parse_args(argv)
+def _usage_error(parser, args, error):
+    """A usage error from a library call: one line and exit 2, or the traceback with --debug."""
+    if args.debug:
+        raise error
+    _fail(parser, " ".join(str(error).split()))
+
+
+def _eval_settings(args, parser):
+    """Checks the numbers and resolves ``--protocol``: returns (pad_to, crf, crf_params)."""
     if any(s <= 0 for s in args.scales):
         _fail(parser, f"--scales must be positive, got {args.scales}")
     if args.max_images is not None and args.max_images < 1:
         _fail(parser, f"--max-images must be >= 1, got {args.max_images}")
-    if args.crf_iterations < 0:
+    if args.crf_iterations is not None and args.crf_iterations < 0:
         _fail(parser, f"--crf-iterations must be >= 0, got {args.crf_iterations}")
-    crf_params = {"iterations": args.crf_iterations}
+    if args.pad_to is not None and args.pad_to < 1:
+        _fail(parser, f"--pad-to must be >= 1 (the paper: 513), got {args.pad_to}")
+    crf_params = {} if args.crf_iterations is None else {"iterations": args.crf_iterations}
     for item in args.crf_params:
         key, sep, value = item.partition("=")
         try:
@@ -191,33 +203,94 @@ def eval_main(argv=None):
             sep = ""
         if not sep or key.replace("-", "_") not in _crf_keys():
             _fail(parser, f"--crf-params {item!r}: expected KEY=NUMBER with KEY in {sorted(_crf_keys())}")
+    if args.protocol is None:
+        return args.pad_to, args.crf, crf_params
+    conflicts = [flag for flag, given in (
+        (f"--pad-to {args.pad_to}", args.pad_to not in (None, PAPER_PAD_SIZE)),
+        (f"--scales {' '.join(f'{s:g}' for s in args.scales)}", args.scales != [1.0]),
+        ("--flip", args.flip), ("--crf-iterations", args.crf_iterations is not None),
+        ("--crf-params", bool(args.crf_params))) if given]
+    if conflicts:
+        _fail(parser, f"--protocol {args.protocol} fixes the test settings (pad to {PAPER_PAD_SIZE}, scale 1, no "
+                      f"flip, the paper's CRF); drop {', '.join(conflicts)} or leave out --protocol")
+    return PAPER_PAD_SIZE, True, {}
 
-    from deeplab_keras.evaluate import evaluate, format_table, write_json
+
+def _eval_model(args, parser):
+    """(model, checkpoint path) from --checkpoint or --preset; usage errors exit 2."""
     from deeplab_keras.models import load_model, resolve_checkpoint
+    from deeplab_keras.models.presets import PresetError, preset_path
 
     try:
-        ckpt = resolve_checkpoint(args.checkpoint)
-        model = load_model(ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(parser, " ".join(str(e).split()))
+        ckpt = (preset_path(args.preset, sha256=args.preset_sha256) if args.preset
+                else resolve_checkpoint(args.checkpoint))
+        return load_model(ckpt), ckpt
+    except (FileNotFoundError, PresetError) as e:
+        _usage_error(parser, args, e)
+    except ValueError as e:
+        if args.preset:
+            raise  # a conversion failure of a released file: a runtime error (exit 1)
+        _usage_error(parser, args, e)
+
+
+def _run_eval(args, parser):
+    pad_to, crf, crf_params = _eval_settings(args, parser)
+    from deeplab_keras.data import BadDataError
+    from deeplab_keras.evaluate import evaluate, format_table, write_json
+
+    model, ckpt = _eval_model(args, parser)
     num_classes = int(model.output_shape[-1])
+    if args.protocol and not getattr(model, "msc_scales", None):
+        print(f"deeplab-eval: note: the model has no msc_scales: --protocol {args.protocol} runs it at one scale",
+              file=sys.stderr)
     try:
         dataset, names = _eval_dataset(args, num_classes, parser)
-        results = evaluate(model, dataset, num_classes, scales=args.scales, flip=args.flip, crf=args.crf,
-                           crf_params=crf_params, class_names=names, max_images=args.max_images,
+        results = evaluate(model, dataset, num_classes, scales=args.scales, flip=args.flip, crf=crf,
+                           crf_params=crf_params, pad_to=pad_to, class_names=names, max_images=args.max_images,
                            progress=not args.no_progress)
+    except BadDataError:
+        raise  # a bad data file (named in the message): a runtime failure, exit 1
     except (FileNotFoundError, ValueError) as e:
-        _fail(parser, " ".join(str(e).split()))
+        _usage_error(parser, args, e)
     results["checkpoint"] = os.path.abspath(ckpt)
+    results["preset"] = args.preset
+    results["protocol"] = args.protocol
     results["data"] = args.data
     out = args.out
-    if out is None:
+    if out is None and args.preset:
+        out = f"eval_{args.preset}.json"
+    elif out is None:
         folder = os.path.abspath(args.checkpoint) if os.path.isdir(args.checkpoint) else os.path.dirname(
             os.path.abspath(ckpt))
         out = os.path.join(folder, "eval.json")
     print(format_table(results))
     print(f"deeplab-eval: wrote {write_json(results, out)}")
     return 0
+
+
+def eval_main(argv=None):
+    """``deeplab-eval --checkpoint PATH | --preset NAME --data ... [--protocol deeplab-v2] [--crf] [--scales ...]``.
+
+    Expected failures print one line: exit 2 for usage errors, 1 for runtime failures; ``--debug`` re-raises
+    them with the traceback.
+    """
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    from deeplab_keras.utils import quiet_tensorflow
+
+    quiet_tensorflow(args.debug)
+    try:
+        return _run_eval(args, parser)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("deeplab-eval: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (one line, not a traceback: --debug shows it)
+        if args.debug:
+            raise
+        print(f"deeplab-eval: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
 
 
 def _crf_keys():

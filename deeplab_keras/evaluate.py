@@ -12,12 +12,22 @@ The mIoU is the mean over classes of ``TP / (TP + FP + FN)`` from a confusion ma
 whole dataset (not a mean of per-image scores), skipping classes that appear neither in the ground truth nor
 in the predictions, exactly as ``keras.metrics.MeanIoU(ignore_class=255)``.
 
+The paper's test protocol (``pad_to=513``, ``deeplab-eval --protocol deeplab-v2``): each image is padded at the
+bottom and right to 513x513 with the model's mean colour (DeepLab v2's (R, G, B) = (122.675, 116.669, 104.008) as
+float input, i.e. zeros after the model's mean subtraction, as Caffe's padding of the mean-subtracted image),
+the logits of the padded image are upsampled (corner-aligned) to 513x513 and cropped back to the image, which is
+the same as padding the labels with 255. A model with ``msc_scales`` fuses its scales itself. The CRF then runs
+on the cropped probabilities and the original image with :data:`DEFAULT_CRF_PARAMS` (the paper's values).
+
 Example:
     >>> from deeplab_keras.evaluate import evaluate, format_table
     >>> results = evaluate("runs/tiny", dataset, crf=True)          # doctest: +SKIP
+    >>> results = evaluate(model, dataset, pad_to=513, crf=True)     # doctest: +SKIP  (the paper's protocol)
     >>> print(format_table(results))                                 # doctest: +SKIP
 """
+import inspect
 import os
+import re
 import sys
 import time
 
@@ -25,15 +35,20 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
+from deeplab_keras.crf import dense_crf  # noqa: E402
+from deeplab_keras.data import BadDataError  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
+from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
-           "DEFAULT_CRF_PARAMS"]
+           "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "DEFAULT_CRF_PARAMS", "PAPER_PAD_SIZE"]
 
-# DeepLab v2 ResNet-101's CRF parameters (pydensecrf meaning; see DESIGN.md).
-DEFAULT_CRF_PARAMS = dict(iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-                          gaussian_weight=3.0, gaussian_xy_std=1.0)
+# The paper's CRF parameters (DeepLab v2 ResNet-101's, pydensecrf meaning): dense_crf's defaults.
+DEFAULT_CRF_PARAMS = {key: p.default for key, p in inspect.signature(dense_crf).parameters.items()
+                      if key in ("iterations", "bilateral_weight", "bilateral_xy_std", "bilateral_rgb_std",
+                                 "gaussian_weight", "gaussian_xy_std")}
+PAPER_PAD_SIZE = 513  # DeepLab v2's test input: every VOC image (at most 500 px a side) padded to 513x513
 
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=255):
@@ -93,9 +108,56 @@ def scores(cm, class_names=None):
     }
 
 
+def model_mean_rgb(model):
+    """The (R, G, B) colour that ``model``'s preprocessing maps to zero (its ``preprocess`` layer's mean), else
+    DeepLab v2's mean."""
+    for owner in (getattr(model, "network", None), model):
+        try:
+            return tuple(float(m) for m in owner.get_layer("preprocess").mean_bgr[::-1])
+        except (AttributeError, ValueError):
+            continue
+    return tuple(DEEPLAB_MEAN_RGB)
+
+
+def pad_image(image, size, mean_rgb=DEEPLAB_MEAN_RGB):
+    """``image`` [H, W, 3] in the top-left corner of a float32 [size, size, 3] canvas of the mean colour.
+
+    Raises:
+        ValueError: the image is larger than ``size`` on a side.
+
+    Example:
+        >>> pad_image(np.zeros((2, 3, 3), np.uint8), 4)[3, 3].tolist()
+        [122.67500305175781, 116.66899871826172, 104.00800323486328]
+    """
+    height, width = image.shape[:2]
+    if height > size or width > size:
+        raise ValueError(f"a {height}x{width} image does not fit the {size}x{size} padding; raise --pad-to "
+                         f"(pad_to) to at least {max(height, width)} or leave it out")
+    canvas = np.empty((size, size, 3), np.float32)
+    canvas[:] = np.asarray(mean_rgb, np.float32)
+    canvas[:height, :width] = image
+    return canvas
+
+
+def padded_probabilities(predictor, image, size, mean_rgb=DEEPLAB_MEAN_RGB):
+    """The paper's test input: probabilities [1, H, W, C] of ``image`` [H, W, 3] padded to ``size`` (see
+    :func:`pad_image`), computed at the padded size and cropped back.
+
+    Args:
+        predictor: a :class:`deeplab_keras.inference.Predictor`.
+        image: [H, W, 3] RGB 0..255.
+        size: the padded side (513 in the paper).
+        mean_rgb: the padding colour (:func:`model_mean_rgb` of the model).
+    """
+    height, width = image.shape[:2]
+    return predictor(pad_image(image, size, mean_rgb)[None]).numpy()[:, :height, :width]
+
+
 def _examples(dataset):
-    """Yields (image [H,W,3], label [H,W], name) numpy triples from dicts, tuples, batched or not."""
-    for element in dataset:
+    """Yields (image [H,W,3], label [H,W], name) numpy triples from dicts, tuples, batched or not; unnamed
+    examples are called image_<index in the dataset>."""
+    index = 0
+    for element in _unwrapped(dataset):
         if isinstance(element, dict):
             image, label = element["image"], element["label"]
             name = element.get("file_name", None)
@@ -118,7 +180,34 @@ def _examples(dataset):
         for i in range(image.shape[0]):
             n = None if names is None else names[i]
             yield image[i], label[i], (n.decode() if isinstance(n, bytes) else (str(n) if n is not None else
-                                                                                f"image_{i}"))
+                                                                                f"image_{index}"))
+            index += 1
+
+
+def _unwrapped(dataset):
+    """Iterates ``dataset``; an error raised by a tf.data function (a bad file in ``folder_dataset``) comes out as
+    the :class:`BadDataError` it carries, without TensorFlow's traceback."""
+    import tensorflow as tf
+
+    iterator = iter(dataset)
+    while True:
+        try:
+            element = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as err:
+            raise data_error(err) from None
+        yield element
+
+
+def data_error(err):
+    """The one-line :class:`BadDataError` inside a TensorFlow error from a data pipeline (else its first line)."""
+    text = getattr(err, "message", None) or str(err)
+    found = re.search(r"BadDataError: ([^\n]+)", text)
+    if found:
+        return BadDataError(found.group(1).strip())
+    first = re.sub(r"\{\{[^}]*\}\}\s*", "", text.strip().splitlines()[0] if text.strip() else repr(err))
+    return BadDataError(f"reading the data failed: {first}")
 
 
 def _load(model):
@@ -130,7 +219,7 @@ def _load(model):
 
 
 def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf=False, crf_params=None,
-             class_names=None, ignore_label=255, max_images=None, progress=True):
+             pad_to=None, class_names=None, ignore_label=255, max_images=None, progress=True):
     """Evaluates a model at full resolution; with ``crf=True`` reports both the plain and the CRF results.
 
     Args:
@@ -142,17 +231,26 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         flip: also average horizontally flipped predictions.
         crf: also run the dense CRF on the averaged probabilities.
         crf_params: overrides of :data:`DEFAULT_CRF_PARAMS`.
+        pad_to: the paper's protocol: pad each image bottom/right to ``pad_to`` x ``pad_to`` with the model's mean
+            colour, predict, crop back (see :func:`padded_probabilities`); None predicts at the image size.
         class_names: names for the per-class table (default "0".."C-1").
         ignore_label: ground-truth value that does not count.
         max_images: stop after this many images.
         progress: show a progress bar on stderr.
 
     Returns:
-        dict: {"no_crf": scores, "crf": scores (when crf), "images", "scales", "flip", "crf_params", "seconds"}
-        where scores is :func:`scores`'s dict.
+        dict: {"no_crf": scores, "crf": scores (when crf), "images", "scales", "flip", "pad_to", "crf_params",
+        "seconds"} where scores is :func:`scores`'s dict.
+
+    Raises:
+        ValueError: an image larger than ``pad_to``; labels or predictions outside the classes.
+        BadDataError: (a ValueError) a bad data file, named (e.g. a label value out of range in folder data).
     """
     model = _load(model)
     predictor = Predictor(model, scales, flip)
+    if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
+        raise ValueError(f"pad_to={pad_to!r} must be a positive int (513 in the paper) or None")
+    mean_rgb = model_mean_rgb(model)
     params = dict(DEFAULT_CRF_PARAMS, **(crf_params or {}))
     cms, count, start = {}, 0, time.time()
     bar = None
@@ -160,20 +258,24 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         from tqdm import tqdm
 
         bar = tqdm(total=max_images, unit="img", desc="eval", file=sys.stderr)
-    for image, label, _ in _examples(dataset):
+    for image, label, name in _examples(dataset):
         if max_images is not None and count >= max_images:
             break
-        probs = predictor(image[None]).numpy()
+        if pad_to is None:
+            probs = predictor(image[None]).numpy()
+        else:
+            try:
+                probs = padded_probabilities(predictor, image, pad_to, mean_rgb)
+            except ValueError as err:
+                raise ValueError(f"image {name}: {err}") from None
         if num_classes is None:
             num_classes = int(probs.shape[-1])
         elif int(probs.shape[-1]) != num_classes:
             raise ValueError(f"the model predicts {int(probs.shape[-1])} classes but num_classes={num_classes}")
         outputs = {"no_crf": probs}
         if crf:
-            from deeplab_keras import crf as crf_module
-
             rgb = np.clip(np.round(image.astype(np.float32)), 0, 255).astype(np.uint8)[None]
-            outputs["crf"] = crf_module.dense_crf(probs, rgb, **params)
+            outputs["crf"] = dense_crf(probs, rgb, **params)
         for key, p in outputs.items():
             pred = np.argmax(np.asarray(p)[0], axis=-1)
             cm = confusion_matrix(label, pred, num_classes, ignore_label)
@@ -186,7 +288,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
     if count == 0:
         raise ValueError("the evaluation dataset is empty")
     result = {key: scores(cm, class_names) for key, cm in cms.items()}
-    result.update(images=count, scales=list(predictor.scales), flip=bool(flip),
+    result.update(images=count, scales=list(predictor.scales), flip=bool(flip), pad_to=pad_to,
                   crf_params=params if crf else None, seconds=round(time.time() - start, 2))
     for key, cm in cms.items():
         result[key]["confusion_matrix"] = cm.tolist()
@@ -210,7 +312,8 @@ def format_table(results):
     lines.append("-" * len(lines[0]))
     for label, field in (("mIoU", "miou"), ("pixel accuracy", "pixel_accuracy"), ("mean accuracy", "mean_accuracy")):
         lines.append(f"{label:<{width}}  " + "  ".join(fmt(results[k][field]) for k in keys))
-    lines.append(f"{results['images']} images, scales {results['scales']}, flip {results['flip']}, "
+    padding = f", padded to {results['pad_to']}" if results.get("pad_to") else ""
+    lines.append(f"{results['images']} images, scales {results['scales']}, flip {results['flip']}{padding}, "
                  f"{results['seconds']} s")
     return "\n".join(lines)
 
