@@ -171,6 +171,8 @@ def main(argv=None):
     parser.add_argument("--voc", default=None, help="folder holding VOC2012/ (default: ../shared samples)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     args = parser.parse_args(argv)
+    from deeplab_keras.utils import quiet_tensorflow
+    quiet_tensorflow(getattr(args, "debug", False))  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     try:

@@ -173,6 +173,8 @@ def main(argv=None):
     """Entry point of ``deeplab-export``; returns the exit code (0 ok, 1 verification/unexpected, 2 arguments)."""
     p = build_parser()
     a = p.parse_args(argv)
+    from deeplab_keras.utils import quiet_tensorflow
+    quiet_tensorflow(getattr(a, "debug", False))  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
     _check_args(p, a)
 
     from deeplab_keras.export import common
