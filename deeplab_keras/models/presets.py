@@ -4,8 +4,8 @@
 ``deeplab-eval --preset``) resolves ``name`` in :data:`PRESETS`, downloads the official file with
 ``keras.utils.get_file`` into ``<cache_dir>/models/deeplab_keras/`` (``cache_dir`` defaults to the Keras cache,
 ``$KERAS_HOME`` or ``~/.keras``), checks its sha256, takes the ``.caffemodel`` out of the archive when the
-official file is a zip, converts it with :func:`deeplab_keras.models.caffe.convert_caffemodel` and keeps the
-result as ``<name>.keras`` (with ``<name>.keras.json``: the settings and the source's sha256). Later calls load
+official file is a zip, converts it (a ``.caffemodel``, or a deeplab-pytorch ``.pth``) with
+:func:`deeplab_keras.models.caffe.convert_caffemodel` and keeps the result as ``<name>.keras`` (with ``<name>.keras.json``: the settings and the source's sha256). Later calls load
 that ``.keras`` without touching the network. The downloads are kept (several presets share one archive);
 delete the folder to reclaim the space.
 
@@ -35,7 +35,7 @@ import sys
 import urllib.parse
 import zipfile
 
-from deeplab_keras.utils import atomic_path, atomic_write_json, exclusive_lock
+from deeplab_keras.utils import atomic_write_json, exclusive_lock
 
 __all__ = ["Preset", "PRESETS", "PresetError", "PresetFetchError", "PresetHashError", "register_preset", "get_preset",
            "preset_path", "from_preset", "cache_folder"]
@@ -108,6 +108,7 @@ class Preset:
 
 
 _RESNET101_ZIP = "http://liangchiehchen.com/projects/released/deeplab_aspp_resnet101/prototxt_and_model.zip"
+_KAZUTO = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"  # .pth state dicts
 _MSC = (1.0, 0.75, 0.5)
 
 PRESETS = {}
@@ -148,6 +149,17 @@ for _preset in (
                "DeepLab-LargeFOV (VGG-16) as released with DeepLab v1; a 'train2' snapshot (second stage, "
                "trained with VOC val by DeepLab's scripts): for predictions, not for val scores",
                "vgg16", 21, model_kwargs={"aspp": "largefov"}),
+        Preset("deeplabv2_resnet101_msc_voc_kazuto", _KAZUTO + "deeplabv2_resnet101_msc-vocaug-20000.pth",
+               "DeepLab v2 ResNet-101 MSC trained on VOC 2012 train_aug by kazuto1011/deeplab-pytorch from the "
+               "COCO init (that port reports 76.65 % val mIoU, 77.93 % with the CRF, with its own MSC resize)",
+               "resnet101", 21, msc_scales=_MSC),
+        Preset("deeplabv2_resnet101_msc_cocostuff164k_kazuto",
+               _KAZUTO + "deeplabv2_resnet101_msc-cocostuff164k-100000.pth",
+               "DeepLab v2 ResNet-101 MSC trained on COCO-Stuff 164k (182 classes) by kazuto1011/deeplab-pytorch",
+               "resnet101", 182, msc_scales=_MSC),
+        Preset("deeplabv2_resnet101_msc_cocostuff10k_kazuto", _KAZUTO + "deeplabv2_resnet101_msc-cocostuff10k-20000.pth",
+               "DeepLab v2 ResNet-101 MSC trained on COCO-Stuff 10k (182 classes) by kazuto1011/deeplab-pytorch",
+               "resnet101", 182, msc_scales=_MSC),
 ):
     register_preset(_preset)
 
@@ -322,11 +334,10 @@ def _convert(preset, download, target):
         source = extracted
     _say(f"preset {preset.name}: converting {os.path.basename(download)}"
          + (f" ({preset.member})" if preset.member else "") + f" -> {target}")
-    try:
-        with atomic_path(target) as tmp:
-            convert_caffemodel(source, tmp, backbone=preset.backbone, num_classes=preset.num_classes,
-                               msc_scales=preset.msc_scales, backbone_only=preset.backbone_only,
-                               **preset.model_kwargs)
+    try:  # convert_caffemodel writes the .keras atomically
+        convert_caffemodel(source, target, backbone=preset.backbone, num_classes=preset.num_classes,
+                           msc_scales=preset.msc_scales, backbone_only=preset.backbone_only, overwrite=True,
+                           **preset.model_kwargs)
     finally:
         if extracted is not None:
             _remove(extracted)

@@ -1,0 +1,259 @@
+"""Presets against a local HTTP server on 127.0.0.1 (nothing leaves the machine): the first call downloads,
+checks, converts and caches; later calls use the cache without a request; a wrong or changed hash is an error
+that leaves no file behind; zip members; unknown names; deeplab-predict / deeplab-eval --preset.
+
+The served files are real ``.caffemodel`` s written by ``../shared/tools/make_caffemodel.py``: its VGG-16
+LargeFOV layer list with every width divided by 16 (a 0.3 MB file that converts into
+``DeepLabV2(backbone="vgg16", aspp="largefov", width_multiplier=1/16)`` in about a second)."""
+import hashlib
+import http.server
+import importlib.util
+import io
+import json
+import os
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import deeplab_keras as dk
+from conftest import REPO
+from deeplab_keras import cli, predict
+from deeplab_keras.models import presets
+
+TOOL = REPO.parent / "shared" / "tools" / "make_caffemodel.py"
+WIDTH = 1 / 16
+NUM_CLASSES = 3
+
+
+def _tool():
+    if not TOOL.is_file():
+        pytest.fail(f"the shared caffemodel generator is missing: expected {TOOL} (../shared beside the repo)")
+    spec = importlib.util.spec_from_file_location("make_caffemodel", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_vgg_caffemodel(seed=0):
+    """(bytes of a width/16 VGG-16 LargeFOV .caffemodel, {layer: blobs}) from the shared generator."""
+    tool = _tool()
+    layers = tool.vgg16_largefov_layers(NUM_CLASSES)
+    for layer in layers:
+        if "conv" in layer:
+            conv = layer["conv"]
+            if layer["name"] != "conv1_1":
+                conv["cin"] = max(1, round(conv["cin"] * WIDTH))
+            if layer["name"] != "fc8_voc12":
+                conv["num_output"] = max(1, round(conv["num_output"] * WIDTH))
+    blobs = {layer["name"]: tool.layer_blobs(layer, seed, None) for layer in layers}
+    data = tool.f_string(1, "tiny") + b"".join(
+        tool.f_bytes(100, tool.encode_layer(layer, blobs[layer["name"]])) for layer in layers)
+    return data, blobs
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    files = {}      # path -> bytes (changed by tests)
+    requests = []   # paths asked for
+
+    def do_GET(self):  # noqa: N802
+        type(self).requests.append(self.path)
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def caffemodel():
+    return tiny_vgg_caffemodel()
+
+
+@pytest.fixture(scope="module")
+def server(caffemodel):
+    data, _ = caffemodel
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("test.prototxt", "name: 'tiny'\n")
+        z.writestr("tiny_iter_1.caffemodel", data)
+    _Files.files = {"/released/tiny.caffemodel": data, "/released/prototxt_and_model.zip": archive.getvalue()}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def requests():
+    _Files.requests.clear()
+    return _Files.requests
+
+
+def _preset(monkeypatch, server, name, path="/released/tiny.caffemodel", **kwargs):
+    preset = presets.Preset(name, server + path, "a tiny test model", "vgg16", NUM_CLASSES,
+                            model_kwargs={"aspp": "largefov", "width_multiplier": WIDTH}, **kwargs)
+    monkeypatch.setitem(presets.PRESETS, name, preset)
+    return preset
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _files(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch, server, caffemodel, requests,
+                                                                    tmp_path):
+    data, blobs = caffemodel
+    _preset(monkeypatch, server, "tiny_vgg", sha256=_sha(data))
+    model = dk.DeepLabV2.from_preset("tiny_vgg", cache_dir=tmp_path)
+    assert requests == ["/released/tiny.caffemodel"]
+    folder = presets.cache_folder(tmp_path)
+    assert folder == str(tmp_path / "models" / "deeplab_keras")
+    assert _files(folder) == ["released-tiny.caffemodel", "tiny_vgg.keras", "tiny_vgg.keras.json"]
+    assert isinstance(model, dk.DeepLabV2) and model.backbone == "vgg16" and model.num_classes == NUM_CLASSES
+    # the weights are the file's (Caffe OIHW -> Keras HWIO), checked against the generator's own arrays
+    kernel = model.network.get_layer("block1_conv1").kernel.numpy()
+    np.testing.assert_array_equal(kernel, blobs["conv1_1"][0].transpose(2, 3, 1, 0))
+    meta = json.loads((tmp_path / "models" / "deeplab_keras" / "tiny_vgg.keras.json").read_text())
+    assert meta["source_sha256"] == _sha(data) and meta["conversion"]["backbone"] == "vgg16"
+
+    again = presets.from_preset("tiny_vgg", cache_dir=tmp_path)
+    assert requests == ["/released/tiny.caffemodel"]  # no second request: the cached .keras was loaded
+    image = np.random.default_rng(0).uniform(0, 255, (1, 65, 65, 3)).astype("float32")
+    np.testing.assert_array_equal(model.predict(image, verbose=0), again.predict(image, verbose=0))
+
+
+def test_wrong_hash_is_an_error_and_leaves_no_file(monkeypatch, server, requests, tmp_path):
+    _preset(monkeypatch, server, "tiny_bad", sha256="0" * 64)
+    with pytest.raises(presets.PresetHashError, match=r"tiny\.caffemodel has sha256 [0-9a-f]{64}, expected 0{64} "
+                                                      r"\(from the registry\); the download was deleted"):
+        presets.from_preset("tiny_bad", cache_dir=tmp_path)
+    assert requests == ["/released/tiny.caffemodel"]
+    assert _files(presets.cache_folder(tmp_path)) == []  # no download, no partial file, no .keras, no lock
+
+
+def test_user_hash_overrides_and_is_checked(monkeypatch, server, caffemodel, tmp_path):
+    data, _ = caffemodel
+    _preset(monkeypatch, server, "tiny_user")
+    with pytest.raises(presets.PresetHashError, match=r"from --preset-sha256 / sha256="):
+        presets.preset_path("tiny_user", tmp_path, sha256="1" * 64)
+    assert _files(presets.cache_folder(tmp_path)) == []
+    with pytest.raises(presets.PresetError, match="is not a sha256"):
+        presets.preset_path("tiny_user", tmp_path, sha256="abc")
+    path = presets.preset_path("tiny_user", tmp_path, sha256=_sha(data).upper())
+    assert path.endswith("tiny_user.keras") and os.path.isfile(path)
+
+
+def test_unknown_hash_is_pinned_on_first_download_and_enforced_after(monkeypatch, server, caffemodel, requests,
+                                                                     tmp_path, capsys):
+    data, _ = caffemodel
+    _preset(monkeypatch, server, "tiny_zip", path="/released/prototxt_and_model.zip",
+            member="tiny_iter_1.caffemodel")
+    archive = _Files.files["/released/prototxt_and_model.zip"]
+    path = presets.preset_path("tiny_zip", tmp_path)
+    folder = presets.cache_folder(tmp_path)
+    pins = json.loads(open(os.path.join(folder, presets.PINS_FILE)).read())
+    assert pins["released-prototxt_and_model.zip"]["sha256"] == _sha(archive)
+    assert f"no published sha256; pinned {_sha(archive)}" in capsys.readouterr().err
+    assert _files(folder) == ["pins.json", "released-prototxt_and_model.zip", "tiny_zip.keras",
+                              "tiny_zip.keras.json"]  # the extracted member is gone
+    assert dk.models.load_model(path).num_classes == NUM_CLASSES
+    # the server now serves another file under that URL: after the cache is cleared, the pin refuses it
+    for name in ("released-prototxt_and_model.zip", "tiny_zip.keras", "tiny_zip.keras.json"):
+        os.remove(os.path.join(folder, name))
+    monkeypatch.setitem(_Files.files, "/released/prototxt_and_model.zip", archive + b"changed")
+    with pytest.raises(presets.PresetHashError, match=r"\(from the hash pinned in .*pins\.json\)"):
+        presets.preset_path("tiny_zip", tmp_path)
+    assert _files(folder) == ["pins.json"]
+    assert requests == ["/released/prototxt_and_model.zip"] * 2
+
+
+def test_archive_without_the_member_names_what_it_holds(monkeypatch, server, tmp_path):
+    _preset(monkeypatch, server, "tiny_member", path="/released/prototxt_and_model.zip",
+            member="train_iter_20000.caffemodel")
+    with pytest.raises(presets.PresetFetchError, match=r"holds no member\(s\) named 'train_iter_20000.caffemodel'; "
+                                                       r"its \.caffemodel members: \['tiny_iter_1.caffemodel'\]"):
+        presets.preset_path("tiny_member", tmp_path)
+    assert not any(name.endswith(".keras") or name.startswith(".")
+                   for name in _files(presets.cache_folder(tmp_path)))
+
+
+def test_failed_download_is_one_error_and_leaves_nothing(monkeypatch, server, tmp_path):
+    _preset(monkeypatch, server, "tiny_missing", path="/released/missing.caffemodel")
+    with pytest.raises(presets.PresetFetchError, match=r"download of .*/released/missing.caffemodel failed .*404"):
+        presets.preset_path("tiny_missing", tmp_path)
+    assert _files(presets.cache_folder(tmp_path)) == []
+
+
+def test_unknown_preset_lists_the_names(monkeypatch, server, tmp_path):
+    _preset(monkeypatch, server, "tiny_listed")
+    with pytest.raises(presets.PresetError, match=r"unknown preset 'nope'; known presets: .*"
+                                                  r"deeplabv2_resnet101_msc_voc, .*tiny_listed"):
+        dk.DeepLabV2.from_preset("nope", cache_dir=tmp_path)
+    assert not os.path.exists(presets.cache_folder(tmp_path))
+
+
+def test_registry_entries_are_well_formed():
+    voc = presets.get_preset("deeplabv2_resnet101_msc_voc")
+    assert voc.url == "http://liangchiehchen.com/projects/released/deeplab_aspp_resnet101/prototxt_and_model.zip"
+    assert voc.member == "train_iter_20000.caffemodel" and voc.msc_scales == (1.0, 0.75, 0.5)
+    assert voc.num_classes == 21 and voc.backbone == "resnet101" and not voc.backbone_only
+    assert presets.get_preset("deeplabv2_resnet101_coco_init").backbone_only
+    for preset in presets.PRESETS.values():
+        assert preset.sha256 is None  # no published hashes: pinned on first download (see the module docstring)
+        assert preset.url.startswith(("http://", "https://")) and preset.filename
+    with pytest.raises(presets.PresetError, match="exists"):
+        presets.register_preset(voc)
+
+
+def test_deeplab_predict_and_eval_with_preset(monkeypatch, server, caffemodel, requests, tmp_path, capsys):
+    data, _ = caffemodel
+    _preset(monkeypatch, server, "tiny_cli", sha256=_sha(data))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (65, 81, 3)).astype(np.uint8)).save(image)
+    assert predict.main([str(image), "--preset", "tiny_cli", "--out", str(tmp_path / "masks")]) == 0
+    mask = np.array(Image.open(tmp_path / "masks" / "photo.png"))
+    assert mask.shape == (65, 81) and mask.max() < NUM_CLASSES
+    assert os.path.isfile(tmp_path / "keras_home" / "models" / "deeplab_keras" / "tiny_cli.keras")
+    assert requests == ["/released/tiny.caffemodel"]
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.eval_main(["--preset", "tiny_cli", "--data", "synthetic", "--num-images", "1", "--image-size", "65",
+                          "65", "--no-progress"]) == 0
+    results = json.loads((tmp_path / "eval_tiny_cli.json").read_text())
+    assert results["preset"] == "tiny_cli" and results["images"] == 1
+    assert requests == ["/released/tiny.caffemodel"]  # the cached model again
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.eval_main(["--preset", "nope", "--data", "synthetic"])
+    assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(image), "--preset", "nope", "--out", str(tmp_path / "m2")])
+    assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_eval_preset_hash_mismatch_is_a_runtime_error(monkeypatch, server, tmp_path, capsys):
+    _preset(monkeypatch, server, "tiny_cli_bad")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    code = cli.eval_main(["--preset", "tiny_cli_bad", "--preset-sha256", "2" * 64, "--data", "synthetic",
+                          "--no-progress"])
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deeplab-eval")]
+    assert len(err) == 1 and "expected " + "2" * 64 in err[0] and "nothing was cached" in err[0]
+    assert _files(presets.cache_folder(tmp_path)) == []
