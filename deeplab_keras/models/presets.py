@@ -5,9 +5,9 @@
 ``keras.utils.get_file`` into ``<cache_dir>/models/deeplab_keras/`` (``cache_dir`` defaults to the Keras cache,
 ``$KERAS_HOME`` or ``~/.keras``), checks its sha256, takes the ``.caffemodel`` out of the archive when the
 official file is a zip, converts it (a ``.caffemodel``, or a deeplab-pytorch ``.pth``) with
-:func:`deeplab_keras.models.caffe.convert_caffemodel` and keeps the result as ``<name>.keras`` (with ``<name>.keras.json``: the settings and the source's sha256). Later calls load
-that ``.keras`` without touching the network. The downloads are kept (several presets share one archive);
-delete the folder to reclaim the space.
+:func:`deeplab_keras.models.caffe.convert_caffemodel` and keeps the result as ``<name>.keras``, next to
+``<name>.keras.json`` (the settings and the source's sha256). Later calls load that ``.keras`` without touching
+the network. The downloads are kept (several presets share one archive); delete the folder to reclaim the space.
 
 Hashes. The authors published no checksums, and no stored source gives the sha256 of the official files, so
 the registry records them as unknown (``sha256=None``) rather than inventing any. For such a preset the first
@@ -15,8 +15,8 @@ download is **pinned**: its sha256 is printed and written to ``pins.json`` in th
 download of that file (after the cache was cleared, or on another preset sharing the archive) must match it.
 Pass ``sha256=`` (``--preset-sha256``) to require a hash you obtained and trust. A download that does not match
 the expected hash (the registry's, yours or the pinned one) is deleted and raises :class:`PresetHashError`;
-nothing is cached from it. The downloaded files are only parsed as data (our own protobuf reader; a zip member
-is read by its exact name), never executed.
+nothing is cached from it. The downloaded files are only parsed as data (our own protobuf reader, a restricted
+unpickler for ``.pth``; a zip member is found by its name and streamed to a file name of ours), never executed.
 
 Example:
     >>> import deeplab_keras as dk
@@ -157,7 +157,8 @@ for _preset in (
                _KAZUTO + "deeplabv2_resnet101_msc-cocostuff164k-100000.pth",
                "DeepLab v2 ResNet-101 MSC trained on COCO-Stuff 164k (182 classes) by kazuto1011/deeplab-pytorch",
                "resnet101", 182, msc_scales=_MSC),
-        Preset("deeplabv2_resnet101_msc_cocostuff10k_kazuto", _KAZUTO + "deeplabv2_resnet101_msc-cocostuff10k-20000.pth",
+        Preset("deeplabv2_resnet101_msc_cocostuff10k_kazuto",
+               _KAZUTO + "deeplabv2_resnet101_msc-cocostuff10k-20000.pth",
                "DeepLab v2 ResNet-101 MSC trained on COCO-Stuff 10k (182 classes) by kazuto1011/deeplab-pytorch",
                "resnet101", 182, msc_scales=_MSC),
 ):
