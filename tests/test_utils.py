@@ -202,3 +202,31 @@ def test_package_import_and_first_op_print_nothing():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_every_command_starts_without_tensorflow_noise(tmp_path):
+    """Each CLI imports TensorFlow and (eval, export) runs a model: no CUDA/oneDNN start-up lines on stderr."""
+    from tests.conftest import tiny_model
+    tiny_model(2, "vgg16").save(tmp_path / "tiny.keras")
+    run = "import sys; from {module} import {main}; sys.exit({main}(sys.argv[1:]))"
+    commands = {
+        "train": ("deeplab_keras.cli", "train_main", ["--config", "tiny_cpu", "--print-config"]),
+        "eval": ("deeplab_keras.cli", "eval_main", ["--checkpoint", str(tmp_path / "tiny.keras"), "--data",
+                                                    "synthetic", "--num-images", "2", "--image-size", "33", "33",
+                                                    "--no-progress", "--out", str(tmp_path / "eval.json")]),
+        "export": ("deeplab_keras.export.cli", "main", ["--checkpoint", str(tmp_path / "tiny.keras"), "--format",
+                                                         "saved_model", "--out", str(tmp_path / "sm"), "--quiet",
+                                                         "--num-samples", "1", "--verify-size", "33", "33"]),
+        "demo": ("deeplab_keras.demo", "main", ["--steps", "0"]),
+    }
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    procs = {name: subprocess.Popen([sys.executable, "-c", run.format(module=module, main=main)] + args,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for name, (module, main, args) in commands.items()}
+    results = {name: (p.wait(), p.stderr.read()) for name, p in procs.items()}
+    for name, (code, stderr) in results.items():
+        assert not [line for line in stderr.splitlines() if any(word in line for word in NOISE)], (name, stderr)
+        assert "Traceback" not in stderr, (name, stderr)
+    assert [results[name][0] for name in commands] == [0, 0, 0, 2], results
+    assert (tmp_path / "eval.json").exists() and (tmp_path / "sm").is_dir()
