@@ -37,7 +37,10 @@ def parse_overrides(tokens):
     out, key, values = {}, None, []
 
     def parse(raw):
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:  # e.g. "[1," or "a: b: c": keep the text; the config check names the key
+            return raw
         if isinstance(value, str) and _is_number(value):  # YAML 1.1 reads "1e-3" as a string
             value = float(value)
         return value
@@ -85,36 +88,96 @@ def _train_parser():
     parser.add_argument("--config", default=None,
                         help="YAML config file or a packaged config name (default: the paper's defaults)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 
 
 def train_main(argv=None):
-    """``deeplab-train --config FILE.yaml [--key value ...]``."""
+    """``deeplab-train --config FILE.yaml [--key value ...]``.
+
+    Exit codes: 0 done; 2 a bad argument or config, or a run directory that holds a run of another model
+    (one line, nothing written); 1 a failure while training (e.g. bad data, a full disk), or the run directory
+    in use by another deeplab-train (the line names its pid); 130 Ctrl-C (the state is saved first: rerun the
+    same command to resume from that step). Tracebacks only with ``--debug``.
+    """
     parser = _train_parser()
     args, rest = parser.parse_known_args(argv)
+    from deeplab_keras.utils import quiet_tensorflow
+    quiet_tensorflow(args.debug)  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
     try:
         from deeplab_keras.train import load_config
 
         overrides = parse_overrides(rest)
         config = load_config(args.config, overrides)
     except (ValueError, OSError) as e:
-        _fail(parser, str(e).splitlines()[0] if str(e) else repr(e))
+        if args.debug:
+            raise
+        _fail(parser, " ".join(str(e).split()) or repr(e))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from deeplab_keras.train import train
+    import tensorflow as tf
+
+    from deeplab_keras.train import ResumableBackup, TrainingInterrupted, train
+    from deeplab_keras.utils import LockedError
+
+    def resume_hint():
+        epoch, batch, path = ResumableBackup.resume_point(os.path.join(os.path.abspath(config.run_dir), "backup"))
+        if path is None:
+            return "no training state was saved yet (a rerun starts at step 0)"
+        return (f"the last saved state is {path} (step {epoch * config.steps_per_epoch + batch}); rerun the same "
+                "command to resume from it")
 
     try:
         result = train(config)
+    except TrainingInterrupted as e:
+        if args.debug:
+            raise
+        parser.exit(130, f"deeplab-train: interrupted at step {e.step} of {config.steps}; state saved to "
+                         f"{e.state_path}; rerun the same command to resume from step {e.step}\n")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, f"deeplab-train: interrupted; {resume_hint()}\n")
+    except LockedError as e:
+        if args.debug:
+            raise
+        parser.exit(1, f"deeplab-train: error: {e}\n")
     except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         _fail(parser, " ".join(str(e).split()))
+    except Exception as e:  # a failure while training: one line, the state of the last epoch is on disk
+        if args.debug:
+            raise
+        if isinstance(e, tf.errors.OpError):
+            what = f"while training: {_op_error_line(e)}"
+        elif isinstance(e, OSError) and e.strerror:
+            what = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+        else:
+            what = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        parser.exit(1, f"deeplab-train: error: {what}; {resume_hint()} (--debug shows the traceback)\n")
     last = {k: v[-1] for k, v in result.history.items() if v}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
     print(f"deeplab-train: done; run dir {result.run_dir}; model {result.model_path}"
           + (f"; last epoch: {summary}" if summary else ""))
     return 0
+
+
+def _op_error_line(error):
+    """The one informative line of a TensorFlow runtime error (e.g. a data check failing inside tf.data)."""
+    import re
+
+    text = error.message
+    failed = re.search(r"assertion failed: (.*)", text)
+    if failed:  # tf.debugging.Assert: "[message] [value] ..." -> "message value ..."
+        return re.sub(r"\[([^\[\]]*)\]", r"\1", failed.group(1)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
+    line = lines[-1] if lines else type(error).__name__
+    return re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
 
 
 def _eval_parser():
