@@ -52,12 +52,13 @@ Run directory layout::
     run_dir/history.csv, history.png    per-epoch loss / mIoU and their plot
     run_dir/logs/                       TensorBoard
 """
+import contextlib
 import dataclasses
-import json
 import os
 import re
+import signal
 import sys
-import tempfile
+import threading
 from typing import Any, Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -67,12 +68,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from deeplab_keras import inference  # noqa: E402
+from deeplab_keras.utils import atomic_path, atomic_write_bytes, atomic_write_json, exclusive_lock  # noqa: E402
 
 __all__ = [
     "TrainConfig", "load_config", "train", "TrainResult", "make_strategy", "build_model", "load_datasets",
     "make_train_stream", "make_val_stream", "distribute_stream", "read_history", "plot_history",
     "segmentation_loss", "resize_logits", "ScaledSGD", "SegmentationTrainer", "SegmentationMeanIoU",
-    "ResumableBackup", "ModelCheckpointEvery", "HistoryPlot",
+    "ResumableBackup", "ModelCheckpointEvery", "HistoryPlot", "TrainingInterrupted",
 ]
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -227,37 +229,93 @@ class TrainConfig:
         return 1e-3 if str(self.backbone).startswith("vgg") else 2.5e-4
 
     def validate(self):
-        """Raises ValueError naming the bad field and what is allowed."""
+        """Raises ValueError (never another exception) naming the bad field and what is allowed."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"TrainConfig: {msg}")
-        for name in ("steps", "steps_per_epoch", "batch_size", "num_classes", "val_batch_size",
-                     "shuffle_buffer"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+        def integer(name, low):
+            value = getattr(self, name)
+            need(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
+
+        def number(name, low=None):
+            value = getattr(self, name)
+            need(_is_number(value) and np.isfinite(value) and (low is None or value >= low),
+                 f"{name} must be a number{'' if low is None else f' >= {low}'}, got {value!r}")
+
+        def optional(name, kind):
+            value = getattr(self, name)
+            need(value is None or isinstance(value, kind), f"{name} must be a {kind.__name__} or null, "
+                 f"got {value!r}")
+
+        for name in ("steps", "steps_per_epoch", "batch_size", "val_batch_size", "shuffle_buffer",
+                     "synthetic_images"):
+            integer(name, 1)
+        for name in ("seed", "checkpoint_every", "keep_checkpoints", "validation_every", "virtual_cpus",
+                     "synthetic_val_images"):
+            integer(name, 0)
         need(self.steps % self.steps_per_epoch == 0,
              f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
-        for name in ("checkpoint_every", "keep_checkpoints", "validation_every", "virtual_cpus"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
-                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(self.validation_steps is None or _is_int(self.validation_steps) and self.validation_steps >= 1,
+             f"validation_steps must be a positive integer or null, got {self.validation_steps!r}")
+        integer("ignore_label", 0)
+        need(self.ignore_label <= 255, f"ignore_label must be in 0..255, got {self.ignore_label!r}")
+        need(_is_int(self.num_classes) and 1 <= self.num_classes <= 255,
+             f"num_classes must be an integer in 1..255 (labels are uint8), got {self.num_classes!r}")
+        for name in ("deterministic", "flip", "train_bn", "upsample_logits", "tensorboard", "plot"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(self.verbose in (0, 1, 2, "auto") and not isinstance(self.verbose, bool),
+             f"verbose must be 0, 1, 2 or auto, got {self.verbose!r}")
+        need(isinstance(self.run_dir, str) and self.run_dir.strip() != "",
+             f"run_dir must be a folder path, got {self.run_dir!r}")
+        for name in ("weights", "manual_dir", "data_dir", "folder", "val_folder", "tpu"):
+            optional(name, str)
+        for name in ("voc_config", "train_split", "val_split", "classifier_pattern"):
+            need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(self.mixed_precision in PRECISIONS,
              f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        need(len(list(self.crop_size)) == 2 and all(int(c) > 0 for c in self.crop_size),
-             f"crop_size must be [height, width], got {self.crop_size!r}")
-        need(len(list(self.synthetic_size)) == 2, f"synthetic_size must be [height, width], "
-             f"got {self.synthetic_size!r}")
-        for name in ("weight_decay", "classifier_lr_mult", "bias_lr_mult", "momentum", "end_lr"):
-            need(float(getattr(self, name)) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
-        need(self.base_lr is None or float(self.base_lr) > 0, f"base_lr must be > 0, got {self.base_lr!r}")
-        need(self.bn_momentum is None or 0 <= float(self.bn_momentum) < 1,
-             f"bn_momentum must be in [0, 1) or None, got {self.bn_momentum!r}")
-        need(0 <= self.ignore_label <= 255, f"ignore_label must be in 0..255, got {self.ignore_label!r}")
+        need(self.devices is None or isinstance(self.devices, list) and all(isinstance(d, str) for d in self.devices),
+             f"devices must be a list of device names (e.g. [/gpu:0, /gpu:1]) or null, got {self.devices!r}")
+        from deeplab_keras.models.deeplab import MIN_INPUT_SIZE
+
+        need(_is_size(self.crop_size, MIN_INPUT_SIZE), f"crop_size must be two integers [height, width], each >= "
+             f"{MIN_INPUT_SIZE} (e.g. --crop_size 321 321), got {self.crop_size!r}")
+        need(self.val_crop_size is None or _is_size(self.val_crop_size, MIN_INPUT_SIZE),
+             f"val_crop_size must be null or two integers [height, width], each >= {MIN_INPUT_SIZE}, "
+             f"got {self.val_crop_size!r}")
+        need(_is_size(self.synthetic_size, 1), f"synthetic_size must be two positive integers [height, width] "
+             f"(e.g. --synthetic_size 97 97), got {self.synthetic_size!r}")
+        need(self.scale_range is None or isinstance(self.scale_range, (list, tuple)) and len(self.scale_range) == 2
+             and all(_is_number(s) and s > 0 for s in self.scale_range) and self.scale_range[0] <= self.scale_range[1],
+             f"scale_range must be null or [min, max] with 0 < min <= max (e.g. [0.5, 1.5]), got {self.scale_range!r}")
+        for name in ("weight_decay", "classifier_lr_mult", "bias_lr_mult", "momentum", "end_lr", "lr_power"):
+            number(name, 0)
+        number("width_multiplier")
+        need(self.base_lr is None or _is_number(self.base_lr) and np.isfinite(self.base_lr) and self.base_lr > 0,
+             f"base_lr must be > 0 or null, got {self.base_lr!r}")
+        need(self.bn_momentum is None or _is_number(self.bn_momentum) and 0 <= self.bn_momentum < 1,
+             f"bn_momentum must be in [0, 1) or null, got {self.bn_momentum!r}")
         try:
             re.compile(self.classifier_pattern)
         except re.error as e:
             raise ValueError(f"TrainConfig: classifier_pattern is not a valid regex: {e}") from None
+        from deeplab_keras.models.deeplab import _check_args
+
+        need(self.aspp is None or isinstance(self.aspp, (str, list, tuple)),
+             f"aspp must be L, S, largefov or a list of rates, got {self.aspp!r}")
+        need(self.msc_scales is None or isinstance(self.msc_scales, (list, tuple)) and
+             all(_is_number(m) for m in self.msc_scales),
+             f"msc_scales must be null or a list of scales (e.g. [1.0, 0.75, 0.5]), got {self.msc_scales!r}")
+        need(self.stage_blocks is None or isinstance(self.stage_blocks, (list, tuple)) and
+             all(_is_int(b) for b in self.stage_blocks),
+             f"stage_blocks must be null or 4 block counts (e.g. [3, 4, 23, 3]), got {self.stage_blocks!r}")
+        try:
+            _check_args(self.num_classes, self.backbone, self.output_stride, self.aspp, self.msc_scales,
+                        self.width_multiplier, self.stage_blocks)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig: {e}") from None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -266,10 +324,23 @@ class TrainConfig:
     def from_dict(cls, values):
         """Builds a config from a mapping; unknown keys raise ValueError listing the valid ones."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(str(k) for k in set(values) - names)
         if unknown:
             raise ValueError(f"TrainConfig: unknown key(s) {unknown}; valid keys: {sorted(names)}")
         return cls(**dict(values))
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_size(value, low):
+    """[height, width]: two integers >= ``low``."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= low for v in value)
 
 
 def load_config(path=None, overrides=None):
@@ -295,8 +366,11 @@ def load_config(path=None, overrides=None):
                 available = sorted(f[:-5] for f in os.listdir(os.path.dirname(packaged)) if f.endswith(".yaml"))
                 raise ValueError(f"config file {path!r} not found (packaged configs: {available})")
             path = packaged
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path!r} must hold a mapping of key: value, got {type(values).__name__}")
     if isinstance(overrides, dict):
@@ -306,7 +380,10 @@ def load_config(path=None, overrides=None):
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"override {item!r} must look like key=value")
-            values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+            try:
+                values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                values[key.strip().replace("-", "_")] = raw
     return TrainConfig.from_dict(values)
 
 
@@ -530,27 +607,43 @@ class SegmentationTrainer(keras.Model):
 # ----------------------------------------------------------------------------------------------------------
 # Callbacks
 # ----------------------------------------------------------------------------------------------------------
-_STATE_RE = re.compile(r"^state-(\d+)\.weights\.h5$")
+_STATE_RE = re.compile(r"^state-(\d+)(?:-(\d+))?\.weights\.h5$")
 
 
 def _latest_backup(backup_dir):
-    """(epoch, path) of the newest complete backup in ``backup_dir``, or (0, None)."""
-    best = (0, None)
+    """(epoch, batch, path) of the newest state in ``backup_dir``: ``epoch`` epochs done plus ``batch`` batches
+    of the next one; (0, 0, None) when there is none."""
+    best = (0, 0, None)
     if backup_dir and os.path.isdir(backup_dir):
         for name in os.listdir(backup_dir):
             m = _STATE_RE.match(name)
-            if m and int(m.group(1)) >= best[0]:
-                best = (int(m.group(1)), os.path.join(backup_dir, name))
+            if m and (int(m.group(1)), int(m.group(2) or 0)) >= best[:2]:
+                best = (int(m.group(1)), int(m.group(2) or 0), os.path.join(backup_dir, name))
     return best
 
 
-class ResumableBackup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that writes atomically and can tell the epoch to resume from before ``fit``.
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`train` after Ctrl-C once the training state is saved; rerunning resumes from it.
 
-    Each backup is ``backup_dir/state-<epoch>.weights.h5`` (weights + optimizer state), written under a
-    temporary name and renamed, so a SIGKILL at any moment leaves the previous complete state; the epoch is
-    in the file name, so weights and epoch can never disagree. Older states are deleted after a new one is
-    in place.
+    Attributes:
+        step: the global step the saved state is at.
+        state_path: the saved state file.
+    """
+
+    def __init__(self, step, state_path):
+        super().__init__(f"interrupted at step {step}; state saved to {state_path}")
+        self.step, self.state_path = step, state_path
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that writes atomically and can tell where to resume before ``fit``.
+
+    Each backup is ``backup_dir/state-<epoch>.weights.h5`` (weights + optimizer state after ``epoch`` epochs)
+    or, when training stopped inside an epoch (Ctrl-C, :meth:`save_state`), ``state-<epoch>-<batch>.weights.h5``
+    (``batch`` batches of epoch ``epoch`` done). Each is written under a temporary name and renamed
+    (``utils.atomic_path``), so a SIGKILL at any moment leaves the previous complete state; the position is in
+    the file name, so weights and position can never disagree. Older states are deleted after a new one is in
+    place. The state is restored once, by :meth:`restore` or at the start of ``fit``.
 
     Args:
         backup_dir: folder for the state files (one run only).
@@ -560,41 +653,74 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir, delete_checkpoint=True):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.restored_epoch = 0
+        self.restored_batch = 0
+        self._restored = False
 
     @staticmethod
     def resume_epoch(backup_dir):
-        """The epoch a run with this backup folder resumes from (0 for a fresh run)."""
+        """The epoch a run with this backup folder resumes in (0 for a fresh run)."""
         return _latest_backup(backup_dir)[0]
 
-    def on_train_begin(self, logs=None):
-        self._load_model()
+    @staticmethod
+    def resume_point(backup_dir):
+        """(epoch, batch, path) of the newest state: resume after ``batch`` batches of epoch ``epoch``."""
+        return _latest_backup(backup_dir)
 
-    def _load_model(self):
-        epoch, path = _latest_backup(self.backup_dir)
+    def on_train_begin(self, logs=None):
+        if not self._restored:
+            self.restore()
+
+    def restore(self):
+        """Loads the newest state into the model (once); sets ``model._initial_epoch`` for ``fit``.
+
+        Raises:
+            ValueError: the state does not fit the model (a run directory of another configuration).
+        """
+        self._restored = True
+        epoch, batch, path = _latest_backup(self.backup_dir)
         if path is None:
             return
         if not self.model.built:
             raise ValueError("ResumableBackup: build the model (call it on a batch) before fit()")
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(path)
+        import warnings
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.model.load_weights(path)
+            skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+            if skipped:  # Keras only warns when e.g. the optimizer has other variables (train_bn changed)
+                raise ValueError(skipped[0])
+        except Exception as e:  # Keras raises ValueError / KeyError / OSError for a state of another model
+            reason = " ".join(str(e).split())[:300]
+            raise ValueError(f"cannot restore the training state {path}: it does not fit this model and optimizer "
+                             f"({reason}); resume with the configuration that wrote it (its run_dir's config.yaml) "
+                             "or use another run_dir") from e
         self.model._initial_epoch = epoch
-        self.restored_epoch = epoch
+        self.restored_epoch, self.restored_batch = epoch, batch
 
     def _save_model(self):
+        self.save_state(self._current_epoch)
+
+    def save_state(self, epoch, batch=0):
+        """Writes the state after ``batch`` batches of epoch ``epoch`` and removes older states.
+
+        Returns:
+            the path of the state file.
+        """
         os.makedirs(self.backup_dir, exist_ok=True)
-        epoch = self._current_epoch
-        final = os.path.join(self.backup_dir, f"state-{epoch}.weights.h5")
-        tmp = os.path.join(self.backup_dir, f".tmp-state-{epoch}-{os.getpid()}.weights.h5")
-        self.model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, final)
-        for name in os.listdir(self.backup_dir):
-            m = _STATE_RE.match(name)
-            if (m and int(m.group(1)) < epoch) or name.startswith(".tmp-state-") and name != os.path.basename(tmp):
-                try:
-                    os.remove(os.path.join(self.backup_dir, name))
-                except OSError:
-                    pass
+        name = f"state-{epoch}-{batch}.weights.h5" if batch else f"state-{epoch}.weights.h5"
+        path = os.path.join(self.backup_dir, name)
+        with atomic_path(path) as tmp:
+            self.model.save_weights(tmp, overwrite=True)
+        for other in os.listdir(self.backup_dir):
+            m = _STATE_RE.match(other)
+            if m and (int(m.group(1)), int(m.group(2) or 0)) < (epoch, batch):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.backup_dir, other))
+        return path
 
     def on_train_end(self, logs=None):
         if self.delete_checkpoint and os.path.isdir(self.backup_dir):
@@ -604,15 +730,33 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
 
 
 def _atomic_save_keras(model, path):
-    """``model.save(path)`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    """``model.save(path)`` through ``utils.atomic_path`` (creates the folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
 
 
-class ModelCheckpointEvery(keras.callbacks.Callback):
+class _StepCallback(keras.callbacks.Callback):
+    """Knows the global step of a batch; ``skip = (epoch, n)`` when a ``fit`` starts ``n`` batches into ``epoch``."""
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.skip = (None, 0)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def batches_done(self, batch):
+        """Batches of the current epoch done after batch index ``batch`` of this ``fit``."""
+        return batch + 1 + (self.skip[1] if self.skip[0] == self._epoch else 0)
+
+    def global_step(self, batch):
+        return self._epoch * self.steps_per_epoch + self.batches_done(batch)
+
+
+class ModelCheckpointEvery(_StepCallback):
     """Saves ``net`` as ``folder/ckpt-<step>.keras`` every ``every`` global steps (atomic), keeps the last N.
 
     Args:
@@ -624,16 +768,11 @@ class ModelCheckpointEvery(keras.callbacks.Callback):
     """
 
     def __init__(self, net, folder, every, steps_per_epoch, keep=5):
-        super().__init__()
-        self.net, self.folder, self.every = net, folder, int(every)
-        self.steps_per_epoch, self.keep = int(steps_per_epoch), int(keep)
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        super().__init__(steps_per_epoch)
+        self.net, self.folder, self.every, self.keep = net, folder, int(every), int(keep)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._epoch * self.steps_per_epoch + batch + 1
+        step = self.global_step(batch)
         if step % self.every == 0:
             _atomic_save_keras(self.net, os.path.join(self.folder, f"ckpt-{step}.keras"))
             self._prune()
@@ -648,6 +787,61 @@ class ModelCheckpointEvery(keras.callbacks.Callback):
                 os.remove(os.path.join(self.folder, name))
             except OSError:
                 pass
+
+
+class _StopOnInterrupt(_StepCallback):
+    """Once ``requested`` (Ctrl-C), saves the state at the next step boundary and raises TrainingInterrupted.
+
+    Put it last, so that every other callback has seen the step. During validation (all of the epoch's batches
+    done) the state is the end of the epoch; that epoch's validation and history row are skipped.
+    """
+
+    def __init__(self, backup, steps_per_epoch):
+        super().__init__(steps_per_epoch)
+        self.backup, self.requested = backup, False
+
+    def _stop(self, epoch, batch, save=True):
+        if batch == self.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        path = self.backup.save_state(epoch, batch) if save else _latest_backup(self.backup.backup_dir)[2]
+        raise TrainingInterrupted(epoch * self.steps_per_epoch + batch, path)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            self._stop(self._epoch, self.batches_done(batch))
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self.requested:
+            self._stop(self._epoch + 1, 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.requested:  # the backup saved the end of this epoch just before
+            self._stop(epoch + 1, 0, save=False)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(stopper):
+    """While active (main thread only), Ctrl-C asks ``stopper`` to save and stop after the current step; a
+    second Ctrl-C raises KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):  # ignored (e.g. a background job), or not set from Python
+        yield
+        return
+
+    def handler(signum, frame):
+        stopper.requested = True
+        signal.signal(signal.SIGINT, previous)
+        print("\ndeeplab-train: Ctrl-C: saving the state after this step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def read_history(csv_path):
@@ -693,11 +887,11 @@ def plot_history(csv_path, png_path, steps_per_epoch=1):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png_path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(png_path)}")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return png_path
 
 
@@ -843,8 +1037,9 @@ def _raw_datasets(cfg):
     return train, val
 
 
-def make_train_stream(raw, cfg, start_epoch=0):
-    """The training batches from ``start_epoch`` to the end: epoch ``k`` is a pure function of (seed, k).
+def make_train_stream(raw, cfg, start_epoch=0, start_batch=0):
+    """The training batches from batch ``start_batch`` of ``start_epoch`` to the end: epoch ``k`` is a pure
+    function of (seed, k).
 
     Epoch ``k`` is ``deeplab_keras.data.make_pipeline(raw, training=True, repeat=True, seed=f(seed, k))``
     cut to ``steps_per_epoch`` batches (the pipeline's shuffle and augmentation are seeded per element), so
@@ -854,6 +1049,7 @@ def make_train_stream(raw, cfg, start_epoch=0):
         raw: unbatched dataset of {"image" uint8 [H,W,3], "label" uint8 [H,W]} dicts.
         cfg: TrainConfig.
         start_epoch: first epoch to produce.
+        start_batch: batches of ``start_epoch`` to skip (a run resumed inside an epoch).
 
     Returns:
         tf.data.Dataset of (images float32 [B,h,w,3], labels uint8 [B,h,w]) with global batches.
@@ -875,6 +1071,8 @@ def make_train_stream(raw, cfg, start_epoch=0):
     # (iterating one dataset object twice would re-randomise it, and Keras opens an extra iterator under a
     # distribution strategy).
     stream = tf.data.Dataset.range(start_epoch, max(cfg.epochs, start_epoch)).flat_map(epoch)
+    if start_batch:
+        stream = stream.skip(start_batch)
     return _data_sharded(stream.prefetch(tf.data.AUTOTUNE))
 
 
@@ -981,15 +1179,55 @@ def _tensorboard_available():
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _write_yaml_atomic(values, path):
+# The fields a run directory's model, checkpoints and backups depend on: a rerun in the same run_dir must keep them.
+_RUN_DIR_KEYS = ("num_classes", "backbone", "output_stride", "aspp", "msc_scales", "width_multiplier",
+                 "stage_blocks", "steps_per_epoch")
+
+
+def _canonical(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if _is_number(value):
+        return float(value)
+    return value
+
+
+def _check_run_dir(run_dir, cfg):
+    """Raises ValueError, writing nothing, when ``run_dir`` holds a run (a backup, checkpoints or model.keras)
+    whose config.yaml differs from ``cfg`` in a field of :data:`_RUN_DIR_KEYS`."""
     import yaml
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(values, f, sort_keys=False)
-    os.replace(tmp, path)
+    saved_path = os.path.join(run_dir, "config.yaml")
+    has_state = (_latest_backup(os.path.join(run_dir, "backup"))[2] is not None
+                 or os.path.exists(os.path.join(run_dir, "model.keras"))
+                 or any(n.startswith("ckpt-") for n in _listdir(os.path.join(run_dir, "checkpoints"))))
+    if not has_state or not os.path.isfile(saved_path):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: restoring the state still checks that the weights fit
+    if not isinstance(saved, dict):
+        return
+    diffs = [f"{k}={saved[k]!r} (this command: {getattr(cfg, k)!r})" for k in _RUN_DIR_KEYS
+             if k in saved and _canonical(saved[k]) != _canonical(getattr(cfg, k))]
+    if diffs:
+        raise ValueError(f"run_dir {run_dir} holds a run with {', '.join(diffs)}; its model and checkpoints depend "
+                         "on these: rerun with its values to resume it, or pass another --run_dir")
+
+
+def _listdir(folder):
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def _remove_temp_files(*folders):
+    """Removes the ``.tmp-*`` files of atomic writes that a killed run left in ``folders``."""
+    for folder in folders:
+        for name in _listdir(folder):
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
 
 
 def _clone_into_scope(net, strategy, cfg):
@@ -1025,24 +1263,37 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
         tf.config.experimental.enable_op_determinism()
     strategy = strategy or make_strategy(cfg.strategy, cfg.devices, cfg.tpu, cfg.virtual_cpus)
     default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(cfg.seed)
     chief = _is_chief(strategy)
-
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    # One writer per run directory (the chief; other workers write only their own .backup-worker-<i>).
+    lock = exclusive_lock(os.path.join(run_dir, ".lock"), what=f"run directory {run_dir}") if chief \
+        else contextlib.nullcontext()
+    with lock:
+        return _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks)
+
+
+def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks):
+    """The body of :func:`train` once the run directory is locked. Writes nothing before the run directory's
+    config and state are known to fit ``cfg``."""
+    replicas = strategy.num_replicas_in_sync
     backup_dir = os.path.join(run_dir, "backup") if chief else os.path.join(
         run_dir, f".backup-worker-{_task_id(strategy)}")
-    start_epoch = ResumableBackup.resume_epoch(backup_dir)
     if chief:
-        _write_yaml_atomic(cfg.to_dict(), os.path.join(run_dir, "config.yaml"))
+        _check_run_dir(run_dir, cfg)
+        _remove_temp_files(run_dir, os.path.join(run_dir, "checkpoints"))
+    _remove_temp_files(backup_dir)
+    start_epoch, start_batch, _ = _latest_backup(backup_dir)
 
     # Data (given datasets win; a given train_data without val_data means no validation)
     if train_data is None:
         train_data, config_val = _raw_datasets(cfg)
         val_data = config_val if val_data is None else val_data
-    train_stream = distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, start_epoch),
-                                     cfg.batch_size)
+
+    def train_stream(epoch, skip=0):
+        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip), cfg.batch_size)
+
     val_stream = None
     if val_data is not None and val_data is not False and cfg.validation_every:
         if replicas > 1 and (cfg.val_batch_size % replicas or not cfg.val_crop_size):
@@ -1089,9 +1340,18 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
         raise ValueError(f"classifier_pattern {cfg.classifier_pattern!r} matches no trainable variable of the "
                          f"model; variable paths look like {net.trainable_variables[-1].path!r}")
 
-    # Callbacks
-    # The last state is kept after the run completes, so re-running a finished command is a no-op.
+    # Restore the last state before writing anything: a state that does not fit this config fails here. The
+    # last state is kept after the run completes, so re-running a finished command is a no-op.
     backup = ResumableBackup(backup_dir, delete_checkpoint=False)
+    backup.set_model(trainer)
+    backup.restore()
+    trainer._initial_epoch = None  # fit gets the epoch explicitly
+    if chief:
+        import yaml
+
+        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # Callbacks
     cbs = [backup]
     if chief:
         if cfg.checkpoint_every:
@@ -1108,28 +1368,42 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
                 print("deeplab-train: the tensorboard package is not installed; no TensorBoard logs "
                       "(pip install tensorboard, or set tensorboard: false)", file=sys.stderr)
     cbs += list(callbacks or [])
+    stopper = _StopOnInterrupt(backup, cfg.steps_per_epoch)
+    cbs.append(stopper)
 
-    if start_epoch and cfg.verbose:
-        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step "
-              f"{start_epoch * cfg.steps_per_epoch} of {cfg.steps})", file=sys.stderr)
-    if start_epoch < cfg.epochs:
-        history = trainer.fit(train_stream, epochs=cfg.epochs, initial_epoch=start_epoch,
-                              steps_per_epoch=cfg.steps_per_epoch, validation_data=val_stream,
-                              validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
-                              shuffle=False)
-        history = dict(history.history)
-    else:  # already complete: restore the final state
-        backup.set_model(trainer)
-        backup._load_model()
-        history = {}
+    start_step = start_epoch * cfg.steps_per_epoch + start_batch
+    if start_step and cfg.verbose:
+        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of {cfg.steps})",
+              file=sys.stderr)
+    history = {}
+
+    def fit(first_epoch, skip):
+        for cb in cbs:
+            if isinstance(cb, _StepCallback):
+                cb.skip = (first_epoch, skip)
+        last_epoch = first_epoch + 1 if skip else cfg.epochs  # an epoch resumed inside runs as its own fit
+        done = trainer.fit(train_stream(first_epoch, skip), epochs=last_epoch, initial_epoch=first_epoch,
+                           steps_per_epoch=cfg.steps_per_epoch - skip, validation_data=val_stream,
+                           validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
+                           shuffle=False)
+        for key, values in done.history.items():
+            history.setdefault(key, []).extend(values)
+        return last_epoch
+
+    with _stop_on_sigint(stopper):
+        epoch = start_epoch
+        if start_batch:
+            epoch = fit(start_epoch, start_batch)
+        if epoch < cfg.epochs:
+            fit(epoch, 0)
 
     model_path = None
     if chief:
         model_path = os.path.join(run_dir, "model.keras")
         _atomic_save_keras(_float32_copy(net, cfg), model_path)
-        with open(os.path.join(run_dir, ".tmp-summary.json"), "w") as f:
-            json.dump({"steps": cfg.steps, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch,
-                       "history": {k: [float(x) for x in v] for k, v in history.items()}}, f, indent=1)
-        os.replace(os.path.join(run_dir, ".tmp-summary.json"), os.path.join(run_dir, "summary.json"))
+        atomic_write_json(os.path.join(run_dir, "summary.json"), {
+            "steps": cfg.steps, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch,
+            "resumed_from_step": start_step,
+            "history": {k: [float(x) for x in v] for k, v in history.items()}})
     return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,
                        resumed_from_epoch=start_epoch, num_replicas=replicas)

@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import sys
 
 import keras
 import numpy as np
@@ -67,32 +68,89 @@ def transfer_backbone_weights(model, source):
     return copied
 
 
+def keras_file_problem(path):
+    """Why the ``.keras`` file ``path`` cannot hold a saved model, or None when its archive is intact.
+
+    Checks what a truncated, overwritten or hand-made file gets wrong, without building the model: a zip
+    archive, a ``config.json`` that parses, a ``model.weights.*`` entry, and every entry's CRC.
+
+    Example:
+        >>> keras_file_problem("runs/tiny/model.keras")   # doctest: +SKIP
+    """
+    import json
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "config.json" not in names:
+                return "has no config.json (it is not a Keras model archive)"
+            if not any(name.startswith("model.weights") for name in names):
+                return "has no model.weights.h5 (it is not a Keras model archive)"
+            bad = archive.testzip()
+            if bad is not None:
+                return f"is corrupt ({bad} fails its CRC check)"
+            json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        return f"is not a readable Keras model archive ({e}; truncated or overwritten?)"
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable file, bad JSON
+        return f"cannot be read ({' '.join(str(e).split())})"
+    return None
+
+
 def resolve_checkpoint(path):
     """Turn a `.keras` / `.weights.h5` file or a training run directory into the file to load.
 
-    A directory resolves to ``model.keras`` if present, else the newest ``checkpoints/ckpt-<step>.keras``.
+    A directory resolves to ``model.keras`` if present and intact, else to the newest intact
+    ``checkpoints/ckpt-<step>.keras`` (saying on stderr which file it skipped and why).
+
+    Raises:
+        FileNotFoundError: no such file, or a directory without a model.
+        ValueError: a file that is not an intact ``.keras`` archive / not a ``.weights.h5`` (the message names
+            the file and what is wrong); a run directory without any intact model.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         final = os.path.join(path, "model.keras")
-        if os.path.isfile(final):
-            return final
         ckpts = glob.glob(os.path.join(path, "checkpoints", "ckpt-*.keras")) + glob.glob(
             os.path.join(path, "ckpt-*.keras"))
-        if not ckpts:
+        ckpts.sort(key=lambda p: int(re.findall(r"ckpt-(\d+)", p)[-1]), reverse=True)
+        candidates = ([final] if os.path.isfile(final) else []) + ckpts
+        if not candidates:
             raise FileNotFoundError(f"no model.keras or checkpoints/ckpt-<step>.keras in directory {path!r}; "
                                     "pass a .keras file or a deeplab-train run directory")
-        return max(ckpts, key=lambda p: int(re.findall(r"ckpt-(\d+)", p)[-1]))
+        skipped = []
+        for candidate in candidates:
+            problem = keras_file_problem(candidate)
+            if problem is None:
+                if skipped:
+                    print(f"deeplab_keras: {'; '.join(skipped)}: using the newest intact model {candidate}",
+                          file=sys.stderr)
+                return candidate
+            skipped.append(f"{candidate} {problem}")
+        raise ValueError(f"no intact model in run directory {path!r}: {skipped[0]}"
+                         + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
+                         + "; retrain, or pass another checkpoint")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass a .keras file, a .weights.h5 file "
                                 "or a deeplab-train run directory")
-    if not (path.endswith(".keras") or path.endswith(".weights.h5")):
+    if path.endswith(".keras"):
+        problem = keras_file_problem(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path!r} {problem}; pass an intact .keras file or a deeplab-train run "
+                             "directory")
+    elif not path.endswith(".weights.h5"):
         raise ValueError(f"checkpoint {path!r} is neither a .keras nor a .weights.h5 file")
     return path
 
 
 def load_model(path, compile=False):
     """Load a DeepLabV2 from a `.keras` file or a training run directory (``safe_mode=True``).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`resolve_checkpoint`; also a ValueError naming the file when
+            Keras cannot rebuild the model it holds.
 
     Example:
         >>> model = load_model("runs/tiny")            # doctest: +SKIP
@@ -101,7 +159,10 @@ def load_model(path, compile=False):
     if path.endswith(".weights.h5"):
         raise ValueError(f"{path!r} holds weights only; build the model with dk.DeepLabV2(..., weights={path!r})")
     import deeplab_keras.models.deeplab  # noqa: F401  (registers the custom classes)
-    return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as e:  # Keras raises ValueError / TypeError / KeyError / OSError for a model it cannot build
+        raise ValueError(f"cannot load the model in {path!r}: {' '.join(str(e).split())[:300]}") from e
 
 
 def load_weights_into(model, weights):
