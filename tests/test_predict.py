@@ -332,3 +332,25 @@ def test_cli_stderr_is_clean_in_a_real_process(tmp_path, checkpoint):
                             "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
     assert (tmp_path / "o" / "a.png").exists()
+
+
+def test_ctrl_c_keeps_written_masks_and_their_areas(tmp_path, checkpoint, capsys, monkeypatch):
+    from deeplab_keras import predict
+    _, ckpt = checkpoint
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        noise_image(folder / f"{i}.png", i)
+    encode, calls = predict.label_png_bytes, []
+
+    def interrupted_at_second(labels):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(labels)
+    monkeypatch.setattr(predict, "label_png_bytes", interrupted_at_second)
+    assert main([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.png", "areas.csv", "areas.json"]
+    assert list(json.loads((tmp_path / "o" / "areas.json").read_text())) == ["0"]
