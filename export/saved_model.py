@@ -59,8 +59,10 @@ def build_archive(model, crf=None):
     def serve_bytes(image_bytes):
         return serve_image(_decode_batch(image_bytes))
 
+    # No ``archive.track(model)``: it would add the model's ``keras.Variable`` wrappers beside the ``tf.Variable``s
+    # the endpoints capture, and TF's checkpoint writes both (every weight twice: keras-team/keras#23553). The
+    # endpoints alone carry every variable they use; the model has no lookup tables that would need tracking.
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint(SIGNATURE_IMAGE, serve_image,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")])
     archive.add_endpoint(SIGNATURE_BYTES, serve_bytes,

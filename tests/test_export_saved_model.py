@@ -44,6 +44,16 @@ def test_layout_signatures_and_report(exported):
     assert "ResizeBilinear" in on_disk["ops"] and "DecodeImage" in on_disk["ops"]
 
 
+
+def test_weights_stored_once(exported, model):
+    """variables/ holds each weight once (ExportArchive.track would store the keras.Variable wrappers too: 2x)."""
+    base, _ = exported
+    variables = common.path_size(str(base / "1" / "variables"))
+    weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
+    assert weight_bytes <= variables <= 1.05 * weight_bytes, (variables, weight_bytes)
+    stored = tf.train.load_checkpoint(str(base / "1" / "variables" / "variables")).get_variable_to_shape_map()
+    assert len([k for k in stored if k.endswith("VARIABLE_VALUE")]) == len(model.weights)
+
 def test_matches_keras_prediction_at_new_sizes(exported, model):
     """Any H, W: odd sizes that are not 8k+1, and a batch of 2; labels/probabilities equal deeplab-predict's."""
     from deeplab_keras.inference import predict_probabilities
