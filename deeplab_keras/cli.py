@@ -352,7 +352,9 @@ def eval_main(argv=None):
     except Exception as e:  # noqa: BLE001  (one line, not a traceback: --debug shows it)
         if args.debug:
             raise
-        print(f"deeplab-eval: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        expected = isinstance(e, (ValueError, RuntimeError, OSError))  # bad data, failed download, conversion
+        print(f"deeplab-eval: error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if expected else
+              f" ({type(e).__name__}; rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
 
 

@@ -82,3 +82,18 @@ def test_voc_data_with_a_3_class_model_is_refused_up_front(model_path, voc_sampl
     assert e.value.code == 2
     assert "the model predicts 3 classes but VOC 2012 has 21" in _one_line(capsys)
     assert not (tmp_path / "tfds").exists()  # refused before preparing any data
+
+
+def test_unexpected_error_is_one_line_with_a_hint(model_path, monkeypatch, capsys):
+    import deeplab_keras.evaluate
+
+    def broken(*args, **kwargs):
+        raise TypeError("something unforeseen\nsecond line")
+
+    monkeypatch.setattr(deeplab_keras.evaluate, "evaluate", broken)
+    assert cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--no-progress"]) == 1
+    line = _one_line(capsys)
+    assert line == ("deeplab-eval: error: something unforeseen second line (TypeError; rerun with --debug for the "
+                    "traceback)")
+    with pytest.raises(TypeError):
+        cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--no-progress", "--debug"])
