@@ -196,6 +196,7 @@ def test_quiet_tensorflow_hides_start_up_noise_only(tmp_path, first, second):
         assert (lines.index("after import") > lines.index(noise[0])) == (first == "debug")
 
 
+@pytest.mark.slow
 def test_package_import_and_first_op_print_nothing():
     code = ("import numpy as np, deeplab_keras as dk, tensorflow as tf; tf.constant([1.0]) * 2; "
             "dk.DeepLabV2(num_classes=2, backbone='vgg16')(np.zeros((1, 33, 33, 3), 'float32'))")
