@@ -49,5 +49,6 @@ setup(
         "deeplab-predict=deeplab_keras.predict:main",
         "deeplab-export=deeplab_keras.export.cli:main",
         "deeplab-demo=deeplab_keras.demo:main",
+        "deeplab-convert=deeplab_keras.convert:main",
     ]},
 )

@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from deeplab_keras.backbones.resnet import RESNET_BLOCKS
+
 
 class CaffeModelError(ValueError):
     """A ``.caffemodel`` that cannot be read or does not fit the model (one-line message naming the file)."""
@@ -392,16 +394,16 @@ def _scan(path):
 
 
 def scan_weights(path):
-    """:class:`Scan` of a ``.caffemodel`` or (by its content) a deeplab-pytorch ``.pth``."""
-    from deeplab_keras.models.pth import is_pth, pth_scan
+    """:class:`Scan` of a ``.caffemodel``, or of a deeplab-pytorch ``.pth`` / ``.pt`` (by the suffix)."""
+    if os.fspath(path).endswith((".pth", ".pt")):
+        from deeplab_keras.models.pth import pth_scan
 
-    if os.path.isfile(path) and is_pth(path):
         return pth_scan(path)
     return _scan(path)
 
 
 def _analyse(scan):
-    """What network the file holds: backbone, blocks, head, classes, rates, pool5a, eps, MSC copies, unknown."""
+    """What network the file holds: backbone, blocks, width, head, classes, rates, pool5a, eps, MSC copies."""
     path = scan.path
     weighted = [layer for layer in scan.layers if layer.blobs]
     if not weighted:
@@ -438,17 +440,20 @@ def _analyse(scan):
                 s = int(m.group(2))
                 blocks[s] = max(blocks.get(s, 0), int(m.group(4)) + 1 if m.group(4) else ord(m.group(3)) - 96)
         stage_blocks = tuple(blocks.get(s, 0) for s in (2, 3, 4, 5))
-        depth = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}.get(stage_blocks)
-        if depth is None:
-            raise CaffeModelError(f"{path} holds a ResNet with blocks {stage_blocks} per stage (conv2..conv5); "
-                                  "only ResNet-50 (3, 4, 6, 3) and ResNet-101 (3, 4, 23, 3) are supported")
-        out["backbone"], out["stage_blocks"] = depth, stage_blocks
+        if not all(stage_blocks):
+            raise CaffeModelError(f"{path} holds a ResNet without blocks in some stage (blocks per stage conv2..conv5: "
+                                  f"{stage_blocks}); the file may be truncated")
+        known = {blocks: name for name, blocks in RESNET_BLOCKS.items()}
+        out["backbone"] = known.get(stage_blocks, "resnet101")
+        out["stage_blocks"] = None if stage_blocks in known else stage_blocks  # e.g. ResNet-152 (3, 8, 36, 3)
         eps = {round(float(layer.batch_norm["eps"]), 12) for layer in weighted
                if layer.type == "BatchNorm" and layer.batch_norm}
         out["bn_epsilon"] = eps.pop() if len(eps) == 1 else (1e-5 if not eps else sorted(eps))
     else:
         raise CaffeModelError(f"{path} holds neither a ResNet (conv1, res2a_branch1, ...) nor a VGG-16 "
                               "(conv1_1, ...) backbone")
+    stem = by_name.get("conv1_1" if out["backbone"] == "vgg16" else "conv1")
+    out["width_multiplier"] = stem.blobs[0][0] / 64 if stem is not None and stem.blobs[0] else 1.0
     pools = [layer for layer in scan.layers if layer.type == "Pooling"]
     if out["backbone"] == "vgg16":
         out["pool5a"] = any(p.name == "pool5a" or (p.pooling and p.pooling["pool"] == "AVE") for p in pools)
@@ -519,10 +524,9 @@ def _config(info):
         cfg["aspp"] = _aspp_kwarg(info)
     elif info["classifiers"] and not any(info["layers"][n].type == "InnerProduct" for n in info["classifiers"]):
         cfg["num_classes"] = int(info["num_classes"])
-    if "pool5a" in info:
-        cfg["pool5a"] = info["pool5a"]
-    if "bn_epsilon" in info:
-        cfg["bn_epsilon"] = info["bn_epsilon"]
+    for key, default in (("pool5a", None), ("bn_epsilon", None), ("stage_blocks", None), ("width_multiplier", 1.0)):
+        if info.get(key, default) != default:
+            cfg[key] = info[key]
     return cfg
 
 
@@ -584,19 +588,25 @@ def _plan(model, scan, backbone_only):
     """Check the whole file against ``model``; return ({caffe name: (role, keras layer)}, report)."""
     path = scan.path
     info = _analyse(scan)
-    if info["backbone"] != model.backbone:
+    vgg = info["backbone"] == "vgg16"
+    if vgg != (model.backbone == "vgg16"):
         raise CaffeModelError(f"{path} holds a {info['backbone']} backbone; the model is a {model.backbone}: "
                               f"build it with backbone={info['backbone']!r}")
-    if info["backbone"] != "vgg16" and model.stage_blocks and tuple(model.stage_blocks) != info["stage_blocks"]:
-        raise CaffeModelError(f"{path} has {info['stage_blocks']} ResNet blocks per stage; the model has "
-                              f"stage_blocks={tuple(model.stage_blocks)}")
+    if not vgg:
+        blocks = info["stage_blocks"] or RESNET_BLOCKS[info["backbone"]]
+        model_blocks = tuple(model.stage_blocks or RESNET_BLOCKS[model.backbone])
+        if model_blocks != blocks:
+            raise CaffeModelError(f"{path} holds a ResNet with {blocks} blocks per stage (conv2..conv5), the model "
+                                  f"{model_blocks}: build it with "
+                                  + (f"backbone={info['backbone']!r}" if not info["stage_blocks"]
+                                     else f"stage_blocks={blocks}"))
     has_head = bool(info.get("head"))
     targets, heads = _weighted_layers(model, with_head=not backbone_only)
     head_targets = {}
     if not backbone_only:
         if not has_head:
             what = (f"its classifier {', '.join(map(info['display'], info['classifiers']))} is not a DeepLab v2 ASPP/LargeFOV head"
-                    if info["classifiers"] else "it has no classifier head")
+                    if info["classifiers"] else "it has no classifier head (a backbone-only init, or a truncated file?)")
             raise CaffeModelError(f"{path}: {what}; load its backbone only (backbone_only=True, --backbone-only) "
                                   "and train a fresh head")
         if int(info["num_classes"]) != model.num_classes:

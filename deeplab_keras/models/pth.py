@@ -27,11 +27,12 @@ import zipfile
 
 import numpy as np
 
-from deeplab_keras.models.caffe import CaffeLayer, Scan, load_scan
+from deeplab_keras.models.caffe import CaffeLayer, CaffeModelError, Scan, load_scan
 
 
-class PthError(ValueError):
-    """A ``.pth`` that cannot be read safely or does not fit the model (one-line message naming the file)."""
+class PthError(CaffeModelError):
+    """A ``.pth`` that cannot be read safely (one-line message naming the file); a :class:`CaffeModelError`, the
+    importers' common error (a ValueError)."""
 
 
 _DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BFloat16Storage": "bf16",
@@ -288,13 +289,6 @@ def pth_scan(path):
     layers, names = pth_layers(path)
     return Scan(path, [layer._replace(blobs=[b.shape for b in layer.blobs]) for layer in layers], {},
                 lambda: iter(layers), names)
-
-
-def is_pth(path):
-    """True when ``path`` looks like a ``torch.save`` file (a zip with data.pkl, or a pickle)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_pth(model, path, backbone_only=False):

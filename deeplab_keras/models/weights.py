@@ -171,7 +171,7 @@ def load_weights_into(model, weights):
     if isinstance(weights, str) and weights == "imagenet":
         transfer_backbone_weights(model, imagenet_reference(model.backbone))
         return model
-    if isinstance(weights, (str, os.PathLike)) and os.fspath(weights).endswith((".caffemodel", ".pth")):
+    if isinstance(weights, (str, os.PathLike)) and os.fspath(weights).endswith((".caffemodel", ".pth", ".pt")):
         from deeplab_keras.models.caffe import load_scan, scan_weights
         load_scan(model, scan_weights(weights))
         return model
