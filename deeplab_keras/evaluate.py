@@ -42,7 +42,8 @@ from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
-           "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "DEFAULT_CRF_PARAMS", "PAPER_PAD_SIZE"]
+           "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "DEFAULT_CRF_PARAMS",
+           "PAPER_PAD_SIZE"]
 
 # The paper's CRF parameters (DeepLab v2 ResNet-101's, pydensecrf meaning): dense_crf's defaults.
 DEFAULT_CRF_PARAMS = {key: p.default for key, p in inspect.signature(dense_crf).parameters.items()
