@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from deeplab_keras.data._common import BadDataError, read_image_rgb
-from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, usage_error,
-                                 voc_palette)
+from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, run_command,
+                                 usage_error, voc_palette)
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -213,6 +213,12 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     written, failed, areas = [], {}, {}
     pending = []
 
+    def skip(path, err, reason):  # a bad input file or an existing output: report it and go on
+        if stop_on_error:
+            raise err
+        failed[path] = reason
+        print(f"skipped {reason}", file=sys.stderr)
+
     def flush():
         if not pending:
             return
@@ -232,10 +238,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
                     target = os.path.join(out_dir, stem + "_overlay.png")
                     atomic_write_bytes(target, png_bytes(overlay(image, labels)), overwrite)
             except FileExistsError as err:
-                if stop_on_error:
-                    raise
-                failed[path] = str(err)
-                print(f"skipped {path}: {err}", file=sys.stderr)
+                skip(path, err, f"{path}: {err}")
                 continue
             except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
                 raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
@@ -250,10 +253,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
             try:
                 image = read_image(path, max_pixels)
             except BadDataError as err:
-                if stop_on_error:
-                    raise
-                failed[path] = str(err)
-                print(f"skipped {err}", file=sys.stderr)
+                skip(path, err, str(err))
                 continue
             if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
                 flush()
@@ -300,21 +300,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_tensorflow(args.debug)
-    try:
-        return _run(parser, args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("deeplab-predict: interrupted; the masks written so far are complete and their areas recorded",
-              file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
-        if args.debug:
-            raise
-        expected = isinstance(err, (RuntimeError, BadDataError, OSError))
-        print(f"deeplab-predict: error: {_first_line(err)}" + ("" if expected else
-              f" ({type(err).__name__}; rerun with --debug for the traceback)"), file=sys.stderr)
-        return 1
+    return run_command("deeplab-predict", lambda: _run(parser, args), debug=args.debug,
+                       interrupted="interrupted; the masks written so far are complete and their areas recorded")
 
 
 def _first_line(err):

@@ -234,6 +234,32 @@ def usage_error(parser, message):
     parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
 
 
+def run_command(prog, body, *, debug=False, interrupted="interrupted", expected=(ValueError, RuntimeError, OSError)):
+    """Run a command line's ``body()`` (returns the exit code), turning failures into one line on stderr.
+
+    Ctrl-C prints ``<prog>: <interrupted>`` and returns 130; any other exception prints
+    ``<prog>: error: <message>`` (with the exception's type and a ``--debug`` hint unless it is ``expected``)
+    and returns 1. With ``debug`` both are re-raised, traceback included. ``SystemExit`` (usage errors) passes.
+
+    Example:
+        >>> run_command("deeplab-x", lambda: 0)
+        0
+    """
+    try:
+        return body()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
+        if debug:
+            raise
+        hint = "" if isinstance(err, expected) else f" ({type(err).__name__}; rerun with --debug for the traceback)"
+        print(f"{prog}: error: {' '.join(str(err).split()) or type(err).__name__}{hint}", file=sys.stderr)
+        return 1
+
+
 # TensorFlow's start-up lines on a machine without a GPU (absl logs before absl::InitializeLog, which no
 # environment variable silences): oneDNN / CPU-feature banners, "Could not find cuda drivers", "failed call to
 # cuInit", duplicate cuDNN/cuFFT/cuBLAS factory registrations. Other lines (real errors) are always shown.

@@ -138,6 +138,14 @@ def noise_image(path, seed, size=(40, 48)):
     return str(path)
 
 
+def image_folder(folder, count):
+    """``folder`` with noise images 0.png .. <count-1>.png."""
+    folder.mkdir()
+    for i in range(count):
+        noise_image(folder / f"{i}.png", i)
+    return folder
+
+
 def test_areas_of_earlier_runs_are_kept(tmp_path, checkpoint):
     model, _ = checkpoint
     a, b = noise_image(tmp_path / "a.png", 0), noise_image(tmp_path / "b.png", 1)
@@ -267,10 +275,7 @@ def test_full_disk_stops_with_one_line_and_nothing_half_written(tmp_path, checkp
     import errno
     import os
     _, ckpt = checkpoint
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        noise_image(folder / f"{i}.png", i)
+    folder = image_folder(tmp_path / "in", 3)
     real_fsync, calls = os.fsync, []
 
     def fsync(fd):  # the disk fills up at the second file: the second mask
@@ -337,10 +342,7 @@ def test_cli_stderr_is_clean_in_a_real_process(tmp_path, checkpoint):
 def test_ctrl_c_keeps_written_masks_and_their_areas(tmp_path, checkpoint, capsys, monkeypatch):
     from deeplab_keras import predict
     _, ckpt = checkpoint
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        noise_image(folder / f"{i}.png", i)
+    folder = image_folder(tmp_path / "in", 3)
     encode, calls = predict.label_png_bytes, []
 
     def interrupted_at_second(labels):
