@@ -23,8 +23,6 @@ from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
 AREAS_FILES = ("areas.json", "areas.csv")
 
 
@@ -73,8 +71,10 @@ def collect_inputs(inputs):
             paths.append(item)
         else:
             raise FileNotFoundError(f"input {item!r} does not exist")
-    seen = set()
-    return [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    unique = {}
+    for path in paths:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 class OutputNameError(ValueError):
