@@ -178,3 +178,47 @@ def randomize(model, seed=0, zero_resnet_bias=True):
                 and not layer.name.startswith("aspp"):
             layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
     return model
+
+
+_KAZUTO_BRANCH = {"1": "shortcut", "2a": "reduce", "2b": "conv3x3", "2c": "increase"}
+
+
+def kazuto_name(caffe_name):
+    """kazuto1011/deeplab-pytorch's module name for a Caffe layer (his convert.py ``translate_layer_name``):
+    conv1 -> layer1.conv1.conv, bn_conv1 -> layer1.conv1.bn, res4b22_branch2a -> layer4.block23.reduce.conv,
+    fc1_voc12_c0 -> aspp.c0; the COCO init's 1x1 head -> fc."""
+    import re
+
+    if caffe_name in ("conv1", "bn_conv1", "scale_conv1"):
+        return "layer1.conv1." + ("conv" if caffe_name == "conv1" else "bn")
+    m = re.match(r"^(res|bn|scale)(\d)([a-z])(\d*)_branch(\w+)$", caffe_name)
+    if m:
+        kind, stage, letter, number, branch = m.groups()
+        block = int(number) + 1 if number else "abcdefghijklmnopqrstuvwxyz".index(letter) + 1
+        return f"layer{stage}.block{block}.{_KAZUTO_BRANCH[branch]}." + ("conv" if kind == "res" else "bn")
+    m = re.match(r"^fc1_.+_c(\d+)$", caffe_name)
+    if m:
+        return f"aspp.c{m.group(1)}"
+    return "fc"
+
+
+def kazuto_state_dict(caffe_layers, prefix="base."):
+    """A deeplab-pytorch state dict (numpy values, his names and his BatchNorm conversion: Caffe's blobs / s in
+    float64, num_batches_tracked) from Caffe layers with their blobs."""
+    state = {}
+    for layer in caffe_layers:
+        if not layer.blobs:
+            continue
+        name = prefix + kazuto_name(layer.name)
+        if layer.type == "BatchNorm":
+            s = float(layer.blobs[2].reshape(-1)[0])
+            state[name + ".running_mean"] = (layer.blobs[0].reshape(-1).astype(np.float64) / s).astype(np.float32)
+            state[name + ".running_var"] = (layer.blobs[1].reshape(-1).astype(np.float64) / s).astype(np.float32)
+            state[name + ".num_batches_tracked"] = np.array(0, np.int64)
+        elif layer.type == "Scale":
+            state[name + ".weight"], state[name + ".bias"] = (b.reshape(-1).copy() for b in layer.blobs)
+        else:
+            state[name + ".weight"] = np.array(layer.blobs[0])
+            if len(layer.blobs) > 1:
+                state[name + ".bias"] = np.array(layer.blobs[1].reshape(-1))
+    return state

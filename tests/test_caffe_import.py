@@ -1,6 +1,7 @@
 """Caffe importer: released-format files written by ../shared/tools/make_caffemodel.py against the PyTorch-port
 reference logits (../shared/data/caffe-reference), the variants of the released files (legacy blobs, MSC copies,
 VGG pool5a, ResNet-50 names, VGG-ASPP, COCO / ImageNet inits, V1 files) and every bad-input case."""
+import collections
 import hashlib
 import os
 import subprocess
@@ -418,3 +419,114 @@ def test_convert_writes_nothing_on_error(caffemodels, tmp_path):
     with pytest.raises(CaffeModelError, match="must end with .keras"):
         caffe.convert_caffemodel(caffemodels["vgg16"], tmp_path / "m.h5")
     assert os.listdir(tmp_path) == []
+
+
+# === deeplab-pytorch .pth state dicts, read without torch (torch.save writes the test files) ===
+def _torch_save(state, path, legacy=False):
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    torch.save(collections.OrderedDict(tensors), str(path), _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+@pytest.mark.slow
+def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemodels, reference, tmp_path):
+    """kazuto's converted release format (base.layer1.conv1.conv.weight, ...), saved by torch itself, loads
+    bit for bit as the .caffemodel does, and its logits match the reference."""
+    import deeplab_keras as dk
+    from deeplab_keras.models.pth import load_pth
+
+    state = cw.kazuto_state_dict(read_caffemodel(caffemodels["resnet101"]))
+    assert "base.layer4.block23.conv3x3.bn.running_var" in state and len(state) == 104 * 6 + 8
+    path = _torch_save(state, tmp_path / "deeplabv2_resnet101_msc-vocaug-20000.pth")
+    model = dk.DeepLabV2(21, "resnet101")
+    report = load_pth(model, path)
+    assert len(report["loaded"]) == len(resnet[1]["loaded"]) and report["num_classes"] == 21
+    for a, b in zip(model.network.get_weights(), resnet[0].network.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    _assert_matches(model(_input(reference, "2007_000033", "r321")), reference["single/2007_000033/r321"])
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_read_pth_tensors_without_torch(tmp_path, legacy):
+    """Zip (torch >= 1.6) and legacy pickle files: dtypes, strided views, shared storages, parameters."""
+    import torch
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = collections.OrderedDict([
+        ("w", base), ("t", base.t()), ("view", base[1:, 2:4]), ("half", torch.linspace(-2, 2, 5).half()),
+        ("bf16", torch.tensor([1.5, -3.25], dtype=torch.bfloat16)), ("n", torch.tensor(7)),
+        ("p", torch.nn.Parameter(torch.ones(2, 3))), ("d", torch.zeros(3, dtype=torch.float64) + 0.1)])
+    path = tmp_path / "t.pth"
+    torch.save(state, str(path), _use_new_zipfile_serialization=not legacy)
+    from deeplab_keras.models.pth import read_pth
+
+    got = read_pth(path)
+    assert list(got) == list(state)
+    for key, value in state.items():
+        expected = value.detach().float().numpy() if key == "bf16" else value.detach().numpy()
+        np.testing.assert_array_equal(got[key], expected)
+        assert got[key].shape == tuple(value.shape)
+    assert got["half"].dtype == np.float16 and got["n"].dtype == np.int64 and got["t"].flags.c_contiguous
+
+
+class _Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.mkdir, (self.target,)
+
+
+def test_pth_reader_refuses_code(tmp_path):
+    import torch
+
+    from deeplab_keras.models.pth import PthError, read_pth
+
+    target = tmp_path / "created_by_pickle"
+    torch.save({"w": torch.ones(2), "x": _Exploit(str(target))}, str(tmp_path / "evil.pth"))
+    with pytest.raises(PthError, match="refers to posix.mkdir.*refusing") as e:
+        read_pth(tmp_path / "evil.pth")
+    assert not target.exists() and "\n" not in str(e.value)
+
+
+def test_pth_bad_files(tmp_path):
+    import torch
+
+    from deeplab_keras.models.pth import PthError, read_pth
+
+    torch.save({"w": torch.ones(1000)}, str(tmp_path / "ok.pth"))
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    with pytest.raises(PthError, match="cut.pth"):
+        read_pth(tmp_path / "cut.pth")
+    with zipfile.ZipFile(tmp_path / "model.pth", "w") as z:  # a .keras renamed
+        z.writestr("config.json", "{}")
+    with pytest.raises(PthError, match="without <name>/data.pkl"):
+        read_pth(tmp_path / "model.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(PthError, match="not a .pth file"):
+        read_pth(tmp_path / "text.pth")
+
+
+def test_pth_coco_init_backbone_only_and_unknown_tensors(tmp_path):
+    """kazuto's DeepLabV1 COCO init (no 'base.' prefix, a 1x1 'fc' head): backbone only; foreign keys listed."""
+    from deeplab_keras.models.pth import PthError, load_pth
+
+    source = cw.randomize(tiny_model(3, "resnet50", stage_blocks=(1, 1, 1, 1)), seed=13)
+    caffe_file = _write(tmp_path / "init.caffemodel", cw.keras_to_caffe(source, head="coco", bn_scale=4.0))
+    state = cw.kazuto_state_dict(read_caffemodel(caffe_file), prefix="")
+    assert state["fc.weight"].shape[0] == 91
+    path = _torch_save(state, tmp_path / "deeplabv1_resnet101-coco.pth")
+    target = tiny_model(21, "resnet50", stage_blocks=(1, 1, 1, 1))
+    with pytest.raises(CaffeModelError, match="classifier fc is not a DeepLab v2"):
+        load_pth(target, path)
+    assert load_pth(target, path, backbone_only=True)["ignored"] == ["fc"]
+    for layer in source.network.layers:
+        if layer.weights and layer.name != "aspp":
+            for a, b in zip(layer.get_weights(), target.network.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+    state["decoder.conv.weight"] = np.ones((1, 1, 1, 1), np.float32)  # e.g. a DeepLab v3+ decoder
+    with pytest.raises(PthError, match="1 tensors that are not part of .*: decoder.conv.weight"):
+        load_pth(target, _torch_save(state, tmp_path / "other.pth"), backbone_only=True)

@@ -130,7 +130,7 @@ def _materialize(obj, path):
         if obj.size and obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride)) >= base.size:
             raise PthError(f"{path}: a tensor of shape {obj.size} runs past its storage {obj.storage.key}")
         view = np.lib.stride_tricks.as_strided(base[obj.offset:], obj.size, [s * item for s in obj.stride])
-        return np.array(view)
+        return np.array(view, order="C")
     if isinstance(obj, dict):
         return collections.OrderedDict((k, _materialize(v, path)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
