@@ -339,23 +339,11 @@ def eval_main(argv=None):
     """
     parser = _eval_parser()
     args = parser.parse_args(argv)
-    from deeplab_keras.utils import quiet_tensorflow
+    from deeplab_keras.utils import quiet_tensorflow, run_command
 
     quiet_tensorflow(args.debug)
-    try:
-        return _run_eval(args, parser)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("deeplab-eval: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001  (one line, not a traceback: --debug shows it)
-        if args.debug:
-            raise
-        expected = isinstance(e, (ValueError, RuntimeError, OSError))  # bad data, failed download, conversion
-        print(f"deeplab-eval: error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if expected else
-              f" ({type(e).__name__}; rerun with --debug for the traceback)"), file=sys.stderr)
-        return 1
+    return run_command("deeplab-eval", lambda: _run_eval(args, parser), debug=args.debug,
+                       interrupted="interrupted; nothing was written")
 
 
 def _crf_keys():
