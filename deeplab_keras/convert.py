@@ -10,7 +10,7 @@ Examples:
     deeplab-convert deeplabv2_resnet101_msc-vocaug-20000.pth --msc-scales 1 0.75 0.5 --out voc.keras
 
 Exit codes: 0 written; 2 bad input (unreadable or mismatching weights, bad arguments, existing --out without
---overwrite; nothing is written); 1 an unexpected failure (traceback with --debug).
+--overwrite; nothing is written); 1 an unexpected failure, e.g. a full disk (traceback with --debug).
 """
 import argparse
 import os
@@ -85,8 +85,26 @@ def _summary(report, out):
     return "\n".join(lines)
 
 
+def _run(p, a):
+    from deeplab_keras.models.caffe import check_output, convert, save_keras
+
+    try:  # unreadable / mismatching weights and bad arguments: one line, exit 2, nothing written
+        out = check_output(a.out, a.overwrite)
+        model, report = convert(a.src, backbone=a.backbone, num_classes=a.num_classes,
+                                msc_scales=tuple(a.msc_scales) if a.msc_scales else None,
+                                backbone_only=a.backbone_only, **({"aspp": a.aspp} if a.aspp is not None else {}))
+    except (ValueError, FileExistsError) as e:  # CaffeModelError / PthError are ValueErrors
+        if a.debug:
+            raise
+        usage_error(p, str(e))
+    save_keras(model, out, a.overwrite)
+    if not a.quiet:
+        print(_summary(report, out))
+    return 0
+
+
 def main(argv=None):
-    """``deeplab-convert``: 0 written, 2 bad input (nothing written), 1 unexpected failure."""
+    """``deeplab-convert``: 0 written, 2 bad input (nothing written), 1 unexpected failure, 130 interrupted."""
     p = build_parser()
     a = p.parse_args(argv)
     if a.msc_scales and (any(s <= 0 for s in a.msc_scales) or 1.0 not in a.msc_scales):
@@ -95,31 +113,11 @@ def main(argv=None):
         p.error("--aspp applies to --backbone-only (a full import takes the file's head)")
     if not os.path.isfile(a.src):
         p.error(f"{a.src}: no such file")
-    from deeplab_keras.utils import quiet_tensorflow
+    from deeplab_keras.utils import quiet_tensorflow, run_command
 
     quiet_tensorflow(a.debug)
-    from deeplab_keras.models.caffe import check_output, convert, save_keras
-
-    try:
-        out = check_output(a.out, a.overwrite)
-        kwargs = {"aspp": a.aspp} if a.aspp is not None else {}
-        model, report = convert(a.src, backbone=a.backbone, num_classes=a.num_classes,
-                                msc_scales=tuple(a.msc_scales) if a.msc_scales else None,
-                                backbone_only=a.backbone_only, **kwargs)
-        save_keras(model, out, a.overwrite)
-    except (ValueError, FileExistsError) as e:  # CaffeModelError / PthError are ValueErrors
-        if a.debug:
-            raise
-        usage_error(p, str(e))
-    except Exception as e:
-        if a.debug:
-            raise
-        print(f"deeplab-convert: failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} (--debug for the "
-              "traceback)", file=sys.stderr)
-        return 1
-    if not a.quiet:
-        print(_summary(report, out))
-    return 0
+    return run_command("deeplab-convert", lambda: _run(p, a), debug=a.debug,
+                       interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":
