@@ -21,13 +21,6 @@ from deeplab_keras.utils import usage_error
 BACKBONES = ("resnet50", "resnet101", "vgg16")
 
 
-def _positive(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _aspp(text):
     if "," in text or text.isdigit():
         try:
@@ -49,7 +42,7 @@ def build_parser():
     p.add_argument("src", help="the .caffemodel or deeplab-pytorch .pth file")
     p.add_argument("--out", required=True, help="the .keras file to write")
     p.add_argument("--backbone", choices=BACKBONES, help="checked against the file (default: the file's)")
-    p.add_argument("--num-classes", type=_positive,
+    p.add_argument("--num-classes", type=int,
                    help="checked against the file's head (default: the file's); with --backbone-only the fresh "
                         "head's classes (required)")
     p.add_argument("--msc-scales", type=float, nargs="+", metavar="S",
@@ -107,6 +100,8 @@ def main(argv=None):
     """``deeplab-convert``: 0 written, 2 bad input (nothing written), 1 unexpected failure, 130 interrupted."""
     p = build_parser()
     a = p.parse_args(argv)
+    if a.num_classes is not None and a.num_classes < 1:
+        p.error(f"--num-classes must be a positive integer, got {a.num_classes}")
     if a.msc_scales and (any(s <= 0 for s in a.msc_scales) or 1.0 not in a.msc_scales):
         p.error(f"--msc-scales must be positive and include 1, got {a.msc_scales}")
     if a.aspp is not None and not a.backbone_only:

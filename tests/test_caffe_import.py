@@ -2,7 +2,6 @@
 reference logits (../shared/data/caffe-reference), the variants of the released files (legacy blobs, MSC copies,
 VGG pool5a, ResNet-50 names, VGG-ASPP, COCO / ImageNet inits, V1 files) and every bad-input case."""
 import collections
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from deeplab_keras.models import caffe
 from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
+from deeplab_keras.models.presets import _sha256_file
 from tests import caffe_writer as cw
 from tests.conftest import REPO, tiny_model
 
@@ -31,14 +31,6 @@ FILES = {
     "vgg16_msc": (["vgg16_largefov", "--msc-branches"], None),
 }
 PAD_COLOUR = (122.675, 116.669, 104.008)  # DeepLab's mean as RGB: zero after mean subtraction
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +51,7 @@ def caffemodels(tmp_path_factory):
         paths = dict(pool.map(make, FILES.items()))
     for name, (_, digest) in FILES.items():
         if digest is not None:
-            assert _sha256(paths[name]) == digest, f"make_caffemodel.py output for {name} drifted: the references are stale"
+            assert _sha256_file(paths[name]) == digest, f"make_caffemodel.py output for {name} drifted: the references are stale"
     return paths
 
 

@@ -84,12 +84,21 @@ def _varint(buf, pos, end):
             raise _Corrupt("a number is longer than 10 bytes")
 
 
-def _fields(buf, pos, end):
+def _fields(buf, pos, end, float_runs=None):
     """Yield (field, wire type, value) of one message; value is an int (varint), bytes (fixed) or a
-    (start, stop) slice for length-delimited fields."""
+    (start, stop) slice for length-delimited fields. Unpacked floats of field ``float_runs`` (one key byte and
+    4 bytes per value; ``float_runs`` < 16) come as one float32 array per run of consecutive values."""
+    run_key = float_runs << 3 | 5 if float_runs is not None else None
     while pos < end:
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
+        if key == run_key:
+            run = np.frombuffer(buf, np.uint8, count=(end - pos + 1) // 5 * 5, offset=pos - 1).reshape(-1, 5)
+            stop = np.flatnonzero(run[:, 0] != run_key)
+            n = int(stop[0]) if stop.size else len(run)
+            pos += n * 5 - 1
+            yield field, wire, np.ascontiguousarray(run[:n, 1:]).view("<f4").ravel()
+            continue
         if wire == 0:
             value, pos = _varint(buf, pos, end)
         elif wire == 2:
@@ -127,31 +136,10 @@ def _repeated_uint(values, wire, value, buf):
 def _decode_blob(buf, start, end):
     """BlobProto -> float32 array in its Caffe shape (a view into ``buf`` for packed float data)."""
     chunks, shape, legacy = [], None, [0, 0, 0, 0]
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if field == 5 and wire == 5:  # unpacked floats: runs of (key 0x2D, 4 bytes); decode a run at once
-            run = np.frombuffer(buf, np.uint8, count=(end - pos + 1) // 5 * 5, offset=pos - 1).reshape(-1, 5)
-            stop = np.flatnonzero(run[:, 0] != 0x2D)
-            n = int(stop[0]) if stop.size else len(run)
-            chunks.append(np.ascontiguousarray(run[:n, 1:]).view("<f4").ravel())
-            pos += n * 5 - 1
-            continue
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            value = (pos, pos + n)
-            pos += n
-        elif wire in (1, 5):
-            value = bytes(buf[pos:pos + (8 if wire == 1 else 4)])
-            pos += 8 if wire == 1 else 4
-        else:
-            raise _Corrupt(f"wire type {wire} in a blob")
-        if pos > end:
-            raise _Corrupt("a blob field runs past the end of the blob")
-        if field == 5 and wire == 2:
+    for field, wire, value in _fields(buf, start, end, float_runs=5):
+        if field == 5 and wire == 5:
+            chunks.append(value)
+        elif field == 5 and wire == 2:
             if (value[1] - value[0]) % 4:
                 raise _Corrupt("float data whose length is not a multiple of 4")
             chunks.append(np.frombuffer(buf, "<f4", count=(value[1] - value[0]) // 4, offset=value[0]))
