@@ -132,7 +132,7 @@ def keras_to_caffe(model, head="aspp", numbered_stages=(), bn_scale=2.5, exp="vo
         emit("pool1", "Pooling", pool=dict(method=0, kernel=3, stride=2, pad=1))
         for stage, count in zip((2, 3, 4, 5), model.stage_blocks or RESNET_BLOCKS[model.backbone]):
             for i in range(1, count + 1):
-                tag = "a" if i == 1 else (f"b{i - 1}" if stage in numbered_stages else "abcdefghijklmnopqrstuvwxyz"[i - 1])
+                tag = "a" if i == 1 else (f"b{i - 1}" if stage in numbered_stages else chr(ord("a") + i - 1))
                 for j, branch in enumerate(("1", "2a", "2b", "2c")):
                     name = f"conv{stage}_block{i}_{j}"
                     if j == 0 and i != 1:

@@ -51,7 +51,7 @@ def caffemodels(tmp_path_factory):
         paths = dict(pool.map(make, FILES.items()))
     for name, (_, digest) in FILES.items():
         if digest is not None:
-            assert _sha256_file(paths[name]) == digest, f"make_caffemodel.py output for {name} drifted: the references are stale"
+            assert _sha256_file(paths[name]) == digest, f"make_caffemodel.py's {name} drifted: the references are stale"
     return paths
 
 

@@ -315,9 +315,9 @@ _BRANCHES = {"1": 0, "2a": 1, "2b": 2, "2c": 3}
 _KINDS = {"res": "conv", "bn": "bn", "scale": "scale"}
 
 
-def resnet_keras_name(stage, block, branch, kind):
-    """Keras layer name of a ResNet conv / bn: ``conv{stage}_block{block}_{branch}_{kind}``."""
-    return f"conv{stage}_block{block}_{branch}_{kind}"
+def _block_index(letter, number):
+    """Caffe's ResNet block names -> Keras block numbers: a, b, c, ... = 1, 2, 3, ...; b1, b2, ... = 2, 3, ..."""
+    return int(number) + 1 if number else ord(letter) - ord("a") + 1
 
 
 def _role(layer):
@@ -332,8 +332,8 @@ def _role(layer):
     m = _RESNET.match(name)
     if m:
         kind, stage, letter, number, branch = m.groups()
-        block = int(number) + 1 if number else ord(letter) - ord("a") + 1
-        return _KINDS[kind], resnet_keras_name(stage, block, _BRANCHES[branch], "bn" if kind != "res" else "conv")
+        suffix = "conv" if kind == "res" else "bn"
+        return _KINDS[kind], f"conv{stage}_block{_block_index(letter, number)}_{_BRANCHES[branch]}_{suffix}"
     m = _VGG_CONV.match(name)
     if m and layer.type == "Convolution":
         return "conv", f"block{m.group(1)}_conv{m.group(2)}"
@@ -426,7 +426,7 @@ def _analyse(scan):
             m = _RESNET.match(name)
             if m and m.group(1) == "res" and m.group(5) == "2a":
                 s = int(m.group(2))
-                blocks[s] = max(blocks.get(s, 0), int(m.group(4)) + 1 if m.group(4) else ord(m.group(3)) - 96)
+                blocks[s] = max(blocks.get(s, 0), _block_index(m.group(3), m.group(4)))
         stage_blocks = tuple(blocks.get(s, 0) for s in (2, 3, 4, 5))
         if not all(stage_blocks):
             raise CaffeModelError(f"{path} holds a ResNet without blocks in some stage (blocks per stage conv2..conv5: "
@@ -593,8 +593,9 @@ def _plan(model, scan, backbone_only):
     head_targets = {}
     if not backbone_only:
         if not has_head:
-            what = (f"its classifier {', '.join(map(info['display'], info['classifiers']))} is not a DeepLab v2 ASPP/LargeFOV head"
-                    if info["classifiers"] else "it has no classifier head (a backbone-only init, or a truncated file?)")
+            classifiers = ", ".join(map(info["display"], info["classifiers"]))
+            what = (f"its classifier {classifiers} is not a DeepLab v2 ASPP/LargeFOV head" if classifiers
+                    else "it has no classifier head (a backbone-only init, or a truncated file?)")
             raise CaffeModelError(f"{path}: {what}; load its backbone only (backbone_only=True, --backbone-only) "
                                   "and train a fresh head")
         if int(info["num_classes"]) != model.num_classes:
@@ -621,8 +622,8 @@ def _plan(model, scan, backbone_only):
                 ignored.append(name)
             continue
         if key not in targets:
-            raise CaffeModelError(f"{path}: layer {scan.display(name)} has no counterpart {key} in the model; build the model "
-                                  "the file was made for (see caffemodel_config)")
+            raise CaffeModelError(f"{path}: layer {scan.display(name)} has no counterpart {key} in the model; build "
+                                  "the model the file was made for (see caffemodel_config)")
         plan[name] = (kind, targets[key])
     for name, (role, layer) in plan.items():
         _check_fits(path, scan.display(name), info["layers"][name].blobs, role, layer)
@@ -632,15 +633,15 @@ def _plan(model, scan, backbone_only):
     missing = [name for name, layer in targets.items()
                if (name, "conv" if hasattr(layer, "kernel") else "bn") not in filled]
     if missing:
-        raise CaffeModelError(f"{path} has no weights for {len(missing)} of the model's layers ({', '.join(missing[:6])}"
-                              f"{' ...' if len(missing) > 6 else ''}); the file may be truncated or made for "
-                              "another network")
+        raise CaffeModelError(f"{path} has no weights for {len(missing)} of the model's layers "
+                              f"({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); the file may be "
+                              "truncated or made for another network")
     report = {"source": path, "backbone": info["backbone"], "num_classes": info.get("num_classes"),
               "aspp": _aspp_kwarg(info) if has_head else None, "head": "fresh" if backbone_only else "loaded",
               "loaded": list(plan), "keras_layers": len({layer.name for _, layer in plan.values()}),
               "msc_copies": info["msc_copies"], "ignored": ignored,
-              "zero_bias": sorted(layer.name for name, (role, layer) in plan.items()
-                                  if role == "conv" and layer.bias is not None and len(info["layers"][name].blobs) == 1),
+              "zero_bias": sorted(layer.name for name, (role, layer) in plan.items() if role == "conv"
+                                  and layer.bias is not None and len(info["layers"][name].blobs) == 1),
               "bn_without_scale": sorted(n for n, layer in targets.items()
                                          if hasattr(layer, "moving_mean") and (n, "scale") not in filled)}
     for key in ("pool5a", "bn_epsilon"):
