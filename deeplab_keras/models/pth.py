@@ -130,7 +130,7 @@ def _materialize(obj, path):
         if obj.size and obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride)) >= base.size:
             raise PthError(f"{path}: a tensor of shape {obj.size} runs past its storage {obj.storage.key}")
         view = np.lib.stride_tricks.as_strided(base[obj.offset:], obj.size, [s * item for s in obj.stride])
-        return np.array(view, order="C")
+        return view if view.flags.c_contiguous else np.array(view, order="C")  # no copy of contiguous tensors
     if isinstance(obj, dict):
         return collections.OrderedDict((k, _materialize(v, path)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
@@ -145,7 +145,8 @@ def read_pth(path):
         path: the ``.pth`` (zip format of torch >= 1.6, or the older pickle format).
 
     Returns:
-        the saved object with every tensor as a numpy array (an OrderedDict name -> array for a state dict).
+        the saved object with every tensor as a numpy array (an OrderedDict name -> array for a state dict);
+        contiguous tensors are read-only views of their storage, others C-contiguous copies.
 
     Raises:
         PthError: not a ``.pth``, truncated, or it refers to anything but tensors and dicts.
@@ -254,15 +255,15 @@ def pth_layers(path):
             continue
         mapped = _caffe_names(short)
         if mapped is not None and mapped[1] == "conv" and mapped[2] == "weight":
-            convs[mapped[0]] = [value.astype(np.float32)]
+            convs[mapped[0]] = [value.astype(np.float32, copy=False)]
             names[mapped[0]] = key.rsplit(".", 1)[0]
         elif mapped is not None and mapped[1] == "bn" and mapped[2] in _BN_PARAMS:
-            bns.setdefault(mapped[0], [None] * 4)[_BN_PARAMS[mapped[2]]] = value.astype(np.float32)
+            bns.setdefault(mapped[0], [None] * 4)[_BN_PARAMS[mapped[2]]] = value.astype(np.float32, copy=False)
             names["bn" + mapped[0]] = names["scale" + mapped[0]] = key.rsplit(".", 1)[0]
         elif re.match(r"^aspp\.c\d+\.(weight|bias)$", short) or re.match(r"^fc\.(weight|bias)$", short):
             head, param = short.rsplit(".", 1)
             name = f"fc1_pth_c{head.split('.c')[1]}" if head.startswith("aspp") else "fc"
-            convs.setdefault(name, [None, None])[0 if param == "weight" else 1] = value.astype(np.float32)
+            convs.setdefault(name, [None, None])[0 if param == "weight" else 1] = value.astype(np.float32, copy=False)
             names[name] = key.rsplit(".", 1)[0]
         else:
             others.append(key)
