@@ -51,9 +51,8 @@ def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.
 
 def voc_crf_study(voc_dir, out_dir, crf_params=None):
     """mIoU of simulated coarse predictions on the VOC samples before / after the CRF; writes overlays."""
-    from PIL import Image
-
     from deeplab_keras import crf
+    from deeplab_keras.data._common import read_image_rgb, read_index_png
     from deeplab_keras.evaluate import confusion_matrix, scores
     from deeplab_keras.predict import overlay, png_bytes
     from deeplab_keras.utils import atomic_write_bytes
@@ -61,8 +60,8 @@ def voc_crf_study(voc_dir, out_dir, crf_params=None):
     ids = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "SegmentationClass")))
     cms = {"no_crf": 0, "crf": 0}
     for i, name in enumerate(ids):
-        image = np.asarray(Image.open(os.path.join(root, "JPEGImages", name + ".jpg")).convert("RGB"))
-        label = np.asarray(Image.open(os.path.join(root, "SegmentationClass", name + ".png")))
+        image = read_image_rgb(os.path.join(root, "JPEGImages", name + ".jpg"))
+        label = read_index_png(os.path.join(root, "SegmentationClass", name + ".png"))
         probs = coarse_probabilities(label, 21, seed=i)
         refined = np.asarray(crf.dense_crf(probs[None], image[None], **(crf_params or {})))[0]
         before, after = probs.argmax(-1), refined.argmax(-1)
