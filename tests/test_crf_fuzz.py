@@ -22,9 +22,11 @@ def valid_case(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
     input_type = draw(st.sampled_from(["probs", "unary", "logits"]))
     scale = draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4]))
-    if input_type == "probs":
+    if input_type == "probs":  # probabilities: summing to 1 over the labels, with exact zeros (clipped to 1e-5)
         values = rng.random((n, h, w, c)) * scale
-        values[rng.random(values.shape) < 0.2] = 0.0  # exact zeros (clipped to 1e-5)
+        values[rng.random(values.shape) < 0.2] = 0.0
+        values[values.sum(-1) == 0] = 1.0
+        values = values / values.sum(-1, keepdims=True)
     else:
         values = rng.normal(0.0, scale, (n, h, w, c))
     if draw(st.booleans()):
@@ -89,12 +91,13 @@ def invalid_case(draw):
     """A valid small case with exactly one defect; returns inputs and a word the error must contain."""
     h, w, c = draw(st.integers(2, 6)), draw(st.integers(2, 6)), draw(st.integers(1, 4))
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    probs = rng.random((1, h, w, c)).astype(np.float32)
+    probs = rng.random((1, h, w, c)) + 0.01
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
     images = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
     params = dict(iterations=3, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
                   gaussian_weight=3.0, gaussian_xy_std=1.0)
     defect = draw(st.sampled_from(["nan", "inf", "negative", "weight", "std", "iterations", "rank", "mismatch",
-                                   "channels", "labels0", "labels_many", "empty", "dtype", "tiny_std"]))
+                                   "channels", "labels0", "labels_many", "empty", "dtype", "tiny_std", "sum"]))
     where = tuple(int(rng.integers(0, s)) for s in probs.shape)
     if defect == "nan":
         probs[where], word = np.nan, "finite"
@@ -102,6 +105,9 @@ def invalid_case(draw):
         probs[where], word = draw(st.sampled_from([np.inf, -np.inf])), "finite"
     elif defect == "negative":
         probs[where], word = -draw(st.floats(1e-6, 1e6)), ">= 0"
+    elif defect == "sum":
+        probs[where[:3]] *= draw(st.sampled_from([0.0, 0.5, 1.05, 5.0, 1e3]))  # one pixel off
+        word = "sum to 1"
     elif defect == "weight":
         key = draw(st.sampled_from(["bilateral_weight", "gaussian_weight"]))
         params[key], word = draw(st.sampled_from([-1.0, -1e-6, np.nan, np.inf, 1e7])), key

@@ -184,7 +184,7 @@ def test_input_types_unary_and_logits_match_probs():
 def test_zero_iterations_is_the_normalised_clipped_input():
     rng = np.random.default_rng(4)
     image, probs = random_case(rng, 9, 11, 3)
-    probs[0, 0] = [0.0, 2.0, 0.5]  # unnormalised and zero: clipped to [1e-5, 1] like unary_from_softmax
+    probs[0, 0] = [0.0, 0.75, 0.25]  # an exact zero: clipped to [1e-5, 1] like unary_from_softmax
     out = dk.crf.dense_crf(probs[None], image[None], iterations=0).numpy()[0]
     clipped = np.clip(probs, 1e-5, 1.0)
     np.testing.assert_allclose(out, clipped / clipped.sum(-1, keepdims=True), atol=1e-6)

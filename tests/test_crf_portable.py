@@ -203,6 +203,48 @@ def test_errors_name_the_problem():
         dense_crf_portable(probs, np.zeros((1, 9, 11, 4), np.uint8))
 
 
+def _bad_probs():
+    probs, images = random_inputs(1, 9, 11, CLASSES)
+    nan, inf, scaled, zero = probs.copy(), probs.copy(), probs * 5, probs * 0
+    nan[0, 2, 3, 1] = np.nan
+    inf[0, 4, 5, 0] = np.inf
+    return images, {"nan": (nan, r"finite and >= 0.*got nan at \[0, 2, 3, 1\]"),
+                    "inf": (inf, r"finite.*got inf at \[0, 4, 5, 0\]"),
+                    "negative": (probs - 0.5, r">= 0.*got -"),
+                    "scaled by 5": (scaled, r"sum to 1 .*got a sum of 5 at \[0, 0, 0, :\]"),
+                    "all zero": (zero, r"sum to 1 .*got a sum of 0 at")}
+
+
+def test_bad_probabilities_are_invalid_argument_like_the_op():
+    images, cases = _bad_probs()
+    for name, (probs, message) in cases.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            dense_crf_portable(probs, images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32),
+                                  tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    def graph(probs, images):
+        return dense_crf_portable(probs, images, iterations=2, runtime="tf")
+
+    for name, (probs, message) in cases.items():  # in a graph: the Assert ops, when it runs
+        rule = "finite and >= 0" if name in ("nan", "inf", "negative") else "sum to 1"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rule):
+            graph(probs, images)
+    good, _ = random_inputs(1, 9, 11, CLASSES)
+    np.testing.assert_allclose(graph(good, images).numpy().sum(-1), 1.0, atol=1e-5)
+
+
+def test_converted_graphs_drop_the_checks():
+    """LiteRT and tf2onnx remove tf.debugging.Assert: the converted CRF still runs (builtin ops only) and
+    returns NaN for NaN input instead of failing (export verification rejects NaN outputs)."""
+    fn = _traced(runtime="litert")
+    images, cases = _bad_probs()
+    out, _ = _litert(fn)(cases["nan"][0], images)
+    assert np.isnan(out).any()
+    good, _ = random_inputs(1, 9, 11, CLASSES)
+    np.testing.assert_allclose(_litert(fn)(good, images)[0], fn(good, images)["probabilities"].numpy(), atol=1e-4)
+
+
 def test_lattice_key_bits_fit_int64(voc_samples_dir):
     image, _, _ = voc_sample(voc_samples_dir, SAMPLES[0])
     assert 20 < lattice_key_bits(image[None]) < 50

@@ -15,9 +15,9 @@ Example:
     >>> refined = dk.crf.dense_crf(probs, images, iterations=5)
 """
 from deeplab_keras.crf._loader import OpLibraryError, ensure_library, load_library
-from deeplab_keras.crf.ops import INPUT_TYPES, dense_crf
+from deeplab_keras.crf.ops import INPUT_TYPES, MAX_MEMORY_ENV, dense_crf, memory_estimate
 from deeplab_keras.crf.portable import crf_postprocess, dense_crf_portable
 from deeplab_keras.layers.crf import DenseCRF
 
-__all__ = ["dense_crf", "DenseCRF", "dense_crf_portable", "crf_postprocess", "INPUT_TYPES", "OpLibraryError",
-           "ensure_library", "load_library"]
+__all__ = ["dense_crf", "DenseCRF", "dense_crf_portable", "crf_postprocess", "memory_estimate", "INPUT_TYPES",
+           "MAX_MEMORY_ENV", "OpLibraryError", "ensure_library", "load_library"]

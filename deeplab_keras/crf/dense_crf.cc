@@ -9,11 +9,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <new>
 #include <sstream>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -116,34 +119,31 @@ DKCRF_INLINE f8 LogPositive(f8 x) {
 // ------------------------------------------------------------------------------------------------------
 // Kernel bodies. NB = 8-float blocks per row as a compile-time constant (0: use the runtime `nb`).
 
-// Writes -U for pixels [begin, end) as padded rows (pad labels get -1e30, i.e. probability 0).
+// Writes -U of one pixel's row of C inputs as nb padded blocks (pad labels get -1e30, i.e. probability 0).
+// Computed on the fly in every iteration instead of stored: one log per value is cheaper than a buffer of
+// H * W padded rows (memory).
 template <int NB>
-DKCRF_INLINE void NegUnaryT(const float* in, InputType type, int C, int nb_rt, int64_t begin, int64_t end,
-                            f8* out) {
+DKCRF_INLINE void NegUnaryRowT(const float* row, InputType type, int C, int nb_rt, f8* o) {
   const int nb = NB > 0 ? NB : nb_rt;
   const bool probs = type == InputType::kProbs;
   const float sign = type == InputType::kLogits ? 1.f : -1.f;
-  for (int64_t p = begin; p < end; ++p) {
-    const float* row = in + p * C;
-    f8* o = out + p * nb;
-    for (int b = 0; b < nb; ++b) {
-      const int n = std::min(8, C - 8 * b);  // real labels in this block (the rest is padding)
-      f8 v = Broadcast(1.f);
-      if (n == 8) {
-        std::memcpy(&v, row + 8 * b, sizeof(v));
-      } else {
-        for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
-      }
-      if (probs) {
-        v = v < kProbClip ? Broadcast(kProbClip) : v;
-        v = v > 1.f ? Broadcast(1.f) : v;
-        v = LogPositive(v);
-      } else {
-        v = v * sign;
-      }
-      for (int k = n; k < 8; ++k) v[k] = -1e30f;  // padding labels: probability 0
-      o[b] = v;
+  for (int b = 0; b < nb; ++b) {
+    const int n = std::min(8, C - 8 * b);  // real labels in this block (the rest is padding)
+    f8 v = Broadcast(1.f);
+    if (n == 8) {
+      std::memcpy(&v, row + 8 * b, sizeof(v));
+    } else {
+      for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
     }
+    if (probs) {
+      v = v < kProbClip ? Broadcast(kProbClip) : v;
+      v = v > 1.f ? Broadcast(1.f) : v;
+      v = LogPositive(v);
+    } else {
+      v = v * sign;
+    }
+    for (int k = n; k < 8; ++k) v[k] = -1e30f;  // padding labels: probability 0
+    o[b] = v;
   }
 }
 
@@ -163,12 +163,13 @@ DKCRF_INLINE void SoftmaxRowT(f8* x, int nb_rt, f8* q) {
   for (int b = 0; b < nb; ++b) q[b] = x[b] * inv;
 }
 
+// q = softmax(-U) for pixels [begin, end).
 template <int NB>
-DKCRF_INLINE void SoftmaxT(const f8* neg_u, int nb_rt, int64_t begin, int64_t end, f8* q) {
+DKCRF_INLINE void SoftmaxT(const float* in, InputType type, int C, int nb_rt, int64_t begin, int64_t end, f8* q) {
   const int nb = NB > 0 ? NB : nb_rt;
   f8 x[NB > 0 ? NB : kMaxBlocks];
   for (int64_t p = begin; p < end; ++p) {
-    for (int b = 0; b < nb; ++b) x[b] = neg_u[p * nb + b];
+    NegUnaryRowT<NB>(in + p * C, type, C, nb, x);
     SoftmaxRowT<NB>(x, nb, q + p * nb);
   }
 }
@@ -224,7 +225,9 @@ DKCRF_INLINE void ChainBlurT(f8* V, const int32_t* point, const int64_t* start, 
 }
 
 struct UpdateArgs {
-  const f8* neg_u;
+  const float* in;           // [N, C] inputs (-U is recomputed from them)
+  InputType type;
+  int C;
   int nb;
   const Lattice* lb;         // bilateral lattice or null
   const f8* vb;
@@ -253,7 +256,7 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
       const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
       for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
     }
-    for (int b = 0; b < nb; ++b) x[b] = a.neg_u[p * nb + b];
+    NegUnaryRowT<NB>(a.in + p * a.C, a.type, a.C, nb, x);
     if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
       for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
       const int32_t* off = &a.lb->offset[p * 6];
@@ -318,14 +321,9 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   }
 
 #define DKCRF_KERNELS(SUFFIX, ATTR)                                                                        \
-  ATTR void NegUnary##SUFFIX(const float* in, InputType type, int C, int nb, int64_t b, int64_t e,         \
-                             f8* out) {                                                                    \
+  ATTR void Softmax##SUFFIX(const float* in, InputType type, int C, int nb, int64_t b, int64_t e, f8* q) { \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (NegUnaryT<NB>(in, type, C, nb, b, e, out)))                                     \
-  }                                                                                                        \
-  ATTR void Softmax##SUFFIX(const f8* neg_u, int nb, int64_t b, int64_t e, f8* q) {                        \
-    ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(neg_u, nb, b, e, q)))                                              \
+    DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(in, type, C, nb, b, e, q)))                                        \
   }                                                                                                        \
   ATTR void Splat##SUFFIX(const Lattice& L, const f8* q, int nb, int64_t m0, int64_t m1, f8* V) {         \
     ScopedFlushDenormal ftz;                                                                               \
@@ -346,8 +344,7 @@ DKCRF_KERNELS(Avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 struct KernelTable {
-  void (*neg_unary)(const float*, InputType, int, int, int64_t, int64_t, f8*);
-  void (*softmax)(const f8*, int, int64_t, int64_t, f8*);
+  void (*softmax)(const float*, InputType, int, int, int64_t, int64_t, f8*);
   void (*splat)(const Lattice&, const f8*, int, int64_t, int64_t, f8*);
   void (*blur)(f8*, const int32_t*, const int64_t*, int64_t, int64_t, int);
   void (*update)(const UpdateArgs&, int64_t, int64_t);
@@ -361,9 +358,9 @@ const KernelTable& Kernels() {
     const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
     if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma"))
-      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
+      return KernelTable{SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
-    return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
+    return KernelTable{SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
   }();
   return table;
 }
@@ -438,6 +435,119 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
           << " image: (max(H, W) - 1) / gaussian_xy_std must be <= " << kMaxFeature;
     }
   }
+  return msg.str();
+}
+
+namespace {
+
+// Bytes of a built lattice over N pixels with d features and M points: offsets, weights and vertex lists
+// (E = (d+1) N entries each), the point index and the blur chains (at most d+1 chain entries per point).
+int64_t LatticeBytes(int d, int64_t N, int64_t M) {
+  const int64_t E = (d + 1) * N;
+  return 12 * E + 4 * (M + 1) + 12 * (d + 1) * M;
+}
+
+// Peak bytes while a lattice is built (BuildLattice): offsets and weights, every entry's key and hash, the hash
+// tables (slots of 8 + 4 d bytes, load 1/4 .. 1/2, initial size E / 4) and the neighbour table.
+int64_t LatticeBuildBytes(int d, int64_t N, int64_t M) {
+  const int64_t E = (d + 1) * N;
+  return 8 * E + 4 * (d + 1) * E + (8 + 4 * d) * (4 * M + E / 2) + 8 * (d + 1) * M;
+}
+
+bool StencilApplies(float xy_std);
+
+// Reads one "Name: <n> kB" line of /proc/meminfo, or one integer file of the cgroup (bytes); -1 if absent.
+int64_t ReadMeminfo(const char* name) {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (f == nullptr) return -1;
+  char line[256];
+  int64_t value = -1;
+  const size_t len = std::strlen(name);
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, name, len) == 0 && line[len] == ':') {
+      value = std::strtoll(line + len + 1, nullptr, 10) * 1024;
+      break;
+    }
+  }
+  std::fclose(f);
+  return value;
+}
+
+int64_t ReadCgroup(const char* path) {
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return -1;
+  char text[64] = {0};
+  const bool ok = std::fgets(text, sizeof(text), f) != nullptr;
+  std::fclose(f);
+  if (!ok || text[0] < '0' || text[0] > '9') return -1;  // "max": no limit
+  return std::strtoll(text, nullptr, 10);
+}
+
+std::string Size(int64_t bytes) {
+  std::ostringstream s;
+  s.precision(1);
+  if (bytes < (int64_t{1} << 30)) {
+    s << std::fixed << static_cast<double>(bytes) / (1 << 20) << " MiB";
+  } else {
+    s << std::fixed << static_cast<double>(bytes) / (1 << 30) << " GiB";
+  }
+  return s.str();
+}
+
+}  // namespace
+
+int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_labels, const CrfParams& params,
+                      int64_t bilateral_points) {
+  const int64_t N = height * width, row = (num_labels + 7) / 8 * 32;
+  const int64_t output = batch * N * num_labels * 4;
+  const bool filter = params.iterations > 0 && (params.bilateral_weight > 0.f || params.gaussian_weight > 0.f);
+  if (!filter) return output + N * row;
+  int64_t built = 0, build_peak = 0, values = 0;
+  if (params.bilateral_weight > 0.f) {
+    const int64_t M = bilateral_points >= 0 ? bilateral_points : kAssumedPointsPerPixel * N;
+    build_peak = LatticeBuildBytes(5, N, M);
+    built = LatticeBytes(5, N, M);
+    values += (M + 1) * row;
+  }
+  bool stencil = false;
+  if (params.gaussian_weight > 0.f) {
+    stencil = StencilApplies(params.gaussian_xy_std);
+    if (!stencil) {  // a 2-D lattice has about 1.2 N / xy_std^2 points (at most 3 N)
+      const double s = params.gaussian_xy_std;
+      const int64_t M = std::min<int64_t>(3 * N, static_cast<int64_t>(1.5 * N / (s * s) + 2.0 * (height + width) / s) + 64);
+      build_peak = std::max(build_peak, built + LatticeBuildBytes(2, N, M));
+      built += LatticeBytes(2, N, M);
+      values += (M + 1) * row;
+    }
+  }
+  const int64_t mean_field = built + (stencil ? 2 : 1) * N * row + values;
+  return output + std::max(build_peak, mean_field);
+}
+
+int64_t DefaultMemoryLimit() {
+  int64_t available = ReadMeminfo("MemAvailable");
+  if (available < 0) {
+    const long pages = sysconf(_SC_AVPHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && size > 0) available = static_cast<int64_t>(pages) * size;
+  }
+  const int64_t cg_max = ReadCgroup("/sys/fs/cgroup/memory.max");
+  const int64_t cg_used = ReadCgroup("/sys/fs/cgroup/memory.current");
+  if (cg_max > 0 && cg_used >= 0) {
+    const int64_t left = std::max<int64_t>(cg_max - cg_used, 0);
+    available = available < 0 ? left : std::min(available, left);
+  }
+  return available < 0 ? -1 : available / 5 * 4;
+}
+
+std::string MemoryProblem(int64_t needed, int64_t limit, int64_t height, int64_t width, int64_t num_labels,
+                          const char* when) {
+  if (limit <= 0 || needed <= limit) return "";
+  std::ostringstream msg;
+  msg << "a " << height << "x" << width << " image with " << num_labels << " labels needs about " << Size(needed)
+      << " (estimated " << when << "), more than the limit of " << Size(limit)
+      << ". Run the CRF on tiles or a downscaled image, or on fewer labels; or raise the limit with "
+         "max_memory= (bytes, e.g. \"32G\") or the environment variable DEEPLAB_KERAS_CRF_MAX_MEMORY (default: "
+         "80 % of the memory available)";
   return msg.str();
 }
 
@@ -557,50 +667,58 @@ std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_
   return kernel;
 }
 
-void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
-                   int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q_out, const GaussianKernel* gaussian) {
+std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
+                          int64_t width, int num_labels, const CrfParams& params, int num_threads,
+                          const ParallelFor& pfor, float* q_out, const GaussianKernel* gaussian,
+                          int64_t memory_limit) {
   const KernelTable& K = Kernels();
   const int64_t N = height * width;
   const int C = num_labels, nb = (num_labels + 7) / 8;
+  const bool use_b = params.bilateral_weight > 0.f, use_g = params.gaussian_weight > 0.f;
+  const bool filter = params.iterations > 0 && (use_b || use_g);
+
+  // The lattices first, then the mean-field buffers: their construction's temporaries are gone by then.
+  DKCRF_TIC(build);
+  Lattice lb;
+  std::shared_ptr<const GaussianKernel> own_g;
+  if (filter && use_b) {
+    const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
+    BuildLattice<5>(N, [&](int64_t p, float* f) {
+      f[0] = static_cast<float>(p % width) / sxy;
+      f[1] = static_cast<float>(p / width) / sxy;
+      f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
+      f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
+      f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
+    }, num_threads, pfor, &lb);
+    // Now the lattice's real size is known: re-check before the big allocations (noise-like images have up to
+    // 6 points per pixel instead of the assumed kAssumedPointsPerPixel).
+    const std::string problem = MemoryProblem(EstimateBytes(1, height, width, C, params, lb.num_points),
+                                              memory_limit, height, width, C, "once its lattice was built");
+    if (!problem.empty()) return problem;
+    DKCRF_TIC(normalize);
+    Normalize(&lb, pfor);
+    DKCRF_TOC(normalize);
+  }
+  if (filter && use_g && gaussian == nullptr) {
+    own_g = BuildGaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);
+    gaussian = own_g.get();
+  }
+  DKCRF_TOC(build);
 
   DKCRF_TIC(unary);
-  AlignedVector neg_u(N * nb), q_buffer(N * nb);
+  AlignedVector q_buffer(N * nb);
   std::unique_ptr<AlignedVector> q_next_store;
   f8* q = q_buffer.data();
-  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.neg_unary(in, input_type, C, nb, b, e, neg_u.data()); });
-  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u.data(), nb, b, e, q); });
+  pfor(N, 40 * nb, [&](int64_t b, int64_t e) { K.softmax(in, input_type, C, nb, b, e, q); });
   DKCRF_TOC(unary);
 
-  const bool use_b = params.bilateral_weight > 0.f, use_g = params.gaussian_weight > 0.f;
-  if (params.iterations > 0 && (use_b || use_g)) {
-    DKCRF_TIC(build);
-    Lattice lb;
-    std::shared_ptr<const GaussianKernel> own_g;
-    if (use_b) {
-      const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
-      BuildLattice<5>(N, [&](int64_t p, float* f) {
-        f[0] = static_cast<float>(p % width) / sxy;
-        f[1] = static_cast<float>(p / width) / sxy;
-        f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
-        f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
-        f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
-      }, num_threads, pfor, &lb);
-      DKCRF_TIC(normalize);
-      Normalize(&lb, pfor);
-      DKCRF_TOC(normalize);
-    }
-    if (use_g && gaussian == nullptr) {
-      own_g = BuildGaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);
-      gaussian = own_g.get();
-    }
+  if (filter) {
     const bool stencil_g = use_g && gaussian->stencil, lattice_g = use_g && !gaussian->stencil;
     const Lattice& lg = lattice_g ? gaussian->lattice : lb;
     // The stencil reads the previous Q of neighbouring pixels while the new Q is written: a second buffer
     // (owned at function scope: after an odd number of iterations the result lives in it).
     if (stencil_g) q_next_store = std::make_unique<AlignedVector>(N * nb);
     f8* q_next = stencil_g ? q_next_store->data() : q;
-    DKCRF_TOC(build);
 #ifdef DKCRF_PROFILE
     std::fprintf(stderr, "  N=%lld Mb=%lld Mg=%lld threads=%d\n", (long long)N, (long long)lb.num_points,
                  (long long)lg.num_points, num_threads);
@@ -633,10 +751,10 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
       }
       DKCRF_TOC(blur);
       DKCRF_TIC(update);
-      UpdateArgs args{neg_u.data(), nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
+      UpdateArgs args{in, input_type, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
                       lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
                       params.gaussian_weight, q, q_next};
-      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 70 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       std::swap(q, q_next);
       DKCRF_TOC(update);
     }
@@ -646,6 +764,7 @@ void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, 
     for (int64_t p = b; p < e; ++p)
       std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q + p * nb), sizeof(float) * C);
   });
+  return "";
 }
 
 }  // namespace dkcrf

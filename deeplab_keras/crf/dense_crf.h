@@ -34,6 +34,24 @@ constexpr int64_t kMaxValues = int64_t{1} << 30;   // pixels x labels per image
 constexpr int kMaxIterations = 10000;
 constexpr float kMaxFeature = 262144.f;            // x/xy_std, y/xy_std and 255/rgb_std
 constexpr float kProbClip = 1e-5f;                 // as pydensecrf.utils.unary_from_softmax
+constexpr float kProbSumTolerance = 1e-2f;         // |sum over C of probs - 1| allowed per pixel (float16 softmax)
+// Bilateral lattice points per pixel assumed before the lattice is built (VOC photos at DeepLab's parameters:
+// 0.5 .. 2.1; noise-like images up to 6, caught by the re-check once the lattice is built).
+constexpr int64_t kAssumedPointsPerPixel = 2;
+
+// Bytes the op allocates for `batch` images of height x width with num_labels labels: its output plus the
+// peak of one image's working memory (lattices, their construction, the mean-field buffers). bilateral_points:
+// the bilateral lattice's size when known (-1: kAssumedPointsPerPixel per pixel).
+int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_labels, const CrfParams& params,
+                      int64_t bilateral_points = -1);
+
+// The default memory limit: 80 % of the memory available now (MemAvailable, or the cgroup's remaining
+// allowance when lower); -1 when it cannot be read.
+int64_t DefaultMemoryLimit();
+
+// "" when `needed` fits `limit` (<= 0: no limit), else the message of the error (estimate, limit, what to do).
+std::string MemoryProblem(int64_t needed, int64_t limit, int64_t height, int64_t width, int64_t num_labels,
+                          const char* when);
 
 // Returns "" when the parameters are valid for an image of height x width, else a message naming the
 // offending argument and what to do.
@@ -73,10 +91,13 @@ std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_
 // Runs the CRF on one image. `in` is [H*W, C] (probs / unary / logits), `image` [H*W, 3] uint8 (RGB in the
 // order the features use), `q` receives [H*W, C] probabilities. Inputs must be validated (finite, sizes).
 // `gaussian`: the BuildGaussianKernel result for this size and params.gaussian_xy_std (built here if null).
+// memory_limit: bytes (<= 0: none); once the bilateral lattice is built, the estimate is re-checked with its
+// real size before the mean-field buffers are allocated. Returns "" or the problem (nothing written to q).
 // Throws std::bad_alloc when memory runs out (the caller turns it into an error status).
-void DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
-                   int64_t width, int num_labels, const CrfParams& params, int num_threads,
-                   const ParallelFor& pfor, float* q, const GaussianKernel* gaussian = nullptr);
+std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
+                          int64_t width, int num_labels, const CrfParams& params, int num_threads,
+                          const ParallelFor& pfor, float* q, const GaussianKernel* gaussian = nullptr,
+                          int64_t memory_limit = 0);
 
 }  // namespace dkcrf
 

@@ -73,6 +73,7 @@ REGISTER_OP("DenseCrf")
     .Input("gaussian_xy_std: float")
     .Output("refined: float")
     .Attr("input_type: {'probs', 'unary', 'logits'} = 'probs'")
+    .Attr("max_memory: int = -1")
     .SetShapeFn(DenseCrfShape)
     .Doc(R"doc(
 Fully connected CRF (Kraehenbuehl & Koltun 2011) mean-field inference, pydensecrf semantics.
@@ -82,6 +83,28 @@ probs: [N, H, W, C] probabilities (input_type='probs'; unary = -log(clip(p, 1e-5
 images: [N, H, W, 3] uint8 RGB images (the bilateral kernel's colour features).
 iterations: number of mean-field iterations (>= 0).
 refined: [N, H, W, C] probabilities after inference.
+max_memory: bytes the op may allocate (estimated before allocating): -1 = 80 % of the memory available at run
+  time, 0 = no limit.
+)doc");
+
+REGISTER_OP("DenseCrfMemoryEstimate")
+    .Input("shape: int64")
+    .Input("iterations: int32")
+    .Input("bilateral_weight: float")
+    .Input("gaussian_weight: float")
+    .Input("gaussian_xy_std: float")
+    .Input("bilateral_points: int64")
+    .Output("bytes: int64")
+    .Output("default_limit: int64")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Scalar());
+      c->set_output(1, c->Scalar());
+      return OkStatus();
+    })
+    .Doc(R"doc(
+The bytes DenseCrf would allocate for probs of shape [N, H, W, C] (the estimate it checks against its limit;
+bilateral_points: the bilateral lattice's size if known, else -1), and its default limit (-1 if the available
+memory cannot be read).
 )doc");
 
 class DenseCrfOp : public OpKernel {
@@ -91,6 +114,7 @@ class DenseCrfOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("input_type", &type));
     input_type_ = type == "probs" ? dkcrf::InputType::kProbs
                   : type == "unary" ? dkcrf::InputType::kUnary : dkcrf::InputType::kLogits;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_memory", &max_memory_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -148,30 +172,60 @@ class DenseCrfOp : public OpKernel {
       workers->ParallelFor(total, std::max<int64_t>(cost, 1), fn);
     };
 
-    // Every value finite (and >= 0 for probabilities); report the first offending element.
+    // Every value finite (and >= 0 for probabilities), probabilities summing to 1 over the labels at every pixel;
+    // report the first offending element / pixel.
     const float* data = in.flat<float>().data();
-    const int64_t total = in.NumElements();
-    std::atomic<int64_t> first_bad(total);
+    const int64_t total = in.NumElements(), num_pixels = batch * height * width;
+    std::atomic<int64_t> first_bad(total), first_bad_sum(num_pixels);
     const bool probs = input_type_ == dkcrf::InputType::kProbs;
-    pfor(total, 2, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const float v = data[i];
-        if (!std::isfinite(v) || (probs && v < 0.f)) {
-          int64_t cur = first_bad.load();
-          while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
-          break;
+    auto lower = [](std::atomic<int64_t>* first, int64_t i) {
+      int64_t cur = first->load();
+      while (i < cur && !first->compare_exchange_weak(cur, i)) {}
+    };
+    pfor(num_pixels, 3 * labels, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const float* row = data + p * labels;
+        float sum = 0.f;
+        for (int64_t c = 0; c < labels; ++c) {
+          if (!std::isfinite(row[c]) || (probs && row[c] < 0.f)) {
+            lower(&first_bad, p * labels + c);
+            return;
+          }
+          sum += row[c];
+        }
+        if (probs && !(std::fabs(sum - 1.f) <= dkcrf::kProbSumTolerance)) {
+          lower(&first_bad_sum, p);
+          return;
         }
       }
     });
+    auto where = [&](int64_t p) {
+      return strings::StrCat("[", p / width / height, ", ", (p / width) % height, ", ", p % width);
+    };
     if (first_bad.load() < total) {
       const int64_t i = first_bad.load();
-      const int64_t c = i % labels, w = (i / labels) % width, h = (i / labels / width) % height;
-      const int64_t n = i / labels / width / height;
       ctx->CtxFailure(errors::InvalidArgument(
-          "DenseCrf: `probs` must be finite", probs ? " and >= 0" : "", ", got ", data[i], " at [", n, ", ", h,
-          ", ", w, ", ", c, "]", probs ? " (pass probabilities, e.g. softmax outputs)" : ""));
+          "DenseCrf: `probs` must be finite", probs ? " and >= 0" : "", ", got ", data[i], " at ",
+          where(i / labels), ", ", i % labels, "]", probs ? " (pass probabilities, e.g. softmax outputs)" : ""));
       return;
     }
+    if (first_bad_sum.load() < num_pixels) {
+      const int64_t p = first_bad_sum.load();
+      float sum = 0.f;
+      for (int64_t c = 0; c < labels; ++c) sum += data[p * labels + c];
+      ctx->CtxFailure(errors::InvalidArgument(
+          "DenseCrf: `probs` must sum to 1 over the ", labels, " labels at every pixel (within ",
+          dkcrf::kProbSumTolerance, "), got ", sum, " at ", where(p), ", :]. Pass probabilities (a softmax), "
+          "normalise them (probs / sum over the last axis), or pass logits with input_type='logits'"));
+      return;
+    }
+
+    // Estimate the memory before allocating anything.
+    const int64_t limit = max_memory_ < 0 ? dkcrf::DefaultMemoryLimit() : max_memory_;
+    const std::string too_big =
+        batch == 0 ? "" : dkcrf::MemoryProblem(dkcrf::EstimateBytes(batch, height, width, labels, params), limit,
+                                               height, width, labels, "before allocating");
+    OP_REQUIRES(ctx, too_big.empty(), errors::InvalidArgument("DenseCrf: ", too_big));
 
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, in.shape(), &out));
@@ -184,9 +238,10 @@ class DenseCrfOp : public OpKernel {
       if (params.gaussian_weight > 0.f && params.iterations > 0)
         gaussian = GaussianKernel(height, width, params.gaussian_xy_std, num_threads, pfor);
       for (int64_t n = 0; n < batch; ++n) {
-        dkcrf::DenseCrfImage(data + n * pixels * labels, input_type_, images + n * pixels * 3, height, width,
-                             static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels,
-                             gaussian.get());
+        const std::string problem = dkcrf::DenseCrfImage(
+            data + n * pixels * labels, input_type_, images + n * pixels * 3, height, width,
+            static_cast<int>(labels), params, num_threads, pfor, q + n * pixels * labels, gaussian.get(), limit);
+        OP_REQUIRES(ctx, problem.empty(), errors::InvalidArgument("DenseCrf: ", problem));
       }
     } catch (const std::bad_alloc&) {
       ctx->CtxFailure(errors::ResourceExhausted("DenseCrf: out of memory for a ", height, "x", width,
@@ -232,10 +287,41 @@ class DenseCrfOp : public OpKernel {
   }
 
   dkcrf::InputType input_type_;
+  int64_t max_memory_ = -1;
   std::mutex cache_mu_;
   std::vector<CacheEntry> cache_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("DenseCrf").Device(DEVICE_CPU), DenseCrfOp);
+
+class DenseCrfMemoryEstimateOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& shape = ctx->input(0);
+    OP_REQUIRES(ctx, shape.dims() == 1 && shape.NumElements() == 4,
+                errors::InvalidArgument("DenseCrfMemoryEstimate: `shape` must be [N, H, W, C], got ",
+                                        shape.DebugString()));
+    const auto s = shape.flat<int64_t>();
+    for (int i = 0; i < 4; ++i)
+      OP_REQUIRES(ctx, s(i) >= 0, errors::InvalidArgument("DenseCrfMemoryEstimate: negative dimension in ",
+                                                          shape.DebugString()));
+    dkcrf::CrfParams params;
+    params.iterations = ctx->input(1).scalar<int32>()();
+    params.bilateral_weight = ctx->input(2).scalar<float>()();
+    params.gaussian_weight = ctx->input(3).scalar<float>()();
+    params.gaussian_xy_std = ctx->input(4).scalar<float>()();
+    Tensor* bytes = nullptr;
+    Tensor* limit = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &bytes));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &limit));
+    bytes->scalar<int64_t>()() =
+        dkcrf::EstimateBytes(s(0), s(1), s(2), s(3), params, ctx->input(5).scalar<int64_t>()());
+    limit->scalar<int64_t>()() = dkcrf::DefaultMemoryLimit();
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("DenseCrfMemoryEstimate").Device(DEVICE_CPU), DenseCrfMemoryEstimateOp);
 
 }  // namespace tensorflow

@@ -1,5 +1,7 @@
 """``dense_crf``: the fully connected CRF op (C++ permutohedral lattice) from Python."""
 import operator
+import os
+import re
 
 import tensorflow as tf
 
@@ -10,10 +12,13 @@ MAX_LABELS = 1024
 MAX_PIXELS = 1 << 26
 MAX_VALUES = 1 << 30
 PROB_CLIP = 1e-5
+PROB_SUM_TOLERANCE = 1e-2  # |sum of a pixel's probabilities - 1| accepted (a float16 / bfloat16 softmax passes)
+MAX_MEMORY_ENV = "DEEPLAB_KERAS_CRF_MAX_MEMORY"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-              gaussian_weight=3.0, gaussian_xy_std=1.0, input_type="probs", name=None):
+              gaussian_weight=3.0, gaussian_xy_std=1.0, input_type="probs", max_memory=None, name=None):
     """Mean-field inference in a fully connected CRF (Kraehenbuehl & Koltun, NIPS 2011).
 
     Same semantics and parameters as pydensecrf (``DenseCRF2D``): unary ``U = -log(clip(p, 1e-5, 1))``
@@ -28,10 +33,15 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
     exact per-column pixel stencil (equal up to float rounding); that kernel depends only on the image size and
     is built once per batch and cached for later calls. Not differentiable.
 
+    Memory: before allocating, the op estimates what it needs (``memory_estimate``: the output plus one image's
+    lattices and mean-field buffers, about 0.5 KB per pixel at 21 labels) and fails with InvalidArgument above
+    ``max_memory``; once the bilateral lattice is built (its size depends on the image) it checks again.
+
     Args:
         probs: float [N, H, W, C] class probabilities (e.g. a softmax resized to the image size); with
             ``input_type="unary"`` unary energies, with ``"logits"`` logits (``U = -logits``). Cast to float32.
-            1 <= C <= 1024; every value finite (and >= 0 for probabilities).
+            1 <= C <= 1024; every value finite; probabilities >= 0 and summing to 1 over C at every pixel
+            (within ``PROB_SUM_TOLERANCE``).
         images: uint8 [N, H, W, 3] RGB images, the same N, H, W as ``probs`` (H * W <= 2**26 and
             H * W * C <= 2**30 per image: tile larger inputs).
         iterations: mean-field iterations, >= 0 (0 returns ``softmax(-U)``).
@@ -41,6 +51,9 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
         gaussian_weight: weight of the smoothness kernel, >= 0.
         gaussian_xy_std: its spatial standard deviation in pixels, > 0.
         input_type: "probs", "unary" or "logits": what ``probs`` holds.
+        max_memory: bytes the op may allocate: an int, a string such as ``"32G"`` or ``"500M"``, or
+            ``"unlimited"``; None reads ``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` (same forms) and otherwise uses 80 % of
+            the memory available when the op runs (``MemAvailable``, or the cgroup's allowance when lower).
         name: optional op name.
 
     Returns:
@@ -48,7 +61,8 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
 
     Raises:
         tf.errors.InvalidArgumentError: wrong rank, mismatched N/H/W, C out of range, non-uint8 images, an empty
-            image, non-finite (or negative) inputs, parameters out of range. In a ``tf.function`` with static
+            image, non-finite (or negative) inputs, probabilities that do not sum to 1, parameters out of range,
+            an estimated memory need above ``max_memory`` (the message gives the estimate and how to lower it). In a ``tf.function`` with static
             shapes, shape problems surface as ValueError at trace time.
         deeplab_keras.crf.OpLibraryError: the op library is not built and cannot be built here.
 
@@ -71,13 +85,75 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
             None, None,
             f"dense_crf: `images` must be uint8 [N, H, W, 3] (RGB 0..255), got dtype {images.dtype.name}; convert "
             "with tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)")
+    limit = memory_limit(max_memory)
     library = _loader.load_library()
     return library.dense_crf(
         tf.cast(probs, tf.float32), images,
         iterations=_int(iterations),
         bilateral_weight=_float(bilateral_weight), bilateral_xy_std=_float(bilateral_xy_std),
         bilateral_rgb_std=_float(bilateral_rgb_std), gaussian_weight=_float(gaussian_weight),
-        gaussian_xy_std=_float(gaussian_xy_std), input_type=input_type, name=name)
+        gaussian_xy_std=_float(gaussian_xy_std), input_type=input_type, max_memory=limit, name=name)
+
+
+def memory_limit(max_memory=None):
+    """The op's ``max_memory`` attribute for a ``dense_crf(max_memory=...)`` argument: bytes, 0 for no limit, -1
+    for the default (80 % of the memory available at run time).
+
+    Args:
+        max_memory: None (``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` if set, else the default), an int of bytes > 0, a
+            string ``"<number>[K|M|G|T]"`` (binary units) or ``"unlimited"``.
+    Raises:
+        ValueError: an unreadable value (naming the argument or the environment variable).
+
+    Example:
+        >>> memory_limit("1.5G")
+        1610612736
+    """
+    source = "max_memory"
+    if max_memory is None:
+        max_memory = os.environ.get(MAX_MEMORY_ENV, "").strip() or None
+        source = f"${MAX_MEMORY_ENV}"
+        if max_memory is None:
+            return -1
+    if isinstance(max_memory, str):
+        text = max_memory.strip().upper()
+        if text in ("UNLIMITED", "NONE", "INF"):
+            return 0
+        match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)I?B?", text)
+        if not match:
+            raise ValueError(f"dense_crf: {source}={max_memory!r} is not a size; give bytes or e.g. '16G', '500M', "
+                             "'unlimited'")
+        max_memory = float(match.group(1)) * _UNITS[match.group(2)]
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory >= 1:
+        raise ValueError(f"dense_crf: {source} must be a number of bytes >= 1 (or 'unlimited'), got {max_memory!r}")
+    return int(min(max_memory, 2 ** 62))
+
+
+def memory_estimate(shape, iterations=10, bilateral_weight=4.0, gaussian_weight=3.0, gaussian_xy_std=1.0,
+                    bilateral_points=None):
+    """Bytes ``dense_crf`` estimates it needs for ``probs`` of ``shape`` (what it checks against its limit).
+
+    Before the bilateral lattice is built its size is unknown: the op assumes 2 lattice points per pixel (VOC
+    photos at DeepLab's parameters have 0.5 .. 2.1; noise-like images up to 6) and checks again with the real
+    size once the lattice is built, before the mean-field buffers are allocated.
+
+    Args:
+        shape: ``[N, H, W, C]``.
+        iterations, bilateral_weight, gaussian_weight, gaussian_xy_std: as in ``dense_crf``.
+        bilateral_points: the bilateral lattice's number of points, if known (the op's second check).
+    Returns:
+        ``(estimate, default_limit)`` in bytes; ``default_limit`` is the limit used when neither ``max_memory`` nor
+        ``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` is given (80 % of the memory available now; -1 if unknown).
+
+    Example:
+        >>> estimate, limit = memory_estimate([1, 750, 1000, 21])       # doctest: +SKIP
+    """
+    library = _loader.load_library()
+    estimate, limit = library.dense_crf_memory_estimate(
+        tf.constant([int(v) for v in shape], tf.int64), _int(iterations), _float(bilateral_weight),
+        _float(gaussian_weight), _float(gaussian_xy_std),
+        tf.constant(-1 if bilateral_points is None else int(bilateral_points), tf.int64))
+    return int(estimate), int(limit)
 
 
 def _float(value):

@@ -51,6 +51,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from deeplab_keras.crf.ops import PROB_SUM_TOLERANCE
+
 __all__ = ["dense_crf_portable", "crf_postprocess", "lattice_key_bits", "SPLAT_MODES", "RUNTIME_SPLAT"]
 
 SPLAT_MODES = ("cumsum", "scatter", "segment_sum")
@@ -355,7 +357,8 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
     compat=bilateral_weight)`` and ``addPairwiseGaussian(sxy=gaussian_xy_std, compat=gaussian_weight)``.
 
     Args:
-        probs: float32 [N, H, W, C] or [H, W, C] class probabilities (e.g. a resized softmax); the unary is
+        probs: float32 [N, H, W, C] or [H, W, C] class probabilities (e.g. a resized softmax): finite, >= 0,
+            summing to 1 over C at every pixel (within ``PROB_SUM_TOLERANCE``, like the C++ op); the unary is
             ``-log(clip(probs, 1e-5, 1))`` (pydensecrf's ``unary_from_softmax``; the C++ op's clip).
             C must be known when tracing if ``gaussian_filter="exact"``.
         images: uint8 [N, H, W, 3] or [H, W, 3] RGB images, same N, H, W as ``probs``.
@@ -377,6 +380,10 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
 
     Returns:
         float32 tensor shaped like ``probs``: the refined marginals (sum to 1 over C).
+
+    Raises:
+        tf.errors.InvalidArgumentError: non-finite, negative or unnormalised ``probs`` (eagerly at the call; in
+            a graph when it runs in TensorFlow).
     """
     params = dict(bilateral_weight=bilateral_weight, bilateral_xy_std=bilateral_xy_std,
                   bilateral_rgb_std=bilateral_rgb_std, gaussian_weight=gaussian_weight,
@@ -408,9 +415,39 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
         raise ValueError("gaussian_filter='exact' needs the number of classes (last axis of `probs`) to "
                          "be known when tracing; give the input a static class dimension.")
 
+    probs = _validated(probs)
     out = _mean_field(probs, images, iterations, gaussian_filter, splat or RUNTIME_SPLAT[runtime],
                       runtime in ("tf", "litert"), **params)
     return out[0] if squeeze else out
+
+
+def _validated(probs):
+    """``probs`` after the C++ op's input checks: finite, >= 0, summing to 1 over the classes (within
+    ``PROB_SUM_TOLERANCE``). Eagerly a failure raises ``tf.errors.InvalidArgumentError`` naming the first bad
+    element; in a graph the checks are ``tf.debugging.Assert`` ops that fail the same way when the graph runs in
+    TensorFlow (the LiteRT and ONNX converters drop them: those artifacts return NaN for NaN input instead)."""
+    value_ok = tf.logical_and(tf.math.is_finite(probs), probs >= 0)
+    sums = tf.reduce_sum(probs, axis=-1)
+    sum_ok = tf.abs(sums - 1) <= PROB_SUM_TOLERANCE
+    value_rule = "`probs` must be finite and >= 0 (pass probabilities, e.g. softmax outputs)"
+    sum_rule = (f"`probs` must sum to 1 over the classes at every pixel (within {PROB_SUM_TOLERANCE}): pass "
+                "probabilities (a softmax) or normalise them (probs / sum over the last axis)")
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(value_ok)):
+            index = tf.where(tf.logical_not(value_ok))[0].numpy().tolist()
+            value = probs[tuple(index)].numpy()
+            raise tf.errors.InvalidArgumentError(
+                None, None, f"dense_crf_portable: {value_rule}; got {value} at {index}")
+        if not bool(tf.reduce_all(sum_ok)):
+            index = tf.where(tf.logical_not(sum_ok))[0].numpy().tolist()
+            raise tf.errors.InvalidArgumentError(
+                None, None, f"dense_crf_portable: {sum_rule}; got a sum of {sums[tuple(index)].numpy():.6g} at "
+                            f"[{', '.join(map(str, index))}, :]")
+        return probs
+    checks = [tf.debugging.Assert(tf.reduce_all(value_ok), [f"dense_crf_portable: {value_rule}"]),
+              tf.debugging.Assert(tf.reduce_all(sum_ok), [f"dense_crf_portable: {sum_rule}"])]
+    with tf.control_dependencies(checks):
+        return tf.identity(probs)
 
 
 def _mean_field(probs, images, iterations, gaussian_filter, splat, native_sort, bilateral_weight, bilateral_xy_std,

@@ -2,7 +2,7 @@
 import keras
 import tensorflow as tf
 
-from deeplab_keras.crf.ops import INPUT_TYPES, dense_crf
+from deeplab_keras.crf.ops import INPUT_TYPES, dense_crf, memory_limit
 
 
 @keras.saving.register_keras_serializable(package="deeplab_keras")
@@ -20,6 +20,8 @@ class DenseCRF(keras.layers.Layer):
         bilateral_weight, bilateral_xy_std, bilateral_rgb_std: appearance kernel weight and standard deviations.
         gaussian_weight, gaussian_xy_std: smoothness kernel weight and standard deviation.
         input_type: what the first input holds: "probs" (default), "unary" or "logits".
+        max_memory: bytes the op may allocate (int, or a string such as "16G"); None: the op's default
+            (``$DEEPLAB_KERAS_CRF_MAX_MEMORY``, else 80 % of the memory available).
         **kwargs: base Layer arguments (name, ...).
 
     Call args:
@@ -35,7 +37,7 @@ class DenseCRF(keras.layers.Layer):
     """
 
     def __init__(self, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-                 gaussian_weight=3.0, gaussian_xy_std=1.0, input_type="probs", **kwargs):
+                 gaussian_weight=3.0, gaussian_xy_std=1.0, input_type="probs", max_memory=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
@@ -57,6 +59,8 @@ class DenseCRF(keras.layers.Layer):
         self.gaussian_weight = float(gaussian_weight)
         self.gaussian_xy_std = float(gaussian_xy_std)
         self.input_type = input_type
+        memory_limit(max_memory)  # an unreadable value fails here, not at the first call
+        self.max_memory = max_memory
         self.supports_jit = False
 
     @staticmethod
@@ -74,7 +78,7 @@ class DenseCRF(keras.layers.Layer):
         return dense_crf(probs, images, iterations=self.iterations, bilateral_weight=self.bilateral_weight,
                          bilateral_xy_std=self.bilateral_xy_std, bilateral_rgb_std=self.bilateral_rgb_std,
                          gaussian_weight=self.gaussian_weight, gaussian_xy_std=self.gaussian_xy_std,
-                         input_type=self.input_type)
+                         input_type=self.input_type, max_memory=self.max_memory)
 
     def compute_output_shape(self, input_shape):
         return tuple(self._split(input_shape)[0])
@@ -88,5 +92,5 @@ class DenseCRF(keras.layers.Layer):
         config.update(iterations=self.iterations, bilateral_weight=self.bilateral_weight,
                       bilateral_xy_std=self.bilateral_xy_std, bilateral_rgb_std=self.bilateral_rgb_std,
                       gaussian_weight=self.gaussian_weight, gaussian_xy_std=self.gaussian_xy_std,
-                      input_type=self.input_type)
+                      input_type=self.input_type, max_memory=self.max_memory)
         return config
