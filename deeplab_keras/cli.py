@@ -100,9 +100,10 @@ def train_main(argv=None):
     in use by another deeplab-train (the line names its pid); 130 Ctrl-C (the state is saved first: rerun the
     same command to resume from that step). Tracebacks only with ``--debug``.
     """
+    from deeplab_keras.utils import quiet_tensorflow, run_command, usage_error
+
     parser = _train_parser()
     args, rest = parser.parse_known_args(argv)
-    from deeplab_keras.utils import quiet_tensorflow
     quiet_tensorflow(args.debug)  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
     try:
         from deeplab_keras.train import load_config
@@ -112,16 +113,22 @@ def train_main(argv=None):
     except (ValueError, OSError) as e:
         if args.debug:
             raise
-        _fail(parser, " ".join(str(e).split()) or repr(e))
+        usage_error(parser, str(e) or repr(e))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    return run_command("deeplab-train", lambda: _train_run(config, parser, args.debug), debug=args.debug)
+
+
+def _train_run(config, parser, debug):
+    """Runs ``train(config)`` for :func:`train_main`: Ctrl-C and failures while training get a line that says
+    where the saved state is; config errors are usage errors (exit 2)."""
     import tensorflow as tf
 
     from deeplab_keras.train import ResumableBackup, TrainingInterrupted, train
-    from deeplab_keras.utils import LockedError
+    from deeplab_keras.utils import LockedError, usage_error
 
     def resume_hint():
         epoch, batch, path = ResumableBackup.resume_point(os.path.join(os.path.abspath(config.run_dir), "backup"))
@@ -132,38 +139,52 @@ def train_main(argv=None):
 
     try:
         result = train(config)
-    except TrainingInterrupted as e:
-        if args.debug:
+    except KeyboardInterrupt as e:
+        if debug:
             raise
-        parser.exit(130, f"deeplab-train: interrupted at step {e.step} of {config.steps}; state saved to "
-                         f"{e.state_path}; rerun the same command to resume from step {e.step}\n")
-    except KeyboardInterrupt:
-        if args.debug:
+        if isinstance(e, TrainingInterrupted):
+            line = (f"interrupted at step {e.step} of {config.steps}; state saved to {e.state_path}; rerun the same "
+                    f"command to resume from step {e.step}")
+        else:  # a second Ctrl-C, or one before training started
+            line = f"interrupted; {resume_hint()}"
+        print(f"deeplab-train: {line}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # a bad config, or a run directory of another model
+        if debug:
             raise
-        parser.exit(130, f"deeplab-train: interrupted; {resume_hint()}\n")
-    except LockedError as e:
-        if args.debug:
-            raise
-        parser.exit(1, f"deeplab-train: error: {e}\n")
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        _fail(parser, " ".join(str(e).split()))
-    except Exception as e:  # a failure while training: one line, the state of the last epoch is on disk
-        if args.debug:
+        usage_error(parser, e)
+    except LockedError:
+        raise  # its message names the run directory and the pid holding it
+    except Exception as e:  # a failure while training: one line saying where the saved state is
+        if debug:
             raise
         if isinstance(e, tf.errors.OpError):
             what = f"while training: {_op_error_line(e)}"
         elif isinstance(e, OSError) and e.strerror:
             what = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
         else:
-            what = f"{type(e).__name__}: {' '.join(str(e).split())}"
-        parser.exit(1, f"deeplab-train: error: {what}; {resume_hint()} (--debug shows the traceback)\n")
+            what = f"{type(e).__name__}: {' '.join(str(e).split())} (--debug shows the traceback)"
+        raise RuntimeError(f"{what}; {resume_hint()}") from e
     last = {k: v[-1] for k, v in result.history.items() if v}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
     print(f"deeplab-train: done; run dir {result.run_dir}; model {result.model_path}"
           + (f"; last epoch: {summary}" if summary else ""))
     return 0
+
+
+def _op_error_line(error):
+    """The one informative line of a TensorFlow runtime error (e.g. a data check failing inside tf.data)."""
+    import re
+
+    text = error.message
+    failed = re.search(r"assertion failed: (.*)", text)
+    if failed:  # tf.debugging.Assert: "[message] [value] ..." -> "message value ..."
+        return re.sub(r"\[([^\[\]]*)\]", r"\1", failed.group(1)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
+    line = lines[-1] if lines else type(error).__name__
+    line = re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
+    return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data._common.BadDataError: ..." -> "..."
 
 
 def _op_error_line(error):

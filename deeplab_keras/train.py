@@ -41,16 +41,30 @@ Resume: every epoch (``steps_per_epoch`` steps) the weights, optimizer state and
 pure function of ``(seed, k)``, so a run killed at any point and restarted with the same command continues
 from the last finished epoch and ends with the same weights as an uninterrupted run (with
 ``deterministic=True``, which turns on ``tf.config.experimental.enable_op_determinism`` for the process).
-Re-running a finished run restores its final state and trains nothing.
+Ctrl-C (SIGINT) lets the current step finish, saves the state at that step and raises
+:class:`TrainingInterrupted`; the rerun skips the batches of that epoch already seen, so it ends with the same
+weights too (a second Ctrl-C stops at once, keeping the last saved state). Re-running a finished run restores its
+final state and trains nothing.
+
+Failure behaviour: one process writes a run directory at a time (``run_dir/.lock`` holds its pid; a second
+``train`` on it raises ``utils.LockedError`` at once; the lock goes with its process, however it ends). Before
+writing anything, ``train`` checks that the run directory's config.yaml agrees on the fields its model and state
+depend on (num_classes, backbone, ...) and that its saved state loads into the model (ValueError otherwise), so
+a run directory never contradicts its model. Every file is written through ``utils.atomic_path`` /
+``atomic_write_bytes`` (temporary file, fsync, rename, normal permissions): a kill or a full disk leaves the
+previous complete files, and the next run removes the temporary files a killed one left.
 
 Run directory layout::
 
     run_dir/config.yaml                 the resolved configuration
     run_dir/checkpoints/ckpt-<step>.keras   model.save() every ``checkpoint_every`` steps
     run_dir/model.keras                 the final model (float32 copy when trained with mixed precision)
-    run_dir/backup/state-<epoch>.weights.h5   BackupAndRestore state: weights + optimizer of the last epoch
+    run_dir/backup/state-<epoch>.weights.h5   weights + optimizer after ``epoch`` epochs (the last one kept)
+    run_dir/backup/state-<epoch>-<batch>.weights.h5   the same, saved on Ctrl-C inside an epoch
     run_dir/history.csv, history.png    per-epoch loss / mIoU and their plot
+    run_dir/summary.json                steps, epochs, where this call resumed, its history
     run_dir/logs/                       TensorBoard
+    run_dir/.lock                       while a process trains in it
 """
 import contextlib
 import dataclasses
@@ -1242,6 +1256,9 @@ def _clone_into_scope(net, strategy, cfg):
 def train(config, *, model=None, train_data=None, val_data=None, callbacks=None, strategy=None):
     """Trains DeepLab v2 with ``model.fit`` following ``config``; resumes if ``run_dir`` holds a backup.
 
+    The run directory is locked for the call; its config and state are checked before anything is written; on
+    Ctrl-C the state is saved at the current step (see the module docstring).
+
     Args:
         config: TrainConfig, dict, or YAML path.
         model: an existing DeepLab model to train (default: built from the config). With a distribution
@@ -1253,6 +1270,11 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
 
     Returns:
         TrainResult.
+
+    Raises:
+        ValueError: a bad config, or a run directory that holds a run of another model.
+        deeplab_keras.utils.LockedError: another process trains in ``run_dir``.
+        TrainingInterrupted: Ctrl-C, after saving the state (a KeyboardInterrupt).
 
     Example:
         >>> from deeplab_keras.train import load_config, train

@@ -1,6 +1,7 @@
 """Resume: an interrupted run continues from its last backup and ends with the same weights; the CLI; run-dir
 artifacts (checkpoints, CSV history, PNG plot, TensorBoard, model.keras)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,30 +24,44 @@ BASE = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_bl
             validation_every=0, tensorboard=False, plot=True, base_lr=0.01, seed=11, train_bn=True)
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Stops training with an exception after a given global step (mid-epoch)."""
+class AtStep(keras.callbacks.Callback):
+    """Calls ``action()`` after a given global step (mid-epoch)."""
 
-    def __init__(self, step, steps_per_epoch):
+    def __init__(self, step, steps_per_epoch, action):
         super().__init__()
-        self.step, self.steps_per_epoch, self.epoch = step, steps_per_epoch, 0
+        self.step, self.steps_per_epoch, self.action, self.epoch = step, steps_per_epoch, action, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch * self.steps_per_epoch + batch + 1 == self.step:
-            raise KeyboardInterrupt(f"interrupted after step {self.step}")
+            self.action()
+
+
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt("interrupted")
+
+
+def _ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _weights(model):
     return [np.asarray(v) for v in model.weights]
 
 
-def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    full = T.train(T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "full"), verbose=0)))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted BASE run."""
+    return T.train(T.TrainConfig(**dict(BASE, run_dir=str(tmp_path_factory.mktemp("full") / "run"), verbose=0)))
+
+
+def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, full_run):
+    full = full_run
     cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "cut"), verbose=0))
     with pytest.raises(KeyboardInterrupt):
-        T.train(cfg, callbacks=[Interrupt(step=5, steps_per_epoch=2)])  # epoch 2 (0-based), its first batch
+        T.train(cfg, callbacks=[AtStep(5, 2, _raise_keyboard_interrupt)])  # epoch 2 (0-based), its first batch
     backup = tmp_path / "cut" / "backup"
     assert sorted(os.listdir(backup)) == ["state-2.weights.h5"]  # epochs 0 and 1 complete
     resumed = T.train(cfg)
@@ -60,6 +75,40 @@ def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert again.history == {} and again.resumed_from_epoch == 4
     for a, b in zip(_weights(again.model), _weights(full.model)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_the_rerun_resumes_there_to_the_same_weights(tmp_path, full_run):
+    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "cut"), verbose=0))
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(T.TrainingInterrupted) as stop:
+        T.train(cfg, callbacks=[AtStep(5, 2, _ctrl_c)])  # inside epoch 2 (0-based), after 1 batch
+    assert signal.getsignal(signal.SIGINT) is handler
+    backup = tmp_path / "cut" / "backup"
+    assert stop.value.step == 5 and stop.value.state_path == str(backup / "state-2-1.weights.h5")
+    assert sorted(os.listdir(backup)) == ["state-2-1.weights.h5"]  # epochs 0, 1 and one batch of epoch 2
+    resumed = T.train(cfg)
+    assert resumed.resumed_from_epoch == 2
+    assert len(resumed.history["loss"]) == 2  # the rest of epoch 2, then epoch 3
+    for a, b in zip(_weights(resumed.model), _weights(full_run.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert sorted(os.listdir(backup)) == ["state-4.weights.h5"]
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["ckpt-4.keras", "ckpt-8.keras"]
+    assert [int(r["epoch"]) for r in T.read_history(str(tmp_path / "cut" / "history.csv"))] == [0, 1, 2, 3]
+
+
+def test_second_ctrl_c_stops_at_once():
+    class Stopper:
+        requested = False
+
+    handler = signal.getsignal(signal.SIGINT)
+    with T._stop_on_sigint(Stopper):
+        os.kill(os.getpid(), signal.SIGINT)  # the first one only asks to stop after the step
+        assert Stopper.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_run_dir_artifacts(tmp_path):
@@ -149,3 +198,37 @@ def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
         np.testing.assert_array_equal(x, y)
     rows = T.read_history(str(run / "history.csv"))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_cli_is_one_line_and_the_rerun_resumes_from_that_step(tmp_path):
+    config = dict(BASE, steps=8, steps_per_epoch=8, checkpoint_every=2, keep_checkpoints=0, verbose=2, plot=False)
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    proc = _cli(config_path, run)
+    first = run / "checkpoints" / "ckpt-2.keras"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "no first checkpoint"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    found = re.fullmatch(r"deeplab-train: interrupted at step (\d+) of 8; state saved to (\S+); rerun the same "
+                         r"command to resume from step \1", last)
+    assert found, out[-3000:]
+    step, state = int(found.group(1)), found.group(2)
+    assert 2 <= step <= 8 and os.path.exists(state)
+    assert T.ResumableBackup.resume_point(str(run / "backup"))[2] == state
+    assert not (run / "model.keras").exists() and not (run / ".lock").exists()
+
+    again = _cli(config_path, run)
+    out2, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out2[-3000:]
+    if step < 8:
+        assert f"(step {step} of 8)" in out2, out2[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == [f"ckpt-{s}.keras" for s in (2, 4, 6, 8)]
+    assert (run / "model.keras").exists()
