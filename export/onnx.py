@@ -157,13 +157,20 @@ def node_stats(proto):
             "space_to_depth_nodes": int(emulated), "dilated_convs_single_node": dilated > 0 and emulated == 0}
 
 
-def make_session(path, num_threads=None):
-    """An onnxruntime CPU ``InferenceSession`` for ``path`` (a file or serialized bytes)."""
+def make_session(path, num_threads=None, allow_spinning=False):
+    """An onnxruntime CPU ``InferenceSession`` for ``path`` (a file or serialized bytes).
+
+    ``allow_spinning=False`` lets idle worker threads sleep instead of busy-waiting between operators: on a machine
+    whose cores are shared (measured on 2 shared cores, ResNet-101 513x513: 2.16 s vs 2.73 s best of 7, CPU time
+    2.26 vs 2.71 s) it is faster; on dedicated cores spinning can save a little latency.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
+    if not allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
