@@ -161,6 +161,19 @@ def _cli(config_path, run_dir):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _signal_when(config_path, run, path, sig, delay=0.0):
+    """Starts deeplab-train on ``run`` and sends it ``sig`` ``delay`` s after ``path`` appears: (exit code, output)."""
+    proc = _cli(config_path, run)
+    deadline = time.time() + 600
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+    time.sleep(delay)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
     config = dict(BASE, steps=12, steps_per_epoch=4, checkpoint_every=4, deterministic=True, verbose=1,
@@ -174,16 +187,9 @@ def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
     assert "deeplab-train: done" in out
 
     run = tmp_path / "killed"
-    proc = _cli(config_path, run)
-    state = run / "backup" / "state-1.weights.h5"
-    deadline = time.time() + 600
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert state.exists(), "the first epoch never finished"
-    time.sleep(0.3)  # into the second epoch (4 steps of ~0.1-1 s each)
-    proc.send_signal(signal.SIGKILL)
-    out_killed, _ = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, out_killed[-3000:]
+    # 0.3 s after the first epoch's state: into the second epoch (4 steps of ~0.1-1 s each)
+    code, out_killed = _signal_when(config_path, run, run / "backup" / "state-1.weights.h5", signal.SIGKILL, 0.3)
+    assert code == -signal.SIGKILL, out_killed[-3000:]
     assert not (run / "model.keras").exists()
     backups = os.listdir(run / "backup")
     assert any(name.startswith("state-") for name in backups)
@@ -206,15 +212,8 @@ def test_ctrl_c_in_the_cli_is_one_line_and_the_rerun_resumes_from_that_step(tmp_
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    proc = _cli(config_path, run)
-    first = run / "checkpoints" / "ckpt-2.keras"
-    deadline = time.time() + 600
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), "no first checkpoint"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 130, out[-3000:]
+    code, out = _signal_when(config_path, run, run / "checkpoints" / "ckpt-2.keras", signal.SIGINT)
+    assert code == 130, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     last = out.strip().splitlines()[-1]
     found = re.fullmatch(r"deeplab-train: interrupted at step (\d+) of 8; state saved to (\S+); rerun the same "
