@@ -7,7 +7,10 @@ bilinear, the resize of training, ``deeplab-eval`` and ``deeplab-predict``), a s
 themselves). An optional ``crf`` callable refines the probabilities
 before the argmax; it must be made of stock TF ops so that every format can carry it.
 """
+import contextlib
+import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -16,6 +19,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.inference import upsample_logits
 from deeplab_keras.utils import atomic_write_json
 
@@ -36,7 +40,11 @@ def serving_outputs(model, images, outputs="full", crf=None):
             input size) or ``"logits"`` (``logits`` float32 ``[N, h, w, C]`` at output stride).
         crf: optional ``crf(probabilities, images) -> probabilities`` made of stock TF ops (``outputs="full"``).
     """
-    logits = tf.cast(model(images, training=False), tf.float32)
+    return postprocess(tf.cast(model(images, training=False), tf.float32), images, outputs, crf)
+
+
+def postprocess(logits, images, outputs="full", crf=None):
+    """``serving_outputs`` from the model's float32 logits ``[N, h, w, C]`` on (float32) ``images`` on."""
     if outputs == "logits":
         return {"logits": logits}
     upsampled = upsample_logits(logits, tf.shape(images)[1:3])
@@ -66,6 +74,54 @@ def reference_outputs(model, images, outputs="full", crf=None, batch_size=1):
         batch = tf.constant(np.asarray(images[start:start + batch_size], np.float32))
         parts.append({k: v.numpy() for k, v in serving_outputs(model, batch, outputs, crf).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def crf_amplification(model, images, crf, scales=(1e-6, 1e-5), seed=0):
+    """How much ``crf`` amplifies differences of its input probabilities on these images.
+
+    Each image's logits are perturbed at float32-rounding level (uniform noise of ``scale`` x max |logits|, the
+    kind of difference another runtime's kernels make); the amplification is the largest ratio
+    max |change of the refined probabilities| / max |change of the probabilities before the CRF|.
+
+    Args:
+        model: the float32 Keras model.
+        images: uint8 or float array ``[N, H, W, 3]`` (the verification images).
+        crf: the CRF hook (see ``serving_outputs``); None gives 1.0.
+        scales: relative perturbation sizes, one draw each.
+        seed: noise seed.
+    Returns:
+        float >= 1.
+
+    Example:
+        >>> crf_amplification(model, images, portable_crf(iterations=10))      # doctest: +SKIP
+        14.2
+    """
+    if crf is None:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    worst = 1.0
+    for image in np.asarray(images, np.float32):
+        x = tf.constant(image[None])
+        logits = tf.cast(model(x, training=False), tf.float32)
+        before = postprocess(logits, x)["probabilities"].numpy()
+        after = postprocess(logits, x, crf=crf)["probabilities"].numpy()
+        magnitude = float(tf.reduce_max(tf.abs(logits)))
+        for scale in scales:
+            noise = (scale * magnitude * rng.uniform(-1.0, 1.0, logits.shape)).astype(np.float32)
+            moved = logits + noise
+            change_in = np.abs(postprocess(moved, x)["probabilities"].numpy() - before).max()
+            change_out = np.abs(postprocess(moved, x, crf=crf)["probabilities"].numpy() - after).max()
+            if change_in > 0:
+                worst = max(worst, float(change_out / change_in))
+    return worst
+
+
+def verification_tolerance(tolerance, model, images, crf):
+    """``tolerance`` (``verify.Tolerance``) made concrete for this graph: an ``AUTO`` max |diff| scaled by the
+    CRF's measured amplification (``verify.resolve_tolerance``). Returns ``(tolerance, derivation or None)``."""
+    if tolerance.max_abs_diff != verify_lib.AUTO:
+        return tolerance, None
+    return verify_lib.resolve_tolerance(tolerance, crf_amplification(model, images, crf) if crf is not None else 1.0)
 
 
 def model_num_classes(model):
@@ -125,28 +181,178 @@ def file_destination(out, overwrite, what, suffix):
     return final
 
 
-def staging_dir(final_path):
-    """Creates a hidden temporary directory next to ``final_path`` (same filesystem, so rename is atomic)."""
+# Hidden folders next to an artifact: ".<name>.tmp-<pid>.<start>-<random>" (staging) and ".<name>.old-..."
+# (the previous artifact during a replace), named after the owning process (pid and start time) so that the
+# next export can tell the leftovers of a killed one from those of an export still running.
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)\.(?P<start>\d+)-[A-Za-z0-9_]+$")
+_UNOWNED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[a-z0-9_]{8}$")  # before owner tags
+
+
+def _owner_tag():
+    import psutil
+
+    return f"{os.getpid()}.{int(psutil.Process().create_time())}"
+
+
+def _owner_alive(pid, start):
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).create_time()) == start  # same pid and start time: the same process
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _hidden_dir(final_path, kind):
     parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.tmp-", dir=parent)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.{kind}-{_owner_tag()}-", dir=parent)
+
+
+def sweep_stale(folder, progress=None):
+    """Removes the staging folders that killed exports left in ``folder``; returns their paths.
+
+    A folder is stale when its owner process is gone (or its pid now belongs to another process); untagged ones
+    (older versions) when they are older than this process. A stale ``.<name>.old-*`` folder holding the previous
+    artifact of an interrupted replace is renamed back to ``<name>`` if that is missing (nothing is lost).
+    """
+    import psutil
+
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    started = psutil.Process().create_time()
+    for name in names:
+        path = os.path.join(folder, name)
+        owned, unowned = _OWNED.match(name), _UNOWNED.match(name)
+        if not (owned or unowned) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if owned and _owner_alive(int(owned["pid"]), int(owned["start"])):
+            continue
+        if unowned and os.path.getmtime(path) >= started:
+            continue
+        match = owned or unowned
+        old, final = os.path.join(path, "old"), os.path.join(folder, match["name"])
+        if match["kind"] == "old" and os.path.lexists(old) and not os.path.lexists(final):
+            os.rename(old, final)
+            if progress is not None:
+                progress.info(f"restored {final} from {path}, left by an interrupted export")
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        if progress is not None:
+            progress.info(f"removed {path}, left by an interrupted export")
+    return removed
+
+
+def make_parents(folder):
+    """Creates ``folder`` and its missing parents; returns the folders created, outermost first."""
+    folder = os.path.abspath(folder)
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for path in reversed(missing):
+        os.makedirs(path, exist_ok=True)
+    return list(reversed(missing))
+
+
+def staging_dir(final_path):
+    """Creates a hidden temporary directory next to ``final_path`` (same filesystem, so rename is atomic), named
+    after this process (see ``sweep_stale``); creates missing parent folders."""
+    make_parents(os.path.dirname(os.path.abspath(final_path)))
+    return _hidden_dir(final_path, "tmp")
+
+
+class Staging:
+    """Where an export builds its artifact: ``path`` (a fresh staging folder) and ``created`` (the parent folders
+    this export created, outermost first)."""
+
+    def __init__(self, path, created):
+        self.path, self.created = path, created
+
+
+@contextlib.contextmanager
+def staging(final_path, progress=None):
+    """Context manager around one export's staging folder (yields a ``Staging``).
+
+    Missing parent folders of ``final_path`` are created (and said on ``progress``); stale staging folders of
+    killed exports are removed first (``sweep_stale``). On exit the staging folder is removed; when the export
+    failed, so are the parent folders it created, if still empty: nothing half written is left behind.
+    """
+    parent = os.path.dirname(os.path.abspath(final_path))
+    created = make_parents(parent)
+    if created and progress is not None:
+        progress.info(f"created folder {created[0]} (it did not exist)")
+    succeeded = False
+    try:
+        sweep_stale(parent, progress)
+        stage = _hidden_dir(final_path, "tmp")
+        try:
+            yield Staging(stage, created)
+            succeeded = True
+        except OSError as e:  # name the artifact, not the hidden staging folder (a full disk while writing it)
+            if e.filename and os.fspath(e.filename).startswith(stage):
+                raise OSError(e.errno, e.strerror, os.path.abspath(final_path)) from e
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        if not succeeded:
+            for path in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # only if empty (a failed verification leaves its report)
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """Re-raises TensorFlow's file-system errors while writing ``path`` as ``OSError`` (a full disk as ENOSPC)."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        if "no space left" in str(e).lower():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+        raise
+
+
+def describe_os_error(error):
+    """One line for an ``OSError`` of an export (a full disk: what to do)."""
+    where = f" writing {error.filename}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on device{where}; nothing was written (free some space or choose another --out "
+                "and run the export again)")
+    return f"{error.strerror or error}{where}"
+
+
+def load_samples(size, folder=None, count=4, seed=0, what="--samples"):
+    """``verify.sample_images``, with an unusable folder as ``ExportError`` (one line naming ``what``)."""
+    try:
+        return verify_lib.sample_images(size, folder, count, seed)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{what} {folder}: {' '.join(str(e).split())}") from None
 
 
 def publish(staged, final_path, overwrite):
     """Atomically moves ``staged`` (a file or directory) to ``final_path``.
 
     An existing ``final_path`` is replaced only with ``overwrite``; it is first renamed aside, so at every moment
-    ``final_path`` is either the old complete artifact, absent for an instant, or the new complete one.
+    ``final_path`` is either the old complete artifact, absent for an instant, or the new complete one (a kill in
+    that instant leaves the old one aside; the next export puts it back, see ``sweep_stale``).
     """
     final_path = os.path.abspath(final_path)
     aside = None
     if os.path.lexists(final_path):
         if not overwrite:
             raise ExportError(f"{final_path} already exists; pass --overwrite (overwrite=True) to replace it")
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.old-", dir=os.path.dirname(final_path))
-        aside = os.path.join(aside, "old")
+        aside = os.path.join(_hidden_dir(final_path, "old"), "old")
         os.rename(final_path, aside)
-    os.rename(staged, final_path)
+    try:
+        os.rename(staged, final_path)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, final_path)
+            shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
+        raise
     if aside is not None:
         shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
 
@@ -184,6 +390,10 @@ class Progress:
         """Prints one line."""
         if self.enabled:
             print(f"[deeplab-export] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message):
+        """Prints one ``WARNING`` line, also when progress lines are off."""
+        print(f"[deeplab-export] WARNING: {message}", file=sys.stderr, flush=True)
 
 
 class _Step:
@@ -224,26 +434,31 @@ def finalize(report, staged, final_path, overwrite, report_path=None, progress=N
     Raises:
         verify.VerificationError: verification failed; the artifact is not published.
     """
-    from deeplab_keras.export.verify import VerificationError
-
     report_path = report_path or default_report_path(final_path)
     report["report_path"] = report_path
     verification = report["verification"]
     if not verification["passed"]:
         report["artifact"] = None
         atomic_write_json(report_path, report, indent=2)
-        raise VerificationError(
+        raise verify_lib.VerificationError(
             f"verification failed, {final_path} was not written: " + "; ".join(verification["failures"]) +
             f" (details in {report_path})", report)
-    publish(staged, final_path, overwrite)
-    atomic_write_json(report_path, report, indent=2)
+    had_report = os.path.lexists(report_path)
+    atomic_write_json(report_path, report, indent=2)  # first: a full disk fails here, before anything is published
+    try:
+        publish(staged, final_path, overwrite)
+    except BaseException:
+        if not had_report:
+            with contextlib.suppress(OSError):
+                os.remove(report_path)
+        raise
     if progress is not None:
         progress.info(f"wrote {final_path} ({report['size_bytes'] / 1e6:.2f} MB) and {report_path}")
     return report
 
 
 def base_report(fmt, model, final_path, size, **fields):
-    """Report fields shared by all formats."""
+    """Report fields shared by all formats (``created_dirs``, ``warnings`` and the rest come in ``fields``)."""
     report = {"format": fmt, "artifact": os.path.abspath(final_path), "size_bytes": int(size),
               "size_mb": round(size / 1e6, 3),
               "num_classes": model_num_classes(model), "model": getattr(model, "name", None),

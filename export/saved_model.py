@@ -16,7 +16,6 @@ Example:
 """
 import os
 import re
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -91,12 +90,35 @@ def non_stock_ops(path):
     return sorted(op for op in saved_model_ops(path) if not hasattr(tf.raw_ops, op))
 
 
+def load_signature(path, signature=SIGNATURE_IMAGE):
+    """``(loaded, function)``: the SavedModel at ``path`` and its ``signature`` (keep ``loaded`` while calling the
+    function: it owns the variables).
+
+    Raises:
+        common.ExportError: ``path`` is not a SavedModel directory, or has no such signature (one line naming the
+            signatures it has and how to make a servable one).
+
+    Example:
+        >>> loaded, fn = load_signature("serving/deeplab/1")            # doctest: +SKIP
+    """
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise common.ExportError(f"{path} is not a SavedModel directory (no saved_model.pb); give a version "
+                                 "directory written by deeplab-export --format saved_model, e.g. serving/deeplab/1")
+    loaded = tf.saved_model.load(path)
+    if signature not in loaded.signatures:
+        raise common.ExportError(
+            f"SavedModel {path} has no {signature!r} signature (it has {sorted(loaded.signatures) or 'none'}); "
+            "export the model with deeplab-export --format saved_model")
+    return loaded, loaded.signatures[signature]
+
+
 def run_saved_model(path, images, signature=SIGNATURE_IMAGE):
     """Runs a SavedModel signature on uint8 images (or encoded bytes for ``serving_bytes``); numpy outputs."""
-    loaded = tf.saved_model.load(path)
-    fn = loaded.signatures[signature]
+    loaded, fn = load_signature(path, signature)  # `loaded` stays referenced while fn runs
     key = "image_bytes" if signature == SIGNATURE_BYTES else "image"
-    return {k: v.numpy() for k, v in fn(**{key: tf.constant(images)}).items()}
+    outputs = {k: v.numpy() for k, v in fn(**{key: tf.constant(images)}).items()}
+    del loaded
+    return outputs
 
 
 def export_saved_model(model, out, version=None, overwrite=False, crf=None, sample_dir=None, num_samples=4,
@@ -112,7 +134,8 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
         sample_dir: folder of verification images (default synthetic images).
         num_samples: number of verification images.
         verify_size: ``(H, W)`` the verification images are resized to.
-        tolerance: ``verify.Tolerance`` (default float32: max |diff| 1e-4, 99.9 % labels).
+        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES["float32"]``: max |diff| 1e-4,
+            times the CRF's measured amplification with ``crf``; 99.9 % labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
         progress: ``common.Progress`` for progress lines (default silent).
     Returns:
@@ -129,23 +152,24 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
     common.check_destination(final, overwrite, "SavedModel version directory")
     model = as_float32(model)
     tolerance = tolerance or verify_lib.TOLERANCES["float32"]
-    stage = common.staging_dir(final)
-    try:
-        staged = os.path.join(stage, str(version))
+    images = common.load_samples(verify_size, sample_dir, num_samples)
+    with common.staging(final, progress) as stage:
+        staged = os.path.join(stage.path, str(version))
         with progress.step("export_s", f"writing SavedModel (version {version})"):
-            build_archive(model, crf).write_out(staged, verbose=False)
+            with common.disk_errors(final):
+                build_archive(model, crf).write_out(staged, verbose=False)
         custom = non_stock_ops(staged)
         if custom:
             raise common.ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
                                      "(export without the custom CRF op)")
         with progress.step("verify_s", "verifying SavedModel with TensorFlow"):
-            images = verify_lib.sample_images(verify_size, sample_dir, num_samples)
             reference = common.reference_outputs(model, images, "full", crf)
             got = run_saved_model(staged, images)
             encoded = np.stack([tf.io.encode_png(im).numpy() for im in images])
             got_bytes = run_saved_model(staged, encoded, SIGNATURE_BYTES)
+            tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf)
             result = verify_lib.run_checks([(SIGNATURE_IMAGE, reference, got), (SIGNATURE_BYTES, reference, got_bytes)],
-                                           tolerance, progress)
+                                           tolerance, progress, derivation)
         report = common.base_report(
             "saved_model", model, final, common.path_size(staged), version=version, tags=["serve"],
             signatures={SIGNATURE_IMAGE: {"inputs": {"image": "uint8 [N,H,W,3]"},
@@ -155,9 +179,7 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
                                           "outputs": {"labels": "int32 [N,H,W]",
                                                       "probabilities": "float32 [N,H,W,C]"}}},
             with_crf=crf is not None, crf=getattr(crf, "config", None), precision="float32",
-            ops=sorted(saved_model_ops(staged)),
+            ops=sorted(saved_model_ops(staged)), created_dirs=stage.created,
             verification=result, timings=dict(progress.timings),
             samples=sample_dir or "synthetic")
         return common.finalize(report, staged, final, overwrite, report_path, progress)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 The ``.tflite`` file has one signature, ``serving_default``: input ``image`` float32 ``[N, H, W, 3]`` RGB 0..255
 (uint8 with ``int8_io``), outputs ``labels`` int32 ``[N, H, W]`` + ``probabilities`` float32 ``[N, H, W, C]`` at
-the input size, or ``logits`` ``[N, ceil(H/8), ceil(W/8), C]`` (output stride 8) with ``outputs="logits"``.
+the input size, or ``logits`` ``[N, h, w, C]`` at output stride 8 (``model.logits_size(H, W)``) with ``outputs="logits"``.
 Only LiteRT builtin ops are allowed (no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the
 conversion fails otherwise.
 
@@ -177,7 +177,8 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
         input_size: ``(H, W)`` static spatial size, or None for dynamic.
         outputs: ``"full"`` (labels + probabilities at input size) or ``"logits"``.
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
-        representative: folder of calibration images for int8 (default synthetic images).
+        representative: folder of calibration images for int8 (default synthetic images: a WARNING on the console
+            and in the report's ``warnings``, with the label agreement they reached).
         num_calibration: number of calibration images.
         int8_io: uint8 image input and quantized float outputs (int8 only).
         overwrite: replace an existing file.
@@ -202,23 +203,31 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
     size = tuple(input_size) if input_size else tuple(verify_size)
     precision = _PRECISION[quantize]
     tolerance = tolerance or verify_lib.TOLERANCES[precision]
-    calibration = None
+    calibration, warnings = None, []
     if quantize == "int8":
-        calibration = verify_lib.sample_images(size, representative, num_calibration, seed=1234)
-    stage = common.staging_dir(final)
-    try:
-        staged = os.path.join(stage, os.path.basename(final))
+        calibration = common.load_samples(size, representative, num_calibration, seed=1234,
+                                          what="--representative-data")
+    samples = common.load_samples(size, sample_dir, num_samples)
+    with common.staging(final, progress) as stage:
+        staged = os.path.join(stage.path, os.path.basename(final))
         with progress.step("convert_s", f"converting to TFLite (quantize={quantize}, "
                                         f"input size {'x'.join(map(str, input_size)) if input_size else 'dynamic'})"):
-            content, full_integer = convert(model, input_size, outputs, quantize, calibration, int8_io, crf,
-                                            workdir=stage)
+            with common.disk_errors(final):
+                content, full_integer = convert(model, input_size, outputs, quantize, calibration, int8_io, crf,
+                                                workdir=stage.path)
         with open(staged, "wb") as f:
             f.write(content)
         with progress.step("verify_s", "verifying with the LiteRT interpreter"):
             runner = TFLiteRunner(staged, num_threads)
-            images = verify_lib.sample_images(size, sample_dir, num_samples)
-            reference = common.reference_outputs(model, images, outputs, crf)
-            result = verify_lib.run_checks([("tflite", reference, runner(images))], tolerance, progress)
+            reference = common.reference_outputs(model, samples, outputs, crf)
+            tolerance, derivation = common.verification_tolerance(tolerance, model, samples, crf)
+            result = verify_lib.run_checks([("tflite", reference, runner(samples))], tolerance, progress, derivation)
+        if quantize == "int8" and not representative:
+            agreement = result["checks"]["tflite"]["label_agreement"]
+            warnings.append(f"int8 was calibrated on synthetic images (no --representative-data): label agreement "
+                            f"with the float model is {100 * agreement:.1f} % on the verification images; "
+                            f"calibrate on ~100 images of your data with --representative-data DIR")
+            progress.warn(warnings[-1])
         report = common.base_report(
             "tflite", model, final, len(content), quantize=quantize, precision=precision,
             full_integer=full_integer if quantize == "int8" else None, int8_io=bool(int8_io),
@@ -227,8 +236,8 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
             signature=SIGNATURE, inputs={"image": str(np.dtype(runner.input_details["dtype"]))},
             output_names=sorted(runner.output_details), ops=op_names(runner.interpreter),
             calibration=(representative or "synthetic") if quantize == "int8" else None,
-            verification=result, timings=dict(progress.timings), samples=sample_dir or "synthetic")
+            num_calibration_images=len(calibration) if calibration is not None else None, warnings=warnings,
+            created_dirs=stage.created, verification=result, timings=dict(progress.timings),
+            samples=sample_dir or "synthetic")
         del runner
         return common.finalize(report, staged, final, overwrite, report_path, progress)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

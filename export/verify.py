@@ -23,12 +23,22 @@ class VerificationError(Exception):
         self.report = report
 
 
+#: ``Tolerance.max_abs_diff`` derived from the graph being checked (``resolve_tolerance``).
+AUTO = "auto"
+#: max |diff| of probabilities allowed for a float32 graph without a CRF (softmax of float32 logits).
+FLOAT32_MAX_DIFF = 1e-4
+#: Cap of a derived max |diff|: a broken graph differs by far more (a missing CRF iteration or a half-pixel
+#: resize moves probabilities by 0.3 .. 1.0 on the test models), a larger tolerance would stop telling them apart.
+MAX_DERIVED_DIFF = 1e-2
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
     """Pass criteria; ``None`` means report only.
 
     Args:
-        max_abs_diff: largest allowed |artifact - keras| over probabilities (or logits).
+        max_abs_diff: largest allowed |artifact - keras| over probabilities (or logits); ``AUTO``: derived from the
+            graph (``resolve_tolerance``).
         min_agreement: smallest allowed fraction of pixels whose label equals the Keras label.
     """
     max_abs_diff: float = None
@@ -37,14 +47,44 @@ class Tolerance:
 
 # Default tolerances by numeric precision of the artifact (see the export contract).
 TOLERANCES = {
-    "float32": Tolerance(max_abs_diff=1e-4, min_agreement=0.999),
+    "float32": Tolerance(max_abs_diff=AUTO, min_agreement=0.999),
     "float16": Tolerance(min_agreement=0.99),
     "dynamic": Tolerance(),
     "int8": Tolerance(),
 }
 
 
-def _list_images(folder):
+def resolve_tolerance(tolerance, amplification=1.0):
+    """``tolerance`` with an ``AUTO`` max |diff| made concrete for the graph being checked.
+
+    A float32 artifact may differ from Keras by ``FLOAT32_MAX_DIFF`` in the probabilities it computes before any
+    CRF (other kernels, summation orders, fused ops). Mean-field iterations amplify such differences:
+    ``amplification`` is that factor, measured on the verification images (``common.crf_amplification``; 1 without
+    a CRF). The derived max |diff| is ``FLOAT32_MAX_DIFF * amplification``, capped at ``MAX_DERIVED_DIFF``.
+
+    Args:
+        tolerance: a ``Tolerance``.
+        amplification: the graph's measured amplification of input differences (>= 1).
+    Returns:
+        ``(tolerance, derivation)``: a concrete ``Tolerance`` and a dict for the report (None when nothing was
+        derived).
+
+    Example:
+        >>> resolve_tolerance(TOLERANCES["float32"], 12.5)[0].max_abs_diff
+        0.00125
+    """
+    if tolerance.max_abs_diff != AUTO:
+        return tolerance, None
+    amplification = max(1.0, float(amplification))
+    value = min(FLOAT32_MAX_DIFF * amplification, MAX_DERIVED_DIFF)
+    derivation = {"base": FLOAT32_MAX_DIFF, "amplification": round(amplification, 3), "cap": MAX_DERIVED_DIFF,
+                  "max_abs_diff": value}
+    return dataclasses.replace(tolerance, max_abs_diff=value), derivation
+
+
+def list_images(folder):
+    """Sorted image files of ``folder`` (or its ``JPEGImages/`` / ``images/``); FileNotFoundError names the
+    problem (missing folder, no images) in one line."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"sample image folder {folder!r} does not exist; pass a folder of JPEG/PNG images")
     for sub in ("JPEGImages", "images"):  # a VOC2012 folder, or the folder-dataset layout (images/ + masks/)
@@ -70,11 +110,14 @@ def load_images(folder, size, count=None):
     """
     from PIL import Image
 
-    files = _list_images(folder)[:count]
+    files = list_images(folder)[:count]
     out = []
     for f in files:
-        with Image.open(f) as im:
-            out.append(np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), np.uint8))
+        try:
+            with Image.open(f) as im:
+                out.append(np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), np.uint8))
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"cannot read image {f} ({' '.join(str(e).split())}); remove or replace it") from None
     return np.stack(out)
 
 
@@ -175,7 +218,8 @@ def compare(reference, got):
 
 
 def failures(metrics, tolerance):
-    """Reasons ``metrics`` fail ``tolerance`` (an empty list when it passes)."""
+    """Reasons ``metrics`` fail ``tolerance`` (an empty list when it passes; ``AUTO``: the graph without a CRF)."""
+    tolerance, _ = resolve_tolerance(tolerance)
     reasons = []
     if not metrics["finite"]:
         reasons.append(f"the artifact's {metrics['compared']} contain NaN/Inf (a silently broken export)")
@@ -196,17 +240,24 @@ def summary_line(name, metrics):
             f"on {metrics['num_images']} images")
 
 
-def run_checks(checks, tolerance, progress=None):
+def run_checks(checks, tolerance, progress=None, derivation=None):
     """Compares each ``(name, reference, got)`` and applies ``tolerance``.
 
     Args:
         checks: list of ``(name, reference_dict, artifact_dict)``.
         tolerance: a ``Tolerance``.
         progress: optional ``common.Progress`` for the printed lines.
+        derivation: how the max |diff| was derived (``resolve_tolerance``), for the report and the progress line.
     Returns:
-        dict ``{"passed", "tolerance", "checks": {name: metrics}, "failures": [...]}``.
+        dict ``{"passed", "tolerance", "tolerance_derivation", "checks": {name: metrics}, "failures": [...]}``.
     """
-    result = {"passed": True, "tolerance": dataclasses.asdict(tolerance), "checks": {}, "failures": []}
+    if derivation is None:  # an AUTO tolerance nobody resolved: the graph without a CRF
+        tolerance, derivation = resolve_tolerance(tolerance)
+    result = {"passed": True, "tolerance": dataclasses.asdict(tolerance), "tolerance_derivation": derivation,
+              "checks": {}, "failures": []}
+    if progress is not None and derivation is not None and derivation["amplification"] > 1:
+        progress.info(f"tolerance: max |diff| {tolerance.max_abs_diff:.3g} = {derivation['base']:g} x the CRF's "
+                      f"amplification {derivation['amplification']:.1f} (measured on the verification images)")
     for name, reference, got in checks:
         metrics = compare(reference, got)
         result["checks"][name] = metrics

@@ -46,10 +46,10 @@ def trained(tmp_path_factory):
         return loss
 
     rng = np.random.RandomState(0)
-    for _ in range(50):
+    for _ in range(100):
         idx = rng.randint(0, len(x), 8)
         step(x[idx], y[idx])
-    # 50 steps are too few for BN's moving averages (momentum 0.99): set them to the statistics of the data.
+    # 100 steps are too few for BN's moving averages (momentum 0.99): set them to the statistics of the data.
     norms = [layer for layer in net._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in norms:
         layer.momentum = 0.0
