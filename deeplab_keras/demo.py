@@ -15,6 +15,7 @@ Example:
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -95,6 +96,8 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
 
     log("[1/6] training a tiny DeepLab on the synthetic dataset (packaged config tiny_cpu)")
     overrides = {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}
+    if overwrite and os.path.isdir(overrides["run_dir"]):  # a fresh run: --steps may differ from the old one's
+        shutil.rmtree(overrides["run_dir"])
     if steps:
         overrides["steps"] = int(steps)
     cfg = load_config("tiny_cpu", overrides)
