@@ -13,15 +13,12 @@ import argparse
 import os
 import sys
 
+from deeplab_keras.utils import usage_error
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["train_main", "eval_main", "parse_overrides"]
-
-
-def _fail(parser, message):
-    """One-line error on stderr and exit code 2 (argparse's convention)."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def parse_overrides(tokens):
@@ -100,7 +97,7 @@ def train_main(argv=None):
     in use by another deeplab-train (the line names its pid); 130 Ctrl-C (the state is saved first: rerun the
     same command to resume from that step). Tracebacks only with ``--debug``.
     """
-    from deeplab_keras.utils import quiet_tensorflow, run_command, usage_error
+    from deeplab_keras.utils import quiet_tensorflow, run_command
 
     parser = _train_parser()
     args, rest = parser.parse_known_args(argv)
@@ -128,7 +125,8 @@ def _train_run(config, parser, debug):
     import tensorflow as tf
 
     from deeplab_keras.train import ResumableBackup, TrainingInterrupted, train
-    from deeplab_keras.utils import LockedError, usage_error
+    from deeplab_keras.data._common import tf_error_line
+    from deeplab_keras.utils import LockedError
 
     def resume_hint():
         epoch, batch, path = ResumableBackup.resume_point(os.path.join(os.path.abspath(config.run_dir), "backup"))
@@ -159,7 +157,7 @@ def _train_run(config, parser, debug):
         if debug:
             raise
         if isinstance(e, tf.errors.OpError):
-            what = f"while training: {_op_error_line(e)}"
+            what = f"while training: {tf_error_line(e)}"
         elif isinstance(e, OSError) and e.strerror:
             what = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
         else:
@@ -172,53 +170,48 @@ def _train_run(config, parser, debug):
     return 0
 
 
-def _op_error_line(error):
-    """The one informative line of a TensorFlow runtime error (e.g. a data check failing inside tf.data)."""
-    import re
-
-    text = error.message
-    failed = re.search(r"assertion failed: (.*)", text)
-    if failed:  # tf.debugging.Assert: "[message] [value] ..." -> "message value ..."
-        return re.sub(r"\[([^\[\]]*)\]", r"\1", failed.group(1)).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
-        ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
-    line = lines[-1] if lines else type(error).__name__
-    line = re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
-    return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data._common.BadDataError: ..." -> "..."
-
-
-def _op_error_line(error):
-    """The one informative line of a TensorFlow runtime error (e.g. a data check failing inside tf.data)."""
-    import re
-
-    text = error.message
-    failed = re.search(r"assertion failed: (.*)", text)
-    if failed:  # tf.debugging.Assert: "[message] [value] ..." -> "message value ..."
-        return re.sub(r"\[([^\[\]]*)\]", r"\1", failed.group(1)).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
-        ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
-    line = lines[-1] if lines else type(error).__name__
-    return re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
+PROTOCOLS = ("deeplab-v2",)
+PAPER_PAD_SIZE = 513  # deeplab_keras.evaluate.PAPER_PAD_SIZE (not imported here: the parser stays TensorFlow-free)
 
 
 def _eval_parser():
+    from deeplab_keras.models.presets import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="deeplab-eval",
         description="Evaluate a DeepLab checkpoint at full resolution: confusion-matrix mIoU (255 ignored), "
                     "per-class IoU and pixel accuracy, optionally with multi-scale + flip inference and with "
-                    "the dense CRF (both results from one run). Prints the table and writes JSON.")
-    parser.add_argument("--checkpoint", required=True,
+                    "the dense CRF (both results from one run). Prints the table and writes JSON.",
+        epilog="The paper's test protocol on VOC 2012 val: deeplab-eval --preset deeplabv2_resnet101_msc_voc "
+               "--data ~/data/VOCdevkit --protocol deeplab-v2. Exit codes: 0 success; 2 bad arguments, missing "
+               "files, a class-count mismatch; 1 runtime failures (a bad data file, a failed download). "
+               "Errors are one line; --debug shows the traceback.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
                         help="a .keras file or a deeplab-train run directory (its model.keras or newest ckpt)")
+    source.add_argument("--preset", metavar="NAME",
+                        help="a released DeepLab v2 model, downloaded and converted once into the Keras cache: "
+                             + ", ".join(sorted(PRESETS)))
+    parser.add_argument("--preset-sha256", metavar="HEX", default=None,
+                        help="the sha256 you trust for the preset's download (the official files have no published "
+                             "hash: without this the first download is pinned and later ones must match it)")
     parser.add_argument("--data", required=True,
                         help="'synthetic', a folder holding VOC2012/ (VOC val through the TFDS builder), or a "
                              "folder dataset with images/ and masks/")
     parser.add_argument("--split", default="val", help="VOC split (default: val)")
     parser.add_argument("--data-dir", default=None, help="TFDS data_dir for the prepared VOC records")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="deeplab-v2: the paper's test protocol, i.e. --pad-to 513 and --crf with the paper's "
+                             "CRF parameters, at scale 1 without flip (a model with msc_scales fuses its own "
+                             "scales); reports the results without and with the CRF")
+    parser.add_argument("--pad-to", type=int, default=None, metavar="N",
+                        help="pad each image at the bottom/right to NxN with the mean colour, predict, crop back "
+                             "(the paper: 513); an image larger than N is an error")
     parser.add_argument("--crf", action="store_true", help="also evaluate with the dense CRF")
-    parser.add_argument("--crf-iterations", type=int, default=10, help="mean-field iterations (default 10)")
+    parser.add_argument("--crf-iterations", type=int, default=None, help="mean-field iterations (default 10)")
     parser.add_argument("--crf-params", nargs="*", default=[], metavar="KEY=VALUE",
                         help="CRF parameters, e.g. bilateral_weight=4 bilateral_xy_std=67 bilateral_rgb_std=3 "
-                             "gaussian_weight=3 gaussian_xy_std=1")
+                             "gaussian_weight=3 gaussian_xy_std=1 (default: the paper's)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="test scales, averaged (e.g. 0.5 0.75 1 1.25 1.5)")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
@@ -245,10 +238,10 @@ def _eval_dataset(args, num_classes, parser):
         return ds, data.synthetic.class_names(num_classes)
     path = os.path.expanduser(args.data)
     if not os.path.isdir(path):
-        _fail(parser, f"--data {args.data!r} is neither 'synthetic' nor an existing folder")
+        usage_error(parser, f"--data {args.data!r} is neither 'synthetic' nor an existing folder")
     if os.path.isdir(os.path.join(path, "VOC2012")):
         if num_classes < len(data.VOC_CLASSES):
-            _fail(parser, f"the model predicts {num_classes} classes but VOC 2012 has {len(data.VOC_CLASSES)}; "
+            usage_error(parser, f"the model predicts {num_classes} classes but VOC 2012 has {len(data.VOC_CLASSES)}; "
                           "evaluate a VOC model on VOC data")
         ds = data.load_voc(args.split, config="voc", manual_dir=path, data_dir=args.data_dir)
         names = list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
@@ -256,28 +249,28 @@ def _eval_dataset(args, num_classes, parser):
     if os.path.isdir(os.path.join(path, "images")):
         names = data.read_class_names(path)
         if names is not None and len(names) != num_classes:
-            _fail(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")
+            usage_error(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")
         return data.folder_dataset(path, num_classes=num_classes), names
-    _fail(parser, f"--data {path!r} holds neither VOC2012/ nor images/ + masks/")
+    usage_error(parser, f"--data {path!r} holds neither VOC2012/ nor images/ + masks/")
 
 
 def _usage_error(parser, args, error):
     """A usage error from a library call: one line and exit 2, or the traceback with --debug."""
     if args.debug:
         raise error
-    _fail(parser, " ".join(str(error).split()))
+    usage_error(parser, error)
 
 
 def _eval_settings(args, parser):
     """Checks the numbers and resolves ``--protocol``: returns (pad_to, crf, crf_params)."""
     if any(s <= 0 for s in args.scales):
-        _fail(parser, f"--scales must be positive, got {args.scales}")
+        usage_error(parser, f"--scales must be positive, got {args.scales}")
     if args.max_images is not None and args.max_images < 1:
-        _fail(parser, f"--max-images must be >= 1, got {args.max_images}")
+        usage_error(parser, f"--max-images must be >= 1, got {args.max_images}")
     if args.crf_iterations is not None and args.crf_iterations < 0:
-        _fail(parser, f"--crf-iterations must be >= 0, got {args.crf_iterations}")
+        usage_error(parser, f"--crf-iterations must be >= 0, got {args.crf_iterations}")
     if args.pad_to is not None and args.pad_to < 1:
-        _fail(parser, f"--pad-to must be >= 1 (the paper: 513), got {args.pad_to}")
+        usage_error(parser, f"--pad-to must be >= 1 (the paper: 513), got {args.pad_to}")
     crf_params = {} if args.crf_iterations is None else {"iterations": args.crf_iterations}
     for item in args.crf_params:
         key, sep, value = item.partition("=")
@@ -286,7 +279,7 @@ def _eval_settings(args, parser):
         except ValueError:
             sep = ""
         if not sep or key.replace("-", "_") not in _crf_keys():
-            _fail(parser, f"--crf-params {item!r}: expected KEY=NUMBER with KEY in {sorted(_crf_keys())}")
+            usage_error(parser, f"--crf-params {item!r}: expected KEY=NUMBER with KEY in {sorted(_crf_keys())}")
     if args.protocol is None:
         return args.pad_to, args.crf, crf_params
     conflicts = [flag for flag, given in (
@@ -295,7 +288,7 @@ def _eval_settings(args, parser):
         ("--flip", args.flip), ("--crf-iterations", args.crf_iterations is not None),
         ("--crf-params", bool(args.crf_params))) if given]
     if conflicts:
-        _fail(parser, f"--protocol {args.protocol} fixes the test settings (pad to {PAPER_PAD_SIZE}, scale 1, no "
+        usage_error(parser, f"--protocol {args.protocol} fixes the test settings (pad to {PAPER_PAD_SIZE}, scale 1, no "
                       f"flip, the paper's CRF); drop {', '.join(conflicts)} or leave out --protocol")
     return PAPER_PAD_SIZE, True, {}
 

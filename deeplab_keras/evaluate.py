@@ -27,7 +27,6 @@ Example:
 """
 import inspect
 import os
-import re
 import sys
 import time
 
@@ -37,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from deeplab_keras.crf import dense_crf  # noqa: E402
 from deeplab_keras.data import BadDataError  # noqa: E402
+from deeplab_keras.data._common import tf_error_line  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
 from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
@@ -203,12 +203,7 @@ def _unwrapped(dataset):
 
 def data_error(err):
     """The one-line :class:`BadDataError` inside a TensorFlow error from a data pipeline (else its first line)."""
-    text = getattr(err, "message", None) or str(err)
-    found = re.search(r"BadDataError: ([^\n]+)", text)
-    if found:
-        return BadDataError(found.group(1).strip())
-    first = re.sub(r"\{\{[^}]*\}\}\s*", "", text.strip().splitlines()[0] if text.strip() else repr(err))
-    return BadDataError(f"reading the data failed: {first}")
+    return BadDataError(tf_error_line(err))
 
 
 def _load(model):

@@ -192,3 +192,29 @@ def _text(value):
     if hasattr(value, "numpy"):
         return _text(value.numpy())
     return str(value)
+
+
+def tf_error_line(error):
+    """The one informative line of a TensorFlow runtime error from a data pipeline or a graph check: the
+    :class:`BadDataError` message raised inside ``tf.data``, a ``tf.debugging.Assert`` message, else the last
+    meaningful line (without TensorFlow's node and stack-trace decoration).
+
+    Example:
+        >>> tf_error_line(err)   # doctest: +SKIP
+        'masks/a.png: label value 7 is outside 0..4 and 255; ...'
+    """
+    import re
+
+    text = getattr(error, "message", None) or str(error)
+    failed = re.search(r"assertion failed: (.*)", text)
+    if failed:  # tf.debugging.Assert: "[message] [value] ..." -> "message value ..."
+        return re.sub(r"\[([^\[\]]*)\]", r"\1", failed.group(1)).strip()
+    found = re.search(r"BadDataError: ([^\n]+)", text)
+    if found:
+        return found.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("[[", "Detected at node", "<stack traces", "Graph execution error"))]
+    line = lines[-1] if lines else type(error).__name__
+    line = re.sub(r"\{\{[^}]*\}\}\s*", "", line)
+    line = re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
+    return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data._common.BadDataError: ..." -> "..."
