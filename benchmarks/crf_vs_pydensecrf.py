@@ -3,8 +3,10 @@
 Headline: a 500x375 VOC image (2007_000063), 21 labels, DeepLab-like probabilities, 10 iterations, DeepLab v2
 defaults. Prints both times (min and median of interleaved repeats), the speed ratio, the peak memory each
 needs (measured in its own subprocess), label agreement and |diff|; then the scaling over batch sizes 1..4 and
-image sizes 250x188, 500x375, 1000x750. pydensecrf is single-threaded; the op uses TensorFlow's intra-op pool
-(all cores unless --threads). Times on a shared machine are noisy: compare the ratios, measured side by side.
+image sizes 250x188, 500x375, 1000x750, 2000x1500 with the peak memory of each side (RSS growth during one run,
+in its own process) and the op's own estimate (``dk.crf.memory_estimate``, what it checks against its limit).
+pydensecrf is single-threaded; the op uses TensorFlow's intra-op pool (all cores unless --threads). Times on a
+shared machine are noisy: compare the ratios, measured side by side.
 
 Usage: python benchmarks/crf_vs_pydensecrf.py [--repeats 5] [--threads N] [--quick] [--json out.json]
 """
@@ -27,8 +29,9 @@ PARAMS = dict(bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0
 ITERATIONS = 10
 
 
-def make_inputs(width, height, classes=21, seed=0):
-    """VOC image resized to width x height and DeepLab-like probabilities from its (blurred, coarse, noisy) labels."""
+def make_inputs(width, height, classes=21, seed=0, noise=False):
+    """VOC image resized to width x height and DeepLab-like probabilities from its (blurred, coarse, noisy) labels;
+    with ``noise`` the image is replaced by uniform noise (the bilateral lattice's worst case)."""
     import tensorflow as tf
     from PIL import Image
     from scipy import ndimage
@@ -44,7 +47,21 @@ def make_inputs(width, height, classes=21, seed=0):
     rng = np.random.default_rng(seed)
     logits = 4.0 * coarse + rng.normal(0.0, 0.5, coarse.shape).astype(np.float32)
     probs = tf.nn.softmax(tf.image.resize(logits, (height, width), "bilinear"))[0].numpy()
+    if noise:
+        image = rng.integers(0, 256, image.shape, dtype=np.uint8)
     return image, probs.astype(np.float32)
+
+
+def lattice_points(image):
+    """Points of the bilateral permutohedral lattice of ``image`` at the DeepLab parameters (the op builds the same
+    lattice; ``deeplab_keras.crf.portable`` counts them)."""
+    from deeplab_keras.crf import portable
+
+    height, width = image.shape[:2]
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    features = np.concatenate([np.stack([xs.ravel(), ys.ravel()], 1) / PARAMS["bilateral_xy_std"],
+                               image.reshape(-1, 3) / PARAMS["bilateral_rgb_std"]], 1).astype(np.float32)
+    return int(portable._Lattice(features, np.zeros(height * width, np.int32)).num_vertices)
 
 
 def run_pydensecrf(probs, image, iterations=ITERATIONS):
@@ -86,16 +103,26 @@ def side_by_side(probs_list, images_list, repeats):
     return ref_times, op_times, ref, out
 
 
-def memory_worker(kind, width, height):
-    """Subprocess body: peak RSS growth during one run of `kind` over the RSS just before it (MiB), sampled
-    every millisecond (after a tiny warm-up run, so one-time runtime set-up is not counted)."""
+def memory_worker(kind, width, height, noise=False, points=False):
+    """Subprocess body: prints the peak RSS growth during one run of `kind` over the RSS just before it (MiB): the
+    process's own peak (ru_maxrss) when the run raised it, else RSS sampled every half millisecond (after a tiny
+    warm-up run, so one-time runtime set-up is not counted). With ``points`` (op only) also the bilateral lattice's
+    size and the op's estimates before and after building it."""
+    import resource
     import threading
 
     import psutil
 
-    image, probs = make_inputs(width, height)
+    image, probs = make_inputs(width, height, noise=noise)
     run = (lambda p, im: run_op(p[None], im[None])) if kind == "op" else run_pydensecrf
     run(probs[:8, :8], image[:8, :8])
+    extra = {}
+    if points:
+        from deeplab_keras.crf import memory_estimate
+
+        extra["points"] = lattice_points(image)
+        extra["estimate_mib"] = memory_estimate([1, *probs.shape], bilateral_points=extra["points"])[0] / 2 ** 20
+        extra["first_estimate_mib"] = memory_estimate([1, *probs.shape])[0] / 2 ** 20
     try:  # hand freed heap memory back to the OS, so that reusing it does not hide a run's allocations
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -103,13 +130,14 @@ def memory_worker(kind, width, height):
         pass
     process = psutil.Process()
     before = peak = process.memory_info().rss
+    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     done = threading.Event()
 
     def sample():
         nonlocal peak
         while not done.is_set():
             peak = max(peak, process.memory_info().rss)
-            time.sleep(0.001)
+            time.sleep(0.0005)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -117,14 +145,21 @@ def memory_worker(kind, width, height):
     done.set()
     sampler.join()
     peak = max(peak, process.memory_info().rss)
-    print(json.dumps({"peak_mib": (peak - before) / 2 ** 20}))
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if max_after > max_before:
+        peak = max(peak, max_after)
+    print(json.dumps({"peak_mib": (peak - before) / 2 ** 20, **extra}))
 
 
-def peak_memory(kind, width, height, threads):
+def peak_memory(kind, width, height, threads, details=False, noise=False):
+    """``memory_worker`` in a fresh process: the peak MiB (NaN if it failed), or its whole JSON with ``details``."""
     cmd = [sys.executable, __file__, "--memory-worker", kind, "--size", f"{width}x{height}"]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    cmd += (["--threads", str(threads)] if threads else []) + (["--noise"] if noise else [])
+    cmd += ["--points"] if details else []
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    if details:
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
     if result.returncode != 0:
         return float("nan")
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -143,19 +178,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (default 5)")
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (default 0: all cores)")
-    parser.add_argument("--quick", action="store_true", help="2 repeats, skip the 1000x750 size")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, skip the 1000x750 and 2000x1500 sizes")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--memory-worker", choices=["op", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--headline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="500x375", help=argparse.SUPPRESS)
+    parser.add_argument("--noise", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--points", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    from deeplab_keras.crf import memory_estimate
+
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     if args.memory_worker:
-        memory_worker(args.memory_worker, *map(int, args.size.split("x")))
+        memory_worker(args.memory_worker, *map(int, args.size.split("x")), noise=args.noise, points=args.points)
         return 0
     repeats = 2 if args.quick else args.repeats
     if args.headline_only:
@@ -203,17 +242,24 @@ def main(argv=None):
         results["batch"].append({"batch": batch, "pydensecrf_ms": min(ref_t) * 1e3, "op_ms": min(op_t) * 1e3,
                                  "agreement": float(agree)})
 
-    print("\nimage-size scaling (batch 1)")
-    print("  size         pydensecrf ms   op ms    ratio   agreement")
+    print("\nimage-size scaling (batch 1); peak memory = RSS growth during one run (MiB), each in its own process")
+    print("  size         pydensecrf ms   op ms    ratio   agreement   peak pydensecrf   peak op   op estimate")
     results["sizes"] = []
-    for width, height in ((250, 188), (500, 375)) + (() if args.quick else ((1000, 750),)):
+    sizes = ((250, 188), (500, 375)) + (() if args.quick else ((1000, 750), (2000, 1500)))
+    for width, height in sizes:
         image, probs = make_inputs(width, height)
-        ref_t, op_t, ref, out = side_by_side([probs], [image], max(1, repeats - 2))
-        agree = (ref.argmax(-1) == out.argmax(-1)).mean()
+        ref_t, op_t, ref, out = side_by_side([probs], [image], 1 if width > 1000 else max(1, repeats - 2))
+        agree = float((ref.argmax(-1) == out.argmax(-1)).mean())
+        del ref, out
+        mem_ref = peak_memory("ref", width, height, args.threads)
+        mem_op = peak_memory("op", width, height, args.threads)
+        estimate = memory_estimate([1, height, width, probs.shape[-1]], ITERATIONS)[0] / 2 ** 20
         print(f"  {width}x{height:<8d} {min(ref_t) * 1e3:13.1f}   {min(op_t) * 1e3:6.1f}   "
-              f"{min(ref_t) / min(op_t):5.2f}x   {agree * 100:.4f} %")
+              f"{min(ref_t) / min(op_t):5.2f}x   {agree * 100:.4f} %   {mem_ref:15.0f}   {mem_op:7.0f}   "
+              f"{estimate:11.0f}")
         results["sizes"].append({"size": f"{width}x{height}", "pydensecrf_ms": min(ref_t) * 1e3,
-                                 "op_ms": min(op_t) * 1e3, "agreement": float(agree)})
+                                 "op_ms": min(op_t) * 1e3, "agreement": agree, "peak_mib_pydensecrf": mem_ref,
+                                 "peak_mib_op": mem_op, "estimate_mib_op": estimate})
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

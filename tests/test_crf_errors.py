@@ -34,7 +34,8 @@ CASES = {
     "unnormalised_probs": (dict(probs=GOOD_PROBS * 5), r"sum to 1 .* got 5 at \[0, 0, 0, :\]"),
     "zero_probs": (dict(probs=GOOD_PROBS * 0), r"sum to 1 .* got 0 at"),
     "one_pixel_off": (dict(probs=with_value(0.4)), r"sum to 1 .* at \[0, 2, 3, :\]"),
-    "memory_limit": (dict(max_memory=4096), r"needs about .* MiB .* more than the limit of 0\.0 MiB. Run the CRF on tiles"),
+    "memory_limit": (dict(max_memory=4096), r"needs about .* MiB .* more than the limit of 0\.0 MiB. Run the CRF "
+                                            r"on tiles"),
     "negative_iterations": (dict(iterations=-1), "iterations"),
     "huge_iterations": (dict(iterations=100000), "iterations"),
     "negative_bilateral_weight": (dict(bilateral_weight=-1.0), "bilateral_weight"),

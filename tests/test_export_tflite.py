@@ -23,15 +23,15 @@ def model():
     return tiny_model(3, "resnet50")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny DeepLab trained briefly on synthetic shapes (real decision boundaries, for int8 agreement)."""
+def train_tiny(num_classes, size, steps, batch_size=8, seed=0, data_seed=5, num_examples=48):
+    """A tiny DeepLab (``tiny_model``) trained briefly with Adam on synthetic shapes; BN statistics set from the
+    data (real decision boundaries, for tests that need a trained model). Returns ``(net, images)``."""
     import keras
-    from deeplab_keras.data.synthetic import generate_example, write_synthetic_folder
+    from deeplab_keras.data.synthetic import generate_example
 
-    keras.utils.set_random_seed(0)
-    net = tiny_model(3, "resnet50")
-    examples = [generate_example(i, (65, 65), 3, seed=5) for i in range(48)]
+    keras.utils.set_random_seed(seed)
+    net = tiny_model(num_classes, "resnet50")
+    examples = [generate_example(i, size, num_classes, seed=data_seed) for i in range(num_examples)]
     x = np.stack([e[0] for e in examples]).astype(np.float32)
     y = np.stack([e[1] for e in examples]).astype(np.int32)
     optimizer = keras.optimizers.Adam(3e-3)
@@ -45,17 +45,26 @@ def trained(tmp_path_factory):
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
         return loss
 
-    rng = np.random.RandomState(0)
-    for _ in range(100):
-        idx = rng.randint(0, len(x), 8)
+    rng = np.random.RandomState(seed)
+    for _ in range(steps):
+        idx = rng.randint(0, len(x), batch_size)
         step(x[idx], y[idx])
-    # 100 steps are too few for BN's moving averages (momentum 0.99): set them to the statistics of the data.
+    # A few steps are too few for BN's moving averages (momentum 0.99): set them to the statistics of the data.
     norms = [layer for layer in net._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in norms:
         layer.momentum = 0.0
     net(x, training=True)
     for layer in norms:
         layer.momentum = 0.99
+    return net, x
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny DeepLab trained briefly on synthetic shapes (real decision boundaries, for int8 agreement)."""
+    from deeplab_keras.data.synthetic import generate_example, write_synthetic_folder
+
+    net, _ = train_tiny(3, (65, 65), steps=100)
     held = [generate_example(i, (65, 65), 3, seed=11) for i in range(6)]
     predicted = common.reference_outputs(net, np.stack([e[0] for e in held]))["labels"]
     accuracy = np.mean(predicted == np.stack([e[1] for e in held]))

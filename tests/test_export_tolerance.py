@@ -8,6 +8,7 @@ import tensorflow as tf
 from deeplab_keras.export import common, tflite
 from deeplab_keras.export.verify import FLOAT32_MAX_DIFF, TOLERANCES, Tolerance, run_checks, synthetic_images
 from tests.conftest import tiny_model
+from tests.test_export_tflite import train_tiny
 
 ITERATIONS = 10
 SIZE = (41, 49)
@@ -15,28 +16,7 @@ SIZE = (41, 49)
 
 def _trained_tiny_cpu(steps=40):
     """The tiny_cpu configuration (TINY resnet50, 4 classes) trained for a few steps on synthetic shapes."""
-    import keras
-    from deeplab_keras.data.synthetic import generate_example
-
-    keras.utils.set_random_seed(0)
-    net = tiny_model(4, "resnet50")
-    examples = [generate_example(i, (49, 49), 4, seed=3) for i in range(24)]
-    x = np.stack([e[0] for e in examples]).astype(np.float32)
-    y = np.stack([e[1] for e in examples]).astype(np.int32)
-    optimizer = keras.optimizers.Adam(3e-3)
-
-    @tf.function
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = common.upsample_logits(net(images, training=True), tf.shape(images)[1:3])
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
-        optimizer.apply_gradients(zip(tape.gradient(loss, net.trainable_variables), net.trainable_variables))
-
-    rng = np.random.RandomState(0)
-    for _ in range(steps):
-        idx = rng.randint(0, len(x), 4)
-        step(x[idx], y[idx])
-    return net
+    return train_tiny(4, (49, 49), steps, batch_size=4, data_seed=3, num_examples=24)[0]
 
 
 @pytest.fixture(scope="module")

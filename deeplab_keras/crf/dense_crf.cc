@@ -514,7 +514,8 @@ int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_
     stencil = StencilApplies(params.gaussian_xy_std);
     if (!stencil) {  // a 2-D lattice has about 1.2 N / xy_std^2 points (at most 3 N)
       const double s = params.gaussian_xy_std;
-      const int64_t M = std::min<int64_t>(3 * N, static_cast<int64_t>(1.5 * N / (s * s) + 2.0 * (height + width) / s) + 64);
+      const int64_t M =
+          std::min<int64_t>(3 * N, static_cast<int64_t>(1.5 * N / (s * s) + 2.0 * (height + width) / s) + 64);
       build_peak = std::max(build_peak, built + LatticeBuildBytes(2, N, M));
       built += LatticeBytes(2, N, M);
       values += (M + 1) * row;

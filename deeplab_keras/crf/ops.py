@@ -62,8 +62,8 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
     Raises:
         tf.errors.InvalidArgumentError: wrong rank, mismatched N/H/W, C out of range, non-uint8 images, an empty
             image, non-finite (or negative) inputs, probabilities that do not sum to 1, parameters out of range,
-            an estimated memory need above ``max_memory`` (the message gives the estimate and how to lower it). In a ``tf.function`` with static
-            shapes, shape problems surface as ValueError at trace time.
+            an estimated memory need above ``max_memory`` (the message gives the estimate and how to lower it).
+            In a ``tf.function`` with static shapes, shape problems surface as ValueError at trace time.
         deeplab_keras.crf.OpLibraryError: the op library is not built and cannot be built here.
 
     Example:
