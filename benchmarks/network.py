@@ -1,0 +1,317 @@
+"""The whole DeepLab v2 network on this machine, every path side by side in one run: time, GFLOP/s, the ratio to
+the machine's float32 matmul rate, and peak memory.
+
+Inference paths (batch 1, ``--size``, the exported computation ``export.common.serving_outputs``: logits ->
+corner-aligned resize -> softmax + argmax):
+
+- ``tf``: the Keras model in a ``tf.function`` traced for the input shape (no eager), the package's default;
+- ``tf_xla``: the same with ``jit_compile=True`` (XLA);
+- ``saved_model``: the SavedModel ``deeplab-export`` writes, through ``tf.saved_model.load`` (uint8 input);
+- ``litert``: the float32 ``.tflite`` (static input size) in the LiteRT interpreter (XNNPACK);
+- ``onnxruntime``: the ``.onnx`` (static input size) in onnxruntime (``export.onnx.make_session``).
+
+Training paths (``--train-size``, each of ``--train-batches``): one step of the package's trainer
+(``train.SegmentationTrainer`` + ``ScaledSGD``: the recipe's loss at full resolution, L2, frozen batch norm),
+MSC (1, 0.75, 0.5) off and on, with ``jit_compile`` off and on.
+
+FLOPs are counted analytically (``benchmarks/flops.py``: convolutions, 2 per multiply-add; a training step is 3x
+the forward pass). Inference paths are timed in interleaved rounds, each round also timing an n x n float32
+matmul in numpy and in TF, so that a load change on a shared machine hits all of them alike. Columns:
+``x matmul`` the path's FLOP rate over the best matmul rate of the same round (median over rounds); ``cpu s`` the
+process's CPU time per call (all threads: on a loaded machine the wall time waits for cores, the CPU time less
+so, though spinning worker threads count in it); ``peak RSS`` the process's resident memory at its highest during
+the path's calls and ``+MB`` that peak minus the resident memory just before the call (the path's working
+memory). Notes: ``x_tf`` the median over rounds of the path's time over ``tf``'s in the same round, ``x_tf_min``
+the ratio of the best times, ``size_vs_weights`` the SavedModel's size over the model's weight bytes.
+
+Usage:
+    python benchmarks/network.py                          # ResNet-101 ASPP-L, 513x513, training at 321x321
+    python benchmarks/network.py --paths tf onnxruntime --repeats 5
+    python benchmarks/network.py --tiny --json out.json   # seconds: a tiny model (what the test runs)
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+INFERENCE_PATHS = ("tf", "tf_xla", "saved_model", "litert", "onnxruntime")
+TRAIN_PATHS = ("train", "train_xla")
+MSC_SCALES = (1.0, 0.75, 0.5)
+TINY = dict(backbone="resnet50", width_multiplier=0.125, stage_blocks=(1, 1, 1, 1))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model, 65x65 inputs, 1 round: a smoke run")
+    p.add_argument("--backbone", default="resnet101", choices=["resnet50", "resnet101", "vgg16"])
+    p.add_argument("--aspp", default=None, help="ASPP rates: L (default for ResNet), S, largefov")
+    p.add_argument("--size", type=int, default=None, help="inference input side (default 513; tiny 65)")
+    p.add_argument("--train-size", type=int, default=None, help="training crop side (default 321; tiny 65)")
+    p.add_argument("--train-batches", type=int, nargs="+", default=None, help="default 2 10 (tiny 2)")
+    p.add_argument("--paths", nargs="+", default=list(INFERENCE_PATHS + TRAIN_PATHS),
+                   choices=INFERENCE_PATHS + TRAIN_PATHS)
+    p.add_argument("--msc", choices=["off", "on", "both"], default="both", help="MSC settings of the train step")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds/steps per path (default 3; tiny 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of every runtime")
+    p.add_argument("--matmul-n", type=int, default=None, help="matmul side (default 2048; tiny 256)")
+    p.add_argument("--workdir", help="where the exports are written (default a temporary directory)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.size = args.size or (65 if tiny else 513)
+    args.train_size = args.train_size or (65 if tiny else 321)
+    args.train_batches = args.train_batches or ([2] if tiny else [2, 10])
+    args.repeats = args.repeats or (1 if tiny else 3)
+    args.matmul_n = args.matmul_n or (256 if tiny else 2048)
+    return args
+
+
+class PeakRSS:
+    """Samples the process's resident memory every ``interval`` s while active (``with sampler: ...``)."""
+
+    def __init__(self, interval=0.005):
+        import psutil
+
+        self._process, self.interval = psutil.Process(), interval
+        self.peak = self.before = 0
+
+    def rss(self):
+        return self._process.memory_info().rss
+
+    def __enter__(self):
+        self.before = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        return False
+
+
+def matmul_rates(n, tf):
+    """Best-of-3 FLOP/s of an ``n x n`` float32 matmul: ``{"numpy": ..., "tf": ...}``."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    ta, tb = tf.constant(a), tf.constant(b)
+    tf_mm = tf.function(tf.matmul)
+    calls = {"numpy": lambda: a @ b, "tf": lambda: tf_mm(ta, tb).numpy()}
+    rates = {}
+    for name, call in calls.items():
+        call()
+        best = min(_seconds(call) for _ in range(3))
+        rates[name] = 2.0 * n ** 3 / best
+    return rates
+
+
+def _seconds(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _wall_and_cpu(call):
+    cpu = time.process_time()
+    wall = _seconds(call)
+    return wall, time.process_time() - cpu
+
+
+def inference_runners(model, args, workdir, tf):
+    """``{path: (run(images uint8 [1,H,W,3]) -> labels, notes)}`` for the requested inference paths."""
+    import numpy as np
+
+    from deeplab_keras.export import common, onnx as onnx_export, saved_model, tflite
+
+    size, runners = (args.size, args.size), {}
+    weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
+    for path, jit in (("tf", False), ("tf_xla", True)):
+        if path in args.paths:
+            fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit)
+            runners[path] = (lambda x, f=fn: f(tf.constant(x, tf.float32))["labels"].numpy(), {})
+    if "saved_model" in args.paths:
+        report = saved_model.export_saved_model(model, os.path.join(workdir, "sm"), version=1, overwrite=True,
+                                                num_samples=1, verify_size=(65, 65))
+        fn = tf.saved_model.load(os.path.join(workdir, "sm", "1")).signatures[saved_model.SIGNATURE_IMAGE]
+        runners["saved_model"] = (lambda x, f=fn: f(image=tf.constant(x))["labels"].numpy(),
+                                  {"size_mb": report["size_mb"],
+                                   "size_vs_weights": round(report["size_bytes"] / weight_bytes, 3)})
+    if "litert" in args.paths:
+        out = os.path.join(workdir, "model.tflite")
+        report = tflite.export_tflite(model, out, input_size=size, overwrite=True, num_samples=1,
+                                      num_threads=args.threads)
+        runner = tflite.TFLiteRunner(out, num_threads=args.threads)
+        runners["litert"] = (lambda x, r=runner: r(x.astype(np.float32))["labels"], {"size_mb": report["size_mb"]})
+    if "onnxruntime" in args.paths:
+        out = os.path.join(workdir, "model.onnx")
+        report = onnx_export.export_onnx(model, out, input_size=size, overwrite=True, num_samples=1)
+        session = onnx_export.make_session(out, num_threads=args.threads)
+        runners["onnxruntime"] = (lambda x, s=session: onnx_export.run_onnx(s, x)["labels"],
+                                  {"size_mb": report["size_mb"]})
+    return runners
+
+
+def time_inference(runners, images, flops, args, tf):
+    """Interleaved rounds; per path: seconds, FLOP rates, ratios to the same round's matmul, peak memory."""
+    import numpy as np
+
+    rows = {name: {"times": [], "cpu": [], "ratios": [], "peak_rss": 0, "extra": 0} for name in runners}
+    reference = None
+    for name, (run, _) in runners.items():  # warm-up (tracing, allocation) + agreement with the first path
+        labels = run(images[:1])
+        reference = labels if reference is None else reference
+        rows[name]["labels_vs_first"] = float(np.mean(labels == reference))
+    sampler, matmuls = PeakRSS(), []
+    for r in range(args.repeats):
+        rates = matmul_rates(args.matmul_n, tf)
+        matmuls.append(rates)
+        x = images[(r + 1) % len(images)][None]
+        for name, (run, _) in runners.items():
+            with sampler:
+                seconds, cpu = _wall_and_cpu(lambda: run(x))
+            row = rows[name]
+            row["times"].append(seconds)
+            row["cpu"].append(cpu)
+            row["ratios"].append(flops / seconds / max(rates.values()))
+            row["peak_rss"] = max(row["peak_rss"], sampler.peak)
+            row["extra"] = max(row["extra"], sampler.peak - sampler.before)
+    return rows, matmuls
+
+
+def train_rows(model_kwargs, args, tf, flops_fn):
+    """One row per (MSC, batch, jit): a step of the package's trainer, frozen BN."""
+    import keras
+    import numpy as np
+
+    import deeplab_keras as dk
+    from deeplab_keras import train as T
+
+    rows, size = [], args.train_size
+    jits = [j for j, p in ((False, "train"), (True, "train_xla")) if p in args.paths]
+    msc_settings = {"off": [False], "on": [True], "both": [False, True]}[args.msc]
+    rng = np.random.default_rng(0)
+    sampler = PeakRSS()
+    for msc in msc_settings:
+        for batch in args.train_batches:
+            for jit in jits:
+                keras.utils.set_random_seed(0)
+                net = dk.DeepLabV2(msc_scales=MSC_SCALES if msc else None, **model_kwargs)
+                for layer in net._flatten_layers(include_self=False):  # the recipe: frozen batch norm
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.trainable = False
+                trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)
+                trainer.compile(optimizer=T.ScaledSGD(2.5e-4, momentum=0.9, multipliers=[["aspp", 10.0]]),
+                                jit_compile=jit)
+                images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+                labels = rng.integers(0, net.num_classes, (batch, size, size)).astype(np.uint8)
+                trainer.train_on_batch(images, labels)  # trace / compile
+                times, cpus, rates = [], [], []
+                with sampler:
+                    for _ in range(args.repeats):
+                        rates.append(max(matmul_rates(args.matmul_n, tf).values()))
+                        wall, cpu = _wall_and_cpu(lambda: trainer.train_on_batch(images, labels))
+                        times.append(wall)
+                        cpus.append(cpu)
+                flops = 3 * batch * flops_fn(net, size, size)
+                median = float(np.median(times))
+                rows.append({"path": f"train{'_xla' if jit else ''} b{batch} msc {'on' if msc else 'off'}",
+                             "median_s": median, "min_s": min(times), "cpu_s": float(np.median(cpus)),
+                             "gflop": flops / 1e9,
+                             "gflop_per_s": flops / median / 1e9,
+                             "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
+                             "images_per_s": batch / median, "peak_rss_mb": sampler.peak / 1e6,
+                             "extra_mb": (sampler.peak - sampler.before) / 1e6})
+                del trainer, net
+    return rows
+
+
+def print_table(rows, header):
+    print(f"\n{header}")
+    print(f"{'path':<28}{'median s':>10}{'min s':>9}{'cpu s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'x matmul':>10}"
+          f"{'peak RSS MB':>13}{'+MB':>8}  notes")
+    for r in rows:
+        print(f"{r['path']:<28}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{r['cpu_s']:>8.2f}{r['gflop']:>9.1f}"
+              f"{r['gflop_per_s']:>9.1f}"
+              f"{r['x_matmul']:>10.2f}{r['peak_rss_mb']:>13.0f}{r['extra_mb']:>8.0f}  {r.get('notes', '')}")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import deeplab_keras as dk
+    from deeplab_keras.export.verify import synthetic_images
+    from flops import forward_flops
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-network-bench-")
+    model_kwargs = dict(TINY, num_classes=21) if args.tiny else dict(num_classes=21, backbone=args.backbone)
+    if args.aspp:
+        model_kwargs["aspp"] = args.aspp
+    elif model_kwargs["backbone"] == "vgg16":
+        model_kwargs["aspp"] = "largefov"
+    load = os.getloadavg()
+    print(f"# {os.cpu_count()} CPUs, {args.threads} threads, load average {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f} at start; TF {tf.__version__}, Keras {keras.__version__}; model {model_kwargs}", flush=True)
+    result = {"args": vars(args), "load_at_start": load, "inference": [], "train": []}
+
+    inference = [p for p in args.paths if p in INFERENCE_PATHS]
+    if inference:
+        keras.utils.set_random_seed(0)
+        model = dk.DeepLabV2(**model_kwargs)
+        flops = forward_flops(model, args.size, args.size)
+        runners = inference_runners(model, args, workdir, tf)
+        images = synthetic_images((args.size, args.size), 2, seed=0)
+        timed, matmuls = time_inference(runners, images, flops, args, tf)
+        tf_times = np.array(timed["tf"]["times"]) if "tf" in timed else None
+        for name, row in timed.items():
+            median = float(np.median(row["times"]))
+            notes = dict(runners[name][1], labels_vs_first=round(row["labels_vs_first"], 4))
+            if tf_times is not None:  # same-round ratios (robust to load drifts) and the ratio of the best times
+                notes["x_tf"] = round(float(np.median(np.array(row["times"]) / tf_times)), 2)
+                notes["x_tf_min"] = round(min(row["times"]) / tf_times.min(), 2)
+            result["inference"].append({
+                "path": name, "median_s": median, "min_s": min(row["times"]), "cpu_s": float(np.median(row["cpu"])),
+                "gflop": flops / 1e9,
+                "gflop_per_s": flops / median / 1e9, "x_matmul": float(np.median(row["ratios"])),
+                "peak_rss_mb": row["peak_rss"] / 1e6, "extra_mb": row["extra"] / 1e6,
+                "notes": " ".join(f"{k}={v}" for k, v in notes.items())})
+        best = {k: max(m[k] for m in matmuls) / 1e9 for k in matmuls[0]}
+        result["matmul_gflop_per_s"] = best
+        print_table(result["inference"], f"inference, {args.size}x{args.size}, batch 1, median of {args.repeats} "
+                                         f"interleaved rounds; float32 matmul {args.matmul_n}: numpy "
+                                         f"{best['numpy']:.1f}, TF {best['tf']:.1f} GFLOP/s (best round)")
+        del runners, model
+    if any(p in TRAIN_PATHS for p in args.paths):
+        result["train"] = train_rows(model_kwargs, args, tf, forward_flops)
+        print_table(result["train"], f"training step, {args.train_size}x{args.train_size}, frozen BN, median of "
+                                     f"{args.repeats} steps (FLOPs = 3x forward)")
+    result["load_at_end"] = os.getloadavg()
+    print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
