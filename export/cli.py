@@ -133,7 +133,7 @@ def _check_args(p, a):
         if getattr(a, dest) is None:
             setattr(a, dest, default)
         elif not applies(a):
-            p.error(f"{flag} applies to {where} only")
+            p.error(f"{flag} applies only to {where}")
     fmt = a.format
     if fmt == "onnx" and a.opset < 13:
         p.error(f"--opset must be >= 13 (got {a.opset})")

@@ -44,7 +44,8 @@ def serving_outputs(model, images, outputs="full", crf=None):
 
 
 def postprocess(logits, images, outputs="full", crf=None):
-    """``serving_outputs`` from the model's float32 logits ``[N, h, w, C]`` on (float32) ``images`` on."""
+    """The part of ``serving_outputs`` after the model: float32 ``logits`` ``[N, h, w, C]`` of ``images`` (float32
+    ``[N, H, W, 3]``) to the outputs."""
     if outputs == "logits":
         return {"logits": logits}
     upsampled = upsample_logits(logits, tf.shape(images)[1:3])

@@ -37,11 +37,11 @@ def _everything(folder):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "tflite", "--opset", "17"], "--opset applies to --format onnx only"),
-    (["--format", "saved_model", "--outputs", "full"], "--outputs applies to --format tflite / onnx"),
-    (["--format", "onnx", "--num-calibration", "8"], "--num-calibration applies to --quantize int8 only"),
-    (["--format", "tflite", "--representative-data", "."], "--representative-data applies to --quantize int8"),
-    (["--format", "onnx", "--crf-iterations", "5"], "--crf-iterations applies to --with-crf only"),
+    (["--format", "tflite", "--opset", "17"], "--opset applies only to --format onnx"),
+    (["--format", "saved_model", "--outputs", "full"], "--outputs applies only to --format tflite / onnx"),
+    (["--format", "onnx", "--num-calibration", "8"], "--num-calibration applies only to --quantize int8"),
+    (["--format", "tflite", "--representative-data", "."], "--representative-data applies only to --quantize int8"),
+    (["--format", "onnx", "--crf-iterations", "5"], "--crf-iterations applies only to --with-crf"),
     (["--format", "saved_model", "--version", "-1"], "--version must be >= 0"),
 ])
 def test_options_that_do_not_apply_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -57,7 +57,7 @@ def test_model_options_with_a_checkpoint_exit_2(tmp_path, capsys):
     code = _main(["--checkpoint", str(tmp_path / "m.keras"), "--num-classes", "5", "--format", "onnx", "--out",
                   str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
-    assert code == 2 and "--num-classes applies to --backbone" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--num-classes applies only to --backbone" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("flag", ["--representative-data", "--samples"])

@@ -119,9 +119,23 @@ DKCRF_INLINE f8 LogPositive(f8 x) {
 // ------------------------------------------------------------------------------------------------------
 // Kernel bodies. NB = 8-float blocks per row as a compile-time constant (0: use the runtime `nb`).
 
-// Writes -U of one pixel's row of C inputs as nb padded blocks (pad labels get -1e30, i.e. probability 0).
-// Computed on the fly in every iteration instead of stored: one log per value is cheaper than a buffer of
-// H * W padded rows (memory).
+// Reads a row of C floats as nb padded blocks; the pad labels get -1e30 (probability 0 after a softmax).
+template <int NB>
+DKCRF_INLINE void LoadRowT(const float* row, int C, int nb_rt, f8* o) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int b = 0; b < nb; ++b) {
+    const int n = std::min(8, C - 8 * b);
+    if (n == 8) {
+      std::memcpy(&o[b], row + 8 * b, sizeof(f8));
+    } else {
+      f8 v = Broadcast(-1e30f);
+      for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
+      o[b] = v;
+    }
+  }
+}
+
+// -U of one pixel's row of C inputs as nb padded blocks (pad labels get -1e30, i.e. probability 0).
 template <int NB>
 DKCRF_INLINE void NegUnaryRowT(const float* row, InputType type, int C, int nb_rt, f8* o) {
   const int nb = NB > 0 ? NB : nb_rt;
@@ -163,13 +177,25 @@ DKCRF_INLINE void SoftmaxRowT(f8* x, int nb_rt, f8* q) {
   for (int b = 0; b < nb; ++b) q[b] = x[b] * inv;
 }
 
-// q = softmax(-U) for pixels [begin, end).
+// Writes -U for pixels [begin, end) as unpadded rows of C floats into neg_u.
 template <int NB>
-DKCRF_INLINE void SoftmaxT(const float* in, InputType type, int C, int nb_rt, int64_t begin, int64_t end, f8* q) {
+DKCRF_INLINE void NegUnaryT(const float* in, InputType type, int C, int nb_rt, int64_t begin, int64_t end,
+                            float* neg_u) {
   const int nb = NB > 0 ? NB : nb_rt;
   f8 x[NB > 0 ? NB : kMaxBlocks];
   for (int64_t p = begin; p < end; ++p) {
     NegUnaryRowT<NB>(in + p * C, type, C, nb, x);
+    std::memcpy(neg_u + p * C, x, sizeof(float) * C);
+  }
+}
+
+// q = softmax(-U) for pixels [begin, end) (neg_u: unpadded rows).
+template <int NB>
+DKCRF_INLINE void SoftmaxT(const float* neg_u, int C, int nb_rt, int64_t begin, int64_t end, f8* q) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  f8 x[NB > 0 ? NB : kMaxBlocks];
+  for (int64_t p = begin; p < end; ++p) {
+    LoadRowT<NB>(neg_u + p * C, C, nb, x);
     SoftmaxRowT<NB>(x, nb, q + p * nb);
   }
 }
@@ -225,8 +251,7 @@ DKCRF_INLINE void ChainBlurT(f8* V, const int32_t* point, const int64_t* start, 
 }
 
 struct UpdateArgs {
-  const float* in;           // [N, C] inputs (-U is recomputed from them)
-  InputType type;
+  const float* neg_u;        // [N, C] -U, unpadded rows
   int C;
   int nb;
   const Lattice* lb;         // bilateral lattice or null
@@ -256,7 +281,7 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
       const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
       for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
     }
-    NegUnaryRowT<NB>(a.in + p * a.C, a.type, a.C, nb, x);
+    LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, x);
     if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
       for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
       const int32_t* off = &a.lb->offset[p * 6];
@@ -321,9 +346,14 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   }
 
 #define DKCRF_KERNELS(SUFFIX, ATTR)                                                                        \
-  ATTR void Softmax##SUFFIX(const float* in, InputType type, int C, int nb, int64_t b, int64_t e, f8* q) { \
+  ATTR void NegUnary##SUFFIX(const float* in, InputType type, int C, int nb, int64_t b, int64_t e,         \
+                             float* neg_u) {                                                               \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(in, type, C, nb, b, e, q)))                                        \
+    DKCRF_DISPATCH_NB(nb, (NegUnaryT<NB>(in, type, C, nb, b, e, neg_u)))                                   \
+  }                                                                                                        \
+  ATTR void Softmax##SUFFIX(const float* neg_u, int C, int nb, int64_t b, int64_t e, f8* q) {              \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (SoftmaxT<NB>(neg_u, C, nb, b, e, q)))                                           \
   }                                                                                                        \
   ATTR void Splat##SUFFIX(const Lattice& L, const f8* q, int nb, int64_t m0, int64_t m1, f8* V) {         \
     ScopedFlushDenormal ftz;                                                                               \
@@ -344,7 +374,8 @@ DKCRF_KERNELS(Avx2, __attribute__((target("avx2,fma"))))
 #endif
 
 struct KernelTable {
-  void (*softmax)(const float*, InputType, int, int, int64_t, int64_t, f8*);
+  void (*neg_unary)(const float*, InputType, int, int, int64_t, int64_t, float*);
+  void (*softmax)(const float*, int, int, int64_t, int64_t, f8*);
   void (*splat)(const Lattice&, const f8*, int, int64_t, int64_t, f8*);
   void (*blur)(f8*, const int32_t*, const int64_t*, int64_t, int64_t, int);
   void (*update)(const UpdateArgs&, int64_t, int64_t);
@@ -358,9 +389,9 @@ const KernelTable& Kernels() {
     const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
     if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma"))
-      return KernelTable{SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
+      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
-    return KernelTable{SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
+    return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
   }();
   return table;
 }
@@ -501,7 +532,7 @@ int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_
   const int64_t N = height * width, row = (num_labels + 7) / 8 * 32;
   const int64_t output = batch * N * num_labels * 4;
   const bool filter = params.iterations > 0 && (params.bilateral_weight > 0.f || params.gaussian_weight > 0.f);
-  if (!filter) return output + N * row;
+  if (!filter) return output + N * row / 20 * 21 + (int64_t{8} << 20);
   int64_t built = 0, build_peak = 0, values = 0;
   if (params.bilateral_weight > 0.f) {
     const int64_t M = bilateral_points >= 0 ? bilateral_points : kAssumedPointsPerPixel * N;
@@ -522,7 +553,8 @@ int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_
     }
   }
   const int64_t mean_field = built + (stencil ? 2 : 1) * N * row + values;
-  return output + std::max(build_peak, mean_field);
+  // + 5 % and 8 MiB for the allocator's overhead and the threads' scratch.
+  return output + std::max(build_peak, mean_field) / 20 * 21 + (int64_t{8} << 20);
 }
 
 int64_t DefaultMemoryLimit() {
@@ -707,10 +739,13 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
   DKCRF_TOC(build);
 
   DKCRF_TIC(unary);
+  // -U lives in the output until the last iteration has read it (no buffer of its own).
+  float* neg_u = q_out;
+  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.neg_unary(in, input_type, C, nb, b, e, neg_u); });
   AlignedVector q_buffer(N * nb);
   std::unique_ptr<AlignedVector> q_next_store;
   f8* q = q_buffer.data();
-  pfor(N, 40 * nb, [&](int64_t b, int64_t e) { K.softmax(in, input_type, C, nb, b, e, q); });
+  pfor(N, 30 * nb, [&](int64_t b, int64_t e) { K.softmax(neg_u, C, nb, b, e, q); });
   DKCRF_TOC(unary);
 
   if (filter) {
@@ -752,15 +787,15 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
       }
       DKCRF_TOC(blur);
       DKCRF_TIC(update);
-      UpdateArgs args{in, input_type, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
+      UpdateArgs args{neg_u, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
                       lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
                       params.gaussian_weight, q, q_next};
-      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 70 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       std::swap(q, q_next);
       DKCRF_TOC(update);
     }
   }
-  // Unpad into the output.
+  // Unpad into the output (over -U, no longer needed).
   pfor(N, 2 * C, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p)
       std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q + p * nb), sizeof(float) * C);

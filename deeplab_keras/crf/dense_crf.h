@@ -40,7 +40,8 @@ constexpr float kProbSumTolerance = 1e-2f;         // |sum over C of probs - 1| 
 constexpr int64_t kAssumedPointsPerPixel = 2;
 
 // Bytes the op allocates for `batch` images of height x width with num_labels labels: its output plus the
-// peak of one image's working memory (lattices, their construction, the mean-field buffers). bilateral_points:
+// peak of one image's working memory (lattices, their construction, the mean-field buffers; -U is kept in the
+// output until the last iteration), with 5 % + 8 MiB to spare. bilateral_points:
 // the bilateral lattice's size when known (-1: kAssumedPointsPerPixel per pixel).
 int64_t EstimateBytes(int64_t batch, int64_t height, int64_t width, int64_t num_labels, const CrfParams& params,
                       int64_t bilateral_points = -1);
