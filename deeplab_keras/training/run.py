@@ -1,0 +1,215 @@
+"""``train()``: the orchestration of a training run in a locked, checked run directory."""
+import contextlib
+import dataclasses
+import os
+import sys
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+
+from deeplab_keras.training.callbacks import (ResumableBackup, _atomic_save_keras, _latest_backup, _StepCallback,
+                                              _stop_on_sigint, _StopOnInterrupt, run_callbacks)
+from deeplab_keras.training.config import _as_config, _is_number
+from deeplab_keras.training.distribute import (_is_chief, _raw_datasets, _task_id, distribute_stream, make_strategy,
+                                               make_train_stream, make_val_stream)
+from deeplab_keras.training.trainer import _float32_copy, build_trainer
+from deeplab_keras.utils import atomic_write_bytes, atomic_write_json, exclusive_lock
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        model: the trained DeepLab model (in the training dtype policy).
+        history: dict of per-epoch lists (this call's epochs only).
+        run_dir: the run folder.
+        model_path: path of the final ``model.keras`` (float32) or None when not written (non-chief worker).
+        resumed_from_epoch: the epoch this call started at (0 for a fresh run).
+        num_replicas: replicas in sync of the distribution strategy used.
+    """
+
+    model: Any
+    history: dict
+    run_dir: str
+    model_path: Optional[str]
+    resumed_from_epoch: int
+    num_replicas: int = 1
+
+
+# The fields a run directory's model, checkpoints and backups depend on: a rerun in the same run_dir must keep them.
+_RUN_DIR_KEYS = ("num_classes", "backbone", "output_stride", "aspp", "msc_scales", "width_multiplier",
+                 "stage_blocks", "steps_per_epoch")
+
+
+def _canonical(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if _is_number(value):
+        return float(value)
+    return value
+
+
+def _check_run_dir(run_dir, cfg):
+    """Raises ValueError, writing nothing, when ``run_dir`` holds a run (a backup, checkpoints or model.keras)
+    whose config.yaml differs from ``cfg`` in a field of :data:`_RUN_DIR_KEYS`."""
+    import yaml
+
+    saved_path = os.path.join(run_dir, "config.yaml")
+    has_state = (_latest_backup(os.path.join(run_dir, "backup"))[2] is not None
+                 or os.path.exists(os.path.join(run_dir, "model.keras"))
+                 or any(n.startswith("ckpt-") for n in _listdir(os.path.join(run_dir, "checkpoints"))))
+    if not has_state or not os.path.isfile(saved_path):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: restoring the state still checks that the weights fit
+    if not isinstance(saved, dict):
+        return
+    diffs = [f"{k}={saved[k]!r} (this command: {getattr(cfg, k)!r})" for k in _RUN_DIR_KEYS
+             if k in saved and _canonical(saved[k]) != _canonical(getattr(cfg, k))]
+    if diffs:
+        raise ValueError(f"run_dir {run_dir} holds a run with {', '.join(diffs)}; its model and checkpoints depend "
+                         "on these: rerun with its values to resume it, or pass another --run_dir")
+
+
+def _listdir(folder):
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def _remove_temp_files(*folders):
+    """Removes the ``.tmp-*`` files of atomic writes that a killed run left in ``folders``."""
+    for folder in folders:
+        for name in _listdir(folder):
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
+def train(config, *, model=None, train_data=None, val_data=None, callbacks=None, strategy=None):
+    """Trains DeepLab v2 with ``model.fit`` following ``config``; resumes if ``run_dir`` holds a backup.
+
+    The run directory is locked for the call; its config and state are checked before anything is written; on
+    Ctrl-C the state is saved at the current step (see the module docstring).
+
+    Args:
+        config: TrainConfig, dict, or YAML path.
+        model: an existing DeepLab model to train (default: built from the config). With a distribution
+            strategy it is copied into the strategy's scope.
+        train_data: unbatched ``tf.data.Dataset`` of {"image", "label"} to use instead of the config's dataset.
+        val_data: unbatched validation dataset (None: the config's; pass ``False`` for none).
+        callbacks: extra Keras callbacks.
+        strategy: a ``tf.distribute.Strategy`` to use instead of the config's.
+
+    Returns:
+        TrainResult.
+
+    Raises:
+        ValueError: a bad config, or a run directory that holds a run of another model.
+        deeplab_keras.utils.LockedError: another process trains in ``run_dir``.
+        TrainingInterrupted: Ctrl-C, after saving the state (a KeyboardInterrupt).
+
+    Example:
+        >>> from deeplab_keras.train import load_config, train
+        >>> result = train(load_config("tiny_cpu", {"run_dir": "/tmp/run", "steps": 20}))  # doctest: +SKIP
+    """
+    cfg = _as_config(config)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = strategy or make_strategy(cfg.strategy, cfg.devices, cfg.tpu, cfg.virtual_cpus)
+    default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    keras.utils.set_random_seed(cfg.seed)
+    chief = _is_chief(strategy)
+    run_dir = os.path.abspath(cfg.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    # One writer per run directory (the chief; other workers write only their own .backup-worker-<i>).
+    lock = exclusive_lock(os.path.join(run_dir, ".lock"), what=f"run directory {run_dir}") if chief \
+        else contextlib.nullcontext()
+    with lock:
+        return _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks)
+
+
+def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks):
+    """The body of :func:`train` once the run directory is locked. Writes nothing before the run directory's
+    config and state are known to fit ``cfg``."""
+    replicas = strategy.num_replicas_in_sync
+    backup_dir = os.path.join(run_dir, "backup") if chief else os.path.join(
+        run_dir, f".backup-worker-{_task_id(strategy)}")
+    if chief:
+        _check_run_dir(run_dir, cfg)
+        _remove_temp_files(run_dir, os.path.join(run_dir, "checkpoints"))
+    _remove_temp_files(backup_dir)
+    start_epoch, start_batch, _ = _latest_backup(backup_dir)
+
+    # Data (given datasets win; a given train_data without val_data means no validation)
+    if train_data is None:
+        train_data, config_val = _raw_datasets(cfg)
+        val_data = config_val if val_data is None else val_data
+
+    def train_stream(epoch, skip=0):
+        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip), cfg.batch_size)
+
+    val_stream = None
+    if val_data is not None and val_data is not False and cfg.validation_every:
+        if replicas > 1 and (cfg.val_batch_size % replicas or not cfg.val_crop_size):
+            raise ValueError(f"validation under {replicas} replicas needs val_batch_size a multiple of {replicas} "
+                             "and val_crop_size set (e.g. [513, 513]) so batches split evenly; or set "
+                             "validation_every: 0 and evaluate full-size images with deeplab-eval")
+        val_stream = distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.val_batch_size)
+
+    net, trainer = build_trainer(cfg, strategy, model, default_strategy)
+
+    # Restore the last state before writing anything: a state that does not fit this config fails here. The
+    # last state is kept after the run completes, so re-running a finished command is a no-op.
+    backup = ResumableBackup(backup_dir, delete_checkpoint=False)
+    backup.set_model(trainer)
+    backup.restore()
+    trainer._initial_epoch = None  # fit gets the epoch explicitly
+    if chief:
+        import yaml
+
+        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    cbs = run_callbacks(cfg, run_dir, chief, net, backup, callbacks)
+    stopper = _StopOnInterrupt(backup, cfg.steps_per_epoch)
+    cbs.append(stopper)
+
+    start_step = start_epoch * cfg.steps_per_epoch + start_batch
+    if start_step and cfg.verbose:
+        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of {cfg.steps})",
+              file=sys.stderr)
+    history = {}
+
+    def fit(first_epoch, skip):
+        for cb in cbs:
+            if isinstance(cb, _StepCallback):
+                cb.skip = (first_epoch, skip)
+        last_epoch = first_epoch + 1 if skip else cfg.epochs  # an epoch resumed inside runs as its own fit
+        done = trainer.fit(train_stream(first_epoch, skip), epochs=last_epoch, initial_epoch=first_epoch,
+                           steps_per_epoch=cfg.steps_per_epoch - skip, validation_data=val_stream,
+                           validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
+                           shuffle=False)
+        for key, values in done.history.items():
+            history.setdefault(key, []).extend(values)
+        return last_epoch
+
+    with _stop_on_sigint(stopper):
+        epoch = start_epoch
+        if start_batch:
+            epoch = fit(start_epoch, start_batch)
+        if epoch < cfg.epochs:
+            fit(epoch, 0)
+
+    model_path = None
+    if chief:
+        model_path = os.path.join(run_dir, "model.keras")
+        _atomic_save_keras(_float32_copy(net, cfg), model_path)
+        atomic_write_json(os.path.join(run_dir, "summary.json"), {
+            "steps": cfg.steps, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch,
+            "resumed_from_step": start_step,
+            "history": {k: [float(x) for x in v] for k, v in history.items()}})
+    return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,
+                       resumed_from_epoch=start_epoch, num_replicas=replicas)

@@ -1,0 +1,167 @@
+"""The model side of training: :func:`build_model` and the ``fit`` wrapper :class:`SegmentationTrainer`."""
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deeplab_keras.training.config import _as_config
+from deeplab_keras.training.losses import SegmentationMeanIoU, segmentation_loss
+from deeplab_keras.training.optimizer import build_optimizer, check_classifier_pattern
+
+
+def _conv_kernels(model):
+    """Trainable rank-4 ``kernel`` variables (convolution kernels)."""
+    return [v for v in model.trainable_variables
+            if (getattr(v, "path", None) or v.name).split("/")[-1].split(":")[0] == "kernel"
+            and len(v.shape) == 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training wrapper
+# ----------------------------------------------------------------------------------------------------------
+class SegmentationTrainer(keras.Model):
+    """Wraps a DeepLab model for ``fit``: the loss of the recipe, MSC losses and the mIoU metric.
+
+    The wrapped ``net`` stays an ordinary, uncompiled model (save it with ``net.save``); this wrapper only
+    exists during training and is not meant to be saved.
+
+    Args:
+        net: the DeepLab model (logits [N,h,w,C]; ``multi_scale_logits`` when ``msc``).
+        num_classes: number of classes (for the metric).
+        msc: train with every scale's logits plus the fused ones (sum of their losses).
+        weight_decay: L2 factor (Caffe convention: gradient ``weight_decay * kernel``) on conv kernels.
+        ignore_label: label to ignore.
+        upsample_logits: see :func:`segmentation_loss`.
+    """
+
+    def __init__(self, net, num_classes, msc=False, weight_decay=0.0, ignore_label=255, upsample_logits=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.msc = bool(msc)
+        self.weight_decay = float(weight_decay)
+        self.ignore_label = int(ignore_label)
+        self.upsample_logits = bool(upsample_logits)
+        self.miou = SegmentationMeanIoU(num_classes, ignore_label=ignore_label, name="miou")
+        self._sample_batch = None
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a distribution strategy Keras builds the model from a batch peeked from the training
+        # iterator: that opens an extra iterator and, under MultiWorkerMirroredStrategy (Keras 3.15), fails
+        # reducing the per-replica batch. Build from a local sample batch instead when one is set.
+        if data_batch is None and self._sample_batch is not None:
+            return super()._maybe_symbolic_build(data_batch=self._sample_batch)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def call(self, images, training=False):
+        if self.msc and training:
+            outputs = self.net.multi_scale_logits(images, training=True)
+            if not isinstance(outputs, dict) or "fused" not in outputs:
+                raise ValueError("net.multi_scale_logits must return a dict with a 'fused' entry, got "
+                                 f"{type(outputs).__name__}")
+            return dict(outputs)
+        return {"fused": self.net(images, training=training)}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        total = tf.constant(0.0, tf.float32)
+        for key in sorted(y_pred):
+            loss_sum, count = segmentation_loss(y, y_pred[key], self.ignore_label, self.upsample_logits)
+            if replicas > 1:
+                count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+            # Gradients are summed over replicas, so sum/global_count gives the global mean.
+            total += loss_sum / tf.maximum(tf.stop_gradient(count), 1.0)
+        if self.weight_decay > 0 and training:
+            kernels = _conv_kernels(self.net)
+            if kernels:
+                l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in kernels])
+                total += 0.5 * self.weight_decay * l2 / float(replicas)
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        self.miou.update_state(y, y_pred["fused"])
+        results = self.get_metrics_result()
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 averages the replicas' metric results with strategy.reduce("MEAN", v, axis=0) under
+            # MultiWorkerMirroredStrategy, which needs at least one dimension.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+        return results
+
+
+class _policy_scope:
+    """Sets the global Keras dtype policy for a block and restores it."""
+
+    def __init__(self, policy):
+        self.policy = policy or "float32"
+
+    def __enter__(self):
+        self.saved = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.policy)
+
+    def __exit__(self, *exc):
+        keras.mixed_precision.set_global_policy(self.saved)
+
+
+def build_model(config):
+    """``dk.DeepLabV2`` from the model fields of a config (under the config's dtype policy)."""
+    from deeplab_keras.models.deeplab import DeepLabV2
+
+    cfg = _as_config(config)
+    kwargs = dict(num_classes=cfg.num_classes, backbone=cfg.backbone, output_stride=cfg.output_stride,
+                  aspp=tuple(cfg.aspp) if isinstance(cfg.aspp, (list, tuple)) else cfg.aspp,
+                  msc_scales=tuple(cfg.msc_scales) if cfg.msc_scales else None, weights=cfg.weights)
+    if cfg.width_multiplier != 1.0:
+        kwargs["width_multiplier"] = cfg.width_multiplier
+    if cfg.stage_blocks:
+        kwargs["stage_blocks"] = tuple(cfg.stage_blocks)
+    with _policy_scope(cfg.mixed_precision):
+        return DeepLabV2(**kwargs)
+
+
+def _float32_copy(net, cfg):
+    """A float32 copy of a mixed-precision model (``models.as_float32``); ``net`` itself otherwise."""
+    if not cfg.mixed_precision or cfg.mixed_precision == "float32":
+        return net
+    from deeplab_keras.models import as_float32
+
+    return as_float32(net)
+
+
+def _clone_into_scope(net, strategy, cfg):
+    with strategy.scope(), _policy_scope(cfg.mixed_precision):
+        copy = net.__class__.from_config(net.get_config())
+    sample = np.zeros((1, 65, 65, 3), "float32")
+    copy(sample)
+    copy.set_weights(net.get_weights())
+    return copy
+
+
+def build_trainer(cfg, strategy, model=None, default_strategy=True):
+    """(net, trainer): the model (built from ``cfg``, ``model`` itself, or a copy of it in ``strategy``'s scope)
+    with batch norm frozen or trained as ``cfg`` says, and its compiled, built :class:`SegmentationTrainer`.
+
+    Raises:
+        ValueError: ``cfg.classifier_pattern`` matches no trainable variable.
+    """
+    with strategy.scope():
+        if model is None:
+            net = build_model(cfg)
+        elif default_strategy:
+            net = model
+        else:
+            net = _clone_into_scope(model, strategy, cfg)
+        for layer in net._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = bool(cfg.train_bn)
+                if cfg.train_bn and cfg.bn_momentum is not None:
+                    layer.momentum = float(cfg.bn_momentum)
+        with _policy_scope(cfg.mixed_precision):
+            trainer = SegmentationTrainer(net, cfg.num_classes, msc=bool(cfg.msc_scales),
+                                          weight_decay=cfg.weight_decay, ignore_label=cfg.ignore_label,
+                                          upsample_logits=cfg.upsample_logits, name="segmentation_trainer")
+            trainer.compile(optimizer=build_optimizer(cfg))
+        h, w = (min(int(c), 65) for c in cfg.crop_size)
+        trainer(np.zeros((1, h, w, 3), "float32"))  # build before restore
+        trainer._sample_batch = (np.zeros((1, h, w, 3), "float32"), np.zeros((1, h, w), "uint8"), None)
+    check_classifier_pattern(net, cfg)
+    return net, trainer
