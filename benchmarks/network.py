@@ -21,7 +21,8 @@ matmul in numpy and in TF, so that a load change on a shared machine hits all of
 process's CPU time per call (all threads: on a loaded machine the wall time waits for cores, the CPU time less
 so, though spinning worker threads count in it); ``peak RSS`` the process's resident memory at its highest during
 the path's calls and ``+MB`` that peak minus the resident memory just before the call (the path's working
-memory). Notes: ``x_tf`` the median over rounds of the path's time over ``tf``'s in the same round, ``x_tf_min``
+memory). Notes: ``load_mb`` the resident memory the path added when it was loaded and first run (the exports
+are written by a child process, so their conversions do not count), ``x_tf`` the median over rounds of the path's time over ``tf``'s in the same round, ``x_tf_min``
 the ratio of the best times, ``size_vs_weights`` the SavedModel's size over the model's weight bytes.
 
 Usage:
@@ -132,37 +133,73 @@ def _wall_and_cpu(call):
     return wall, time.process_time() - cpu
 
 
-def inference_runners(model, args, workdir, tf):
-    """``{path: (run(images uint8 [1,H,W,3]) -> labels, notes)}`` for the requested inference paths."""
+def export_artifacts(model_kwargs, weights, args, workdir):
+    """Writes the SavedModel, ``.tflite`` and ``.onnx`` of the model (``weights``) and their reports' sizes to
+    ``workdir/sizes.json``. Run in a child process, so that the conversions' memory stays out of the
+    measurements."""
+    import deeplab_keras as dk
+    from deeplab_keras.export import onnx as onnx_export, saved_model, tflite
+    from deeplab_keras.utils import atomic_write_json
+
+    model = dk.DeepLabV2(**model_kwargs)
+    model.load_weights(weights)
+    size, sizes = (args.size, args.size), {}
+    if "saved_model" in args.paths:
+        sizes["saved_model"] = saved_model.export_saved_model(
+            model, os.path.join(workdir, "sm"), version=1, overwrite=True, num_samples=1, verify_size=(65, 65))
+    if "litert" in args.paths:
+        sizes["litert"] = tflite.export_tflite(model, os.path.join(workdir, "model.tflite"), input_size=size,
+                                               overwrite=True, num_samples=1, num_threads=args.threads)
+    if "onnxruntime" in args.paths:
+        sizes["onnxruntime"] = onnx_export.export_onnx(model, os.path.join(workdir, "model.onnx"), input_size=size,
+                                                       overwrite=True, num_samples=1)
+    atomic_write_json(os.path.join(workdir, "sizes.json"), {k: r["size_bytes"] for k, r in sizes.items()})
+
+
+def inference_runners(model, model_kwargs, args, workdir, tf):
+    """``{path: (run(images uint8 [1,H,W,3]) -> labels, notes)}`` for the requested inference paths; each
+    runner has run once (tracing, allocations) and its notes hold ``load_mb``: the resident memory it added."""
+    import multiprocessing
+
     import numpy as np
 
     from deeplab_keras.export import common, onnx as onnx_export, saved_model, tflite
 
-    size, runners = (args.size, args.size), {}
+    weights = os.path.join(workdir, "model.weights.h5")
+    model.save_weights(weights)
+    child = multiprocessing.get_context("spawn").Process(target=export_artifacts,
+                                                         args=(model_kwargs, weights, args, workdir))
+    child.start()
+    child.join()
+    if child.exitcode:
+        raise RuntimeError(f"exporting the model failed (exit code {child.exitcode}); see the lines above")
+    with open(os.path.join(workdir, "sizes.json")) as f:
+        sizes = json.load(f)
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
+    makers = {}
     for path, jit in (("tf", False), ("tf_xla", True)):
-        if path in args.paths:
-            fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit)
-            runners[path] = (lambda x, f=fn: f(tf.constant(x, tf.float32))["labels"].numpy(), {})
-    if "saved_model" in args.paths:
-        report = saved_model.export_saved_model(model, os.path.join(workdir, "sm"), version=1, overwrite=True,
-                                                num_samples=1, verify_size=(65, 65))
-        fn = tf.saved_model.load(os.path.join(workdir, "sm", "1")).signatures[saved_model.SIGNATURE_IMAGE]
-        runners["saved_model"] = (lambda x, f=fn: f(image=tf.constant(x))["labels"].numpy(),
-                                  {"size_mb": report["size_mb"],
-                                   "size_vs_weights": round(report["size_bytes"] / weight_bytes, 3)})
-    if "litert" in args.paths:
-        out = os.path.join(workdir, "model.tflite")
-        report = tflite.export_tflite(model, out, input_size=size, overwrite=True, num_samples=1,
-                                      num_threads=args.threads)
-        runner = tflite.TFLiteRunner(out, num_threads=args.threads)
-        runners["litert"] = (lambda x, r=runner: r(x.astype(np.float32))["labels"], {"size_mb": report["size_mb"]})
-    if "onnxruntime" in args.paths:
-        out = os.path.join(workdir, "model.onnx")
-        report = onnx_export.export_onnx(model, out, input_size=size, overwrite=True, num_samples=1)
-        session = onnx_export.make_session(out, num_threads=args.threads)
-        runners["onnxruntime"] = (lambda x, s=session: onnx_export.run_onnx(s, x)["labels"],
-                                  {"size_mb": report["size_mb"]})
+        fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit, autograph=False)
+        makers[path] = lambda f=fn: (lambda x: f(tf.constant(x, tf.float32))["labels"].numpy())
+    makers["saved_model"] = lambda: (lambda x, f=tf.saved_model.load(os.path.join(workdir, "sm", "1")).signatures[
+        saved_model.SIGNATURE_IMAGE]: f(image=tf.constant(x))["labels"].numpy())
+    makers["litert"] = lambda: (lambda x, r=tflite.TFLiteRunner(os.path.join(workdir, "model.tflite"),
+                                                                 num_threads=args.threads):
+                                r(x.astype(np.float32))["labels"])
+    makers["onnxruntime"] = lambda: (lambda x, s=onnx_export.make_session(os.path.join(workdir, "model.onnx"),
+                                                                          num_threads=args.threads):
+                                     onnx_export.run_onnx(s, x)["labels"])
+    probe = np.zeros((1, args.size, args.size, 3), np.uint8)
+    runners, sampler = {}, PeakRSS()
+    for path in [p for p in INFERENCE_PATHS if p in args.paths]:
+        with sampler:
+            run = makers[path]()
+            run(probe)
+        notes = {"load_mb": round((sampler.rss() - sampler.before) / 1e6)}
+        if path in sizes:
+            notes["size_mb"] = round(sizes[path] / 1e6, 1)
+        if path == "saved_model":
+            notes["size_vs_weights"] = round(sizes[path] / weight_bytes, 3)
+        runners[path] = (run, notes)
     return runners
 
 
@@ -172,7 +209,7 @@ def time_inference(runners, images, flops, args, tf):
 
     rows = {name: {"times": [], "cpu": [], "ratios": [], "peak_rss": 0, "extra": 0} for name in runners}
     reference = None
-    for name, (run, _) in runners.items():  # warm-up (tracing, allocation) + agreement with the first path
+    for name, (run, _) in runners.items():  # agreement with the first path
         labels = run(images[:1])
         reference = labels if reference is None else reference
         rows[name]["labels_vs_first"] = float(np.mean(labels == reference))
@@ -193,13 +230,14 @@ def time_inference(runners, images, flops, args, tf):
     return rows, matmuls
 
 
-def train_rows(model_kwargs, args, tf, flops_fn):
+def train_rows(model_kwargs, args, tf):
     """One row per (MSC, batch, jit): a step of the package's trainer, frozen BN."""
     import keras
     import numpy as np
 
     import deeplab_keras as dk
     from deeplab_keras import train as T
+    from flops import TRAIN_STEP_FACTOR, forward_flops
 
     rows, size = [], args.train_size
     jits = [j for j, p in ((False, "train"), (True, "train_xla")) if p in args.paths]
@@ -219,15 +257,16 @@ def train_rows(model_kwargs, args, tf, flops_fn):
                                 jit_compile=jit)
                 images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
                 labels = rng.integers(0, net.num_classes, (batch, size, size)).astype(np.uint8)
-                trainer.train_on_batch(images, labels)  # trace / compile
+                step = trainer.train_on_batch
+                step(images, labels)  # trace / compile
                 times, cpus, rates = [], [], []
                 with sampler:
                     for _ in range(args.repeats):
                         rates.append(max(matmul_rates(args.matmul_n, tf).values()))
-                        wall, cpu = _wall_and_cpu(lambda: trainer.train_on_batch(images, labels))
+                        wall, cpu = _wall_and_cpu(lambda f=step: f(images, labels))
                         times.append(wall)
                         cpus.append(cpu)
-                flops = 3 * batch * flops_fn(net, size, size)
+                flops = TRAIN_STEP_FACTOR * batch * forward_flops(net, size, size)
                 median = float(np.median(times))
                 rows.append({"path": f"train{'_xla' if jit else ''} b{batch} msc {'on' if msc else 'off'}",
                              "median_s": median, "min_s": min(times), "cpu_s": float(np.median(cpus)),
@@ -236,7 +275,7 @@ def train_rows(model_kwargs, args, tf, flops_fn):
                              "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
                              "images_per_s": batch / median, "peak_rss_mb": sampler.peak / 1e6,
                              "extra_mb": (sampler.peak - sampler.before) / 1e6})
-                del trainer, net
+                del trainer, net, step  # free this setting's model before building the next
     return rows
 
 
@@ -260,10 +299,12 @@ def main(argv=None):
 
     import deeplab_keras as dk
     from deeplab_keras.export.verify import synthetic_images
+    from deeplab_keras.utils import atomic_write_json
     from flops import forward_flops
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-network-bench-")
+    os.makedirs(workdir, exist_ok=True)
     model_kwargs = dict(TINY, num_classes=21) if args.tiny else dict(num_classes=21, backbone=args.backbone)
     if args.aspp:
         model_kwargs["aspp"] = args.aspp
@@ -279,7 +320,7 @@ def main(argv=None):
         keras.utils.set_random_seed(0)
         model = dk.DeepLabV2(**model_kwargs)
         flops = forward_flops(model, args.size, args.size)
-        runners = inference_runners(model, args, workdir, tf)
+        runners = inference_runners(model, model_kwargs, args, workdir, tf)
         images = synthetic_images((args.size, args.size), 2, seed=0)
         timed, matmuls = time_inference(runners, images, flops, args, tf)
         tf_times = np.array(timed["tf"]["times"]) if "tf" in timed else None
@@ -302,14 +343,13 @@ def main(argv=None):
                                          f"{best['numpy']:.1f}, TF {best['tf']:.1f} GFLOP/s (best round)")
         del runners, model
     if any(p in TRAIN_PATHS for p in args.paths):
-        result["train"] = train_rows(model_kwargs, args, tf, forward_flops)
+        result["train"] = train_rows(model_kwargs, args, tf)
         print_table(result["train"], f"training step, {args.train_size}x{args.train_size}, frozen BN, median of "
                                      f"{args.repeats} steps (FLOPs = 3x forward)")
     result["load_at_end"] = os.getloadavg()
     print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.json, result, indent=1)
     return result
 
 
