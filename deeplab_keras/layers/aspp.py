@@ -1,6 +1,5 @@
 """Atrous spatial pyramid pooling (DeepLab v2, section 3.3): parallel dilated branches whose logits are summed."""
 import keras
-from keras import ops
 
 ASPP_RATES = {"S": (2, 4, 8, 12), "L": (6, 12, 18, 24), "LARGEFOV": (12,)}
 
@@ -78,8 +77,6 @@ class ASPP(keras.layers.Layer):
                 shape = layer.compute_output_shape(shape)
 
     def call(self, features, training=None):
-        if self.branch_filters is None:
-            return self._fused_classifier(features)
         total = None
         for layers in self.branches:
             x = features
@@ -87,35 +84,6 @@ class ASPP(keras.layers.Layer):
                 x = layer(x, training=training) if isinstance(layer, keras.layers.Dropout) else layer(x)
             total = x if total is None else total + x
         return total
-
-    def _fused_classifier(self, features):
-        """The ResNet head (one 3x3 dilated conv per rate, summed) as ONE matmul plus shifted slices.
-
-        Every tap of every branch is a 1x1 product, so ``taps = features @ [K_r(i, j)]`` for all rates r and taps
-        (i, j) at once; a dilated 3x3 conv with "same" padding is then the sum over (i, j) of its tap map shifted by
-        ``((i - 1) d, (j - 1) d)``, read from the tap map zero-padded by ``d``. The result equals the sum of the
-        branches' Conv2D outputs (same weights, same layers); it avoids the space-to-batch form in which TensorFlow
-        runs large-rate dilated convs on small maps (measured: the head 348 -> 72 ms at 65x65x2048 on 2 cores).
-        """
-        classes = self.num_classes
-        convs = [branch[0] for branch in self.branches]
-        cin = ops.shape(convs[0].kernel)[2]
-        kernels = [ops.reshape(ops.transpose(conv.kernel, (2, 0, 1, 3)), (cin, 9 * classes)) for conv in convs]
-        kernel = ops.cast(ops.concatenate(kernels, axis=1), features.dtype)
-        taps = ops.matmul(features, kernel)                                       # [N, h, w, rates * 9 * C]
-        h, w = ops.shape(features)[1], ops.shape(features)[2]
-        total = None
-        for r, conv in enumerate(convs):
-            d = self.rates[r]
-            block = taps[..., r * 9 * classes:(r + 1) * 9 * classes]
-            padded = ops.pad(block, [[0, 0], [d, d], [d, d], [0, 0]])
-            for i in range(3):
-                for j in range(3):
-                    t = 3 * i + j
-                    part = padded[:, i * d:i * d + h, j * d:j * d + w, t * classes:(t + 1) * classes]
-                    total = part if total is None else total + part
-        bias = sum(ops.cast(conv.bias, features.dtype) for conv in convs)
-        return total + bias
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_classes,)
