@@ -27,7 +27,6 @@ Usage:
 """
 import argparse
 import importlib.abc
-import json
 import os
 import sys
 import time
@@ -64,6 +63,7 @@ CHIP_PEAKS = {
     "H100": {"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4},
     "A100": {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0},
     "L40S": {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.0, "float16": 362.0},
+    "L40": {"float32": 90.5, "tf32": 90.5, "bfloat16": 181.0, "float16": 181.0},
     "L4": {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0, "float16": 121.0},
     "A10": {"float32": 31.2, "tf32": 62.5, "bfloat16": 125.0, "float16": 125.0},
     "V100": {"float32": 15.7, "tf32": None, "bfloat16": None, "float16": 125.0},
@@ -220,6 +220,8 @@ def main(argv=None):
     import jax.numpy as jnp
     import keras
 
+    from deeplab_keras.utils import atomic_write_json
+
     if args.float32_precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")
     device = jax.devices()[0]
@@ -252,8 +254,7 @@ def main(argv=None):
     result = {"args": vars(args), "device": device_kind, "rows": rows, "tensorflow_modules": tf_loaded,
               "tensorflow_import_attempts": sorted(set(_NoTensorFlow.attempts))}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.json, result, indent=1)
     return result
 
 
