@@ -12,7 +12,8 @@ corner-aligned resize -> softmax + argmax):
 
 Training paths (``--train-size``, each of ``--train-batches``): one step of the package's trainer
 (``train.SegmentationTrainer`` + ``ScaledSGD``: the recipe's loss at full resolution, L2, frozen batch norm),
-MSC (1, 0.75, 0.5) off and on, with ``jit_compile`` off and on.
+MSC (1, 0.75, 0.5) off and on, with ``jit_compile`` off and on; each setting runs in its own process (its peak
+RSS is its own; one that runs out of memory is reported as failed and the others go on).
 
 FLOPs are counted analytically (``benchmarks/flops.py``: convolutions, 2 per multiply-add; a training step is 3x
 the forward pass). Inference paths are timed in interleaved rounds, each round also timing an n x n float32
@@ -230,52 +231,72 @@ def time_inference(runners, images, flops, args, tf):
     return rows, matmuls
 
 
-def train_rows(model_kwargs, args, tf):
-    """One row per (MSC, batch, jit): a step of the package's trainer, frozen BN."""
+def train_setting(model_kwargs, args, msc, batch, jit, out):
+    """Times one training setting (run in a child process: its peak RSS is the setting's own, and running out of
+    memory ends only this setting); writes the row as JSON to ``out``."""
+    import resource
+
     import keras
     import numpy as np
+    import tensorflow as tf
 
     import deeplab_keras as dk
     from deeplab_keras import train as T
+    from deeplab_keras.utils import atomic_write_json
     from flops import TRAIN_STEP_FACTOR, forward_flops
 
-    rows, size = [], args.train_size
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    size, rng = args.train_size, np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    net = dk.DeepLabV2(msc_scales=MSC_SCALES if msc else None, **model_kwargs)
+    for layer in net._flatten_layers(include_self=False):  # the recipe: frozen batch norm
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)
+    trainer.compile(optimizer=T.ScaledSGD(2.5e-4, momentum=0.9, multipliers=[["aspp", 10.0]]), jit_compile=jit)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, net.num_classes, (batch, size, size)).astype(np.uint8)
+    trainer.train_on_batch(images, labels)  # trace / compile
+    times, cpus, rates = [], [], []
+    for _ in range(args.repeats):
+        rates.append(max(matmul_rates(args.matmul_n, tf).values()))
+        wall, cpu = _wall_and_cpu(lambda: trainer.train_on_batch(images, labels))
+        times.append(wall)
+        cpus.append(cpu)
+    flops = TRAIN_STEP_FACTOR * batch * forward_flops(net, size, size)
+    median = float(np.median(times))
+    atomic_write_json(out, {
+        "median_s": median, "min_s": min(times), "cpu_s": float(np.median(cpus)), "gflop": flops / 1e9,
+        "gflop_per_s": flops / median / 1e9, "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
+        "images_per_s": batch / median, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        "extra_mb": float("nan")})
+
+
+def train_rows(model_kwargs, args, workdir):
+    """One row per (MSC, batch, jit): a step of the package's trainer, frozen BN, each in its own process; a
+    setting that fails (e.g. killed for memory) gives a row of NaNs with the exit code in its notes."""
+    import multiprocessing
+
+    rows = []
     jits = [j for j, p in ((False, "train"), (True, "train_xla")) if p in args.paths]
-    msc_settings = {"off": [False], "on": [True], "both": [False, True]}[args.msc]
-    rng = np.random.default_rng(0)
-    sampler = PeakRSS()
-    for msc in msc_settings:
+    for msc in {"off": [False], "on": [True], "both": [False, True]}[args.msc]:
         for batch in args.train_batches:
             for jit in jits:
-                keras.utils.set_random_seed(0)
-                net = dk.DeepLabV2(msc_scales=MSC_SCALES if msc else None, **model_kwargs)
-                for layer in net._flatten_layers(include_self=False):  # the recipe: frozen batch norm
-                    if isinstance(layer, keras.layers.BatchNormalization):
-                        layer.trainable = False
-                trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)
-                trainer.compile(optimizer=T.ScaledSGD(2.5e-4, momentum=0.9, multipliers=[["aspp", 10.0]]),
-                                jit_compile=jit)
-                images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-                labels = rng.integers(0, net.num_classes, (batch, size, size)).astype(np.uint8)
-                step = trainer.train_on_batch
-                step(images, labels)  # trace / compile
-                times, cpus, rates = [], [], []
-                with sampler:
-                    for _ in range(args.repeats):
-                        rates.append(max(matmul_rates(args.matmul_n, tf).values()))
-                        wall, cpu = _wall_and_cpu(lambda f=step: f(images, labels))
-                        times.append(wall)
-                        cpus.append(cpu)
-                flops = TRAIN_STEP_FACTOR * batch * forward_flops(net, size, size)
-                median = float(np.median(times))
-                rows.append({"path": f"train{'_xla' if jit else ''} b{batch} msc {'on' if msc else 'off'}",
-                             "median_s": median, "min_s": min(times), "cpu_s": float(np.median(cpus)),
-                             "gflop": flops / 1e9,
-                             "gflop_per_s": flops / median / 1e9,
-                             "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
-                             "images_per_s": batch / median, "peak_rss_mb": sampler.peak / 1e6,
-                             "extra_mb": (sampler.peak - sampler.before) / 1e6})
-                del trainer, net, step  # free this setting's model before building the next
+                name = f"train{'_xla' if jit else ''} b{batch} msc {'on' if msc else 'off'}"
+                out = os.path.join(workdir, name.replace(" ", "_") + ".json")
+                child = multiprocessing.get_context("spawn").Process(
+                    target=train_setting, args=(model_kwargs, args, msc, batch, jit, out))
+                child.start()
+                child.join()
+                if child.exitcode == 0:
+                    with open(out) as f:
+                        rows.append(dict(json.load(f), path=name))
+                else:
+                    nan = float("nan")
+                    rows.append({"path": name, "median_s": nan, "min_s": nan, "cpu_s": nan, "gflop": nan,
+                                 "gflop_per_s": nan, "x_matmul": nan, "peak_rss_mb": nan, "extra_mb": nan,
+                                 "notes": f"failed: exit code {child.exitcode}" + (
+                                     " (killed: out of memory?)" if child.exitcode == -9 else "")})
     return rows
 
 
@@ -343,7 +364,7 @@ def main(argv=None):
                                          f"{best['numpy']:.1f}, TF {best['tf']:.1f} GFLOP/s (best round)")
         del runners, model
     if any(p in TRAIN_PATHS for p in args.paths):
-        result["train"] = train_rows(model_kwargs, args, tf)
+        result["train"] = train_rows(model_kwargs, args, workdir)
         print_table(result["train"], f"training step, {args.train_size}x{args.train_size}, frozen BN, median of "
                                      f"{args.repeats} steps (FLOPs = 3x forward)")
     result["load_at_end"] = os.getloadavg()
