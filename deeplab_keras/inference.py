@@ -82,8 +82,13 @@ class Predictor:
                                reduce_retracing=True)
 
     def probabilities(self, images):
-        """The computation, eager or traced: float ``[N, H, W, 3]`` -> float32 tensor ``[N, H, W, C]``."""
-        images = tf.cast(images, tf.float32)
+        """The computation, eager or traced: float ``[N, H, W, 3]`` -> float32 tensor ``[N, H, W, C]``.
+
+        Raises:
+            tf.errors.InvalidArgumentError: the images hold NaN or Inf (they would give NaN probabilities).
+        """
+        images = tf.debugging.assert_all_finite(
+            tf.cast(images, tf.float32), "images hold NaN or Inf pixel values: give RGB values in 0..255")
         size = tf.shape(images)[1:3]
         total = None
         for scale in self.scales:
@@ -119,7 +124,11 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False):
     Example:
         >>> probs = predict_probabilities(model, images, scales=(0.75, 1.0, 1.25), flip=True)  # doctest: +SKIP
     """
-    images = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
+    images = np.asarray(images, dtype=np.float32)
+    if not np.isfinite(images).all():
+        raise ValueError(f"images hold {int((~np.isfinite(images)).sum())} NaN or Inf values (shape "
+                         f"{images.shape}): give RGB values in 0..255")
+    images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
         images = images[None]
     return Predictor(model, scales, flip).probabilities(images).numpy()  # eager: no tracing for a one-off call

@@ -89,3 +89,14 @@ def test_traced_and_eager_predictions_agree(scales, flip):
     np.testing.assert_allclose(eager.sum(-1), 1.0, atol=1e-5)
     one = inference.predict_probabilities(model, images[0], scales, flip)  # one [H, W, 3] image
     np.testing.assert_allclose(one, eager[:1], atol=1e-5)
+
+
+def test_non_finite_images_are_refused_not_turned_into_nan_probabilities():
+    model = tiny_model(3)
+    images = np.full((1, 33, 41, 3), 100.0, np.float32)
+    images[0, 5, 7, 1] = np.nan
+    with pytest.raises(ValueError, match=r"1 NaN or Inf values \(shape \(1, 33, 41, 3\)\)"):
+        inference.predict_probabilities(model, images)
+    images[0, 5, 7, 1] = np.inf
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or Inf"):
+        inference.Predictor(model)(images)
