@@ -17,12 +17,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from deeplab_keras.data._common import BadDataError, read_image_rgb
+from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
 from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, run_command,
                                  usage_error, voc_palette)
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AREAS_FILES = ("areas.json", "areas.csv")
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+from deeplab_keras.data._common import IMAGE_EXTENSIONS
 
 
 class VerificationError(Exception):
@@ -91,9 +91,9 @@ def list_images(folder):
         if os.path.isdir(os.path.join(folder, sub)):
             folder = os.path.join(folder, sub)
             break
-    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise FileNotFoundError(f"no .jpg/.jpeg/.png/.bmp images in {folder!r}")
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {folder!r}")
     return files
 
 

@@ -23,6 +23,11 @@ _RGB_CONVERTIBLE = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGB
 _GRAY16 = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
+# File extensions the package treats as images (predict inputs, folder datasets, export samples): what
+# read_image_rgb decodes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 def read_image_rgb(path, max_pixels=None):
     """Decodes an image file fully with PIL into uint8 RGB [H, W, 3]: the one image reader of the package.
 

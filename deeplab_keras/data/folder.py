@@ -15,10 +15,9 @@ import os
 
 import numpy as np
 
-from deeplab_keras.data._common import (BadDataError, SkipCounter, check_label, read_image_rgb,
-                                        read_index_png)
+from deeplab_keras.data._common import (IMAGE_EXTENSIONS, BadDataError, SkipCounter, check_label,
+                                        read_image_rgb, read_index_png)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CLASS_FILE = "classes.txt"
 
 
