@@ -34,6 +34,27 @@ def voc_palette():
     return palette
 
 
+TEMP_PREFIX = ".tmp-"  # the temporary files of atomic_path / atomic_write, next to their target
+
+
+def remove_temp_files(folder, prefixes=(TEMP_PREFIX,)):
+    """Removes the temporary files (names starting with ``prefixes``) that a killed writer left in ``folder``.
+
+    Only call it while no live process can be writing there (e.g. holding the folder's :func:`exclusive_lock`).
+
+    Example:
+        >>> remove_temp_files("/tmp/no_such_folder")
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(tuple(prefixes)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, overwrite=True):
     """Yield a temporary path next to ``path`` for a writer that needs a file name (``model.save``,
@@ -52,7 +73,7 @@ def atomic_path(path, *, overwrite=True):
     path = os.fspath(path)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TEMP_PREFIX,
                                suffix=os.path.basename(path))
     os.close(fd)
     try:

@@ -35,7 +35,7 @@ import sys
 import urllib.parse
 import zipfile
 
-from deeplab_keras.utils import atomic_write_json, exclusive_lock
+from deeplab_keras.utils import TEMP_PREFIX, atomic_write_json, exclusive_lock, remove_temp_files
 
 __all__ = ["Preset", "PRESETS", "PresetError", "PresetFetchError", "PresetHashError", "register_preset", "get_preset",
            "preset_path", "from_preset", "cache_folder"]
@@ -215,7 +215,7 @@ def preset_path(name, cache_dir=None, *, sha256=None):
     target = os.path.join(folder, f"{preset.name}.keras")
     with exclusive_lock(os.path.join(folder, ".presets.lock"), what=f"the preset cache {folder}",
                         timeout=LOCK_TIMEOUT_S):
-        _remove_leftovers(folder)
+        remove_temp_files(folder, (".partial-", TEMP_PREFIX))  # of a killed download (we hold the lock)
         pins = _read_json(os.path.join(folder, PINS_FILE)) or {}
         expected = sha256 or preset.sha256 or (pins.get(preset.filename) or {}).get("sha256")
         meta = _read_json(target + ".json")
@@ -264,17 +264,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _remove_leftovers(folder):
-    """Temporary files of a process that was killed mid-download or mid-conversion (we hold the cache lock, so
-    no live process is writing them)."""
-    for entry in os.listdir(folder):
-        if entry.startswith((".partial-", ".tmp-")):
-            try:
-                os.remove(os.path.join(folder, entry))
-            except OSError:
-                pass
 
 
 def _sha256_file(path):

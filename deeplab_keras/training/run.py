@@ -14,7 +14,7 @@ from deeplab_keras.training.config import _as_config, _is_number
 from deeplab_keras.training.distribute import (_is_chief, _raw_datasets, _task_id, distribute_stream, make_strategy,
                                                make_train_stream, make_val_stream)
 from deeplab_keras.training.trainer import _float32_copy, build_trainer
-from deeplab_keras.utils import atomic_write_bytes, atomic_write_json, exclusive_lock
+from deeplab_keras.utils import atomic_write_bytes, atomic_write_json, exclusive_lock, remove_temp_files
 
 
 @dataclasses.dataclass
@@ -80,15 +80,6 @@ def _listdir(folder):
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
-def _remove_temp_files(*folders):
-    """Removes the ``.tmp-*`` files of atomic writes that a killed run left in ``folders``."""
-    for folder in folders:
-        for name in _listdir(folder):
-            if name.startswith(".tmp-"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
-
-
 def train(config, *, model=None, train_data=None, val_data=None, callbacks=None, strategy=None):
     """Trains DeepLab v2 with ``model.fit`` following ``config``; resumes if ``run_dir`` holds a backup.
 
@@ -140,8 +131,9 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
         run_dir, f".backup-worker-{_task_id(strategy)}")
     if chief:
         _check_run_dir(run_dir, cfg)
-        _remove_temp_files(run_dir, os.path.join(run_dir, "checkpoints"))
-    _remove_temp_files(backup_dir)
+        remove_temp_files(run_dir)
+        remove_temp_files(os.path.join(run_dir, "checkpoints"))
+    remove_temp_files(backup_dir)
     start_epoch, start_batch, _ = _latest_backup(backup_dir)
 
     # Data (given datasets win; a given train_data without val_data means no validation)
