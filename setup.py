@@ -38,7 +38,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"deeplab_keras.export": "export"},
-    package_data={"deeplab_keras.crf": ["*.cc", "*.h"], "deeplab_keras": ["configs/*.yaml"]},
+    package_data={"deeplab_keras.crf": ["*.cc", "*.h"], "deeplab_keras": ["configs/*.yaml"],
+                  "deeplab_keras.data": ["samples/README.txt", "samples/VOC2012/*/*.*",
+                                         "samples/VOC2012/ImageSets/Segmentation/*.txt"]},
     ext_modules=[Extension("deeplab_keras.crf._dense_crf_op", sources=[])],
     cmdclass={"build_ext": BuildCRFOp},
     install_requires=[line.split("#")[0].strip() for line in open(os.path.join(HERE, "requirements.txt"))

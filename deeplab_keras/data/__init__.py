@@ -1,5 +1,6 @@
 """Data for deeplab_keras: PASCAL VOC 2012 (+ SBD aug) through TFDS, folder datasets, synthetic data and the
-tf.data training / evaluation pipeline.
+tf.data training / evaluation pipeline, and the packaged sample data (:func:`sample_data_dir`: a few real VOC
+2012 pairs).
 
 Every source yields dicts ``{"image": uint8 [H, W, 3], "label": uint8 [H, W], "file_name": string}``
 (labels are class indices, 255 = ignore); :func:`make_pipeline` turns them into batches of
@@ -15,10 +16,11 @@ Example:
 from deeplab_keras.data import synthetic
 from deeplab_keras.data._common import VOC_CLASSES, BadDataError, voc_palette
 from deeplab_keras.data.folder import folder_dataset, read_class_names
+from deeplab_keras.data.packaged import sample_data_dir
 from deeplab_keras.data.pipeline import distributed_pipeline, make_pipeline
 from deeplab_keras.data.synthetic import make_synthetic, write_synthetic_folder
 from deeplab_keras.data.voc import Voc2012Segmentation, load_voc
 
 __all__ = ["load_voc", "folder_dataset", "read_class_names", "make_pipeline", "distributed_pipeline",
            "make_synthetic", "write_synthetic_folder", "synthetic", "Voc2012Segmentation", "VOC_CLASSES",
-           "voc_palette", "BadDataError"]
+           "voc_palette", "BadDataError", "sample_data_dir"]
