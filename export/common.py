@@ -58,6 +58,43 @@ def postprocess(logits, images, outputs="full", crf=None):
     return {"labels": labels, "probabilities": probabilities}
 
 
+def serving_archive(model, endpoints, outputs="full", crf=None):
+    """The ``keras.export.ExportArchive`` of every format (the one place that builds one).
+
+    Each endpoint computes ``serving_outputs`` of its input, after an optional ``to_images`` (e.g. decoding
+    bytes); the input is cast to float32. The model is not ``track()``-ed: that would add its ``keras.Variable``
+    wrappers beside the ``tf.Variable``s the endpoints capture, and TF's checkpoint writes both (every weight
+    twice, keras-team/keras#23553); the endpoints alone carry every variable they use (the model has no lookup
+    tables that would need tracking).
+
+    Args:
+        model: float32 Keras model.
+        endpoints: ``{name: (tf.TensorSpec, to_images or None)}``; the first one is also ``serving_default``
+            when no endpoint has that name.
+        outputs: see ``serving_outputs``.
+        crf: see ``serving_outputs``.
+    Returns:
+        ``(archive, functions)``: the archive (``archive.write_out(path)`` writes a SavedModel) and
+        ``{name: tf.function}`` of its endpoints (what tf2onnx converts).
+
+    Example:
+        >>> archive, fns = serving_archive(model, {"serve": (tf.TensorSpec([None, None, None, 3]), None)})
+        >>> archive.write_out("/tmp/sm", verbose=False)              # doctest: +SKIP
+    """
+    import keras
+
+    def endpoint(to_images):
+        def serve(image):
+            return serving_outputs(model, tf.cast(to_images(image) if to_images else image, tf.float32), outputs,
+                                   crf)
+        return serve
+
+    archive = keras.export.ExportArchive()
+    functions = {name: archive.add_endpoint(name, endpoint(to_images), input_signature=[spec])
+                 for name, (spec, to_images) in endpoints.items()}
+    return archive, functions
+
+
 def reference_outputs(model, images, outputs="full", crf=None, batch_size=1):
     """Runs ``serving_outputs`` eagerly with the Keras model: the reference each artifact is checked against.
 
@@ -475,17 +512,30 @@ def base_report(fmt, model, final_path, size, **fields):
     return report
 
 
-def portable_crf(iterations=10, **crf_kwargs):
+def portable_crf(iterations=None, params=None, **crf_kwargs):
     """The ``crf`` hook for exports: the stock-TF-op dense CRF (``deeplab_keras.crf.portable``).
 
     Args:
-        iterations: mean-field iterations (unrolled into the exported graph).
-        **crf_kwargs: other ``dense_crf_portable`` parameters (DeepLab v2 defaults otherwise).
+        iterations: mean-field iterations (unrolled into the exported graph); None: those of ``params``.
+        params: a ``deeplab_keras.crf.CRFParams``, a dict of some of its fields, or None (DeepLab v2 defaults).
+        **crf_kwargs: ``CRFParams`` fields overriding ``params`` (``bilateral_weight=5``), and the
+            ``dense_crf_portable`` options ``gaussian_filter`` / ``splat``.
     Returns:
         a ``PortableCRF``: ``crf(probabilities, images) -> probabilities`` taking float32 images in 0..255;
-        each exporter calls ``crf.for_runtime(...)`` to trace the variant that is exact and fast in its runtime.
+        the driver calls ``crf.for_runtime(...)`` to trace the variant that is exact and fast in its runtime.
+    Raises:
+        ValueError: a bad or unknown parameter (``CRFParams``' message).
+
+    Example:
+        >>> portable_crf(params=CRFParams(bilateral_weight=5), iterations=5).params.iterations
+        5
     """
-    return PortableCRF(iterations=iterations, **crf_kwargs)
+    from deeplab_keras.crf.params import CRFParams
+
+    options = {key: crf_kwargs.pop(key) for key in PortableCRF.OPTIONS if key in crf_kwargs}
+    if iterations is not None:
+        crf_kwargs["iterations"] = iterations
+    return PortableCRF(params=CRFParams.resolve(params, **crf_kwargs), **options)
 
 
 class PortableCRF:
@@ -493,32 +543,36 @@ class PortableCRF:
 
     Args:
         runtime: ``"tf"``, ``"litert"``, ``"onnx"`` or None (``deeplab_keras.crf.portable.RUNTIME_SPLAT``).
-        **crf_kwargs: ``dense_crf_portable`` parameters (``iterations``, weights, stds, ``splat``, ...).
+        params: a ``CRFParams`` (None: the defaults).
+        **options: ``dense_crf_portable`` options (``OPTIONS``).
     """
+    OPTIONS = ("gaussian_filter", "splat")
 
-    def __init__(self, runtime=None, **crf_kwargs):
+    def __init__(self, runtime=None, params=None, **options):
+        from deeplab_keras.crf.params import CRFParams
+
         self.runtime = runtime
-        self.crf_kwargs = crf_kwargs
+        self.params = CRFParams.resolve(params)
+        self.options = options
 
     @property
     def config(self):
         """Parameters for the export report."""
         from deeplab_keras.crf.portable import RUNTIME_SPLAT
 
-        return {**self.crf_kwargs, "runtime": self.runtime,
-                "splat": self.crf_kwargs.get("splat", RUNTIME_SPLAT.get(self.runtime))}
+        return {**self.params.to_dict(), **self.options, "runtime": self.runtime,
+                "splat": self.options.get("splat", RUNTIME_SPLAT.get(self.runtime))}
 
     def for_runtime(self, runtime):
         """The same CRF traced for ``runtime`` (the splat that is exact and fastest there)."""
-        return PortableCRF(runtime=runtime, **self.crf_kwargs)
+        return PortableCRF(runtime=runtime, params=self.params, **self.options)
 
     def __call__(self, probabilities, images):
         from deeplab_keras.crf.portable import RUNTIME_SPLAT, dense_crf_portable
 
-        kwargs = dict(self.crf_kwargs)
-        kwargs.setdefault("splat", RUNTIME_SPLAT[self.runtime])
+        options = {"splat": RUNTIME_SPLAT[self.runtime], **self.options}
         pixels = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-        return dense_crf_portable(probabilities, pixels, **kwargs)
+        return dense_crf_portable(probabilities, pixels, self.params, **options)
 
 
 def crf_for(crf, runtime):

@@ -12,28 +12,15 @@ Example:
 """
 import collections
 import os
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common
-from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.models import as_float32
+from deeplab_keras import _keras_compat
+from deeplab_keras.export import common, driver
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
-
-
-def _patch_tf2onnx_for_numpy2():
-    """tf2onnx 1.17 still uses ``np.object``/``np.cast`` (removed in numpy 2); Keras ships the fix it needs."""
-    try:
-        from keras.src.export.tf2onnx_lib import patch_tf2onnx
-    except ImportError:  # a future Keras without the private helper: tf2onnx may have been fixed by then
-        return
-    with warnings.catch_warnings():  # its `hasattr(np, "object")` probe warns on numpy 2
-        warnings.simplefilter("ignore", FutureWarning)
-        patch_tf2onnx()
 
 
 def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=None):
@@ -46,24 +33,15 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
         opset: ONNX opset (>= 13).
         crf: optional stock-TF-op refinement.
     """
-    import keras
     import tf2onnx
 
     if int(opset) < MIN_OPSET:
         raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
-    _patch_tf2onnx_for_numpy2()
+    _keras_compat.patch_tf2onnx()  # tf2onnx 1.17 still uses np.object / np.cast (removed in numpy 2)
     height, width = input_size if input_size else (None, None)
-    signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name="image")]
-
-    def serve(image):
-        return common.serving_outputs(model, image, outputs, crf)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serve", serve, input_signature=signature)
-    archive._filter_and_track_resources()  # what keras' own ONNX export does before taking the concrete function
-    concrete = archive._get_concrete_fn("serve")
-    proto, _ = tf2onnx.convert.from_function(concrete, input_signature=signature, opset=int(opset))
+    spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="image")
+    _, functions = common.serving_archive(model, {"serve": (spec, None)}, outputs, crf)
+    proto, _ = tf2onnx.convert.from_function(functions["serve"], input_signature=[spec], opset=int(opset))
     softmax_on_last_axis(proto)
     return proto
 
@@ -185,10 +163,63 @@ def run_onnx(session, images, batch_size=None):
     return {k: np.concatenate([p[k] for p in parts]) for k in names}
 
 
+@driver.register
+class ONNXFormat(driver.Format):
+    """``export_model`` hooks for an ``.onnx`` file (see ``export_onnx``)."""
+    name = "onnx"
+    options = {"opset": DEFAULT_OPSET, "input_size": None, "outputs": "full"}
+    crf_runtime = "onnx"
+    verify_message = "verifying with onnxruntime"
+
+    @property
+    def convert_step(self):
+        size = self.opts["input_size"]
+        return "convert_s", (f"converting to ONNX with tf2onnx (opset {self.opts['opset']}, input size "
+                             f"{'x'.join(map(str, size)) if size else 'dynamic'})")
+
+    def check(self):
+        common.check_outputs(self.outputs)
+        if int(self.opts["opset"]) < MIN_OPSET:
+            raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
+
+    def destination(self, out, overwrite):
+        return common.file_destination(out, overwrite, "ONNX file", ".onnx")
+
+    def convert(self, model, staging, final):
+        o = self.opts
+        proto = convert(model, o["input_size"], o["outputs"], o["opset"], self.crf)
+        staged = os.path.join(staging, os.path.basename(final))
+        with open(staged, "wb") as f:
+            f.write(proto.SerializeToString())
+        self.stats = node_stats(proto)
+        self.progress.info(f"ONNX graph: {self.stats['nodes']} nodes, {self.stats['conv_nodes']} Conv "
+                           f"({self.stats['dilated_conv_nodes']} with dilations), "
+                           f"{self.stats['space_to_depth_nodes']} SpaceToDepth/DepthToSpace")
+        return staged
+
+    def runners(self, artifact):
+        self.session = make_session(artifact)
+        return {"onnxruntime": lambda images: run_onnx(self.session, images)}
+
+    def report_fields(self, artifact):
+        import onnx
+        import onnxruntime
+
+        o = self.opts
+        return {"opset": int(o["opset"]), "input_size": list(o["input_size"]) if o["input_size"] else None,
+                "outputs": o["outputs"],
+                "inputs": {i.name: {"shape": i.shape, "type": i.type} for i in self.session.get_inputs()},
+                "output_names": [o.name for o in self.session.get_outputs()], "graph": self.stats,
+                "onnx_version": onnx.__version__, "onnxruntime_version": onnxruntime.__version__}
+
+    def close(self):
+        self.session = None
+
+
 def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full", crf=None, overwrite=False,
                 sample_dir=None, num_samples=4, verify_size=(97, 129), tolerance=None, report_path=None,
                 progress=None):
-    """Exports ``model`` to a verified ``.onnx`` file.
+    """Exports ``model`` to a verified ``.onnx`` file (``driver.export_model``).
 
     Args:
         model: Keras model (RGB 0..255 in, logits out); mixed precision is exported as float32.
@@ -210,44 +241,7 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
     Raises:
         common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
-    progress = progress or common.Progress(False)
-    crf = common.crf_for(crf, "onnx") if crf is not None else None
-    common.check_outputs(outputs)
-    if int(opset) < MIN_OPSET:
-        raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
-    final = common.file_destination(out, overwrite, "ONNX file", ".onnx")
-    model = as_float32(model)
-    tolerance = tolerance or verify_lib.TOLERANCES["float32"]
-    size = tuple(input_size) if input_size else tuple(verify_size)
-    images = common.load_samples(size, sample_dir, num_samples)
-    with common.staging(final, progress) as stage:
-        staged = os.path.join(stage.path, os.path.basename(final))
-        with progress.step("convert_s", f"converting to ONNX with tf2onnx (opset {opset}, input size "
-                                        f"{'x'.join(map(str, input_size)) if input_size else 'dynamic'})"):
-            proto = convert(model, input_size, outputs, opset, crf)
-        content = proto.SerializeToString()
-        with open(staged, "wb") as f:
-            f.write(content)
-        stats = node_stats(proto)
-        progress.info(f"ONNX graph: {stats['nodes']} nodes, {stats['conv_nodes']} Conv "
-                      f"({stats['dilated_conv_nodes']} with dilations), "
-                      f"{stats['space_to_depth_nodes']} SpaceToDepth/DepthToSpace")
-        with progress.step("verify_s", "verifying with onnxruntime"):
-            session = make_session(staged)
-            reference = common.reference_outputs(model, images, outputs, crf)
-            tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf)
-            result = verify_lib.run_checks([("onnxruntime", reference, run_onnx(session, images))], tolerance,
-                                           progress, derivation)
-        import onnx
-        import onnxruntime
-
-        report = common.base_report(
-            "onnx", model, final, len(content), opset=int(opset), precision="float32",
-            input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
-            crf=getattr(crf, "config", None),
-            inputs={i.name: {"shape": i.shape, "type": i.type} for i in session.get_inputs()},
-            output_names=[o.name for o in session.get_outputs()], graph=stats,
-            onnx_version=onnx.__version__, onnxruntime_version=onnxruntime.__version__, created_dirs=stage.created,
-            verification=result, timings=dict(progress.timings), samples=sample_dir or "synthetic")
-        del session
-        return common.finalize(report, staged, final, overwrite, report_path, progress)
+    return driver.export_model(model, "onnx", out, opset=opset, input_size=input_size, outputs=outputs, crf=crf,
+                               overwrite=overwrite, sample_dir=sample_dir, num_samples=num_samples,
+                               verify_size=verify_size, tolerance=tolerance, report_path=report_path,
+                               progress=progress)

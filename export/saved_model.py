@@ -20,9 +20,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common
-from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.models import as_float32
+from deeplab_keras.export import common, driver
 
 SIGNATURE_IMAGE = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -44,28 +42,16 @@ def _decode_batch(encoded):
 
 
 def build_archive(model, crf=None):
-    """A ``keras.export.ExportArchive`` with the two serving signatures of the module docstring.
+    """The ``keras.export.ExportArchive`` (``common.serving_archive``) with the two serving signatures of the
+    module docstring.
 
     Args:
         model: float32 Keras model (RGB 0..255 in, logits out).
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
     """
-    import keras
-
-    def serve_image(image):
-        return common.serving_outputs(model, tf.cast(image, tf.float32), "full", crf)
-
-    def serve_bytes(image_bytes):
-        return serve_image(_decode_batch(image_bytes))
-
-    # No ``archive.track(model)``: it would add the model's ``keras.Variable`` wrappers beside the ``tf.Variable``s
-    # the endpoints capture, and TF's checkpoint writes both (every weight twice: keras-team/keras#23553). The
-    # endpoints alone carry every variable they use; the model has no lookup tables that would need tracking.
-    archive = keras.export.ExportArchive()
-    archive.add_endpoint(SIGNATURE_IMAGE, serve_image,
-                         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")])
-    archive.add_endpoint(SIGNATURE_BYTES, serve_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive, _ = common.serving_archive(model, {
+        SIGNATURE_IMAGE: (tf.TensorSpec([None, None, None, 3], tf.uint8, name="image"), None),
+        SIGNATURE_BYTES: (tf.TensorSpec([None], tf.string, name="image_bytes"), _decode_batch)}, "full", crf)
     return archive
 
 
@@ -121,9 +107,58 @@ def run_saved_model(path, images, signature=SIGNATURE_IMAGE):
     return outputs
 
 
+@driver.register
+class SavedModelFormat(driver.Format):
+    """``export_model`` hooks for a TF Serving SavedModel version directory (see ``export_saved_model``)."""
+    name = "saved_model"
+    options = {"version": None}
+    crf_runtime = "tf"
+    verify_message = "verifying SavedModel with TensorFlow"
+
+    @property
+    def convert_step(self):
+        return "export_s", f"writing SavedModel (version {self.version})"
+
+    def destination(self, out, overwrite):
+        version = next_version(out) if self.opts["version"] is None else int(self.opts["version"])
+        if version < 0:
+            raise common.ExportError(f"--version must be a non-negative integer, got {version}")
+        self.version = version
+        final = os.path.join(os.path.abspath(out), str(version))
+        common.check_destination(final, overwrite, "SavedModel version directory")
+        return final
+
+    def sample_size(self, verify_size):
+        return tuple(verify_size)
+
+    def convert(self, model, staging, final):
+        staged = os.path.join(staging, str(self.version))
+        build_archive(model, self.crf).write_out(staged, verbose=False)
+        custom = non_stock_ops(staged)
+        if custom:
+            raise common.ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
+                                     "(export without the custom CRF op)")
+        return staged
+
+    def runners(self, artifact):
+        def run_bytes(images):
+            encoded = np.stack([tf.io.encode_png(im).numpy() for im in images])
+            return run_saved_model(artifact, encoded, SIGNATURE_BYTES)
+
+        return {SIGNATURE_IMAGE: lambda images: run_saved_model(artifact, images), SIGNATURE_BYTES: run_bytes}
+
+    def report_fields(self, artifact):
+        outputs = {"labels": "int32 [N,H,W]", "probabilities": "float32 [N,H,W,C]"}
+        return {"version": self.version, "tags": ["serve"],
+                "signatures": {SIGNATURE_IMAGE: {"inputs": {"image": "uint8 [N,H,W,3]"}, "outputs": outputs},
+                               SIGNATURE_BYTES: {"inputs": {"image_bytes": "string [N] (JPEG/PNG/BMP)"},
+                                                 "outputs": outputs}},
+                "ops": sorted(saved_model_ops(artifact))}
+
+
 def export_saved_model(model, out, version=None, overwrite=False, crf=None, sample_dir=None, num_samples=4,
                        verify_size=(97, 129), tolerance=None, report_path=None, progress=None):
-    """Exports ``model`` as a verified TF Serving SavedModel ``out/<version>/``.
+    """Exports ``model`` as a verified TF Serving SavedModel ``out/<version>/`` (``driver.export_model``).
 
     Args:
         model: Keras model, float32 RGB 0..255 ``[N, H, W, 3]`` -> logits; mixed precision is exported as float32.
@@ -143,43 +178,6 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
     Raises:
         common.ExportError: bad destination; verify.VerificationError: outputs out of tolerance.
     """
-    progress = progress or common.Progress(False)
-    crf = common.crf_for(crf, "tf") if crf is not None else None
-    version = next_version(out) if version is None else int(version)
-    if version < 0:
-        raise common.ExportError(f"--version must be a non-negative integer, got {version}")
-    final = os.path.join(os.path.abspath(out), str(version))
-    common.check_destination(final, overwrite, "SavedModel version directory")
-    model = as_float32(model)
-    tolerance = tolerance or verify_lib.TOLERANCES["float32"]
-    images = common.load_samples(verify_size, sample_dir, num_samples)
-    with common.staging(final, progress) as stage:
-        staged = os.path.join(stage.path, str(version))
-        with progress.step("export_s", f"writing SavedModel (version {version})"):
-            with common.disk_errors(final):
-                build_archive(model, crf).write_out(staged, verbose=False)
-        custom = non_stock_ops(staged)
-        if custom:
-            raise common.ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
-                                     "(export without the custom CRF op)")
-        with progress.step("verify_s", "verifying SavedModel with TensorFlow"):
-            reference = common.reference_outputs(model, images, "full", crf)
-            got = run_saved_model(staged, images)
-            encoded = np.stack([tf.io.encode_png(im).numpy() for im in images])
-            got_bytes = run_saved_model(staged, encoded, SIGNATURE_BYTES)
-            tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf)
-            result = verify_lib.run_checks([(SIGNATURE_IMAGE, reference, got), (SIGNATURE_BYTES, reference, got_bytes)],
-                                           tolerance, progress, derivation)
-        report = common.base_report(
-            "saved_model", model, final, common.path_size(staged), version=version, tags=["serve"],
-            signatures={SIGNATURE_IMAGE: {"inputs": {"image": "uint8 [N,H,W,3]"},
-                                          "outputs": {"labels": "int32 [N,H,W]",
-                                                      "probabilities": "float32 [N,H,W,C]"}},
-                        SIGNATURE_BYTES: {"inputs": {"image_bytes": "string [N] (JPEG/PNG/BMP)"},
-                                          "outputs": {"labels": "int32 [N,H,W]",
-                                                      "probabilities": "float32 [N,H,W,C]"}}},
-            with_crf=crf is not None, crf=getattr(crf, "config", None), precision="float32",
-            ops=sorted(saved_model_ops(staged)), created_dirs=stage.created,
-            verification=result, timings=dict(progress.timings),
-            samples=sample_dir or "synthetic")
-        return common.finalize(report, staged, final, overwrite, report_path, progress)
+    return driver.export_model(model, "saved_model", out, version=version, overwrite=overwrite, crf=crf,
+                               sample_dir=sample_dir, num_samples=num_samples, verify_size=verify_size,
+                               tolerance=tolerance, report_path=report_path, progress=progress)

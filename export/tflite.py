@@ -26,9 +26,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common
-from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.models import as_float32
+from deeplab_keras.export import common, driver
 
 QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
 SIGNATURE = "serving_default"
@@ -36,17 +34,10 @@ _PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "in
 
 
 def _write_float_saved_model(model, path, input_size, outputs, crf):
-    import keras
-
     # Static: batch 1 too, else the converter keeps SPACE_TO_BATCH_ND around every atrous convolution.
     shape = [1, *input_size, 3] if input_size else [None, None, None, 3]
-
-    def serve(image):
-        return common.serving_outputs(model, image, outputs, crf)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
+    archive, _ = common.serving_archive(model, {SIGNATURE: (tf.TensorSpec(shape, tf.float32, name="image"), None)},
+                                        outputs, crf)
     archive.write_out(path, verbose=False)
 
 
@@ -165,10 +156,78 @@ class TFLiteRunner:
         return value
 
 
+@driver.register
+class TFLiteFormat(driver.Format):
+    """``export_model`` hooks for a ``.tflite`` file (see ``export_tflite``)."""
+    name = "tflite"
+    options = {"quantize": "none", "input_size": None, "outputs": "full", "representative": None,
+               "num_calibration": 16, "int8_io": False, "num_threads": None}
+    crf_runtime = "litert"
+    verify_message = "verifying with the LiteRT interpreter"
+
+    @property
+    def precision(self):
+        return _PRECISION[self.opts["quantize"]]
+
+    @property
+    def convert_step(self):
+        size = self.opts["input_size"]
+        return "convert_s", (f"converting to TFLite (quantize={self.opts['quantize']}, "
+                             f"input size {'x'.join(map(str, size)) if size else 'dynamic'})")
+
+    def check(self):
+        common.check_outputs(self.outputs)
+        _check_quantize(self.opts["quantize"], self.opts["int8_io"])
+
+    def destination(self, out, overwrite):
+        return common.file_destination(out, overwrite, "TFLite file", ".tflite")
+
+    def prepare(self, size):
+        self.calibration = None
+        if self.opts["quantize"] == "int8":
+            self.calibration = common.load_samples(size, self.opts["representative"],
+                                                   self.opts["num_calibration"], seed=1234,
+                                                   what="--representative-data")
+
+    def convert(self, model, staging, final):
+        o = self.opts
+        content, self.full_integer = convert(model, o["input_size"], o["outputs"], o["quantize"], self.calibration,
+                                             o["int8_io"], self.crf, workdir=staging)
+        staged = os.path.join(staging, os.path.basename(final))
+        with open(staged, "wb") as f:
+            f.write(content)
+        return staged
+
+    def runners(self, artifact):
+        self.runner = TFLiteRunner(artifact, self.opts["num_threads"])
+        return {"tflite": self.runner}
+
+    def warnings(self, verification):
+        if self.opts["quantize"] != "int8" or self.opts["representative"]:
+            return []
+        agreement = verification["checks"]["tflite"]["label_agreement"]
+        return [f"int8 was calibrated on synthetic images (no --representative-data): label agreement with the "
+                f"float model is {100 * agreement:.1f} % on the verification images; calibrate on ~100 images of "
+                "your data with --representative-data DIR"]
+
+    def report_fields(self, artifact):
+        o, int8 = self.opts, self.opts["quantize"] == "int8"
+        return {"quantize": o["quantize"], "full_integer": self.full_integer if int8 else None,
+                "int8_io": bool(o["int8_io"]), "input_size": list(o["input_size"]) if o["input_size"] else None,
+                "outputs": o["outputs"], "signature": SIGNATURE,
+                "inputs": {"image": str(np.dtype(self.runner.input_details["dtype"]))},
+                "output_names": sorted(self.runner.output_details), "ops": op_names(self.runner.interpreter),
+                "calibration": (o["representative"] or "synthetic") if int8 else None,
+                "num_calibration_images": len(self.calibration) if self.calibration is not None else None}
+
+    def close(self):
+        self.runner = None
+
+
 def export_tflite(model, out, quantize="none", input_size=None, outputs="full", crf=None, representative=None,
                   num_calibration=16, int8_io=False, overwrite=False, sample_dir=None, num_samples=4,
                   verify_size=(97, 129), tolerance=None, report_path=None, progress=None, num_threads=None):
-    """Exports ``model`` to a verified ``.tflite`` file.
+    """Exports ``model`` to a verified ``.tflite`` file (``driver.export_model``).
 
     Args:
         model: Keras model (RGB 0..255 in, logits out); mixed precision is exported as float32.
@@ -194,50 +253,8 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
     Raises:
         common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
-    progress = progress or common.Progress(False)
-    crf = common.crf_for(crf, "litert") if crf is not None else None
-    common.check_outputs(outputs)
-    _check_quantize(quantize, int8_io)
-    final = common.file_destination(out, overwrite, "TFLite file", ".tflite")
-    model = as_float32(model)
-    size = tuple(input_size) if input_size else tuple(verify_size)
-    precision = _PRECISION[quantize]
-    tolerance = tolerance or verify_lib.TOLERANCES[precision]
-    calibration, warnings = None, []
-    if quantize == "int8":
-        calibration = common.load_samples(size, representative, num_calibration, seed=1234,
-                                          what="--representative-data")
-    samples = common.load_samples(size, sample_dir, num_samples)
-    with common.staging(final, progress) as stage:
-        staged = os.path.join(stage.path, os.path.basename(final))
-        with progress.step("convert_s", f"converting to TFLite (quantize={quantize}, "
-                                        f"input size {'x'.join(map(str, input_size)) if input_size else 'dynamic'})"):
-            with common.disk_errors(final):
-                content, full_integer = convert(model, input_size, outputs, quantize, calibration, int8_io, crf,
-                                                workdir=stage.path)
-        with open(staged, "wb") as f:
-            f.write(content)
-        with progress.step("verify_s", "verifying with the LiteRT interpreter"):
-            runner = TFLiteRunner(staged, num_threads)
-            reference = common.reference_outputs(model, samples, outputs, crf)
-            tolerance, derivation = common.verification_tolerance(tolerance, model, samples, crf)
-            result = verify_lib.run_checks([("tflite", reference, runner(samples))], tolerance, progress, derivation)
-        if quantize == "int8" and not representative:
-            agreement = result["checks"]["tflite"]["label_agreement"]
-            warnings.append(f"int8 was calibrated on synthetic images (no --representative-data): label agreement "
-                            f"with the float model is {100 * agreement:.1f} % on the verification images; "
-                            f"calibrate on ~100 images of your data with --representative-data DIR")
-            progress.warn(warnings[-1])
-        report = common.base_report(
-            "tflite", model, final, len(content), quantize=quantize, precision=precision,
-            full_integer=full_integer if quantize == "int8" else None, int8_io=bool(int8_io),
-            input_size=list(input_size) if input_size else None, outputs=outputs, with_crf=crf is not None,
-            crf=getattr(crf, "config", None),
-            signature=SIGNATURE, inputs={"image": str(np.dtype(runner.input_details["dtype"]))},
-            output_names=sorted(runner.output_details), ops=op_names(runner.interpreter),
-            calibration=(representative or "synthetic") if quantize == "int8" else None,
-            num_calibration_images=len(calibration) if calibration is not None else None, warnings=warnings,
-            created_dirs=stage.created, verification=result, timings=dict(progress.timings),
-            samples=sample_dir or "synthetic")
-        del runner
-        return common.finalize(report, staged, final, overwrite, report_path, progress)
+    return driver.export_model(model, "tflite", out, quantize=quantize, input_size=input_size, outputs=outputs,
+                               crf=crf, representative=representative, num_calibration=num_calibration,
+                               int8_io=int8_io, overwrite=overwrite, sample_dir=sample_dir, num_samples=num_samples,
+                               verify_size=verify_size, tolerance=tolerance, report_path=report_path,
+                               progress=progress, num_threads=num_threads)

@@ -1,0 +1,162 @@
+"""The one export driver: the steps every format shares, around a small set of per-format hooks.
+
+``export_model(model, format, out, **options)`` checks the request and the destination (before anything slow),
+converts into a hidden staging folder next to ``out``, runs the artifact in its own runtime on sample images,
+compares it with the Keras model, writes the JSON report and moves the artifact into place atomically (or, when
+verification fails, writes only the report). A format is a ``Format`` subclass (``saved_model.SavedModelFormat``,
+``tflite.TFLiteFormat``, ``onnx.ONNXFormat``) registered with ``register``; it supplies the destination, the
+conversion, the verification runners and its report fields.
+
+Example:
+    >>> from deeplab_keras.export import export_model
+    >>> report = export_model(model, "onnx", "deeplab.onnx", input_size=(513, 513))      # doctest: +SKIP
+    >>> report["verification"]["passed"]
+    True
+"""
+from deeplab_keras.export import common
+from deeplab_keras.export import verify as verify_lib
+from deeplab_keras.models import as_float32
+
+#: name -> ``Format`` subclass (filled by ``register`` when ``deeplab_keras.export`` is imported).
+FORMATS = {}
+
+
+def register(cls):
+    """Class decorator: makes the ``Format`` subclass ``cls`` available as ``export_model(..., cls.name, ...)``."""
+    FORMATS[cls.name] = cls
+    return cls
+
+
+class Format:
+    """The hooks of one export format; one instance per export (hooks may keep state on it, e.g. a session).
+
+    Class attributes:
+        name: the format's name (``export_model``'s ``format``, the report's ``format``).
+        options: the format's own options and their defaults (``export_model`` refuses others).
+        crf_runtime: runtime the CRF hook is traced for (``common.crf_for``).
+        convert_step: ``(timing key, progress message)`` of the conversion step.
+        verify_message: progress message of the verification step.
+
+    Args:
+        **options: values for ``options`` (the rest keep their defaults).
+    """
+    name = None
+    options = {}
+    crf_runtime = None
+    convert_step = ("convert_s", "converting")
+    verify_message = "verifying"
+
+    def __init__(self, **options):
+        self.opts = {**type(self).options, **options}
+        self.crf = None  # the CRF hook traced for ``crf_runtime`` (set by ``export_model``)
+        self.progress = common.Progress(False)  # set by ``export_model``
+
+    @property
+    def precision(self):
+        """Numeric precision of the artifact (a key of ``verify.TOLERANCES``)."""
+        return "float32"
+
+    @property
+    def outputs(self):
+        """The exported outputs (``"full"`` or ``"logits"``, see ``common.serving_outputs``)."""
+        return self.opts.get("outputs", "full")
+
+    def check(self):
+        """Raises ``common.ExportError`` for options of this format that cannot work (before anything slow)."""
+
+    def destination(self, out, overwrite):
+        """The absolute final path of the artifact for ``out``, checked (``common.ExportError``)."""
+        raise NotImplementedError
+
+    def sample_size(self, verify_size):
+        """``(H, W)`` of the verification images."""
+        size = self.opts.get("input_size")
+        return tuple(size) if size else tuple(verify_size)
+
+    def prepare(self, size):
+        """Loads what the conversion needs from disk before staging starts (e.g. calibration images of ``size``)."""
+
+    def convert(self, model, staging, final):
+        """Writes the artifact into the folder ``staging``; returns its path (named like ``final``)."""
+        raise NotImplementedError
+
+    def runners(self, artifact):
+        """``{check name: run(images) -> dict of numpy outputs}``: the staged artifact in its own runtime."""
+        raise NotImplementedError
+
+    def warnings(self, verification):
+        """Warnings to print and report, given the verification result."""
+        return []
+
+    def report_fields(self, artifact):
+        """The format's own report fields (after verification; ``runners`` have run)."""
+        return {}
+
+    def close(self):
+        """Releases the runtimes opened by ``runners`` before the artifact is moved."""
+
+
+def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None, num_samples=4,
+                 verify_size=(97, 129), tolerance=None, report_path=None, progress=None, **options):
+    """Exports ``model`` as ``format`` to ``out``, verified against the Keras model.
+
+    Args:
+        model: Keras model, float32 RGB 0..255 ``[N, H, W, 3]`` -> logits; mixed precision is exported as float32.
+        format: a name in ``FORMATS``: ``"saved_model"``, ``"tflite"`` or ``"onnx"``.
+        out: destination (see the format's ``export_*`` function).
+        overwrite: replace an existing artifact.
+        crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``
+            (``common.portable_crf``).
+        sample_dir: folder of verification images (default synthetic images).
+        num_samples: number of verification images.
+        verify_size: ``(H, W)`` of the verification images when the format has no fixed ``input_size``.
+        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES[precision]``; float32 derives its max |diff|
+            from the CRF's measured amplification).
+        report_path: JSON report path (default ``<artifact>.report.json``).
+        progress: ``common.Progress`` for progress lines (default silent).
+        **options: the format's own options (``FORMATS[format].options``).
+    Returns:
+        the report dict (also written as JSON next to the artifact).
+    Raises:
+        common.ExportError: unknown format or option, bad option value or destination;
+        verify.VerificationError: outputs out of tolerance (only the report is written).
+    """
+    if format not in FORMATS:
+        raise common.ExportError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    cls = FORMATS[format]
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        raise common.ExportError(f"option {unknown[0]!r} does not apply to format {format!r} (its options: "
+                                 f"{', '.join(sorted(cls.options)) or 'none'})")
+    fmt = cls(**options)
+    fmt.progress = progress = progress or common.Progress(False)
+    fmt.crf = crf = common.crf_for(crf, cls.crf_runtime) if crf is not None else None
+    fmt.check()
+    final = fmt.destination(out, overwrite)
+    model = as_float32(model)
+    tolerance = tolerance or verify_lib.TOLERANCES[fmt.precision]
+    size = fmt.sample_size(verify_size)
+    fmt.prepare(size)
+    images = common.load_samples(size, sample_dir, num_samples)
+    with common.staging(final, progress) as stage:
+        with progress.step(*fmt.convert_step):
+            with common.disk_errors(final):
+                staged = fmt.convert(model, stage.path, final)
+        try:
+            with progress.step("verify_s", fmt.verify_message):
+                runners = fmt.runners(staged)
+                reference = common.reference_outputs(model, images, fmt.outputs, crf)
+                tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf)
+                checks = [(name, reference, run(images)) for name, run in runners.items()]
+                result = verify_lib.run_checks(checks, tolerance, progress, derivation)
+            warnings = fmt.warnings(result)
+            for warning in warnings:
+                progress.warn(warning)
+            report = common.base_report(
+                cls.name, model, final, common.path_size(staged), **fmt.report_fields(staged),
+                precision=fmt.precision, with_crf=crf is not None, crf=getattr(crf, "config", None),
+                warnings=warnings, created_dirs=stage.created, verification=result, timings=dict(progress.timings),
+                samples=sample_dir or "synthetic")
+        finally:
+            fmt.close()
+        return common.finalize(report, staged, final, overwrite, report_path, progress)
