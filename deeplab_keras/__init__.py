@@ -18,10 +18,11 @@ if _os.environ["KERAS_BACKEND"] == "tensorflow":  # import TF now without its CU
 
     _quiet_tensorflow(python_logs=False)
 
+from deeplab_keras.models.config import ModelConfig  # noqa: E402  (backend-free)
 from deeplab_keras.models.deeplab import DeepLabV2  # noqa: E402  (the model core imports no TensorFlow)
 
 __version__ = "0.1.0"
-__all__ = ["DeepLabV2", "crf", "__version__"]
+__all__ = ["DeepLabV2", "ModelConfig", "crf", "__version__"]
 
 
 def __getattr__(name):

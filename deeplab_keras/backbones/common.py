@@ -1,14 +1,7 @@
 """Helpers shared by the backbones: stride -> dilation, widths, Caffe's ceil-mode pooling and its size rule."""
 import keras
 
-OUTPUT_STRIDES = (8, 16, 32)
-
-
-def check_output_stride(output_stride):
-    """Raise ValueError unless ``output_stride`` is 8, 16 or 32."""
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride={output_stride!r} is not supported; use one of {OUTPUT_STRIDES} "
-                         "(8 = the paper's dense setting, 32 = the plain ImageNet network)")
+from deeplab_keras.models.config import OUTPUT_STRIDES, check_output_stride  # noqa: F401  (their one home)
 
 
 def strides_and_dilations(output_stride, num_stages):

@@ -11,9 +11,7 @@ import keras
 
 from deeplab_keras.backbones.common import (caffe_max_pool, caffe_pool_size, scaled, strided_conv_size,
                                             strides_and_dilations)
-
-RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
-CAFFE_BN_EPSILON = 1e-5
+from deeplab_keras.models.config import CAFFE_BN_EPSILON, RESNET_BLOCKS  # noqa: F401  (their one home)
 
 
 def bottleneck(x, filters, stride=1, dilation=1, conv_shortcut=False, bn_epsilon=CAFFE_BN_EPSILON, name=""):

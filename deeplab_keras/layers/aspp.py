@@ -1,28 +1,7 @@
 """Atrous spatial pyramid pooling (DeepLab v2, section 3.3): parallel dilated branches whose logits are summed."""
 import keras
 
-ASPP_RATES = {"S": (2, 4, 8, 12), "L": (6, 12, 18, 24), "LARGEFOV": (12,)}
-
-
-def resolve_rates(aspp):
-    """Turn ``"L"``, ``"S"``, ``"largefov"`` or a tuple of positive ints into a tuple of rates.
-
-    Raises:
-        ValueError: naming ``aspp`` and the allowed values.
-    """
-    if isinstance(aspp, str):
-        key = aspp.upper()
-        if key not in ASPP_RATES:
-            raise ValueError(f"aspp={aspp!r} is not known; use 'L' {ASPP_RATES['L']}, 'S' {ASPP_RATES['S']}, "
-                             f"'largefov' (VGG-16 only) or a tuple of positive dilation rates")
-        return ASPP_RATES[key]
-    try:
-        rates = tuple(int(r) for r in aspp)
-    except TypeError:
-        raise ValueError(f"aspp={aspp!r} must be 'L', 'S', 'largefov' or a tuple of positive ints") from None
-    if not rates or any(r < 1 for r in rates) or any(r != float(a) for r, a in zip(rates, aspp)):
-        raise ValueError(f"aspp={aspp!r}: give a non-empty tuple of positive integer dilation rates, e.g. (6, 12, 18, 24)")
-    return rates
+from deeplab_keras.models.config import ASPP_RATES, resolve_rates  # noqa: F401  (their one home)
 
 
 @keras.saving.register_keras_serializable(package="deeplab_keras")

@@ -1,9 +1,9 @@
 """Input normalisation and the Caffe ``Interp`` resize used inside the model (no Lambda layers, so `.keras` files
 load with ``safe_mode=True``). Every op here is a Keras op: the layers run on any Keras 3 backend."""
-import fractions
-
 import keras
 from keras import ops
+
+from deeplab_keras.models.config import interp_factors  # noqa: F401  (its one home)
 
 # DeepLab v2's mean colour (the released Caffe models and every port): B, G, R subtracted after RGB -> BGR.
 DEEPLAB_MEAN_BGR = (104.008, 116.669, 122.675)
@@ -37,19 +37,6 @@ class CaffePreprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean_bgr": self.mean_bgr}
-
-
-def interp_factors(scale):
-    """Caffe ``Interp`` (zoom_factor, shrink_factor) of a scale: 0.75 -> (3, 4), 0.5 -> (1, 2), 1.5 -> (3, 2).
-
-    Raises:
-        ValueError: ``scale`` is not positive or not a ratio of small integers (denominator <= 16).
-    """
-    frac = fractions.Fraction(float(scale)).limit_denominator(16)
-    if scale <= 0 or abs(float(frac) - float(scale)) > 1e-9:
-        raise ValueError(f"scale={scale!r}: use a positive ratio of small integers such as 0.75 or 0.5 "
-                         "(Caffe's Interp resizes by zoom/shrink factors)")
-    return frac.numerator, frac.denominator
 
 
 def interp_size(size, scale):

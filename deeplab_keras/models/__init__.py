@@ -1,11 +1,29 @@
-"""DeepLab v2 model assembly and weight handling."""
-from deeplab_keras.models.caffe import (CaffeModelError, caffemodel_config, convert_caffemodel, load_caffemodel,
-                                        read_caffemodel)
-from deeplab_keras.models.deeplab import DeepLabV2, build_network
-from deeplab_keras.models.pth import load_pth, read_pth
-from deeplab_keras.models.weights import (as_float32, is_float32, load_model, resolve_checkpoint,
-                                          transfer_backbone_weights)
+"""DeepLab v2 model assembly and weight handling.
 
-__all__ = ["DeepLabV2", "build_network", "as_float32", "is_float32", "load_model", "resolve_checkpoint",
-           "transfer_backbone_weights", "CaffeModelError", "caffemodel_config", "convert_caffemodel",
-           "load_caffemodel", "read_caffemodel", "load_pth", "read_pth"]
+Modules, lowest first (each imports only those above it): ``config`` (ModelConfig, backend-free) ->
+``caffe_reader``, ``importer``, ``pth``, ``caffe`` (weights files, no model building except through
+:meth:`ModelConfig.build`) -> ``weights`` (checkpoints, ImageNet) -> ``presets`` -> ``msc``, ``deeplab`` (the model).
+The names below load on first use, so ``deeplab_keras.models.config`` imports no Keras.
+"""
+import importlib
+
+_HOMES = {
+    "ModelConfig": "config",
+    "DeepLabV2": "deeplab", "build_network": "deeplab", "CLASSIFIER_PATTERN": "deeplab", "MSC": "msc",
+    "as_float32": "weights", "is_float32": "weights", "load_model": "weights", "resolve_checkpoint": "weights",
+    "transfer_backbone_weights": "weights",
+    "CaffeModelError": "caffe", "caffemodel_config": "caffe", "convert_caffemodel": "caffe",
+    "load_caffemodel": "caffe", "read_caffemodel": "caffe",
+    "load_pth": "pth", "read_pth": "pth",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"deeplab_keras.models.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'deeplab_keras.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

@@ -35,6 +35,8 @@ import sys
 import urllib.parse
 import zipfile
 
+from deeplab_keras.models.caffe import convert_caffemodel
+from deeplab_keras.models.weights import load_model
 from deeplab_keras.utils import TEMP_PREFIX, atomic_write_json, exclusive_lock, remove_temp_files
 
 __all__ = ["Preset", "PRESETS", "PresetError", "PresetFetchError", "PresetHashError", "register_preset", "get_preset",
@@ -242,8 +244,6 @@ def from_preset(name, cache_dir=None, *, sha256=None):
     Example:
         >>> model = from_preset("deeplabv2_resnet101_msc_voc")     # doctest: +SKIP
     """
-    from deeplab_keras.models.weights import load_model
-
     return load_model(preset_path(name, cache_dir, sha256=sha256))
 
 
@@ -315,8 +315,6 @@ def _remove(path):
 
 def _convert(preset, download, target):
     """Converts ``download`` (or its zip member) into ``target`` atomically; the extracted member is removed."""
-    from deeplab_keras.models.caffe import convert_caffemodel
-
     source, extracted = download, None
     if preset.member is not None:
         extracted = os.path.join(os.path.dirname(target), f".partial-{os.getpid()}-{preset.name}.caffemodel")

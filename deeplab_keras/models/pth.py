@@ -6,7 +6,7 @@ A ``.pth`` written by ``torch.save`` is a zip (``<name>/data.pkl`` + raw little-
 by a restricted unpickler that builds only ordered dicts and tensors (as numpy arrays) and refuses every other
 global, so a ``.pth`` cannot run code here.
 
-kazuto's names map onto Caffe's, and from there onto the model exactly as :mod:`deeplab_keras.models.caffe`
+kazuto's names map onto Caffe's, and from there onto the model exactly as :mod:`deeplab_keras.models.importer`
 does: ``[base.]layer1.conv1.{conv,bn}`` = conv1 / bn_conv1 + scale_conv1, ``layer{s}.block{i}.{shortcut,
 reduce,conv3x3,increase}.{conv,bn}`` = res{s}{block}_branch{1,2a,2b,2c} (+ bn / scale), ``aspp.c{k}`` = the k-th
 ASPP branch in the model's rate order (a state dict does not store the rates: DeepLabV2S files need aspp="S"),
@@ -27,7 +27,8 @@ import zipfile
 
 import numpy as np
 
-from deeplab_keras.models.caffe import CaffeLayer, CaffeModelError, Scan, load_scan
+from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan
+from deeplab_keras.models.importer import load_scan
 
 
 class PthError(CaffeModelError):
@@ -209,7 +210,7 @@ def read_pth(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kazuto1011/deeplab-pytorch names -> Caffe names (the mapping to Keras is caffe.py's)
+# kazuto1011/deeplab-pytorch names -> Caffe names (the mapping to Keras is importer.py's)
 # ----------------------------------------------------------------------------------------------------------
 _BLOCK = re.compile(r"^layer(\d)\.block(\d+)\.(shortcut|reduce|conv3x3|increase)\.(conv|bn)\.(\w+)$")
 _BRANCH = {"shortcut": "1", "reduce": "2a", "conv3x3": "2b", "increase": "2c"}
@@ -285,7 +286,7 @@ def pth_layers(path):
 
 
 def pth_scan(path):
-    """The :class:`deeplab_keras.models.caffe.Scan` of a ``.pth`` (for the importer's checks and loading)."""
+    """The :class:`deeplab_keras.models.caffe_reader.Scan` of a ``.pth`` (for the importer's checks and loading)."""
     path = os.fspath(path)
     layers, names = pth_layers(path)
     return Scan(path, [layer._replace(blobs=[b.shape for b in layer.blobs]) for layer in layers], {},

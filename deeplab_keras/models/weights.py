@@ -7,6 +7,9 @@ import sys
 import keras
 import numpy as np
 
+from deeplab_keras import _keras_compat
+from deeplab_keras.models.caffe import load_scan, scan_weights
+
 _APPLICATIONS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "vgg16": "VGG16"}
 
 
@@ -158,7 +161,6 @@ def load_model(path, compile=False):
     path = resolve_checkpoint(path)
     if path.endswith(".weights.h5"):
         raise ValueError(f"{path!r} holds weights only; build the model with dk.DeepLabV2(..., weights={path!r})")
-    import deeplab_keras.models.deeplab  # noqa: F401  (registers the custom classes)
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as e:  # Keras raises ValueError / TypeError / KeyError / OSError for a model it cannot build
@@ -172,7 +174,6 @@ def load_weights_into(model, weights):
         transfer_backbone_weights(model, imagenet_reference(model.backbone))
         return model
     if isinstance(weights, (str, os.PathLike)) and os.fspath(weights).endswith((".caffemodel", ".pth", ".pt")):
-        from deeplab_keras.models.caffe import load_scan, scan_weights
         load_scan(model, scan_weights(weights))
         return model
     path = resolve_checkpoint(weights)
@@ -192,7 +193,7 @@ def load_weights_into(model, weights):
 
 def is_float32(model):
     """True when every layer of ``model`` computes and stores in float32 (no mixed-precision policy anywhere)."""
-    layers = [model] + list(model._flatten_layers(include_self=False, recursive=True))
+    layers = [model] + _keras_compat.flatten_layers(model)
     for layer in layers:
         policy = getattr(layer, "dtype_policy", None)
         if policy is not None and (policy.compute_dtype != "float32" or policy.variable_dtype != "float32"):
