@@ -95,22 +95,22 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
     start, report = time.time(), {}
 
     log("[1/6] training a tiny DeepLab on the synthetic dataset (packaged config tiny_cpu)")
-    overrides = {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}
-    if overwrite and os.path.isdir(overrides["run_dir"]):  # a fresh run: --steps may differ from the old one's
-        shutil.rmtree(overrides["run_dir"])
+    overrides = {"runtime": {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}}
+    if overwrite and os.path.isdir(overrides["runtime"]["run_dir"]):  # a fresh run: --steps may differ
+        shutil.rmtree(overrides["runtime"]["run_dir"])
     if steps:
-        overrides["steps"] = int(steps)
+        overrides["schedule"] = {"steps": int(steps)}
     cfg = load_config("tiny_cpu", overrides)
     result = train(cfg)
     model = result.model
-    report["train"] = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(time.time() - start, 1),
+    report["train"] = {"steps": cfg.schedule.steps, "batch_size": cfg.data.batch_size, "seconds": round(time.time() - start, 1),
                        "model_path": result.model_path, "history": {k: [round(float(x), 4) for x in v]
                                                                     for k, v in result.history.items()}}
 
     log("[2/6] evaluating on the held-out synthetic split, without and with the CRF")
     _, val = load_datasets(cfg)
     t = time.time()
-    results = evaluate(model, val, cfg.num_classes, crf=True, progress=False)
+    results = evaluate(model, val, cfg.model.num_classes, crf=True, progress=False)
     log(format_table(results))
     report["eval_synthetic"] = {"miou": results["no_crf"]["miou"], "miou_crf": results["crf"]["miou"],
                                 "pixel_accuracy": results["no_crf"]["pixel_accuracy"], "images": results["images"],
@@ -125,8 +125,8 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
         log("[3/6] no VOC samples found (pass --voc DIR holding VOC2012/); skipped")
 
     log("[4/6] exporting SavedModel, TFLite and ONNX; each is verified against the Keras model")
-    samples = write_synthetic_folder(os.path.join(out, "samples"), 6, size=tuple(cfg.synthetic_size),
-                                     num_classes=cfg.num_classes, seed=cfg.seed + 7) if not os.path.isdir(
+    samples = write_synthetic_folder(os.path.join(out, "samples"), 6, size=tuple(cfg.data.synthetic_size),
+                                     num_classes=cfg.model.num_classes, seed=cfg.runtime.seed + 7) if not os.path.isdir(
         os.path.join(out, "samples")) else os.path.join(out, "samples")
     export_dir, progress = os.path.join(out, "export"), Progress(True)
     keras.config.set_dtype_policy("float32")
@@ -155,7 +155,7 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
     report["predict"] = {"written": len(summary["written"]), "failed": len(summary["failed"])}
 
     log("[6/6] writing the report")
-    history_png = os.path.join(cfg.run_dir, "history.png")
+    history_png = os.path.join(cfg.runtime.run_dir, "history.png")
     if os.path.exists(history_png):
         atomic_write_bytes(os.path.join(out, "training_curve.png"), open(history_png, "rb").read(), True)
     report["seconds"] = round(time.time() - start, 1)

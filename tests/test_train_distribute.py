@@ -16,17 +16,20 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-CONFIG = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1],
-              dataset="synthetic", synthetic_images=12, synthetic_size=[41, 41], crop_size=[33, 33],
-              batch_size=4, steps=3, steps_per_epoch=3, checkpoint_every=0, validation_every=0,
-              tensorboard=False, plot=False, verbose=0, base_lr=0.01, seed=5, deterministic=True)
+CONFIG = {"model": dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1]),
+          "data": dict(dataset="synthetic", synthetic_images=12, synthetic_size=[41, 41], crop_size=[33, 33],
+                       batch_size=4),
+          "schedule": dict(steps=3, steps_per_epoch=3, checkpoint_every=0, validation_every=0),
+          "optimizer": dict(base_lr=0.01),
+          "runtime": dict(tensorboard=False, plot=False, verbose=0, seed=5, deterministic=True)}
 
 
 def _worker(run_dir, out, strategy, virtual_cpus=0, reference_out=None):
     from deeplab_keras.train import TrainConfig, train
 
     if reference_out:  # the single-device run, in the same process (one device: the default strategy)
-        ref = train(TrainConfig(**dict(CONFIG, run_dir=run_dir + "-single", virtual_cpus=int(virtual_cpus))))
+        ref = train(TrainConfig.from_dict(CONFIG).with_overrides(
+            [f"runtime.run_dir={run_dir}-single", f"runtime.virtual_cpus={virtual_cpus}"]))
         np.savez(reference_out, *[np.asarray(v) for v in ref.model.trainable_variables],
                  loss=np.asarray(ref.history["loss"]))
         assert ref.num_replicas == 1
@@ -38,7 +41,8 @@ def _worker(run_dir, out, strategy, virtual_cpus=0, reference_out=None):
         def on_train_begin(self, logs=None):
             start["w"] = [np.asarray(v).copy() for v in self.model.trainable_variables]
 
-    cfg = TrainConfig(**dict(CONFIG, run_dir=run_dir, strategy=strategy, virtual_cpus=int(virtual_cpus)))
+    cfg = TrainConfig.from_dict(CONFIG).with_overrides(
+        [f"runtime.run_dir={run_dir}", f"runtime.strategy={strategy}", f"runtime.virtual_cpus={virtual_cpus}"])
     result = train(cfg, callbacks=[Initial()])
     moved = max(float(np.abs(np.asarray(v) - w).max()) for v, w in zip(result.model.trainable_variables, start["w"]))
     replicas = result.num_replicas

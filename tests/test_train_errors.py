@@ -12,10 +12,15 @@ from deeplab_keras import cli
 from deeplab_keras import train as T
 from deeplab_keras.utils import exclusive_lock
 
-TINY = ["--num_classes", "3", "--backbone", "resnet50", "--width_multiplier", "0.125", "--stage_blocks", "[1,1,1,1]",
-        "--dataset", "synthetic", "--synthetic_images", "4", "--synthetic_size", "41", "41", "--crop_size", "33", "33",
-        "--batch_size", "2", "--steps", "4", "--steps_per_epoch", "2", "--checkpoint_every", "2",
-        "--validation_every", "0", "--tensorboard", "false", "--verbose", "0", "--base_lr", "0.01"]
+def _sets(*items):
+    return [token for item in items for token in ("--set", item)]
+
+
+TINY = _sets("model.num_classes=3", "model.backbone=resnet50", "model.width_multiplier=0.125",
+             "model.stage_blocks=[1,1,1,1]", "data.dataset=synthetic", "data.synthetic_images=4",
+             "data.synthetic_size=41,41", "data.crop_size=33,33", "data.batch_size=2", "schedule.steps=4",
+             "schedule.steps_per_epoch=2", "schedule.checkpoint_every=2", "schedule.validation_every=0",
+             "runtime.tensorboard=false", "runtime.verbose=0", "optimizer.base_lr=0.01")
 
 
 def _run(capsys, args):
@@ -32,17 +37,14 @@ def _files(folder):
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
 
-@pytest.mark.parametrize("args,key", [
-    (["--crop_size", "97"], "crop_size"), (["--crop_size", "a", "b"], "crop_size"),
-    (["--crop_size", "20", "20"], "crop_size"), (["--synthetic_size", "0", "0"], "synthetic_size"),
-    (["--val_crop_size", "513"], "val_crop_size"), (["--scale_range", "1.5", "0.5"], "scale_range"),
-    (["--momentum", "[1,"], "momentum"), (["--flip", "3"], "flip"), (["--num_classes", "300"], "num_classes"),
-    (["--msc_scales", "x"], "msc_scales"), (["--stage_blocks", "3"], "stage_blocks"), (["--aspp", "6"], "aspp"),
-    (["--seed", "-1"], "seed"), (["--validation_steps", "0"], "validation_steps"), (["--devices", "7"], "devices"),
-    (["--verbose", "9"], "verbose")])
-def test_bad_values_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, args, key):
-    run = tmp_path / "run"
-    code, err = _run(capsys, TINY + ["--run_dir", str(run)] + args)
+@pytest.mark.parametrize("item", [
+    "data.crop_size=97", "data.crop_size=a,b", "data.crop_size=20,20", "data.synthetic_size=0,0",
+    "data.val_crop_size=513", "data.scale_range=1.5,0.5", "optimizer.momentum=[1,", "data.flip=3",
+    "model.num_classes=300", "model.msc_scales=x", "model.stage_blocks=3", "model.aspp=6,x", "runtime.seed=-1",
+    "schedule.validation_steps=0", "runtime.devices=7", "runtime.verbose=9"])
+def test_bad_values_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, item):
+    run, key = tmp_path / "run", item.split("=")[0]
+    code, err = _run(capsys, TINY + ["--out", str(run), "--set", item])
     assert code == 2 and len(err) == 1 and key in err[0], err
     assert not run.exists()
 
@@ -53,13 +55,13 @@ def test_bad_yaml_config_file_and_debug_traceback(tmp_path, capsys):
     code, err = _run(capsys, ["--config", str(config)])
     assert code == 2 and len(err) == 1 and str(config) in err[0] and "YAML" in err[0]
     with pytest.raises(ValueError, match="crop_size"):  # --debug: the exception itself, with its traceback
-        cli.train_main(TINY + ["--run_dir", str(tmp_path / "run"), "--crop_size", "97", "--debug"])
+        cli.train_main(TINY + ["--out", str(tmp_path / "run"), "--set", "data.crop_size=97", "--debug"])
 
 
 def test_locked_run_dir_fails_at_once_naming_the_holder(tmp_path, capsys):
     run = tmp_path / "run"
     with exclusive_lock(run / ".lock"):  # as a running deeplab-train holds it
-        code, err = _run(capsys, TINY + ["--run_dir", str(run)])
+        code, err = _run(capsys, TINY + ["--out", str(run)])
     assert code == 1 and len(err) == 1, err
     assert str(run) in err[0] and f"process {os.getpid()}" in err[0]
     assert _files(run) == []  # nothing written (the lock file went with its holder)
@@ -69,7 +71,7 @@ def test_locked_run_dir_fails_at_once_naming_the_holder(tmp_path, capsys):
 def finished(tmp_path_factory):
     """A finished tiny run (~15-35 s here): (run_dir, the umask)."""
     run = tmp_path_factory.mktemp("train_errors") / "run"
-    code = cli.train_main(TINY + ["--run_dir", str(run)])
+    code = cli.train_main(TINY + ["--out", str(run)])
     assert code == 0
     mask = os.umask(0)
     os.umask(mask)
@@ -89,12 +91,12 @@ def test_run_dir_files_have_normal_permissions_and_no_leftovers(finished):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,says", [(["--num_classes", "5"], "num_classes=3 (this command: 5)"),
-                                       (["--train_bn", "true"], "cannot restore the training state")])
+@pytest.mark.parametrize("args,says", [(_sets("model.num_classes=5"), "model.num_classes=3 (this command: 5)"),
+                                       (_sets("optimizer.train_bn=true"), "cannot restore the training state")])
 def test_rerun_with_another_model_fails_before_writing(finished, capsys, args, says):
     run, _ = finished
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "model.keras", "summary.json")}
-    code, err = _run(capsys, TINY + ["--run_dir", str(run)] + args)
+    code, err = _run(capsys, TINY + ["--out", str(run)] + args)
     assert code == 2 and len(err) == 1 and says in err[0] and str(run) in err[0], err
     for name, data in before.items():
         assert (run / name).read_bytes() == data, f"{name} was rewritten"
@@ -105,7 +107,7 @@ def test_rerun_removes_temp_files_of_a_killed_run(finished, capsys):
     run, _ = finished
     (run / "backup" / ".tmp-abc-state-3.weights.h5").write_bytes(b"half")
     (run / "checkpoints" / ".tmp-xyz-ckpt-6.keras").write_bytes(b"half")
-    code, _ = _run(capsys, TINY + ["--run_dir", str(run)])  # finished: restores, trains nothing
+    code, _ = _run(capsys, TINY + ["--out", str(run)])  # finished: restores, trains nothing
     assert code == 0
     assert not [f for f in _files(run) if os.path.basename(f).startswith(".")]
 
@@ -116,7 +118,7 @@ def test_label_out_of_range_in_folder_data_is_one_line(tmp_path, capsys):
 
     root = write_synthetic_folder(str(tmp_path / "shapes"), 4, size=(41, 41), num_classes=6)
     os.remove(os.path.join(root, "classes.txt"))
-    code, err = _run(capsys, TINY + ["--run_dir", str(tmp_path / "run"), "--dataset", "folder", "--folder", root])
+    code, err = _run(capsys, TINY + ["--out", str(tmp_path / "run"), "--data", root])  # --data: a folder dataset
     assert code == 1 and len(err) == 1, err
     assert "label values outside" in err[0] and os.path.join(root, "images") in err[0] and "Traceback" not in err[0]
 
@@ -134,11 +136,11 @@ def test_full_disk_while_training_is_one_line_and_keeps_the_last_files(tmp_path,
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    code, err = _run(capsys, TINY + ["--run_dir", str(run)])
+    code, err = _run(capsys, TINY + ["--out", str(run)])
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0], err
     assert _files(run) == ["checkpoints/ckpt-2.keras", "config.yaml", "history.csv"]  # nothing half written
-    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["schedule"]["steps"] == 4
     monkeypatch.setattr(os, "fsync", real_fsync)
-    code, _ = _run(capsys, TINY + ["--run_dir", str(run)])  # space again: the same command finishes the run
+    code, _ = _run(capsys, TINY + ["--out", str(run)])  # space again: the same command finishes the run
     assert code == 0 and (run / "model.keras").exists()
     assert T.ResumableBackup.resume_point(str(run / "backup"))[:2] == (2, 0)

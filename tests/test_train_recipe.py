@@ -12,13 +12,15 @@ from deeplab_keras import train as T
 TINY = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1])
 
 
-def tiny_config(tmp_path, **overrides):
-    values = dict(TINY, run_dir=str(tmp_path / "run"), dataset="synthetic", synthetic_images=8,
-                  synthetic_val_images=2, synthetic_size=[41, 41], crop_size=[33, 33], batch_size=2, steps=2,
-                  steps_per_epoch=1, checkpoint_every=0, validation_every=0, tensorboard=False, plot=False,
-                  verbose=0, base_lr=1e-3, seed=3)
-    values.update(overrides)
-    return T.TrainConfig(**values)
+def tiny_config(tmp_path, *sets):
+    """A tiny synthetic run with ``sets`` ("section.key=value") applied."""
+    values = {"model": TINY,
+              "data": dict(dataset="synthetic", synthetic_images=8, synthetic_val_images=2, synthetic_size=[41, 41],
+                           crop_size=[33, 33], batch_size=2),
+              "schedule": dict(steps=2, steps_per_epoch=1, checkpoint_every=0, validation_every=0),
+              "optimizer": dict(base_lr=1e-3),
+              "runtime": dict(run_dir=str(tmp_path / "run"), tensorboard=False, plot=False, verbose=0, seed=3)}
+    return T.TrainConfig.from_dict(values).with_overrides(list(sets))
 
 
 def random_data(n=6, size=41, classes=3, seed=0):
@@ -103,8 +105,10 @@ def test_scaled_sgd_equals_per_variable_learning_rates():
 
 
 def test_classifier_pattern_selects_the_logit_layers_only():
-    pattern = T.TrainConfig().classifier_pattern
+    from deeplab_keras.training.optimizer import classifier_pattern
     import re
+
+    pattern = classifier_pattern(T.TrainConfig())  # the training default: the model's CLASSIFIER_PATTERN
     resnet = dk.DeepLabV2(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in TINY.items()})
     matched = [v.path for v in resnet.trainable_variables if re.search(pattern, v.path)]
     assert sorted(matched) == sorted(v.path for v in resnet.classifier_variables)  # ResNet: all ASPP convs
@@ -115,10 +119,10 @@ def test_classifier_pattern_selects_the_logit_layers_only():
 
 def test_one_fit_step_is_the_caffe_update(tmp_path):
     """One step of train(): w1 = w0 - lr * mult * (dCE/dw + wd * w) for conv kernels (momentum 0 at step 1)."""
-    cfg = tiny_config(tmp_path, steps=1, steps_per_epoch=1, weight_decay=0.01, base_lr=0.05, flip=False,
-                      scale_range=None, crop_size=[41, 41])
+    cfg = tiny_config(tmp_path, "schedule.steps=1", "optimizer.weight_decay=0.01", "optimizer.base_lr=0.05",
+                      "data.flip=false", "data.scale_range=null", "data.crop_size=41,41")
     data = random_data(2, 41)
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.runtime.seed)
     net = T.build_model(cfg)
     for layer in net._flatten_layers(include_self=False):  # train() freezes BN too (train_bn=False)
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -135,12 +139,12 @@ def test_one_fit_step_is_the_caffe_update(tmp_path):
     paths = [v.path for v in net.trainable_variables]
     result = T.train(cfg, model=net, train_data=data)
     assert result.model is net
-    opt = T.ScaledSGD(0.0, multipliers=[[cfg.classifier_pattern, 10.0], [r"(^|/)bias(:\d+)?$", 2.0]])
+    opt = T.ScaledSGD(0.0, multipliers=[[dk.models.CLASSIFIER_PATTERN, 10.0], [r"(^|/)bias(:\d+)?$", 2.0]])
     checked = 0
     for v, g, before, path in zip(net.trainable_variables, grads, w0, paths):
         mult = opt.multiplier(v)
-        decay = cfg.weight_decay * before if (path.endswith("kernel") and before.ndim == 4) else 0.0
-        expected = before - cfg.base_lr * mult * (g.numpy() + decay)
+        decay = cfg.optimizer.weight_decay * before if (path.endswith("kernel") and before.ndim == 4) else 0.0
+        expected = before - cfg.optimizer.base_lr * mult * (g.numpy() + decay)
         np.testing.assert_allclose(v.numpy(), expected, rtol=2e-4, atol=2e-6, err_msg=path)
         checked += 1
     assert checked == len(paths) and any(opt.multiplier(v) == 20.0 for v in net.trainable_variables)
@@ -170,32 +174,11 @@ def test_msc_loss_is_sum_of_scale_losses_and_fused(tmp_path):
                                                                          if k != "fused"]), rtol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- configs
-def test_packaged_configs_and_overrides():
-    paper = T.load_config("voc_resnet101_aspp_l")
-    assert (paper.backbone, paper.aspp, paper.crop_size, paper.steps, paper.batch_size) == \
-        ("resnet101", "L", [321, 321], 20000, 10)
-    assert paper.resolved_base_lr == 2.5e-4 and paper.momentum == 0.9 and paper.weight_decay == 5e-4
-    assert paper.classifier_lr_mult == 10 and paper.train_bn is False and paper.lr_power == 0.9
-    vgg = T.load_config("voc_vgg16_largefov")
-    assert vgg.backbone == "vgg16" and vgg.aspp == "largefov" and vgg.resolved_base_lr == 1e-3
-    tiny = T.load_config("tiny_cpu", ["steps=20", "crop_size=[33, 33]", "msc_scales=null"])
-    assert tiny.steps == 20 and tiny.crop_size == [33, 33] and tiny.msc_scales is None
-    with pytest.raises(ValueError, match="unknown key.*stepz"):
-        T.load_config("tiny_cpu", {"stepz": 3})
-    with pytest.raises(ValueError, match="multiple of steps_per_epoch"):
-        T.load_config(None, {"steps": 10, "steps_per_epoch": 3})
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        T.load_config(None, {"strategy": "horovod"})
-    with pytest.raises(ValueError, match="not found"):
-        T.load_config("no_such_config")
-
-
 # ---------------------------------------------------------------------------------------------- precision
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_and_exports_float32(tmp_path, policy):
-    cfg = tiny_config(tmp_path, mixed_precision=policy, steps=4, steps_per_epoch=2, checkpoint_every=2, base_lr=0.01,
-                      train_bn=True)
+    cfg = tiny_config(tmp_path, f"runtime.precision={policy}", "schedule.steps=4", "schedule.steps_per_epoch=2",
+                      "schedule.checkpoint_every=2", "optimizer.base_lr=0.01", "optimizer.train_bn=true")
     seen = {}
 
     class Grab(keras.callbacks.Callback):

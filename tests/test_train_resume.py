@@ -18,10 +18,23 @@ from deeplab_keras import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-BASE = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1],
-            dataset="synthetic", synthetic_images=10, synthetic_val_images=2, synthetic_size=[41, 41],
-            crop_size=[33, 33], batch_size=2, steps=8, steps_per_epoch=2, checkpoint_every=4, keep_checkpoints=2,
-            validation_every=0, tensorboard=False, plot=True, base_lr=0.01, seed=11, train_bn=True)
+BASE = {"model": dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1]),
+        "data": dict(dataset="synthetic", synthetic_images=10, synthetic_val_images=2, synthetic_size=[41, 41],
+                     crop_size=[33, 33], batch_size=2),
+        "schedule": dict(steps=8, steps_per_epoch=2, checkpoint_every=4, keep_checkpoints=2, validation_every=0),
+        "optimizer": dict(base_lr=0.01, train_bn=True),
+        "runtime": dict(tensorboard=False, plot=True, seed=11, verbose=0)}
+
+
+def base_config(run_dir, *sets):
+    """BASE in ``run_dir`` with ``sets`` ("section.key=value") applied."""
+    return T.TrainConfig.from_dict(BASE).with_overrides([f"runtime.run_dir={run_dir}", *sets])
+
+
+def base_yaml(path, *sets):
+    """Writes BASE (with ``sets``) as a nested YAML config file for the CLI; returns its path."""
+    path.write_text(base_config("unused", *sets).to_yaml())
+    return path
 
 
 class AtStep(keras.callbacks.Callback):
@@ -54,12 +67,12 @@ def _weights(model):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """The uninterrupted BASE run."""
-    return T.train(T.TrainConfig(**dict(BASE, run_dir=str(tmp_path_factory.mktemp("full") / "run"), verbose=0)))
+    return T.train(base_config(tmp_path_factory.mktemp("full") / "run"))
 
 
 def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, full_run):
     full = full_run
-    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "cut"), verbose=0))
+    cfg = base_config(tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, callbacks=[AtStep(5, 2, _raise_keyboard_interrupt)])  # epoch 2 (0-based), its first batch
     backup = tmp_path / "cut" / "backup"
@@ -79,7 +92,7 @@ def test_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, full_run):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_the_rerun_resumes_there_to_the_same_weights(tmp_path, full_run):
-    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "cut"), verbose=0))
+    cfg = base_config(tmp_path / "cut")
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(T.TrainingInterrupted) as stop:
         T.train(cfg, callbacks=[AtStep(5, 2, _ctrl_c)])  # inside epoch 2 (0-based), after 1 batch
@@ -112,8 +125,8 @@ def test_second_ctrl_c_stops_at_once():
 
 
 def test_run_dir_artifacts(tmp_path):
-    cfg = T.TrainConfig(**dict(BASE, run_dir=str(tmp_path / "run"), verbose=0, validation_every=1,
-                               val_batch_size=2, val_crop_size=[41, 41], tensorboard=True))
+    cfg = base_config(tmp_path / "run", "schedule.validation_every=1", "data.val_batch_size=2",
+                      "data.val_crop_size=41,41", "runtime.tensorboard=true")
     result = T.train(cfg)
     run = tmp_path / "run"
     bn = result.model.get_layer("deeplab_network").get_layer("conv1_bn")
@@ -123,7 +136,9 @@ def test_run_dir_artifacts(tmp_path):
     assert all({"loss", "miou", "val_loss", "val_miou"} <= set(r) for r in rows)
     with open(run / "history.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert yaml.safe_load(open(run / "config.yaml"))["seed"] == 11
+    saved = yaml.safe_load(open(run / "config.yaml"))
+    assert saved["runtime"]["seed"] == 11 and saved["data"]["val_crop_size"] == [41, 41]
+    assert T.load_config(str(run / "config.yaml")) == cfg  # the nested config.yaml reads back as the same config
     model = dk.models.load_model(str(run))  # the run dir resolves to model.keras
     x = np.random.default_rng(0).uniform(0, 255, (1, 41, 41, 3)).astype("float32")
     np.testing.assert_allclose(model(x).numpy(), result.model(x).numpy(), rtol=1e-5, atol=1e-5)
@@ -132,32 +147,38 @@ def test_run_dir_artifacts(tmp_path):
     assert events, "no TensorBoard event files under logs/"
 
 
-def test_cli_overrides_and_errors(capsys):
-    assert cli.parse_overrides(["--steps", "20", "--crop-size", "33", "33", "--msc_scales=null",
-                                "--base_lr", "1e-3"]) == {"steps": 20, "crop_size": [33, 33], "msc_scales": None,
-                                                          "base_lr": 1e-3}
+def _usage_error(capsys, args):
+    """deeplab-train ``args`` must exit 2 with one line on stderr; returns the line."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cli.train_main(["--config", "tiny_cpu", "--stepz", "3"])
+        cli.train_main(args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stepz" in err[0]
-    with pytest.raises(SystemExit) as e:
-        cli.train_main(["--config", "missing.yaml"])
-    assert e.value.code == 2
-    assert cli.train_main(["--config", "tiny_cpu", "--steps", "100", "--print-config"]) == 0
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_overrides_and_errors(capsys):
+    line = _usage_error(capsys, ["--config", "tiny_cpu", "--set", "schedule.stepz=3"])
+    assert "schedule.stepz" in line and "steps_per_epoch" in line  # the valid keys are listed
+    assert "--set schedule.steps=3" in _usage_error(capsys, ["--config", "tiny_cpu", "--steps", "3"])  # 0.1's flag
+    assert "missing.yaml" in _usage_error(capsys, ["--config", "missing.yaml"])
+    assert cli.train_main(["--config", "tiny_cpu", "--set", "schedule.steps=100", "--set", "data.crop_size=65,65",
+                           "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["steps"] == 100 and printed["backbone"] == "resnet50"
+    assert printed["schedule"]["steps"] == 100 and printed["model"]["backbone"] == "resnet50"
+    assert printed["data"]["crop_size"] == [65, 65]
     with pytest.raises(SystemExit) as e:
         cli.train_main(["--help"])
     assert e.value.code == 0
-    assert "config keys" in capsys.readouterr().out
+    assert "steps_per_epoch" in capsys.readouterr().out
 
 
 def _cli(config_path, run_dir):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, "-m", "deeplab_keras.cli", "train", "--config", str(config_path),
-                             "--run_dir", str(run_dir)], env=env, stdout=subprocess.PIPE,
+                             "--out", str(run_dir)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -176,15 +197,14 @@ def _signal_when(config_path, run, path, sig, delay=0.0):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
-    config = dict(BASE, steps=12, steps_per_epoch=4, checkpoint_every=4, deterministic=True, verbose=1,
-                  synthetic_size=[49, 49], crop_size=[41, 41])
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = base_yaml(tmp_path / "tiny.yaml", "schedule.steps=12", "schedule.steps_per_epoch=4",
+                            "schedule.checkpoint_every=4", "runtime.deterministic=true", "runtime.verbose=1",
+                            "data.synthetic_size=49,49", "data.crop_size=41,41")
 
     full = _cli(config_path, tmp_path / "full")
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
-    assert "deeplab-train: done" in out
+    assert "deeplab train: done" in out
 
     run = tmp_path / "killed"
     # 0.3 s after the first epoch's state: into the second epoch (4 steps of ~0.1-1 s each)
@@ -208,15 +228,15 @@ def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_cli_is_one_line_and_the_rerun_resumes_from_that_step(tmp_path):
-    config = dict(BASE, steps=8, steps_per_epoch=8, checkpoint_every=2, keep_checkpoints=0, verbose=2, plot=False)
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = base_yaml(tmp_path / "tiny.yaml", "schedule.steps=8", "schedule.steps_per_epoch=8",
+                            "schedule.checkpoint_every=2", "schedule.keep_checkpoints=0", "runtime.verbose=2",
+                            "runtime.plot=false")
     run = tmp_path / "run"
     code, out = _signal_when(config_path, run, run / "checkpoints" / "ckpt-2.keras", signal.SIGINT)
     assert code == 130, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     last = out.strip().splitlines()[-1]
-    found = re.fullmatch(r"deeplab-train: interrupted at step (\d+) of 8; state saved to (\S+); rerun the same "
+    found = re.fullmatch(r"deeplab train: interrupted at step (\d+) of 8; state saved to (\S+); rerun the same "
                          r"command to resume from step \1", last)
     assert found, out[-3000:]
     step, state = int(found.group(1)), found.group(2)

@@ -8,6 +8,7 @@ import threading
 
 import keras
 
+from deeplab_keras import _keras_compat
 from deeplab_keras.training.history import HistoryPlot
 from deeplab_keras.utils import atomic_path
 
@@ -39,7 +40,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.state_path = step, state_path
 
 
-class ResumableBackup(keras.callbacks.BackupAndRestore):
+class ResumableBackup(_keras_compat.BackupAndRestore):
     """``BackupAndRestore`` that writes atomically and can tell where to resume before ``fit``.
 
     Each backup is ``backup_dir/state-<epoch>.weights.h5`` (weights + optimizer state after ``epoch`` epochs)
@@ -75,7 +76,7 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             self.restore()
 
     def restore(self):
-        """Loads the newest state into the model (once); sets ``model._initial_epoch`` for ``fit``.
+        """Loads the newest state into the model (once); sets the epoch ``fit`` starts at.
 
         Raises:
             ValueError: the state does not fit the model (a run directory of another configuration).
@@ -102,11 +103,8 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             raise ValueError(f"cannot restore the training state {path}: it does not fit this model and optimizer "
                              f"({reason}); resume with the configuration that wrote it (its run_dir's config.yaml) "
                              "or use another run_dir") from e
-        self.model._initial_epoch = epoch
+        _keras_compat.set_initial_epoch(self.model, epoch)
         self.restored_epoch, self.restored_batch = epoch, batch
-
-    def _save_model(self):
-        self.save_state(self._current_epoch)
 
     def save_state(self, epoch, batch=0):
         """Writes the state after ``batch`` batches of epoch ``epoch`` and removes older states.
@@ -259,17 +257,18 @@ def run_callbacks(cfg, run_dir, chief, net, backup, extra=None):
     CSV, its plot and TensorBoard, as ``cfg`` asks; then ``extra``."""
     cbs = [backup]
     if chief:
-        if cfg.checkpoint_every:
-            cbs.append(ModelCheckpointEvery(net, os.path.join(run_dir, "checkpoints"), cfg.checkpoint_every,
-                                            cfg.steps_per_epoch, cfg.keep_checkpoints))
+        if cfg.schedule.checkpoint_every:
+            cbs.append(ModelCheckpointEvery(net, os.path.join(run_dir, "checkpoints"),
+                                            cfg.schedule.checkpoint_every, cfg.schedule.steps_per_epoch,
+                                            cfg.schedule.keep_checkpoints))
         csv_path = os.path.join(run_dir, "history.csv")
         cbs.append(keras.callbacks.CSVLogger(csv_path, append=True))
-        if cfg.plot:
-            cbs.append(HistoryPlot(csv_path, os.path.join(run_dir, "history.png"), cfg.steps_per_epoch))
-        if cfg.tensorboard:
+        if cfg.runtime.plot:
+            cbs.append(HistoryPlot(csv_path, os.path.join(run_dir, "history.png"), cfg.schedule.steps_per_epoch))
+        if cfg.runtime.tensorboard:
             if _tensorboard_available():
                 cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"))
             else:
                 print("deeplab-train: the tensorboard package is not installed; no TensorBoard logs "
-                      "(pip install tensorboard, or set tensorboard: false)", file=sys.stderr)
+                      "(pip install tensorboard, or --set runtime.tensorboard=false)", file=sys.stderr)
     return cbs + list(extra or [])

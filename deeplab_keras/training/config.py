@@ -1,323 +1,255 @@
-"""The training configuration: :class:`TrainConfig` (defaults, validation) and :func:`load_config` (YAML).
+"""The training configuration: :class:`TrainConfig`, five typed sections, and :func:`load_config`.
+
+YAML layout (each section a dataclass; a missing key takes its default, the paper's ResNet-101 ASPP-L VOC
+recipe)::
+
+    model:     {num_classes: 21, backbone: resnet101, aspp: L, ...}     deeplab_keras.models.ModelConfig
+    data:      {dataset: voc, manual_dir: ..., crop_size: [321, 321], batch_size: 10, ...}     DataConfig
+    schedule:  {steps: 20000, steps_per_epoch: 1000, checkpoint_every: 1000, ...}     ScheduleConfig
+    optimizer: {init_weights: imagenet, base_lr: 2.5e-4, momentum: 0.9, ...}     OptimizerConfig
+    runtime:   {run_dir: runs/voc, seed: 0, precision: null, strategy: default, ...}     RuntimeConfig
+
+Overrides are ``section.key=value`` strings typed by the field (``schedule.steps=100``,
+``data.crop_size=321,321``, ``optimizer.base_lr=1e-3``, ``model.msc_scales=null``) or a nested dict. The flat
+layout of 0.1 (a run directory's config.yaml) is still read: :data:`LEGACY_KEYS` maps each old key to its place.
 
 Example:
-    >>> from deeplab_keras.training.config import load_config
-    >>> load_config("tiny_cpu", ["steps=20"]).steps
+    >>> load_config("tiny_cpu", ["schedule.steps=20"]).schedule.steps
     20
+    >>> suggest_key("steps")
+    'schedule.steps'
 """
 import dataclasses
+import importlib.resources
 import os
-import re
-from typing import Any, Optional
 
-import numpy as np
+from deeplab_keras.models.config import ModelConfig
+from deeplab_keras.training.config_sections import (DATASETS, PRECISIONS, STRATEGIES, DataConfig,  # noqa: F401
+                                                    OptimizerConfig, RuntimeConfig, ScheduleConfig)
+from deeplab_keras.training.config_values import coerce, field_types, parse_value
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
-DATASETS = ("voc", "synthetic", "folder")
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # deeplab_keras/ (configs/)
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "schedule": ScheduleConfig, "optimizer": OptimizerConfig,
+            "runtime": RuntimeConfig}
+
+# The flat keys of 0.1's TrainConfig, by the section they moved to (two renamed: see _RENAMED).
+_FLAT_KEYS = {
+    "model": ("num_classes", "backbone", "output_stride", "aspp", "msc_scales", "width_multiplier", "stage_blocks"),
+    "data": ("dataset", "voc_config", "train_split", "val_split", "manual_dir", "data_dir", "folder", "val_folder",
+             "synthetic_images", "synthetic_val_images", "synthetic_size", "crop_size", "scale_range", "flip",
+             "batch_size", "shuffle_buffer", "val_batch_size", "val_crop_size", "ignore_label"),
+    "schedule": ("steps", "steps_per_epoch", "checkpoint_every", "keep_checkpoints", "validation_every",
+                 "validation_steps"),
+    "optimizer": ("base_lr", "lr_power", "end_lr", "momentum", "weight_decay", "classifier_lr_mult", "bias_lr_mult",
+                  "classifier_pattern", "train_bn", "bn_momentum", "upsample_logits"),
+    "runtime": ("run_dir", "seed", "deterministic", "strategy", "devices", "virtual_cpus", "tpu", "tensorboard",
+                "plot", "verbose"),
+}
+_RENAMED = {"weights": "optimizer.init_weights", "mixed_precision": "runtime.precision"}
+LEGACY_KEYS = dict({k: f"{s}.{k}" for s, keys in _FLAT_KEYS.items() for k in keys}, **_RENAMED)
 
 
-@dataclasses.dataclass
+def suggest_key(flat_key):
+    """The ``section.key`` of a flat key (0.1's ``--steps`` / ``steps``, or a field name): "schedule.steps";
+    None when no section has it."""
+    key = str(flat_key).lstrip("-").split("=")[0].replace("-", "_")
+    if key in LEGACY_KEYS:
+        return LEGACY_KEYS[key]
+    return next((f"{s}.{key}" for s, cls in SECTIONS.items() if key in field_types(cls)), None)
+
+
+def config_keys():
+    """{section: [keys]} of every settable field (for help texts)."""
+    return {s: list(field_types(cls)) for s, cls in SECTIONS.items()}
+
+
+def _unknown(keys, section=None):
+    """The one ValueError for unknown sections / keys, listing the valid ones (and the section.key of a flat key)."""
+    if section is None:
+        hints = [f"{k} -> {suggest_key(k)}" for k in keys if suggest_key(k)]
+        return ValueError(f"unknown config section(s) {sorted(map(str, keys))}; valid sections: "
+                          f"{', '.join(SECTIONS)}" + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
+    return ValueError(f"unknown key(s) {[f'{section}.{k}' for k in sorted(map(str, keys))]}; valid keys of "
+                      f"{section}: {', '.join(field_types(SECTIONS[section]))}")
+
+
+def _nested(values, source, allow_flat=True):
+    """A mapping in the nested layout, or (``allow_flat``) 0.1's flat one, as {section: {key: value}}."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source} must be a mapping of section: {{key: value}}, got {type(values).__name__}")
+    if allow_flat and values and not set(values) & set(SECTIONS):  # 0.1's flat layout
+        unknown = [k for k in values if k not in LEGACY_KEYS]
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(map(str, unknown))} in {source} (flat layout of 0.1); valid "
+                             f"keys: {', '.join(LEGACY_KEYS)}")
+        out = {s: {} for s in SECTIONS}
+        for key, value in values.items():
+            section, name = LEGACY_KEYS[key].split(".")
+            out[section][name] = value
+        return out
+    unknown = [k for k in values if k not in SECTIONS]
+    if unknown:
+        raise _unknown(unknown)
+    out = {s: {} for s in SECTIONS}
+    for section, keys in values.items():
+        keys = {} if keys is None else keys
+        if not isinstance(keys, dict):
+            raise ValueError(f"{source}: section {section} must be a mapping of key: value, got {keys!r}")
+        bad = [k for k in keys if k not in field_types(SECTIONS[section])]
+        if bad:
+            raise _unknown(bad, section)
+        out[section].update(keys)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``train`` needs. Defaults are the paper's ResNet-101 ASPP-L VOC 2012 "aug" recipe.
+    """Everything ``train`` needs, in five sections (each validated when built; see the module docstring).
 
     Args:
-        run_dir: output folder (checkpoints, logs, history); reusing it resumes an interrupted run.
-        seed: seeds weights init, data order and augmentation.
-        deterministic: enable TF op determinism (bit-exact resume / reruns; slower on GPU).
-        num_classes, backbone, output_stride, aspp, msc_scales, weights, width_multiplier, stage_blocks:
-            passed to ``dk.DeepLabV2``.
-        dataset: "voc" (TFDS builder over ``manual_dir``), "synthetic" or "folder" (``folder`` / ``val_folder``).
-        voc_config: TFDS config of the VOC builder ("aug" = train + SBD, or "voc").
-        train_split, val_split: split names for "voc" ("train", "val").
-        manual_dir, data_dir: VOC ``manual_dir`` (holds ``VOC2012/`` and ``benchmark_RELEASE/``) and the TFDS
-            data_dir.
-        folder, val_folder: roots of folder datasets (images/ + masks/).
-        synthetic_images, synthetic_val_images, synthetic_size: size of the synthetic train / held-out splits.
-        crop_size: training crop (H, W).
-        scale_range: random scale range of the augmentation ([0.5, 1.5] as the paper; None: no scaling).
-        flip: random horizontal flips.
-        batch_size: global batch size (split across replicas).
-        shuffle_buffer: examples in the shuffle buffer of the raw dataset.
-        steps: total optimizer steps (the poly schedule's horizon).
-        steps_per_epoch: steps per Keras epoch: the granularity of resume, logging and validation; ``steps``
-            must be a multiple of it (when ``steps`` is smaller, the run is one epoch of ``steps``).
-        checkpoint_every: save ``checkpoints/ckpt-<step>.keras`` every this many steps (0: only at the end).
-        keep_checkpoints: how many ``ckpt-*.keras`` to keep (0: all).
-        validation_every: validate every this many epochs (0: never).
-        validation_steps: batches per validation (None: the whole validation split).
-        val_batch_size: validation batch size (full-size images of different sizes need 1).
-        val_crop_size: pad validation images to this size (needed for val_batch_size > 1); None: full size.
-        base_lr: base learning rate; None picks 2.5e-4 (ResNet) or 1e-3 (VGG-16).
-        lr_power, end_lr: poly schedule power and final learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 factor on convolution kernels (Caffe convention, see module docstring).
-        classifier_lr_mult: LR multiplier of the classifier (ASPP / fc8) variables.
-        bias_lr_mult: extra LR multiplier of biases (Caffe's lr_mult 2 for biases).
-        classifier_pattern: regex on ``variable.path`` selecting the classifier variables: by default the
-            layers that output the logits (ResNet ASPP branches ``aspp/aspp_r<rate>_conv``, VGG ``fc8``),
-            which are the ``lr_mult: 10`` layers of the released prototxts.
-        train_bn: train batch normalisation (default frozen).
-        bn_momentum: with ``train_bn``, the moving-statistics momentum to use (None: the model's, 0.99); a
-            lower value (e.g. 0.9) makes the inference statistics follow fast-changing weights (short runs
-            from scratch).
-        upsample_logits: upsample logits to the labels (True) or downsample labels to the logits (False).
-        ignore_label: label value ignored by the loss and the metrics.
-        mixed_precision: None/"float32", "mixed_float16" (with dynamic loss scaling) or "mixed_bfloat16".
-        strategy: "default", "one_device", "mirrored", "multi_worker" (reads TF_CONFIG) or "tpu".
-        devices: devices for "mirrored" / "one_device" (None: all visible / the first).
-        virtual_cpus: split the first CPU into this many logical devices first (tests; 0: off).
-        tpu: TPU name or address for "tpu" (None: the local TPU).
-        tensorboard, plot: write TensorBoard logs / the history PNG.
-        verbose: Keras fit verbosity (1: progress bar, 2: one line per epoch, 0: silent).
+        model: the network (:class:`~deeplab_keras.models.config.ModelConfig`).
+        data: datasets and input pipeline (:class:`DataConfig`).
+        schedule: steps, epochs, checkpoints, validation (:class:`ScheduleConfig`).
+        optimizer: initial weights, learning rates, weight decay, batch norm, loss (:class:`OptimizerConfig`).
+        runtime: run directory, seed, precision, distribution, logging (:class:`RuntimeConfig`).
+
+    Example:
+        >>> cfg = TrainConfig.from_dict({"schedule": {"steps": 100, "steps_per_epoch": 50}})
+        >>> cfg.schedule.epochs, cfg.learning_rate, cfg.to_dict()["data"]["crop_size"]
+        (2, 0.00025, [321, 321])
     """
 
-    run_dir: str = "runs/deeplab"
-    seed: int = 0
-    deterministic: bool = False
-    # model
-    num_classes: int = 21
-    backbone: str = "resnet101"
-    output_stride: int = 8
-    aspp: Any = "L"
-    msc_scales: Optional[list] = None
-    weights: Optional[str] = None
-    width_multiplier: float = 1.0
-    stage_blocks: Optional[list] = None
-    # data
-    dataset: str = "voc"
-    voc_config: str = "aug"
-    train_split: str = "train"
-    val_split: str = "val"
-    manual_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    folder: Optional[str] = None
-    val_folder: Optional[str] = None
-    synthetic_images: int = 200
-    synthetic_val_images: int = 50
-    synthetic_size: list = dataclasses.field(default_factory=lambda: [97, 97])
-    crop_size: list = dataclasses.field(default_factory=lambda: [321, 321])
-    scale_range: Optional[list] = dataclasses.field(default_factory=lambda: [0.5, 1.5])
-    flip: bool = True
-    batch_size: int = 10
-    shuffle_buffer: int = 256
-    # schedule
-    steps: int = 20000
-    steps_per_epoch: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 5
-    validation_every: int = 1
-    validation_steps: Optional[int] = None
-    val_batch_size: int = 1
-    val_crop_size: Optional[list] = None
-    # optimisation
-    base_lr: Optional[float] = None
-    lr_power: float = 0.9
-    end_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    classifier_lr_mult: float = 10.0
-    bias_lr_mult: float = 2.0
-    classifier_pattern: str = r"(^|/)(aspp_r\d+_conv|fc8[^/]*)/"
-    train_bn: bool = False
-    bn_momentum: Optional[float] = None
-    upsample_logits: bool = True
-    ignore_label: int = 255
-    # precision / distribution
-    mixed_precision: Optional[str] = None
-    strategy: str = "default"
-    devices: Optional[list] = None
-    virtual_cpus: int = 0
-    tpu: Optional[str] = None
-    # logging
-    tensorboard: bool = True
-    plot: bool = True
-    verbose: int = 1
-
-    _FLOAT_FIELDS = ("width_multiplier", "bn_momentum", "base_lr", "lr_power", "end_lr", "momentum", "weight_decay",
-                     "classifier_lr_mult", "bias_lr_mult")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def __post_init__(self):
-        for name in self._FLOAT_FIELDS:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"TrainConfig: {name} must be a number, got {value!r}") from None
-        if isinstance(self.steps, int) and isinstance(self.steps_per_epoch, int) and \
-                0 < self.steps < self.steps_per_epoch:
-            self.steps_per_epoch = self.steps  # a short run is one epoch
-        self.validate()
+        for section, cls in SECTIONS.items():
+            if not isinstance(getattr(self, section), cls):
+                raise ValueError(f"TrainConfig.{section} must be a {cls.__name__}, got "
+                                 f"{type(getattr(self, section)).__name__} (TrainConfig.from_dict takes mappings)")
+        if self.model.num_classes > 255:
+            raise ValueError(f"model.num_classes must be an integer in 1..255 (labels are uint8), got "
+                             f"{self.model.num_classes!r}")
 
     @property
-    def epochs(self):
-        return self.steps // self.steps_per_epoch
-
-    @property
-    def resolved_base_lr(self):
-        if self.base_lr is not None:
-            return float(self.base_lr)
-        return 1e-3 if str(self.backbone).startswith("vgg") else 2.5e-4
-
-    def validate(self):
-        """Raises ValueError (never another exception) naming the bad field and what is allowed."""
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(f"TrainConfig: {msg}")
-
-        def integer(name, low):
-            value = getattr(self, name)
-            need(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
-
-        def number(name, low=None):
-            value = getattr(self, name)
-            need(_is_number(value) and np.isfinite(value) and (low is None or value >= low),
-                 f"{name} must be a number{'' if low is None else f' >= {low}'}, got {value!r}")
-
-        def optional(name, kind):
-            value = getattr(self, name)
-            need(value is None or isinstance(value, kind), f"{name} must be a {kind.__name__} or null, "
-                 f"got {value!r}")
-
-        for name in ("steps", "steps_per_epoch", "batch_size", "val_batch_size", "shuffle_buffer",
-                     "synthetic_images"):
-            integer(name, 1)
-        for name in ("seed", "checkpoint_every", "keep_checkpoints", "validation_every", "virtual_cpus",
-                     "synthetic_val_images"):
-            integer(name, 0)
-        need(self.steps % self.steps_per_epoch == 0,
-             f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
-        need(self.validation_steps is None or _is_int(self.validation_steps) and self.validation_steps >= 1,
-             f"validation_steps must be a positive integer or null, got {self.validation_steps!r}")
-        integer("ignore_label", 0)
-        need(self.ignore_label <= 255, f"ignore_label must be in 0..255, got {self.ignore_label!r}")
-        need(_is_int(self.num_classes) and 1 <= self.num_classes <= 255,
-             f"num_classes must be an integer in 1..255 (labels are uint8), got {self.num_classes!r}")
-        for name in ("deterministic", "flip", "train_bn", "upsample_logits", "tensorboard", "plot"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(self.verbose in (0, 1, 2, "auto") and not isinstance(self.verbose, bool),
-             f"verbose must be 0, 1, 2 or auto, got {self.verbose!r}")
-        need(isinstance(self.run_dir, str) and self.run_dir.strip() != "",
-             f"run_dir must be a folder path, got {self.run_dir!r}")
-        for name in ("weights", "manual_dir", "data_dir", "folder", "val_folder", "tpu"):
-            optional(name, str)
-        for name in ("voc_config", "train_split", "val_split", "classifier_pattern"):
-            need(isinstance(getattr(self, name), str), f"{name} must be a string, got {getattr(self, name)!r}")
-        need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        need(self.mixed_precision in PRECISIONS,
-             f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        need(self.devices is None or isinstance(self.devices, list) and all(isinstance(d, str) for d in self.devices),
-             f"devices must be a list of device names (e.g. [/gpu:0, /gpu:1]) or null, got {self.devices!r}")
-        from deeplab_keras.models.deeplab import MIN_INPUT_SIZE
-
-        need(_is_size(self.crop_size, MIN_INPUT_SIZE), f"crop_size must be two integers [height, width], each >= "
-             f"{MIN_INPUT_SIZE} (e.g. --crop_size 321 321), got {self.crop_size!r}")
-        need(self.val_crop_size is None or _is_size(self.val_crop_size, MIN_INPUT_SIZE),
-             f"val_crop_size must be null or two integers [height, width], each >= {MIN_INPUT_SIZE}, "
-             f"got {self.val_crop_size!r}")
-        need(_is_size(self.synthetic_size, 1), f"synthetic_size must be two positive integers [height, width] "
-             f"(e.g. --synthetic_size 97 97), got {self.synthetic_size!r}")
-        need(self.scale_range is None or isinstance(self.scale_range, (list, tuple)) and len(self.scale_range) == 2
-             and all(_is_number(s) and s > 0 for s in self.scale_range) and self.scale_range[0] <= self.scale_range[1],
-             f"scale_range must be null or [min, max] with 0 < min <= max (e.g. [0.5, 1.5]), got {self.scale_range!r}")
-        for name in ("weight_decay", "classifier_lr_mult", "bias_lr_mult", "momentum", "end_lr", "lr_power"):
-            number(name, 0)
-        number("width_multiplier")
-        need(self.base_lr is None or _is_number(self.base_lr) and np.isfinite(self.base_lr) and self.base_lr > 0,
-             f"base_lr must be > 0 or null, got {self.base_lr!r}")
-        need(self.bn_momentum is None or _is_number(self.bn_momentum) and 0 <= self.bn_momentum < 1,
-             f"bn_momentum must be in [0, 1) or null, got {self.bn_momentum!r}")
-        try:
-            re.compile(self.classifier_pattern)
-        except re.error as e:
-            raise ValueError(f"TrainConfig: classifier_pattern is not a valid regex: {e}") from None
-        from deeplab_keras.models.deeplab import _check_args
-
-        need(self.aspp is None or isinstance(self.aspp, (str, list, tuple)),
-             f"aspp must be L, S, largefov or a list of rates, got {self.aspp!r}")
-        need(self.msc_scales is None or isinstance(self.msc_scales, (list, tuple)) and
-             all(_is_number(m) for m in self.msc_scales),
-             f"msc_scales must be null or a list of scales (e.g. [1.0, 0.75, 0.5]), got {self.msc_scales!r}")
-        need(self.stage_blocks is None or isinstance(self.stage_blocks, (list, tuple)) and
-             all(_is_int(b) for b in self.stage_blocks),
-             f"stage_blocks must be null or 4 block counts (e.g. [3, 4, 23, 3]), got {self.stage_blocks!r}")
-        try:
-            _check_args(self.num_classes, self.backbone, self.output_stride, self.aspp, self.msc_scales,
-                        self.width_multiplier, self.stage_blocks)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"TrainConfig: {e}") from None
+    def learning_rate(self):
+        """The base learning rate: ``optimizer.base_lr``, or the paper's for the backbone when it is null."""
+        return self.optimizer.learning_rate(self.model.backbone)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """{section: {key: value}} in plain YAML / JSON types (what the run directory's config.yaml holds)."""
+        return {section: getattr(self, section).to_dict() for section in SECTIONS}
+
+    def to_yaml(self):
+        """The nested YAML text of :meth:`to_dict` (what ``--print-config`` prints and config.yaml holds)."""
+        import yaml
+
+        class Dumper(yaml.SafeDumper):  # sections as blocks, lists on one line ([321, 321])
+            pass
+
+        Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+        return yaml.dump(self.to_dict(), Dumper=Dumper, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, values):
-        """Builds a config from a mapping; unknown keys raise ValueError listing the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in set(values) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(**dict(values))
+    def from_dict(cls, values, source="config"):
+        """A config from a nested mapping (or one in 0.1's flat layout); missing keys take their defaults.
+
+        Raises:
+            ValueError: an unknown section or key (listing the valid ones), or a bad value (naming
+                ``section.key``).
+        """
+        sections = {}
+        for section, keys in _nested(values, source).items():
+            types = field_types(SECTIONS[section])
+            typed = {k: coerce(v, types[k], f"{section}.{k}") for k, v in keys.items()}
+            try:
+                sections[section] = SECTIONS[section](**typed)
+            except ValueError as e:
+                raise ValueError(f"model.{e}" if section == "model" else str(e)) from None
+        return cls(**sections)
+
+    def with_overrides(self, overrides=None, data=None):
+        """A copy with ``overrides`` and ``data`` applied (as :func:`load_config` does)."""
+        return TrainConfig.from_dict(_merge(self.to_dict(), overrides, data))
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+def _merge(values, overrides=None, data=None):
+    """{section: {key: value}} ``values`` with ``overrides`` ("section.key=value" strings or a nested dict) and
+    ``--data`` (:meth:`DataConfig.fields_for`) applied."""
+    if isinstance(overrides, dict):
+        for section, keys in _nested(overrides, "overrides", allow_flat=False).items():
+            values[section].update(keys)
+    else:
+        for item in overrides or ():
+            section, key, value = _parse_override(item)
+            values[section][key] = value
+    if data is not None:
+        voc_config = values["data"].get("voc_config", DataConfig.voc_config)
+        values["data"].update(DataConfig.fields_for(data, voc_config=voc_config))
+    return values
 
 
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+def _parse_override(item):
+    """("section", "key", typed value) of a "section.key=value" string."""
+    name, sep, text = str(item).partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot:
+        hint = suggest_key(section if not dot else name)
+        raise ValueError(f"override {item!r} must look like section.key=value"
+                         + (f" (e.g. {hint}={text or 'VALUE'})" if hint else ""))
+    if section not in SECTIONS:
+        raise _unknown([section])
+    types = field_types(SECTIONS[section])
+    if key not in types:
+        raise _unknown([key], section)
+    return section, key, parse_value(text, types[key], f"{section}.{key}")
 
 
-def _is_size(value, low):
-    """[height, width]: two integers >= ``low``."""
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= low for v in value)
+def packaged_configs():
+    """Names of the configs packaged in ``deeplab_keras/configs`` (found with importlib.resources)."""
+    folder = importlib.resources.files("deeplab_keras") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(path=None, overrides=None):
-    """Reads a YAML config (``yaml.safe_load``) and applies ``overrides`` (a dict, or "key=value" strings).
+def _read_yaml(path_or_name):
+    """(values, where) of a YAML file, or of a packaged config by name."""
+    import yaml
+
+    path = str(path_or_name)
+    if os.path.exists(path):
+        resource, where = None, path
+    else:
+        name = path[:-5] if path.endswith(".yaml") else path
+        if name not in packaged_configs():
+            raise ValueError(f"config file {path!r} not found (packaged configs: {packaged_configs()})")
+        resource = importlib.resources.files("deeplab_keras") / "configs" / f"{name}.yaml"
+        where = f"packaged config {name}"
+    try:
+        text = resource.read_text() if resource is not None else open(path).read()
+        return yaml.safe_load(text) or {}, where
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def load_config(path_or_packaged_name=None, overrides=None, data=None):
+    """Reads a YAML config and applies ``overrides`` and ``data``.
 
     Args:
-        path: YAML file, or a name of a packaged config ("voc_resnet101_aspp_l", "voc_vgg16_largefov",
-            "tiny_cpu"), or None for the defaults.
-        overrides: dict of field -> value, or list of "key=value" strings whose values are parsed as YAML.
+        path_or_packaged_name: a YAML file (nested layout, or 0.1's flat one), a packaged config name
+            ("voc_resnet101_aspp_l", "voc_vgg16_largefov", "tiny_cpu"), or None for the defaults.
+        overrides: "section.key=value" strings (``--set``; typed by the field) or a nested dict.
+        data: the CLIs' ``--data PATH|synthetic`` (see :meth:`DataConfig.fields_for`), applied last.
 
     Returns:
         TrainConfig.
-    """
-    import yaml
 
-    values = {}
-    if path is not None:
-        path = str(path)
-        if not os.path.exists(path):
-            packaged = os.path.join(_PACKAGE_DIR, "configs", path if path.endswith(".yaml")
-                                    else path + ".yaml")
-            if not os.path.exists(packaged):
-                available = sorted(f[:-5] for f in os.listdir(os.path.dirname(packaged)) if f.endswith(".yaml"))
-                raise ValueError(f"config file {path!r} not found (packaged configs: {available})")
-            path = packaged
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of key: value, got {type(values).__name__}")
-    if isinstance(overrides, dict):
-        values.update(overrides)
-    elif overrides:
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value")
-            try:
-                values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                values[key.strip().replace("-", "_")] = raw
-    return TrainConfig.from_dict(values)
+    Raises:
+        ValueError: a missing or invalid file, an unknown section / key, or a bad value (one line naming it).
+    """
+    values, where = ({}, "defaults") if path_or_packaged_name is None else _read_yaml(path_or_packaged_name)
+    return TrainConfig.from_dict(_merge(_nested(values, where), overrides, data), where)
 
 
 def _as_config(config):

@@ -73,7 +73,7 @@ def _task_id(strategy):
 def load_datasets(config):
     """The unbatched (train, validation) datasets of {"image", "label", "file_name"} a config names.
 
-    Validation is None when ``validation_every`` is 0 (VOC, folder) or no ``val_folder`` is given.
+    Validation is None when ``schedule.validation_every`` is 0 (VOC, folder) or no ``data.val_folder`` is given.
     """
     return _raw_datasets(_as_config(config))
 
@@ -81,28 +81,28 @@ def load_datasets(config):
 def _raw_datasets(cfg):
     from deeplab_keras import data
 
-    if cfg.dataset == "synthetic":
+    d, validate = cfg.data, bool(cfg.schedule.validation_every)
+    if d.dataset == "synthetic":
         from deeplab_keras.data import synthetic
 
-        size = tuple(int(s) for s in cfg.synthetic_size)
-        train = synthetic.make_synthetic(cfg.synthetic_images, size=size, num_classes=cfg.num_classes,
-                                         seed=cfg.seed)
-        val = synthetic.make_synthetic(cfg.synthetic_val_images, size=size, num_classes=cfg.num_classes,
-                                       seed=cfg.seed + 1000003)
+        size, n = tuple(int(s) for s in d.synthetic_size), cfg.model.num_classes
+        train = synthetic.make_synthetic(d.synthetic_images, size=size, num_classes=n, seed=cfg.runtime.seed)
+        val = synthetic.make_synthetic(d.synthetic_val_images, size=size, num_classes=n,
+                                       seed=cfg.runtime.seed + 1000003)
         return train, val
-    if cfg.dataset == "voc":
-        if not cfg.manual_dir and not cfg.data_dir:
-            raise ValueError("dataset 'voc' needs manual_dir (the folder holding VOC2012/ and, for the 'aug' "
-                             "config, benchmark_RELEASE/) or a data_dir with the prepared TFDS dataset")
-        train = data.load_voc(cfg.train_split, config=cfg.voc_config, manual_dir=cfg.manual_dir,
-                              data_dir=cfg.data_dir)
-        val = data.load_voc(cfg.val_split, config=cfg.voc_config, manual_dir=cfg.manual_dir,
-                            data_dir=cfg.data_dir) if cfg.validation_every else None
+    if d.dataset == "voc":
+        if not d.manual_dir and not d.data_dir:
+            raise ValueError("data.dataset 'voc' needs data.manual_dir (the folder holding VOC2012/ and, for "
+                             "data.voc_config 'aug', benchmark_RELEASE/) or a data.data_dir with the prepared "
+                             "TFDS dataset")
+        train = data.load_voc(d.train_split, config=d.voc_config, manual_dir=d.manual_dir, data_dir=d.data_dir)
+        val = data.load_voc(d.val_split, config=d.voc_config, manual_dir=d.manual_dir,
+                            data_dir=d.data_dir) if validate else None
         return train, val
-    if not cfg.folder:
-        raise ValueError("dataset 'folder' needs folder: a directory with images/ and masks/")
-    train = data.folder_dataset(cfg.folder)
-    val = data.folder_dataset(cfg.val_folder) if cfg.val_folder and cfg.validation_every else None
+    if not d.folder:
+        raise ValueError("data.dataset 'folder' needs data.folder: a directory with images/ and masks/")
+    train = data.folder_dataset(d.folder)
+    val = data.folder_dataset(d.val_folder) if d.val_folder and validate else None
     return train, val
 
 
@@ -111,7 +111,7 @@ def make_train_stream(raw, cfg, start_epoch=0, start_batch=0):
     function of (seed, k).
 
     Epoch ``k`` is ``deeplab_keras.data.make_pipeline(raw, training=True, repeat=True, seed=f(seed, k))``
-    cut to ``steps_per_epoch`` batches (the pipeline's shuffle and augmentation are seeded per element), so
+    cut to ``schedule.steps_per_epoch`` batches (the pipeline's shuffle and augmentation are seeded per element), so
     a run resumed at epoch ``k`` sees exactly the batches an uninterrupted run sees from epoch ``k`` on.
 
     Args:
@@ -125,35 +125,38 @@ def make_train_stream(raw, cfg, start_epoch=0, start_batch=0):
     """
     from deeplab_keras.data import make_pipeline
 
+    d = cfg.data
+
     def epoch(k):  # k: int64 scalar tensor; the seed of epoch k is computed in the graph
         # This function's own graph-level seed (traced, so the process's global seed is untouched): the
-        # stream then depends on cfg.seed only, and a global seed of 0 cannot trip tf's (0, 0) seed check.
+        # stream then depends on runtime.seed only, and a global seed of 0 cannot trip tf's (0, 0) seed check.
         tf.random.set_seed(20160602)
-        seed = (tf.constant(int(cfg.seed) * 1000003 + 17, tf.int64) + k * 7919) % (2 ** 31 - 1)
-        return make_pipeline(raw, training=True, batch_size=cfg.batch_size, crop_size=_ints(cfg.crop_size),
-                             scale_range=_scale_range(cfg), flip=cfg.flip, ignore_label=cfg.ignore_label,
-                             num_classes=cfg.num_classes, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                             repeat=True, prefetch=False).take(cfg.steps_per_epoch)
+        seed = (tf.constant(int(cfg.runtime.seed) * 1000003 + 17, tf.int64) + k * 7919) % (2 ** 31 - 1)
+        return make_pipeline(raw, training=True, batch_size=d.batch_size, crop_size=_ints(d.crop_size),
+                             scale_range=_floats(d.scale_range), flip=d.flip, ignore_label=d.ignore_label,
+                             num_classes=cfg.model.num_classes, shuffle_buffer=d.shuffle_buffer, seed=seed,
+                             repeat=True, prefetch=False).take(cfg.schedule.steps_per_epoch)
 
     # flat_map builds the pipeline graph once (not once per epoch) and instantiates it afresh for every
     # epoch and every iterator, so its seeded shuffle and augmentation restart identically each time
     # (iterating one dataset object twice would re-randomise it, and Keras opens an extra iterator under a
     # distribution strategy).
-    stream = tf.data.Dataset.range(start_epoch, max(cfg.epochs, start_epoch)).flat_map(epoch)
+    stream = tf.data.Dataset.range(start_epoch, max(cfg.schedule.epochs, start_epoch)).flat_map(epoch)
     if start_batch:
         stream = stream.skip(start_batch)
     return _data_sharded(stream.prefetch(tf.data.AUTOTUNE))
 
 
 def make_val_stream(raw, cfg):
-    """Validation batches (no augmentation): full-size images when ``val_crop_size`` is None (batch 1)."""
+    """Validation batches (no augmentation): full-size images when ``data.val_crop_size`` is None (batch 1)."""
     from deeplab_keras.data import make_pipeline
 
-    crop = _ints(cfg.val_crop_size) if cfg.val_crop_size else None
-    ds = make_pipeline(raw, training=False, batch_size=cfg.val_batch_size, crop_size=crop,
-                       ignore_label=cfg.ignore_label, num_classes=cfg.num_classes)
-    if cfg.validation_steps:
-        ds = ds.take(cfg.validation_steps)
+    d = cfg.data
+    crop = _ints(d.val_crop_size) if d.val_crop_size else None
+    ds = make_pipeline(raw, training=False, batch_size=d.val_batch_size, crop_size=crop,
+                       ignore_label=d.ignore_label, num_classes=cfg.model.num_classes)
+    if cfg.schedule.validation_steps:
+        ds = ds.take(cfg.schedule.validation_steps)
     return _data_sharded(ds)
 
 
@@ -161,8 +164,8 @@ def _ints(values):
     return tuple(int(v) for v in values)
 
 
-def _scale_range(cfg):
-    return None if cfg.scale_range is None else tuple(float(s) for s in cfg.scale_range)
+def _floats(values):
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def _data_sharded(ds):

@@ -4,6 +4,9 @@ import re
 import keras
 import tensorflow as tf
 
+from deeplab_keras import _keras_compat
+from deeplab_keras.models.deeplab import CLASSIFIER_PATTERN
+
 
 @keras.saving.register_keras_serializable(package="deeplab_keras")
 class ScaledSGD(keras.optimizers.SGD):
@@ -37,7 +40,8 @@ class ScaledSGD(keras.optimizers.SGD):
         return factor
 
     def apply(self, grads, trainable_variables=None):
-        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        variables = (_keras_compat.optimizer_variables(self) if trainable_variables is None
+                     else list(trainable_variables))
         grads = list(grads)
         if len(variables) == len(grads):
             scaled = []
@@ -56,6 +60,14 @@ class ScaledSGD(keras.optimizers.SGD):
 BIAS_PATTERN = r"(^|/)bias(:\d+)?$"
 
 
+def classifier_pattern(cfg):
+    """The regex of the classifier variables: ``optimizer.classifier_pattern``, or (null) the model's
+    (``deeplab_keras.models.deeplab.CLASSIFIER_PATTERN``)."""
+    if cfg.optimizer.classifier_pattern is not None:
+        return cfg.optimizer.classifier_pattern
+    return CLASSIFIER_PATTERN
+
+
 def build_optimizer(cfg):
     """The recipe's optimizer for a :class:`TrainConfig`: :class:`ScaledSGD` on the poly schedule with the
     classifier / bias multipliers, wrapped in ``LossScaleOptimizer`` for ``mixed_float16``.
@@ -65,23 +77,24 @@ def build_optimizer(cfg):
         >>> type(build_optimizer(load_config("tiny_cpu"))).__name__
         'ScaledSGD'
     """
+    opt = cfg.optimizer
     schedule = keras.optimizers.schedules.PolynomialDecay(
-        cfg.resolved_base_lr, decay_steps=cfg.steps, end_learning_rate=cfg.end_lr, power=cfg.lr_power)
+        cfg.learning_rate, decay_steps=cfg.schedule.steps, end_learning_rate=opt.end_lr, power=opt.lr_power)
     multipliers = []
-    if cfg.classifier_lr_mult != 1.0:
-        multipliers.append([cfg.classifier_pattern, cfg.classifier_lr_mult])
-    if cfg.bias_lr_mult != 1.0:
-        multipliers.append([BIAS_PATTERN, cfg.bias_lr_mult])
-    optimizer = ScaledSGD(schedule, momentum=cfg.momentum, multipliers=multipliers)
-    if cfg.mixed_precision == "mixed_float16":
+    if opt.classifier_lr_mult != 1.0:
+        multipliers.append([classifier_pattern(cfg), opt.classifier_lr_mult])
+    if opt.bias_lr_mult != 1.0:
+        multipliers.append([BIAS_PATTERN, opt.bias_lr_mult])
+    optimizer = ScaledSGD(schedule, momentum=opt.momentum, multipliers=multipliers)
+    if cfg.runtime.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
 def check_classifier_pattern(net, cfg):
-    """Raises ValueError when ``cfg.classifier_pattern`` (with a multiplier != 1) matches no trainable variable."""
-    n_classifier = sum(1 for v in net.trainable_variables
-                       if re.search(cfg.classifier_pattern, getattr(v, "path", v.name)))
-    if cfg.classifier_lr_mult != 1.0 and n_classifier == 0:
-        raise ValueError(f"classifier_pattern {cfg.classifier_pattern!r} matches no trainable variable of the "
+    """Raises ValueError when the classifier pattern (with a multiplier != 1) matches no trainable variable."""
+    pattern = classifier_pattern(cfg)
+    n_classifier = sum(1 for v in net.trainable_variables if re.search(pattern, getattr(v, "path", v.name)))
+    if cfg.optimizer.classifier_lr_mult != 1.0 and n_classifier == 0:
+        raise ValueError(f"optimizer.classifier_pattern {pattern!r} matches no trainable variable of the "
                          f"model; variable paths look like {net.trainable_variables[-1].path!r}")

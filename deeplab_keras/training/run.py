@@ -8,9 +8,10 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
+from deeplab_keras import _keras_compat
 from deeplab_keras.training.callbacks import (ResumableBackup, _atomic_save_keras, _latest_backup, _StepCallback,
                                               _stop_on_sigint, _StopOnInterrupt, run_callbacks)
-from deeplab_keras.training.config import _as_config, _is_number
+from deeplab_keras.training.config import _as_config, _nested
 from deeplab_keras.training.distribute import (_is_chief, _raw_datasets, _task_id, distribute_stream, make_strategy,
                                                make_train_stream, make_val_stream)
 from deeplab_keras.training.trainer import _float32_copy, build_trainer
@@ -38,22 +39,26 @@ class TrainResult:
     num_replicas: int = 1
 
 
-# The fields a run directory's model, checkpoints and backups depend on: a rerun in the same run_dir must keep them.
-_RUN_DIR_KEYS = ("num_classes", "backbone", "output_stride", "aspp", "msc_scales", "width_multiplier",
-                 "stage_blocks", "steps_per_epoch")
-
-
 def _canonical(value):
     if isinstance(value, (list, tuple)):
         return tuple(_canonical(v) for v in value)
-    if _is_number(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value
 
 
+def _run_dir_fields(values):
+    """{"model.<key>": value} and schedule.steps_per_epoch of a nested config dict: what a run directory's model,
+    checkpoints and backups depend on (a rerun in the same run_dir must keep them)."""
+    fields = {f"model.{k}": v for k, v in values.get("model", {}).items()}
+    if "steps_per_epoch" in values.get("schedule", {}):
+        fields["schedule.steps_per_epoch"] = values["schedule"]["steps_per_epoch"]
+    return fields
+
+
 def _check_run_dir(run_dir, cfg):
     """Raises ValueError, writing nothing, when ``run_dir`` holds a run (a backup, checkpoints or model.keras)
-    whose config.yaml differs from ``cfg`` in a field of :data:`_RUN_DIR_KEYS`."""
+    whose config.yaml (nested, or 0.1's flat layout) differs from ``cfg`` in the model or steps_per_epoch."""
     import yaml
 
     saved_path = os.path.join(run_dir, "config.yaml")
@@ -64,16 +69,15 @@ def _check_run_dir(run_dir, cfg):
         return
     try:
         with open(saved_path) as f:
-            saved = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+            saved = _nested(yaml.safe_load(f), saved_path)
+    except (OSError, ValueError, yaml.YAMLError):
         return  # unreadable: restoring the state still checks that the weights fit
-    if not isinstance(saved, dict):
-        return
-    diffs = [f"{k}={saved[k]!r} (this command: {getattr(cfg, k)!r})" for k in _RUN_DIR_KEYS
-             if k in saved and _canonical(saved[k]) != _canonical(getattr(cfg, k))]
+    saved, now = _run_dir_fields(saved), _run_dir_fields(cfg.to_dict())
+    diffs = [f"{k}={saved[k]!r} (this command: {now[k]!r})" for k in saved
+             if k in now and _canonical(saved[k]) != _canonical(now[k])]
     if diffs:
         raise ValueError(f"run_dir {run_dir} holds a run with {', '.join(diffs)}; its model and checkpoints depend "
-                         "on these: rerun with its values to resume it, or pass another --run_dir")
+                         "on these: rerun with its values to resume it, or pass another runtime.run_dir")
 
 
 def _listdir(folder):
@@ -105,16 +109,17 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
 
     Example:
         >>> from deeplab_keras.train import load_config, train
-        >>> result = train(load_config("tiny_cpu", {"run_dir": "/tmp/run", "steps": 20}))  # doctest: +SKIP
+        >>> result = train(load_config("tiny_cpu", ["runtime.run_dir=/tmp/run", "schedule.steps=20"]))  # doctest: +SKIP
     """
     cfg = _as_config(config)
-    if cfg.deterministic:
+    if cfg.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
-    strategy = strategy or make_strategy(cfg.strategy, cfg.devices, cfg.tpu, cfg.virtual_cpus)
+    strategy = strategy or make_strategy(cfg.runtime.strategy, cfg.runtime.devices, cfg.runtime.tpu,
+                                          cfg.runtime.virtual_cpus)
     default_strategy = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.runtime.seed)
     chief = _is_chief(strategy)
-    run_dir = os.path.abspath(cfg.run_dir)
+    run_dir = os.path.abspath(cfg.runtime.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     # One writer per run directory (the chief; other workers write only their own .backup-worker-<i>).
     lock = exclusive_lock(os.path.join(run_dir, ".lock"), what=f"run directory {run_dir}") if chief \
@@ -142,15 +147,15 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
         val_data = config_val if val_data is None else val_data
 
     def train_stream(epoch, skip=0):
-        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip), cfg.batch_size)
+        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip), cfg.data.batch_size)
 
     val_stream = None
-    if val_data is not None and val_data is not False and cfg.validation_every:
-        if replicas > 1 and (cfg.val_batch_size % replicas or not cfg.val_crop_size):
-            raise ValueError(f"validation under {replicas} replicas needs val_batch_size a multiple of {replicas} "
-                             "and val_crop_size set (e.g. [513, 513]) so batches split evenly; or set "
-                             "validation_every: 0 and evaluate full-size images with deeplab-eval")
-        val_stream = distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.val_batch_size)
+    if val_data is not None and val_data is not False and cfg.schedule.validation_every:
+        if replicas > 1 and (cfg.data.val_batch_size % replicas or not cfg.data.val_crop_size):
+            raise ValueError(f"validation under {replicas} replicas needs data.val_batch_size a multiple of "
+                             f"{replicas} and data.val_crop_size set (e.g. 513,513) so batches split evenly; or "
+                             "set schedule.validation_every=0 and evaluate full-size images with deeplab eval")
+        val_stream = distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.data.val_batch_size)
 
     net, trainer = build_trainer(cfg, strategy, model, default_strategy)
 
@@ -159,19 +164,17 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
     backup = ResumableBackup(backup_dir, delete_checkpoint=False)
     backup.set_model(trainer)
     backup.restore()
-    trainer._initial_epoch = None  # fit gets the epoch explicitly
+    _keras_compat.set_initial_epoch(trainer, None)  # fit gets the epoch explicitly
     if chief:
-        import yaml
-
-        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), cfg.to_yaml())
 
     cbs = run_callbacks(cfg, run_dir, chief, net, backup, callbacks)
-    stopper = _StopOnInterrupt(backup, cfg.steps_per_epoch)
+    stopper = _StopOnInterrupt(backup, cfg.schedule.steps_per_epoch)
     cbs.append(stopper)
 
-    start_step = start_epoch * cfg.steps_per_epoch + start_batch
-    if start_step and cfg.verbose:
-        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of {cfg.steps})",
+    start_step = start_epoch * cfg.schedule.steps_per_epoch + start_batch
+    if start_step and cfg.runtime.verbose:
+        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of {cfg.schedule.steps})",
               file=sys.stderr)
     history = {}
 
@@ -179,10 +182,11 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
         for cb in cbs:
             if isinstance(cb, _StepCallback):
                 cb.skip = (first_epoch, skip)
-        last_epoch = first_epoch + 1 if skip else cfg.epochs  # an epoch resumed inside runs as its own fit
+        last_epoch = first_epoch + 1 if skip else cfg.schedule.epochs  # an epoch resumed inside runs as its own fit
         done = trainer.fit(train_stream(first_epoch, skip), epochs=last_epoch, initial_epoch=first_epoch,
-                           steps_per_epoch=cfg.steps_per_epoch - skip, validation_data=val_stream,
-                           validation_freq=max(cfg.validation_every, 1), callbacks=cbs, verbose=cfg.verbose,
+                           steps_per_epoch=cfg.schedule.steps_per_epoch - skip, validation_data=val_stream,
+                           validation_freq=max(cfg.schedule.validation_every, 1), callbacks=cbs,
+                           verbose=cfg.runtime.verbose,
                            shuffle=False)
         for key, values in done.history.items():
             history.setdefault(key, []).extend(values)
@@ -192,7 +196,7 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
         epoch = start_epoch
         if start_batch:
             epoch = fit(start_epoch, start_batch)
-        if epoch < cfg.epochs:
+        if epoch < cfg.schedule.epochs:
             fit(epoch, 0)
 
     model_path = None
@@ -200,7 +204,7 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
         model_path = os.path.join(run_dir, "model.keras")
         _atomic_save_keras(_float32_copy(net, cfg), model_path)
         atomic_write_json(os.path.join(run_dir, "summary.json"), {
-            "steps": cfg.steps, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch,
+            "steps": cfg.schedule.steps, "epochs": cfg.schedule.epochs, "resumed_from_epoch": start_epoch,
             "resumed_from_step": start_step,
             "history": {k: [float(x) for x in v] for k, v in history.items()}})
     return TrainResult(model=net, history=history, run_dir=run_dir, model_path=model_path,

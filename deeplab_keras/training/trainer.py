@@ -3,6 +3,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from deeplab_keras import _keras_compat
 from deeplab_keras.training.config import _as_config
 from deeplab_keras.training.losses import SegmentationMeanIoU, segmentation_loss
 from deeplab_keras.training.optimizer import build_optimizer, check_classifier_pattern
@@ -18,7 +19,7 @@ def _conv_kernels(model):
 # ----------------------------------------------------------------------------------------------------------
 # The training wrapper
 # ----------------------------------------------------------------------------------------------------------
-class SegmentationTrainer(keras.Model):
+class SegmentationTrainer(_keras_compat.SampleBatchBuild, keras.Model):
     """Wraps a DeepLab model for ``fit``: the loss of the recipe, MSC losses and the mIoU metric.
 
     The wrapped ``net`` stays an ordinary, uncompiled model (save it with ``net.save``); this wrapper only
@@ -42,15 +43,6 @@ class SegmentationTrainer(keras.Model):
         self.ignore_label = int(ignore_label)
         self.upsample_logits = bool(upsample_logits)
         self.miou = SegmentationMeanIoU(num_classes, ignore_label=ignore_label, name="miou")
-        self._sample_batch = None
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Under a distribution strategy Keras builds the model from a batch peeked from the training
-        # iterator: that opens an extra iterator and, under MultiWorkerMirroredStrategy (Keras 3.15), fails
-        # reducing the per-replica batch. Build from a local sample batch instead when one is set.
-        if data_batch is None and self._sample_batch is not None:
-            return super()._maybe_symbolic_build(data_batch=self._sample_batch)
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def call(self, images, training=False):
         if self.msc and training:
@@ -103,24 +95,16 @@ class _policy_scope:
 
 
 def build_model(config):
-    """``dk.DeepLabV2`` from the model fields of a config (under the config's dtype policy)."""
-    from deeplab_keras.models.deeplab import DeepLabV2
-
+    """The DeepLab model of ``config.model`` (``ModelConfig.build`` with ``optimizer.init_weights``), under the
+    config's dtype policy."""
     cfg = _as_config(config)
-    kwargs = dict(num_classes=cfg.num_classes, backbone=cfg.backbone, output_stride=cfg.output_stride,
-                  aspp=tuple(cfg.aspp) if isinstance(cfg.aspp, (list, tuple)) else cfg.aspp,
-                  msc_scales=tuple(cfg.msc_scales) if cfg.msc_scales else None, weights=cfg.weights)
-    if cfg.width_multiplier != 1.0:
-        kwargs["width_multiplier"] = cfg.width_multiplier
-    if cfg.stage_blocks:
-        kwargs["stage_blocks"] = tuple(cfg.stage_blocks)
-    with _policy_scope(cfg.mixed_precision):
-        return DeepLabV2(**kwargs)
+    with _policy_scope(cfg.runtime.precision):
+        return cfg.model.build(weights=cfg.optimizer.init_weights)
 
 
 def _float32_copy(net, cfg):
     """A float32 copy of a mixed-precision model (``models.as_float32``); ``net`` itself otherwise."""
-    if not cfg.mixed_precision or cfg.mixed_precision == "float32":
+    if not cfg.runtime.mixed:
         return net
     from deeplab_keras.models import as_float32
 
@@ -128,7 +112,7 @@ def _float32_copy(net, cfg):
 
 
 def _clone_into_scope(net, strategy, cfg):
-    with strategy.scope(), _policy_scope(cfg.mixed_precision):
+    with strategy.scope(), _policy_scope(cfg.runtime.precision):
         copy = net.__class__.from_config(net.get_config())
     sample = np.zeros((1, 65, 65, 3), "float32")
     copy(sample)
@@ -141,8 +125,9 @@ def build_trainer(cfg, strategy, model=None, default_strategy=True):
     with batch norm frozen or trained as ``cfg`` says, and its compiled, built :class:`SegmentationTrainer`.
 
     Raises:
-        ValueError: ``cfg.classifier_pattern`` matches no trainable variable.
+        ValueError: ``optimizer.classifier_pattern`` matches no trainable variable.
     """
+    opt = cfg.optimizer
     with strategy.scope():
         if model is None:
             net = build_model(cfg)
@@ -150,18 +135,19 @@ def build_trainer(cfg, strategy, model=None, default_strategy=True):
             net = model
         else:
             net = _clone_into_scope(model, strategy, cfg)
-        for layer in net._flatten_layers(include_self=False, recursive=True):
+        for layer in _keras_compat.flatten_layers(net):
             if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = bool(cfg.train_bn)
-                if cfg.train_bn and cfg.bn_momentum is not None:
-                    layer.momentum = float(cfg.bn_momentum)
-        with _policy_scope(cfg.mixed_precision):
-            trainer = SegmentationTrainer(net, cfg.num_classes, msc=bool(cfg.msc_scales),
-                                          weight_decay=cfg.weight_decay, ignore_label=cfg.ignore_label,
-                                          upsample_logits=cfg.upsample_logits, name="segmentation_trainer")
+                layer.trainable = bool(opt.train_bn)
+                if opt.train_bn and opt.bn_momentum is not None:
+                    layer.momentum = float(opt.bn_momentum)
+        with _policy_scope(cfg.runtime.precision):
+            trainer = SegmentationTrainer(net, cfg.model.num_classes, msc=bool(cfg.model.msc_scales),
+                                          weight_decay=opt.weight_decay, ignore_label=cfg.data.ignore_label,
+                                          upsample_logits=opt.upsample_logits, name="segmentation_trainer")
             trainer.compile(optimizer=build_optimizer(cfg))
-        h, w = (min(int(c), 65) for c in cfg.crop_size)
+        h, w = (min(int(c), 65) for c in cfg.data.crop_size)
         trainer(np.zeros((1, h, w, 3), "float32"))  # build before restore
-        trainer._sample_batch = (np.zeros((1, h, w, 3), "float32"), np.zeros((1, h, w), "uint8"), None)
+        _keras_compat.set_build_batch(trainer, (np.zeros((1, h, w, 3), "float32"), np.zeros((1, h, w), "uint8"),
+                                                None))
     check_classifier_pattern(net, cfg)
     return net, trainer
