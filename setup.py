@@ -46,11 +46,12 @@ setup(
     install_requires=[line.split("#")[0].strip() for line in open(os.path.join(HERE, "requirements.txt"))
                       if line.split("#")[0].strip()],
     entry_points={"console_scripts": [
-        "deeplab-train=deeplab_keras.cli:train_main",
+        "deeplab=deeplab_keras.cli:main",  # deeplab {train,eval,predict,export,convert,demo}
+        "deeplab-train=deeplab_keras.cli:train_main",  # the same commands with the sub-command preselected
         "deeplab-eval=deeplab_keras.cli:eval_main",
-        "deeplab-predict=deeplab_keras.predict:main",
-        "deeplab-export=deeplab_keras.export.cli:main",
-        "deeplab-demo=deeplab_keras.demo:main",
-        "deeplab-convert=deeplab_keras.convert:main",
+        "deeplab-predict=deeplab_keras.cli:predict_main",
+        "deeplab-export=deeplab_keras.cli:export_main",
+        "deeplab-demo=deeplab_keras.cli:demo_main",
+        "deeplab-convert=deeplab_keras.cli:convert_main",
     ]},
 )

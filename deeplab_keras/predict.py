@@ -1,4 +1,5 @@
-"""Segment image files: VOC-palette index PNGs, overlays and per-image class areas (``deeplab-predict``).
+"""Segment image files: VOC-palette index PNGs, overlays and per-image class areas (the library of
+``deeplab predict``, whose command line is :mod:`deeplab_keras.cli.predict`).
 
 Example:
     >>> import deeplab_keras as dk
@@ -6,7 +7,6 @@ Example:
     >>> model = dk.DeepLabV2(num_classes=21, backbone="resnet50")
     >>> summary = predict_files(model, ["photo.jpg"], "masks/", overlay_images=True)   # doctest: +SKIP
 """
-import argparse
 import contextlib
 import csv
 import io
@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
-from deeplab_keras.utils import (VOC_CLASSES, atomic_write_bytes, exclusive_lock, quiet_tensorflow, run_command,
-                                 usage_error, voc_palette)
+from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, voc_palette
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 AREAS_FILES = ("areas.json", "areas.csv")
@@ -266,94 +265,3 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     if areas:
         merge_areas(out_dir, areas)
     return {"written": written, "failed": failed, "areas": areas}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="deeplab-predict", description="Segment images with a DeepLab checkpoint or exported SavedModel; "
-        "writes VOC-palette index PNGs, optional overlays and per-image class areas (areas.json / areas.csv).")
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a .keras file or a deeplab-train run directory")
-    source.add_argument("--saved-model", help="a SavedModel from deeplab-export (OUT/ or OUT/<version>/)")
-    source.add_argument("--preset", metavar="NAME", help="a released DeepLab v2 model (downloaded and converted once "
-                        "into the Keras cache), e.g. deeplabv2_resnet101_msc_voc")
-    parser.add_argument("--preset-sha256", metavar="HEX", help="the sha256 you trust for the preset's download")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--crf", action="store_true", help="refine with the dense CRF (custom op)")
-    parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. 0.75 1 1.25")
-    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--stop-on-error", action="store_true", help="stop at the first bad image")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary; failures only")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's start-up logs")
-    return parser
-
-
-def main(argv=None):
-    """``deeplab-predict``: exit 0 when every image was written, 1 when some failed or the run stopped (a full
-    disk, Ctrl-C: 130), 2 on bad arguments; expected failures are one line, tracebacks only with ``--debug``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_tensorflow(args.debug)
-    return run_command("deeplab-predict", lambda: _run(parser, args), debug=args.debug,
-                       interrupted="interrupted; the masks written so far are complete and their areas recorded")
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _run(parser, args):
-    if args.batch_size < 1:
-        usage_error(parser, f"--batch-size must be >= 1, got {args.batch_size}")
-    if any(s <= 0 for s in args.scales):
-        usage_error(parser, f"--scales must be > 0, got {args.scales}")
-    if args.max_pixels < 1:
-        usage_error(parser, f"--max-pixels must be >= 1, got {args.max_pixels}")
-    for item in args.inputs:
-        if not os.path.exists(item):
-            usage_error(parser, f"input {item!r} does not exist")
-    paths = collect_inputs(args.inputs)
-    if not paths:
-        usage_error(parser, f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
-    try:
-        output_names(paths, args.out, args.overlay)
-        read_areas(args.out)
-    except ValueError as err:
-        usage_error(parser, str(err))
-    try:
-        if args.checkpoint:
-            from deeplab_keras.models import load_model
-            model = load_model(args.checkpoint)
-        elif args.preset:
-            from deeplab_keras.models.presets import from_preset
-            model = from_preset(args.preset, sha256=args.preset_sha256)
-        else:
-            if not os.path.isdir(args.saved_model):
-                usage_error(parser, f"--saved-model {args.saved_model!r} is not a directory")
-            predictor = SavedModelPredictor(args.saved_model)
-            model = predictor
-    except (FileNotFoundError, ValueError, OSError) as err:
-        usage_error(parser, str(err).splitlines()[0])
-    except RuntimeError as err:  # a preset's download failed or does not match its sha256
-        print(f"deeplab-predict: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001  (e.g. a corrupt .keras: Keras raises many kinds)
-        if args.debug:
-            raise
-        usage_error(parser, f"cannot load the model: {_first_line(err)} ({type(err).__name__})")
-    summary = predict_files(model, paths, args.out, crf=args.crf, overlay_images=args.overlay,
-                            scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
-                            overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
-                            progress=not args.quiet)
-    if not args.quiet:  # the failures were reported on stderr as they happened ("skipped ...")
-        print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
-    return 1 if summary["failed"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -362,7 +362,7 @@ def describe_os_error(error):
     return f"{error.strerror or error}{where}"
 
 
-def load_samples(size, folder=None, count=4, seed=0, what="--samples"):
+def load_samples(size, folder=None, count=4, seed=0, what="--data"):
     """``verify.sample_images``, with an unusable folder as ``ExportError`` (one line naming ``what``)."""
     try:
         return verify_lib.sample_images(size, folder, count, seed)

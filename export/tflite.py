@@ -187,7 +187,7 @@ class TFLiteFormat(driver.Format):
         if self.opts["quantize"] == "int8":
             self.calibration = common.load_samples(size, self.opts["representative"],
                                                    self.opts["num_calibration"], seed=1234,
-                                                   what="--representative-data")
+                                                   what="--data")
 
     def convert(self, model, staging, final):
         o = self.opts
@@ -206,9 +206,9 @@ class TFLiteFormat(driver.Format):
         if self.opts["quantize"] != "int8" or self.opts["representative"]:
             return []
         agreement = verification["checks"]["tflite"]["label_agreement"]
-        return [f"int8 was calibrated on synthetic images (no --representative-data): label agreement with the "
+        return [f"int8 was calibrated on synthetic images (no --data): label agreement with the "
                 f"float model is {100 * agreement:.1f} % on the verification images; calibrate on ~100 images of "
-                "your data with --representative-data DIR"]
+                "your data with --data DIR"]
 
     def report_fields(self, artifact):
         o, int8 = self.opts, self.opts["quantize"] == "int8"

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from deeplab_keras.convert import main
+from deeplab_keras.cli import convert_main as main
 from tests import caffe_writer as cw
 from tests.conftest import tiny_model
 
@@ -39,7 +39,7 @@ def _run(capsys, *argv):
 
 def test_help(capsys):
     code, out, _ = _run(capsys, "--help")
-    assert code == 0 and "--backbone-only" in out and "deeplab-convert train2_iter_20000.caffemodel" in out
+    assert code == 0 and "--backbone-only" in out and "deeplab convert train2_iter_20000.caffemodel" in out
 
 
 def test_converts_and_prints_what_was_loaded(files, capsys, tmp_path):
@@ -136,7 +136,7 @@ def test_console_script_then_deeplab_predict(files, tmp_path, voc_samples_dir):
     assert proc.returncode == 0, proc.stderr
     assert "pool5a=True" in proc.stdout and out.is_file()
     image = voc_samples_dir / "VOC2012" / "JPEGImages" / "2007_000033.jpg"
-    proc = subprocess.run([sys.executable, "-m", "deeplab_keras.predict", str(image), "--checkpoint", str(out),
+    proc = subprocess.run([sys.executable, "-m", "deeplab_keras", "predict", str(image), "--checkpoint", str(out),
                            "--out", str(tmp_path / "masks")], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "masks" / "2007_000033.png").is_file()

@@ -44,7 +44,7 @@ def _one_line(capsys):
 def test_label_value_out_of_range_is_one_line_exit_1(model_path, bad_label_folder, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code = cli.eval_main(["--checkpoint", model_path, "--data", bad_label_folder, "--out", str(out),
-                          "--no-progress"])
+                          "--quiet"])
     assert code == 1
     line = _one_line(capsys)
     assert line.startswith("deeplab-eval: error: ") and "synthetic_00001.png" in line
@@ -55,14 +55,14 @@ def test_label_value_out_of_range_is_one_line_exit_1(model_path, bad_label_folde
 def test_debug_shows_the_traceback(model_path, bad_label_folder, tmp_path):
     with pytest.raises(BadDataError, match="synthetic_00001.png"):
         cli.eval_main(["--checkpoint", model_path, "--data", bad_label_folder, "--out", str(tmp_path / "e.json"),
-                       "--no-progress", "--debug"])
+                       "--quiet", "--debug"])
 
 
 def test_more_classes_in_the_data_than_the_model_without_class_file(model_path, tmp_path, capsys):
     root = write_synthetic_folder(str(tmp_path / "five"), 2, size=(41, 41), num_classes=5, seed=2)
     os.remove(os.path.join(root, "classes.txt"))
     assert cli.eval_main(["--checkpoint", model_path, "--data", root, "--out", str(tmp_path / "e.json"),
-                          "--no-progress"]) == 1
+                          "--quiet"]) == 1
     line = _one_line(capsys)
     assert "outside {0..2, 255}" in line and "pass the right num_classes" in line
 
@@ -70,7 +70,7 @@ def test_more_classes_in_the_data_than_the_model_without_class_file(model_path, 
 def test_class_file_mismatch_is_a_usage_error(model_path, tmp_path, capsys):
     root = write_synthetic_folder(str(tmp_path / "five"), 1, size=(41, 41), num_classes=5)
     with pytest.raises(SystemExit) as e:
-        cli.eval_main(["--checkpoint", model_path, "--data", root, "--no-progress"])
+        cli.eval_main(["--checkpoint", model_path, "--data", root, "--quiet"])
     assert e.value.code == 2
     assert "lists 5 classes but the model predicts 3" in _one_line(capsys)
 
@@ -78,7 +78,7 @@ def test_class_file_mismatch_is_a_usage_error(model_path, tmp_path, capsys):
 def test_voc_data_with_a_3_class_model_is_refused_up_front(model_path, voc_samples_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.eval_main(["--checkpoint", model_path, "--data", str(voc_samples_dir), "--data-dir",
-                       str(tmp_path / "tfds"), "--no-progress"])
+                       str(tmp_path / "tfds"), "--quiet"])
     assert e.value.code == 2
     assert "the model predicts 3 classes but VOC 2012 has 21" in _one_line(capsys)
     assert not (tmp_path / "tfds").exists()  # refused before preparing any data
@@ -91,9 +91,9 @@ def test_unexpected_error_is_one_line_with_a_hint(model_path, monkeypatch, capsy
         raise TypeError("something unforeseen\nsecond line")
 
     monkeypatch.setattr(deeplab_keras.evaluate, "evaluate", broken)
-    assert cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--no-progress"]) == 1
+    assert cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--quiet"]) == 1
     line = _one_line(capsys)
     assert line == ("deeplab-eval: error: something unforeseen second line (TypeError; rerun with --debug for the "
                     "traceback)")
     with pytest.raises(TypeError):
-        cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--no-progress", "--debug"])
+        cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--quiet", "--debug"])

@@ -95,7 +95,7 @@ def test_deeplab_eval_cli_synthetic_and_folder(tiny_path, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code = cli.eval_main(["--checkpoint", tiny_path, "--data", "synthetic", "--num-images", "2", "--image-size",
                           "41", "41", "--crf", "--crf-iterations", "2", "--scales", "0.75", "1", "--flip",
-                          "--out", str(out), "--no-progress"])
+                          "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "IoU (CRF)" in printed and "class_1" in printed
@@ -103,7 +103,7 @@ def test_deeplab_eval_cli_synthetic_and_folder(tiny_path, tmp_path, capsys):
     assert results["images"] == 2 and results["scales"] == [0.75, 1.0] and results["flip"] is True
     assert 0 <= results["no_crf"]["miou"] <= 1 and "crf" in results
     folder = write_synthetic_folder(str(tmp_path / "folder"), 2, size=(41, 41), num_classes=4, seed=1)
-    assert cli.eval_main(["--checkpoint", tiny_path, "--data", folder, "--no-progress"]) == 0
+    assert cli.eval_main(["--checkpoint", tiny_path, "--data", folder, "--quiet"]) == 0
     assert os.path.exists(os.path.join(os.path.dirname(tiny_path), "eval.json"))  # default --out
 
 
@@ -129,7 +129,7 @@ def test_deeplab_eval_cli_voc_samples(tmp_path, capsys):
     model.save(path)
     out = tmp_path / "voc.json"
     assert cli.eval_main(["--checkpoint", path, "--data", VOC_SAMPLES, "--split", "train", "--data-dir",
-                          str(tmp_path / "tfds"), "--out", str(out), "--no-progress"]) == 0
+                          str(tmp_path / "tfds"), "--out", str(out), "--quiet"]) == 0
     results = json.loads(out.read_text())
     assert results["images"] >= 1 and "aeroplane" in results["no_crf"]["per_class_iou"]
     assert "background" in capsys.readouterr().out

@@ -104,7 +104,7 @@ def test_image_larger_than_the_padding_is_one_clear_error(model):
 def test_protocol_deeplab_v2_sets_pad_513_and_the_papers_crf(model_path, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code = cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--num-images", "2", "--image-size",
-                          "41", "57", "--protocol", "deeplab-v2", "--out", str(out), "--no-progress"])
+                          "41", "57", "--protocol", "deeplab-v2", "--out", str(out), "--quiet"])
     assert code == 0
     captured = capsys.readouterr()
     assert "padded to 513" in captured.out and "IoU (CRF)" in captured.out
@@ -119,7 +119,7 @@ def test_protocol_deeplab_v2_sets_pad_513_and_the_papers_crf(model_path, tmp_pat
 def test_pad_to_without_protocol(model_path, tmp_path):
     out = tmp_path / "eval.json"
     assert cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--num-images", "1", "--image-size",
-                          "41", "57", "--pad-to", "65", "--out", str(out), "--no-progress"]) == 0
+                          "41", "57", "--pad-to", "65", "--out", str(out), "--quiet"]) == 0
     results = json.loads(out.read_text())
     assert results["pad_to"] == 65 and results["crf_params"] is None and results["protocol"] is None
 
@@ -142,7 +142,7 @@ def test_protocol_refuses_contradicting_options(model_path, extra, message, caps
 def test_cli_image_larger_than_pad_to_exits_2(model_path, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.eval_main(["--checkpoint", model_path, "--data", "synthetic", "--num-images", "1", "--image-size",
-                       "41", "57", "--pad-to", "50", "--out", str(tmp_path / "e.json"), "--no-progress"])
+                       "41", "57", "--pad-to", "50", "--out", str(tmp_path / "e.json"), "--quiet"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit the 50x50 padding" in err[0]

@@ -1,4 +1,4 @@
-"""deeplab-export command line: help, one-line errors with exit code 2, checkpoints, reports, --with-crf."""
+"""deeplab-export command line: help, one-line errors with exit code 2, checkpoints, reports, --crf."""
 import json
 import os
 import shutil
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deeplab_keras.export.cli import main
+from deeplab_keras.cli import export_main as main
 from tests.conftest import tiny_model
 
 TINY_ARGS = ["--backbone", "resnet50", "--width-multiplier", "0.125", "--stage-blocks", "1", "1", "1", "1",
@@ -34,7 +34,7 @@ def test_help():
     proc = _run(["--help"])
     assert proc.returncode == 0
     for needle in ("--format", "saved_model", "tflite", "onnx", "--checkpoint", "--quantize", "--input-size",
-                   "--opset", "--overwrite", "--with-crf", "--representative-data", "--int8-io"):
+                   "--opset", "--overwrite", "--crf", "--data", "--int8-io", "--num-classes", "--msc-scales"):
         assert needle in proc.stdout, needle
 
 
@@ -47,7 +47,7 @@ def test_help():
     (["--backbone", "resnet50", "--format", "saved_model", "--input-size", "65", "65", "--out", "x"],
      "--input-size"),
     (["--backbone", "resnet50", "--format", "onnx", "--opset", "11", "--out", "x.onnx"], "opset"),
-    (["--format", "onnx", "--out", "x.onnx"], "--checkpoint --backbone"),
+    (["--format", "onnx", "--out", "x.onnx"], "--checkpoint --preset --backbone"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -63,7 +63,9 @@ def test_bad_arguments_exit_2_with_one_line(args, message, capsys, tmp_path, mon
 
 def test_existing_artifact_needs_overwrite(tmp_path, capsys):
     (tmp_path / "m.onnx").write_bytes(b"old")
-    code = main(TINY_ARGS + ["--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    with pytest.raises(SystemExit) as e:
+        main(TINY_ARGS + ["--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    code = e.value.code
     err = capsys.readouterr().err
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "m.onnx").read_bytes() == b"old"
@@ -76,7 +78,7 @@ def test_checkpoint_run_directory_to_tflite(tmp_path, voc_samples_dir):
     tiny_model(3, "resnet50").save(run / "model.keras")
     out = tmp_path / "out" / "deeplab.tflite"
     proc = _run(["--checkpoint", str(run), "--format", "tflite", "--input-size", "49", "65", "--out", str(out),
-                 "--samples", str(voc_samples_dir / "VOC2012"), "--num-samples", "2"])
+                 "--data", str(voc_samples_dir / "VOC2012"), "--num-samples", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     progress = [line for line in proc.stderr.splitlines() if line.startswith("[deeplab-export]")]
     assert any("converting to TFLite" in line for line in progress)
@@ -99,10 +101,10 @@ def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, extra", [("saved_model", []), ("tflite", ["--input-size", "33", "41"]),
                                         ("onnx", [])])
-def test_with_crf_in_every_format(fmt, extra, tmp_path):
-    """--with-crf puts the stock-op CRF into the graph; the artifact matches Keras + CRF within fp32 tolerance."""
+def test_crf_in_every_format(fmt, extra, tmp_path):
+    """--crf puts the stock-op CRF into the graph; the artifact matches Keras + CRF within fp32 tolerance."""
     out = tmp_path / {"saved_model": "sm", "tflite": "m.tflite", "onnx": "m.onnx"}[fmt]
-    code = main(TINY_ARGS + ["--format", fmt, "--with-crf", "--crf-iterations", "3", "--verify-size", "33", "41",
+    code = main(TINY_ARGS + ["--format", fmt, "--crf", "--crf-iterations", "3", "--verify-size", "33", "41",
                              "--num-samples", "1", "--out", str(out)] + extra)
     assert code == 0
     report_path = (out / "1.report.json") if fmt == "saved_model" else out.with_name(out.name + ".report.json")

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import common, onnx as onnx_export
 from deeplab_keras.export import saved_model as sm_export
-from deeplab_keras.export.cli import main
+from deeplab_keras.cli import export_main as main
 from tests.conftest import REPO
 
 TINY_ARGS = ["--backbone", "resnet50", "--width-multiplier", "0.125", "--stage-blocks", "1", "1", "1", "1",
@@ -40,8 +40,8 @@ def _everything(folder):
     (["--format", "tflite", "--opset", "17"], "--opset applies only to --format onnx"),
     (["--format", "saved_model", "--outputs", "full"], "--outputs applies only to --format tflite / onnx"),
     (["--format", "onnx", "--num-calibration", "8"], "--num-calibration applies only to --quantize int8"),
-    (["--format", "tflite", "--representative-data", "."], "--representative-data applies only to --quantize int8"),
-    (["--format", "onnx", "--crf-iterations", "5"], "--crf-iterations applies only to --with-crf"),
+    (["--format", "onnx", "--int8-io"], "--int8-io applies only to --quantize int8"),
+    (["--format", "onnx", "--crf-iterations", "5"], "--crf-iterations applies only to --crf"),
     (["--format", "saved_model", "--version", "-1"], "--version must be >= 0"),
 ])
 def test_options_that_do_not_apply_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -60,11 +60,11 @@ def test_model_options_with_a_checkpoint_exit_2(tmp_path, capsys):
     assert code == 2 and "--num-classes applies only to --backbone" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flag", ["--representative-data", "--samples"])
-def test_empty_image_folder_exit_2(flag, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [["--format", "tflite", "--quantize", "int8"], ["--format", "onnx"]])
+def test_empty_image_folder_exit_2(extra, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    extra = ["--format", "tflite", "--quantize", "int8"] if flag == "--representative-data" else ["--format", "onnx"]
+    flag = "--data"  # calibration (int8) and verification images
     code = _main(TINY_ARGS + extra + [flag, str(empty), "--out", str(tmp_path / "out" / "m.x")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -76,7 +76,7 @@ def test_unreadable_sample_image_is_one_line(tmp_path, capsys):
     folder = tmp_path / "samples"
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    code = _main(ONNX_ARGS + ["--samples", str(folder), "--out", str(tmp_path / "m.onnx")])
+    code = _main(ONNX_ARGS + ["--data", str(folder), "--out", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "broken.jpg" in err, err
     assert _everything(tmp_path) == ["samples", "samples/broken.jpg"]
@@ -224,12 +224,13 @@ def test_killed_export_leftovers_are_removed_by_the_next_export(tmp_path):
     out = tmp_path / "m.onnx"
     child = textwrap.dedent("""
         import sys, time
-        from deeplab_keras.export import onnx, cli
+        from deeplab_keras import cli
+        from deeplab_keras.export import onnx
         def stuck(*args, **kwargs):
             print("converting", flush=True)
             time.sleep(600)
         onnx.convert = stuck
-        sys.exit(cli.main(sys.argv[1:]))
+        sys.exit(cli.export_main(sys.argv[1:]))
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen([sys.executable, "-c", child] + ONNX_ARGS + ["--out", str(out)], stdout=subprocess.PIPE,
@@ -264,7 +265,7 @@ def test_int8_without_representative_data_warns_loudly(tmp_path, capsys):
     assert _main(TINY_ARGS + ["--format", "tflite", "--quantize", "int8", "--input-size", "33", "33",
                               "--num-calibration", "2", "--num-samples", "1", "--out", str(out)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "synthetic" in warnings[0] and "--representative-data" in warnings[0]
+    assert len(warnings) == 1 and "synthetic" in warnings[0] and "--data" in warnings[0]
     assert "label agreement" in warnings[0]  # --quiet does not hide it
     report = json.loads((tmp_path / "m.tflite.report.json").read_text())
     assert report["calibration"] == "synthetic" and report["warnings"] == [warnings[0].split("WARNING: ")[1]]

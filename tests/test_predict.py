@@ -9,7 +9,8 @@ from PIL import Image
 
 from deeplab_keras.inference import predict_probabilities
 from deeplab_keras.data import BadDataError
-from deeplab_keras.predict import MAX_PIXELS, main, predict_files, read_image, voc_palette
+from deeplab_keras.cli import predict_main as main
+from deeplab_keras.predict import MAX_PIXELS, predict_files, read_image, voc_palette
 from tests.conftest import tiny_model
 
 
@@ -333,7 +334,7 @@ def test_cli_stderr_is_clean_in_a_real_process(tmp_path, checkpoint):
     import subprocess
     import sys
     image = noise_image(tmp_path / "a.png", 0)
-    quiet = subprocess.run([sys.executable, "-m", "deeplab_keras.predict", image, "--checkpoint", checkpoint[1],
+    quiet = subprocess.run([sys.executable, "-m", "deeplab_keras", "predict", image, "--checkpoint", checkpoint[1],
                             "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
     assert (tmp_path / "o" / "a.png").exists()

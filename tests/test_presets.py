@@ -20,7 +20,7 @@ from PIL import Image
 
 import deeplab_keras as dk
 from conftest import REPO
-from deeplab_keras import cli, predict
+from deeplab_keras import cli
 from deeplab_keras.models import presets
 
 TOOL = REPO.parent / "shared" / "tools" / "make_caffemodel.py"
@@ -226,7 +226,7 @@ def test_deeplab_predict_and_eval_with_preset(monkeypatch, server, caffemodel, r
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (65, 81, 3)).astype(np.uint8)).save(image)
-    assert predict.main([str(image), "--preset", "tiny_cli", "--out", str(tmp_path / "masks")]) == 0
+    assert cli.predict_main([str(image), "--preset", "tiny_cli", "--out", str(tmp_path / "masks")]) == 0
     mask = np.array(Image.open(tmp_path / "masks" / "photo.png"))
     assert mask.shape == (65, 81) and mask.max() < NUM_CLASSES
     assert os.path.isfile(tmp_path / "keras_home" / "models" / "deeplab_keras" / "tiny_cli.keras")
@@ -234,7 +234,7 @@ def test_deeplab_predict_and_eval_with_preset(monkeypatch, server, caffemodel, r
 
     monkeypatch.chdir(tmp_path)
     assert cli.eval_main(["--preset", "tiny_cli", "--data", "synthetic", "--num-images", "1", "--image-size", "65",
-                          "65", "--no-progress"]) == 0
+                          "65", "--quiet"]) == 0
     results = json.loads((tmp_path / "eval_tiny_cli.json").read_text())
     assert results["preset"] == "tiny_cli" and results["images"] == 1
     assert requests == ["/released/tiny.caffemodel"]  # the cached model again
@@ -244,7 +244,7 @@ def test_deeplab_predict_and_eval_with_preset(monkeypatch, server, caffemodel, r
         cli.eval_main(["--preset", "nope", "--data", "synthetic"])
     assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        predict.main([str(image), "--preset", "nope", "--out", str(tmp_path / "m2")])
+        cli.predict_main([str(image), "--preset", "nope", "--out", str(tmp_path / "m2")])
     assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
 
 
@@ -252,7 +252,7 @@ def test_eval_preset_hash_mismatch_is_a_runtime_error(monkeypatch, server, tmp_p
     _preset(monkeypatch, server, "tiny_cli_bad")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     code = cli.eval_main(["--preset", "tiny_cli_bad", "--preset-sha256", "2" * 64, "--data", "synthetic",
-                          "--no-progress"])
+                          "--quiet"])
     assert code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deeplab-eval")]
     assert len(err) == 1 and "expected " + "2" * 64 in err[0] and "nothing was cached" in err[0]

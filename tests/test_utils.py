@@ -215,11 +215,11 @@ def test_every_command_starts_without_tensorflow_noise(tmp_path):
         "train": ("deeplab_keras.cli", "train_main", ["--config", "tiny_cpu", "--print-config"]),
         "eval": ("deeplab_keras.cli", "eval_main", ["--checkpoint", str(tmp_path / "tiny.keras"), "--data",
                                                     "synthetic", "--num-images", "2", "--image-size", "33", "33",
-                                                    "--no-progress", "--out", str(tmp_path / "eval.json")]),
-        "export": ("deeplab_keras.export.cli", "main", ["--checkpoint", str(tmp_path / "tiny.keras"), "--format",
+                                                    "--quiet", "--out", str(tmp_path / "eval.json")]),
+        "export": ("deeplab_keras.cli", "export_main", ["--checkpoint", str(tmp_path / "tiny.keras"), "--format",
                                                          "saved_model", "--out", str(tmp_path / "sm"), "--quiet",
                                                          "--num-samples", "1", "--verify-size", "33", "33"]),
-        "demo": ("deeplab_keras.demo", "main", ["--steps", "0"]),
+        "demo": ("deeplab_keras.cli", "demo_main", ["--steps", "0"]),
     }
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     procs = {name: subprocess.Popen([sys.executable, "-c", run.format(module=module, main=main)] + args,
