@@ -1,5 +1,12 @@
 """DeepLabV2: shapes at every output stride, the paper's parameter counts, keras.applications parity,
-ASPP sum, MSC max fusion, config / .keras round trips, float32 copies and argument errors."""
+ASPP sum, MSC max fusion, ModelConfig, config / .keras round trips (and a
+.keras file saved before ModelConfig), the classifier layers, float32 copies and argument errors."""
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -9,10 +16,11 @@ import deeplab_keras as dk
 from deeplab_keras.layers.aspp import ASPP
 from deeplab_keras.layers.preprocessing import (DEEPLAB_MEAN_BGR, CaffeInterp, CaffePreprocess, ResizeLike,
                                                  interp_size, resize_aligned)
-from deeplab_keras.models.deeplab import logits_size
+from deeplab_keras.models.deeplab import CLASSIFIER_PATTERN, logits_size
+from deeplab_keras.models.msc import MSC
 from deeplab_keras.models import as_float32, load_model, transfer_backbone_weights
 from deeplab_keras.models.weights import imagenet_reference
-from tests.conftest import TINY, tiny_model
+from tests.conftest import REPO, TINY, tiny_model
 
 RNG = np.random.RandomState(0)
 
@@ -228,11 +236,15 @@ def test_as_float32_copies_a_mixed_precision_model():
     (dict(aspp=()), "aspp"), (dict(aspp="XL"), "aspp"), (dict(num_classes=0), "num_classes"),
     (dict(msc_scales=(0.5, 0.75)), "msc_scales"), (dict(aspp="largefov"), "largefov"),
     (dict(stage_blocks=(1, 1)), "stage_blocks"), (dict(width_multiplier=0), "width_multiplier"),
-    (dict(msc_scales=(1.0, 0.7071)), "scale"), (dict(pool5a=True), "pool5a"),
+    (dict(msc_scales=(1.0, 0.7071)), "scale"), (dict(pool5a=True), "pool5a"), (dict(pool5a="yes"), "pool5a"),
+    (dict(dropout=1.0), "dropout"), (dict(bn_epsilon=0), "bn_epsilon"), (dict(num_classes=True), "num_classes"),
+    (dict(msc_scales="1.0"), "msc_scales"), (dict(stage_blocks=(1, 1, 1, 1.5)), "stage_blocks"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dk.DeepLabV2(**{"num_classes": 3, "backbone": "resnet50", **kwargs})
+    with pytest.raises(ValueError, match=match):
+        dk.ModelConfig(**{"num_classes": 3, "backbone": "resnet50", **kwargs})
 
 
 def test_wrong_input_shape_names_the_shape_not_the_values():
@@ -244,7 +256,82 @@ def test_wrong_input_shape_names_the_shape_not_the_values():
         model(np.zeros((1, 40, 40, 4), "float32"))
 
 
-def test_classifier_variables_are_the_head():
-    model = tiny_model(3, "resnet50")
-    names = [v.path for v in model.classifier_variables]
-    assert len(names) == 8 and all("aspp" in n for n in names)
+def test_model_config_is_the_models_description():
+    config = dk.ModelConfig(num_classes=3, msc_scales=[1, 0.5], stage_blocks=[1, 1, 1, 1], width_multiplier=0.125,
+                            backbone="resnet50", aspp=[3, 5])
+    assert config.msc_scales == (1.0, 0.5) and config.stage_blocks == (1, 1, 1, 1) and config.aspp == (3, 5)
+    assert hash(config) == hash(dk.ModelConfig.from_dict(config.to_dict()))
+    plain = json.loads(json.dumps(config.to_dict()))            # JSON / YAML types only
+    assert plain == config.to_dict() and plain["aspp"] == [3, 5] and dk.ModelConfig.from_dict(plain) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_classes = 4
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
+        dk.ModelConfig.from_dict({"classes": 3})
+    assert config.replace(num_classes=5).num_classes == 5
+    with pytest.raises(ValueError, match="num_classes"):
+        config.replace(num_classes=-1)
+    # one config, three ways to a model: build(), config=, keyword arguments; get_config is the config's dict
+    model = config.build()
+    assert isinstance(model, dk.DeepLabV2) and model.config == config
+    assert model.get_config() == {"name": "deeplab_v2", "trainable": True, **config.to_dict()}
+    same = dk.DeepLabV2(**{k: v for k, v in config.to_dict().items()})
+    assert same.get_config() == model.get_config() and dk.DeepLabV2(config=config).config == config
+    assert dk.DeepLabV2.from_config(model.get_config()).config == config
+    assert (model.num_classes, model.rates, model.msc_scales, model.pool5a) == (3, (3, 5), (1.0, 0.5), False)
+    with pytest.raises(ValueError, match="either config=ModelConfig"):
+        dk.DeepLabV2(num_classes=4, config=config)
+    largefov = dk.ModelConfig(backbone="vgg16", aspp="largefov")
+    assert largefov.pool5a is None and largefov.use_pool5a and not dk.ModelConfig(backbone="vgg16").use_pool5a
+
+
+def test_model_config_imports_no_keras():
+    """models/config.py is standard library only: training configs and CLIs read it on any backend."""
+    path = REPO / "deeplab_keras" / "models" / "config.py"
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('c', %r); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(m.ModelConfig(backbone='vgg16').rates, sorted(k for k in sys.modules "
+            "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))") % str(path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(6, 12, 18, 24) []"
+
+
+def test_keras_file_saved_before_model_config_loads():
+    """A .keras written by b7262a1 (flat get_config, pool5a a bool; tiny ResNet-50, MSC 1/0.5, random weights
+    and BN statistics) loads into the same layers: its logits are the ones saved with it."""
+    model = load_model(REPO / "tests" / "data" / "deeplabv2_b7262a1_tiny.keras")
+    assert model.config == dk.ModelConfig(3, "resnet50", msc_scales=(1.0, 0.5), width_multiplier=0.0625,
+                                          stage_blocks=(1, 1, 1, 1), pool5a=False)
+    x = np.random.RandomState(0).uniform(0, 255, (1, 49, 49, 3)).astype("float32")
+    expected = np.load(REPO / "tests" / "data" / "deeplabv2_b7262a1_tiny_logits.npy")
+    np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,extra,expected", [
+    ("resnet50", {}, [f"aspp_r{r}_conv/{w}" for r in (6, 12, 18, 24) for w in ("kernel", "bias")]),
+    ("vgg16", {}, ["fc8_r12/kernel", "fc8_r12/bias"]),
+    ("vgg16", {"aspp": "L"}, [f"fc8_r{r}/{w}" for r in (6, 12, 18, 24) for w in ("kernel", "bias")])])
+def test_classifier_variables_are_the_lr_mult_10_layers(backbone, extra, expected):
+    """The released solvers train the classifier at 10x: ResNet's ASPP convs, VGG-16's fc8 (not fc6 / fc7)."""
+    model = tiny_model(3, backbone, **extra)
+    assert [v.path.split("aspp/")[-1] for v in model.classifier_variables] == expected
+    matched = [v.path for v in model.trainable_variables if re.search(CLASSIFIER_PATTERN, v.path)]
+    assert matched == [v.path for v in model.classifier_variables]
+    if backbone == "vgg16":
+        assert not any("fc6" in p or "fc7" in p for p in matched)
+        assert any("fc6" in v.path for v in model.trainable_variables)
+
+
+def test_msc_wraps_any_single_scale_network():
+    """MSC(network, scales) on a network that is not DeepLab: per-scale logits at the scale-1 size, max fused."""
+    inputs = keras.Input((None, None, 3))
+    network = keras.Model(inputs, keras.layers.Conv2D(2, 3, strides=2, padding="same")(inputs))
+    msc = MSC(network, (1.0, 0.5))
+    x = images(1, 33, 41)
+    out = msc(x)
+    assert sorted(out) == ["fused", "scale_0.5", "scale_1.0"]
+    np.testing.assert_allclose(np.asarray(out["scale_1.0"]), np.asarray(network(x)), atol=1e-6)
+    half = resize_aligned(network(CaffeInterp(0.5)(x)), (17, 21))
+    np.testing.assert_allclose(np.asarray(out["scale_0.5"]), np.asarray(half), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["fused"]), np.maximum(out["scale_1.0"], half), atol=1e-5)
+    single = MSC(network)(x)
+    assert sorted(single) == ["fused", "scale_1.0"] and single["fused"] is single["scale_1.0"]
