@@ -2,9 +2,9 @@
 
 1. train a tiny DeepLab (packaged ``tiny_cpu`` config) on the synthetic dataset;
 2. evaluate mIoU on its held-out split with and without the dense CRF;
-3. on the real VOC samples (``../shared/data/voc2012-samples`` when present, or ``--voc DIR``): refine coarse
-   output-stride-8 predictions (ground truth downsampled to the logits grid, softened and noised — what a
-   DeepLab score map looks like) with the CRF and report mIoU before / after;
+3. on real VOC 2012 samples (the package's own, :func:`deeplab_keras.data.sample_data_dir`, or ``--data DIR``
+   holding ``VOC2012/``): refine coarse output-stride-8 predictions (ground truth downsampled to the logits grid,
+   softened and noised — what a DeepLab score map looks like) with the CRF and report mIoU before / after;
 4. export SavedModel, TFLite and ONNX, each verified in its own runtime against the Keras model;
 5. predict on held-out images with ``deeplab-predict``'s code (masks, overlays before / after CRF);
 6. write ``report.json``, the training curve and overlay PNGs into ``--out``.
@@ -20,9 +20,6 @@ import sys
 import time
 
 import numpy as np
-
-DEFAULT_VOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                           "voc2012-samples")
 
 
 def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.0, seed=0):
@@ -50,15 +47,30 @@ def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.
     return np.asarray(tf.nn.softmax(logits, axis=-1))[0]
 
 
-def voc_crf_study(voc_dir, out_dir, crf_params=None):
-    """mIoU of simulated coarse predictions on the VOC samples before / after the CRF; writes overlays."""
+def voc_crf_study(data, out_dir, crf_params=None):
+    """mIoU of simulated coarse predictions (:func:`coarse_probabilities`) before / after the dense CRF.
+
+    Args:
+        data: folder holding ``VOC2012/`` (JPEGImages/*.jpg, SegmentationClass/*.png), e.g. ``sample_data_dir()``.
+        out_dir: folder (created) for the overlays of the first 3 images (``voc_<id>_coarse_vs_crf.png``).
+        crf_params: dict of ``crf.dense_crf`` keyword arguments (DeepLab v2 defaults otherwise).
+
+    Returns:
+        ``{"no_crf": mIoU, "crf": mIoU, "images": count}``.
+
+    Example:
+        >>> from deeplab_keras.data import sample_data_dir
+        >>> voc_crf_study(sample_data_dir(), "/tmp/demo")["images"]     # doctest: +SKIP
+        3
+    """
     from deeplab_keras import crf
     from deeplab_keras.data._common import read_image_rgb, read_index_png
     from deeplab_keras.evaluate import confusion_matrix, scores
     from deeplab_keras.predict import overlay, png_bytes
     from deeplab_keras.utils import atomic_write_bytes
-    root = os.path.join(voc_dir, "VOC2012")
-    ids = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(root, "SegmentationClass")))
+    root = _voc_root(data)
+    os.makedirs(out_dir, exist_ok=True)
+    ids = sorted(n[:-4] for n in os.listdir(os.path.join(root, "SegmentationClass")) if n.endswith(".png"))
     cms = {"no_crf": 0, "crf": 0}
     for i, name in enumerate(ids):
         image = read_image_rgb(os.path.join(root, "JPEGImages", name + ".jpg"))
@@ -74,11 +86,33 @@ def voc_crf_study(voc_dir, out_dir, crf_params=None):
     return {k: round(scores(cm)["miou"], 4) for k, cm in cms.items()} | {"images": len(ids)}
 
 
-def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=print):
-    """Runs the demo and returns the report dict (also written to ``out/report.json``)."""
-    import keras
+def _voc_root(data):
+    """``data/VOC2012`` (a folder with SegmentationClass/), or FileNotFoundError naming ``data``."""
+    root = os.path.join(os.fspath(data), "VOC2012")
+    if not os.path.isdir(os.path.join(root, "SegmentationClass")):
+        raise FileNotFoundError(f"data folder {data} holds no VOC2012/SegmentationClass/; give the folder that holds "
+                                "VOC2012/ (JPEGImages/, SegmentationClass/)")
+    return root
 
+
+def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print):
+    """Runs the demo and returns the report dict (also written to ``out/report.json``).
+
+    Leaves the global Keras dtype policy as it found it (training sets its own in a scope; exports convert to
+    float32 themselves).
+
+    Args:
+        out: report folder.
+        steps: training steps (None: the ``tiny_cpu`` config's).
+        data: folder holding ``VOC2012/`` for the CRF study (None: the packaged samples, ``sample_data_dir()``).
+        overwrite: replace an existing report in ``out``.
+        log: called with each progress line.
+
+    Example:
+        >>> report = run("/tmp/deeplab_report", steps=20)      # doctest: +SKIP
+    """
     from deeplab_keras import crf
+    from deeplab_keras.data import sample_data_dir
     from deeplab_keras.data.synthetic import write_synthetic_folder
     from deeplab_keras.evaluate import evaluate, format_table
     from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
@@ -88,6 +122,8 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
     from deeplab_keras.inference import predict_probabilities
     from deeplab_keras.train import load_config, load_datasets, train
 
+    data = os.path.abspath(data if data is not None else sample_data_dir())
+    _voc_root(data)  # refused now, not after training
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "report.json")) and not overwrite:
         raise FileExistsError(f"{out} already holds a report; pass --overwrite or another --out")
@@ -116,20 +152,15 @@ def run(out="deeplab_report", steps=None, voc_dir=None, overwrite=False, log=pri
                                 "pixel_accuracy": results["no_crf"]["pixel_accuracy"], "images": results["images"],
                                 "seconds": round(time.time() - t, 1)}
 
-    voc_dir = voc_dir or DEFAULT_VOC
-    if os.path.isdir(os.path.join(voc_dir, "VOC2012", "SegmentationClass")):
-        log(f"[3/6] CRF on coarse (output stride 8) score maps of the VOC samples in {os.path.normpath(voc_dir)}")
-        report["voc_samples_crf"] = voc_crf_study(voc_dir, out)
-        log(f"      mIoU before CRF {report['voc_samples_crf']['no_crf']:.4f}, after {report['voc_samples_crf']['crf']:.4f}")
-    else:
-        log("[3/6] no VOC samples found (pass --voc DIR holding VOC2012/); skipped")
+    log(f"[3/6] CRF on coarse (output stride 8) score maps of the VOC samples in {data}")
+    study = report["voc_samples_crf"] = voc_crf_study(data, out) | {"data": data}
+    log(f"      mIoU before CRF {study['no_crf']:.4f}, after {study['crf']:.4f}")
 
     log("[4/6] exporting SavedModel, TFLite and ONNX; each is verified against the Keras model")
     samples = write_synthetic_folder(os.path.join(out, "samples"), 6, size=tuple(cfg.data.synthetic_size),
                                      num_classes=cfg.model.num_classes, seed=cfg.runtime.seed + 7) if not os.path.isdir(
         os.path.join(out, "samples")) else os.path.join(out, "samples")
     export_dir, progress = os.path.join(out, "export"), Progress(True)
-    keras.config.set_dtype_policy("float32")
     report["export"] = {
         "saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"), version=1,
                                           overwrite=True, sample_dir=os.path.join(samples, "images"),
