@@ -2,7 +2,8 @@
 
 The ``.tflite`` file has one signature, ``serving_default``: input ``image`` float32 ``[N, H, W, 3]`` RGB 0..255
 (uint8 with ``int8_io``), outputs ``labels`` int32 ``[N, H, W]`` + ``probabilities`` float32 ``[N, H, W, C]`` at
-the input size, or ``logits`` ``[N, h, w, C]`` at output stride 8 (``model.logits_size(H, W)``) with ``outputs="logits"``.
+the input size, or ``logits`` ``[N, h, w, C]`` at output stride 8 (``model.logits_size(H, W)``) with
+``outputs="logits"``.
 Only LiteRT builtin ops are allowed (no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the
 conversion fails otherwise.
 
@@ -14,8 +15,9 @@ it, N, H and W are dynamic and each atrous convolution runs as ``SPACE_TO_BATCH_
 Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
 dynamic-range activations), ``"int8"`` (full integer, calibrated on ``representative`` images or a synthetic set).
 
-The conversion goes ExportArchive -> SavedModel -> ``TFLiteConverter.from_saved_model``: a SavedModel written by
-``tf.saved_model.save`` of a Keras 3 model converts to a ``.tflite`` whose weights read as garbage (NaN, no error).
+The conversion goes ExportArchive (``common.serving_archive``) -> SavedModel ->
+``TFLiteConverter.from_saved_model``: a SavedModel written by ``tf.saved_model.save`` of a Keras 3 model converts
+to a ``.tflite`` whose weights read as garbage (NaN, no error).
 
 Example:
     >>> report = export_tflite(model, "deeplab.tflite", quantize="float16", input_size=(513, 513))  # doctest: +SKIP

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from deeplab_keras import _keras_compat
 from deeplab_keras.export import common
 from deeplab_keras.export import onnx as onnx_export
 from deeplab_keras.export.verify import VerificationError, synthetic_images
@@ -21,7 +22,7 @@ def model():
 
 
 def _dilated_keras_convs(net):
-    return sum(1 for layer in net._flatten_layers() if isinstance(layer, keras.layers.Conv2D)
+    return sum(1 for layer in _keras_compat.flatten_layers(net) if isinstance(layer, keras.layers.Conv2D)
                and max(layer.dilation_rate) > 1)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deeplab_keras import _keras_compat
 from deeplab_keras.export import common, tflite
 from deeplab_keras.export.verify import TOLERANCES, run_checks, synthetic_images
 from tests.conftest import tiny_model
@@ -50,7 +51,8 @@ def train_tiny(num_classes, size, steps, batch_size=8, seed=0, data_seed=5, num_
         idx = rng.randint(0, len(x), batch_size)
         step(x[idx], y[idx])
     # A few steps are too few for BN's moving averages (momentum 0.99): set them to the statistics of the data.
-    norms = [layer for layer in net._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [layer for layer in _keras_compat.flatten_layers(net)
+             if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in norms:
         layer.momentum = 0.0
     net(x, training=True)
