@@ -1,5 +1,6 @@
 """The model core (deeplab_keras.models / .layers / .backbones) under KERAS_BACKEND=jax with TensorFlow blocked:
-build, call (same logits as the TensorFlow backend for the same weights), one ``fit`` step, single-scale and MSC;
+build from a ModelConfig, call (same logits as the TensorFlow backend for the same weights), the trainer's
+``multi_scale_logits``, one ``fit`` step, single-scale and MSC;
 and the GPU benchmark's tiny configuration on the JAX CPU backend."""
 import json
 import os
@@ -32,9 +33,13 @@ JAX_SCRIPT = textwrap.dedent("""
     result = {}
     for name in ("single", "msc"):
         config = json.load(open(os.path.join(out_dir, name + ".json")))
-        model = dk.DeepLabV2(**config)
+        model = dk.ModelConfig.from_dict(config).build()
         model.load_weights(os.path.join(out_dir, name + ".weights.h5"))
         np.save(os.path.join(out_dir, name + "_jax.npy"), np.asarray(model(images)))
+        scales = model.multi_scale_logits(images, training=True)  # what the trainer calls for MSC
+        per_scale = np.stack([np.asarray(v) for k, v in scales.items() if k != "fused"])
+        result[name + "_scales"] = sorted(scales)
+        result[name + "_fused_is_max"] = bool(np.allclose(np.asarray(scales["fused"]), per_scale.max(0)))
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                       loss=lambda y, p: keras.losses.sparse_categorical_crossentropy(
                           y, resize_aligned(p, keras.ops.shape(y)[1:3]), from_logits=True))
@@ -80,6 +85,9 @@ def test_model_core_runs_on_jax_without_tensorflow(tmp_path):
         np.testing.assert_allclose(logits, reference[name], atol=1e-4 * max(scale, 1.0), rtol=0)
         assert np.isfinite(result[name]["loss"]) and result[name]["loss"] > 0
         assert result[name]["changed"] == result[name]["trainable"] > 0
+        assert result[name + "_fused_is_max"]
+    assert result["single_scales"] == ["fused", "scale_1.0"]
+    assert result["msc_scales"] == ["fused", "scale_0.5", "scale_0.75", "scale_1.0"]
 
 
 @pytest.mark.slow

@@ -209,6 +209,26 @@ def test_v1_layers_file(tmp_path):
     _equal_networks(model, source)
 
 
+def test_from_weights_builds_the_model_the_file_implies(tmp_path):
+    """DeepLabV2.from_weights (a classmethod: subclasses get their class): the file decides the ModelConfig, the
+    arguments are checked against it; DeepLabV2(config=..., weights=file) loads the same weights."""
+    import deeplab_keras as dk
+
+    source = cw.randomize(tiny_model(3, "vgg16"), seed=13)
+    path = _write(tmp_path / "lfov.caffemodel", cw.keras_to_caffe(source))
+
+    class Sub(dk.DeepLabV2):
+        pass
+
+    model = Sub.from_weights(path, msc_scales=(1.0, 0.5))
+    assert type(model) is Sub
+    assert model.config == source.config.replace(msc_scales=(1.0, 0.5), pool5a=True)
+    _equal_networks(model, source)
+    _equal_networks(dk.DeepLabV2(config=source.config, weights=path), source)
+    with pytest.raises(CaffeModelError, match="holds a 3-class head"):
+        dk.DeepLabV2.from_weights(path, num_classes=5)
+
+
 def test_resnet101_numbered_blocks_map_to_keras_blocks(tmp_path):
     source = cw.randomize(tiny_model(3, "resnet101", stage_blocks=(1, 3, 4, 1)), seed=2)
     path = _write(tmp_path / "r.caffemodel", cw.keras_to_caffe(source, numbered_stages=(3, 4), bn_scale=4.0))

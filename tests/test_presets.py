@@ -124,7 +124,8 @@ def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch
     folder = presets.cache_folder(tmp_path)
     assert folder == str(tmp_path / "models" / "deeplab_keras")
     assert _files(folder) == ["released-tiny.caffemodel", "tiny_vgg.keras", "tiny_vgg.keras.json"]
-    assert isinstance(model, dk.DeepLabV2) and model.backbone == "vgg16" and model.num_classes == NUM_CLASSES
+    assert isinstance(model, dk.DeepLabV2)   # the preset's config, with the file's pool5a (LargeFOV: True) stated
+    assert model.config == presets.PRESETS["tiny_vgg"].config.replace(pool5a=True)
     # the weights are the file's (Caffe OIHW -> Keras HWIO), checked against the generator's own arrays
     kernel = model.network.get_layer("block1_conv1").kernel.numpy()
     np.testing.assert_array_equal(kernel, blobs["conv1_1"][0].transpose(2, 3, 1, 0))
@@ -218,6 +219,14 @@ def test_registry_entries_are_well_formed():
         assert preset.url.startswith(("http://", "https://")) and preset.filename
     with pytest.raises(presets.PresetError, match="exists"):
         presets.register_preset(voc)
+    assert voc.config == dk.ModelConfig(21, "resnet101", msc_scales=(1.0, 0.75, 0.5))
+    assert presets.get_preset("deeplab_largefov_vgg16_voc").config.aspp == "largefov"
+    # the model description is checked when the preset is made, not after a download
+    with pytest.raises(presets.PresetError, match=r"preset bad: aspp='largefov' is the VGG-16 head"):
+        presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21,
+                       model_kwargs={"aspp": "largefov"})
+    with pytest.raises(presets.PresetError, match=r"preset bad: unknown model config key\(s\) \['rates'\]"):
+        presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21, model_kwargs={"rates": 6})
 
 
 def test_deeplab_predict_and_eval_with_preset(monkeypatch, server, caffemodel, requests, tmp_path, capsys):

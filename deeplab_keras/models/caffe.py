@@ -2,24 +2,9 @@
 protobuf or torch: the user-facing functions over the readers (:mod:`~deeplab_keras.models.caffe_reader`,
 :mod:`~deeplab_keras.models.pth`) and the name mapping (:mod:`~deeplab_keras.models.importer`).
 
-A ``.caffemodel`` is a binary protobuf ``NetParameter``: a flat sequence of ``layer`` fields (100; the old
-``layers`` field 2 of V1 files is read too). This module decodes the wire format itself, one layer at a time
-(the file is streamed, never held whole in memory), and maps the layers onto a :class:`DeepLabV2` by name:
-
-=====================================  =====================================================================
-Caffe                                  Keras (``model.network``)
-=====================================  =====================================================================
-conv1 / bn_conv1 / scale_conv1         conv1_conv (bias zeroed: Caffe's has none) / conv1_bn
-res{s}{b}_branch{1,2a,2b,2c}           conv{s}_block{i}_{0,1,2,3}_conv (a=1, b=2, ...; b1=2 ... b22=23)
-bn{s}{b}_branch* / scale{s}{b}_branch* conv{s}_block{i}_{0,1,2,3}_bn (mean, var / s; gamma, beta)
-fc1_{exp}_c{k}                         ASPP branch of the same dilation: aspp_r{rate}_conv
-conv{b}_{i}                            block{b}_conv{i} (VGG-16)
-fc6[_k] / fc7[_k] / fc8_{exp}[_k]      fc6_r{rate} / fc7_r{rate} / fc8_r{rate} (LargeFOV: rate 12)
-=====================================  =====================================================================
-
-Convolution blobs are OIHW (Keras: HWIO); BatchNorm blobs are (mean * s, var * s, [s]) and are divided by s as
-Caffe does (s == 0 gives 0); Scale blobs are gamma and beta. Shared-weight copies of the MSC branches
-(``<layer>_res075``, ``<layer>_res05``) are checked to equal their shared layer and skipped.
+The model is built from the :class:`~deeplab_keras.models.config.ModelConfig` the file implies (the given
+arguments checked against it) by :meth:`ModelConfig.build` or the ``model_class`` passed in: this module never
+imports the model module (``DeepLabV2.from_weights`` and ``DeepLabV2(weights=...)`` call it).
 
 Example:
     >>> import deeplab_keras as dk

@@ -36,6 +36,7 @@ import urllib.parse
 import zipfile
 
 from deeplab_keras.models.caffe import convert_caffemodel
+from deeplab_keras.models.config import ModelConfig
 from deeplab_keras.models.weights import load_model
 from deeplab_keras.utils import TEMP_PREFIX, atomic_write_json, exclusive_lock, remove_temp_files
 
@@ -74,7 +75,10 @@ class Preset:
         sha256: the sha256 of the downloaded file (the archive when ``member`` is set); None when unknown
             (then the first download is pinned, see the module docstring).
         filename: the download's name in the cache (default: ``<parent folder>-<base name>`` of the URL).
-        model_kwargs: further ``DeepLabV2`` arguments, e.g. ``{"aspp": "largefov"}``.
+        model_kwargs: further :class:`~deeplab_keras.models.config.ModelConfig` fields, e.g. ``{"aspp": "largefov"}``.
+
+    ``preset.config`` is the :class:`~deeplab_keras.models.config.ModelConfig` of the converted model (checked when
+    the preset is made; the conversion checks it against the file).
     """
 
     name: str
@@ -101,6 +105,16 @@ class Preset:
             if not parts:
                 raise PresetError(f"preset {self.name}: cannot take a file name from the URL {self.url!r}")
             object.__setattr__(self, "filename", "-".join(parts[-2:]))
+        try:
+            self.config
+        except ValueError as e:
+            raise PresetError(f"preset {self.name}: {e}") from None
+
+    @property
+    def config(self):
+        """The :class:`~deeplab_keras.models.config.ModelConfig` this preset converts into."""
+        return ModelConfig.from_dict({**self.model_kwargs, "num_classes": self.num_classes,
+                                      "backbone": self.backbone, "msc_scales": self.msc_scales})
 
     def conversion(self):
         """The settings that decide the converted model (stored next to the cached ``.keras``)."""
