@@ -17,7 +17,7 @@ bottom and right to 513x513 with the model's mean colour (DeepLab v2's (R, G, B)
 float input, i.e. zeros after the model's mean subtraction, as Caffe's padding of the mean-subtracted image),
 the logits of the padded image are upsampled (corner-aligned) to 513x513 and cropped back to the image, which is
 the same as padding the labels with 255. A model with ``msc_scales`` fuses its scales itself. The CRF then runs
-on the cropped probabilities and the original image with :data:`DEFAULT_CRF_PARAMS` (the paper's values).
+on the cropped probabilities and the original image with ``CRFParams()`` (the paper's values).
 
 Example:
     >>> from deeplab_keras.evaluate import evaluate, format_table
@@ -25,7 +25,6 @@ Example:
     >>> results = evaluate(model, dataset, pad_to=513, crf=True)     # doctest: +SKIP  (the paper's protocol)
     >>> print(format_table(results))                                 # doctest: +SKIP
 """
-import inspect
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
-from deeplab_keras.crf import dense_crf  # noqa: E402
+from deeplab_keras.crf import CRFParams, dense_crf  # noqa: E402
 from deeplab_keras.data import BadDataError  # noqa: E402
 from deeplab_keras.data._common import tf_error_line  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
@@ -45,10 +44,8 @@ __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "f
            "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "DEFAULT_CRF_PARAMS",
            "PAPER_PAD_SIZE"]
 
-# The paper's CRF parameters (DeepLab v2 ResNet-101's, pydensecrf meaning): dense_crf's defaults.
-DEFAULT_CRF_PARAMS = {key: p.default for key, p in inspect.signature(dense_crf).parameters.items()
-                      if key in ("iterations", "bilateral_weight", "bilateral_xy_std", "bilateral_rgb_std",
-                                 "gaussian_weight", "gaussian_xy_std")}
+# The paper's CRF parameters as a dict (kept for callers of earlier versions; use CRFParams).
+DEFAULT_CRF_PARAMS = CRFParams().to_dict()
 PAPER_PAD_SIZE = 513  # DeepLab v2's test input: every VOC image (at most 500 px a side) padded to 513x513
 
 
@@ -226,7 +223,8 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         scales: test scales (probabilities averaged), e.g. (0.5, 0.75, 1.0, 1.25, 1.5).
         flip: also average horizontally flipped predictions.
         crf: also run the dense CRF on the averaged probabilities.
-        crf_params: overrides of :data:`DEFAULT_CRF_PARAMS`.
+        crf_params: a :class:`deeplab_keras.crf.CRFParams`, a dict of some of its fields, or None (the paper's
+            values, ``CRFParams()``).
         pad_to: the paper's protocol: pad each image bottom/right to ``pad_to`` x ``pad_to`` with the model's mean
             colour, predict, crop back (see :func:`padded_probabilities`); None predicts at the image size.
         class_names: names for the per-class table (default "0".."C-1").
@@ -239,7 +237,8 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         "seconds"} where scores is :func:`scores`'s dict.
 
     Raises:
-        ValueError: an image larger than ``pad_to``; labels or predictions outside the classes.
+        ValueError: an image larger than ``pad_to``; labels or predictions outside the classes; bad ``crf_params``
+            (before any image is read).
         BadDataError: (a ValueError) a bad data file, named (e.g. a label value out of range in folder data).
     """
     model = _load(model)
@@ -247,7 +246,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
     if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
         raise ValueError(f"pad_to={pad_to!r} must be a positive int (513 in the paper) or None")
     mean_rgb = model_mean_rgb(model)
-    params = dict(DEFAULT_CRF_PARAMS, **(crf_params or {}))
+    params = CRFParams.resolve(crf_params)
     cms, count, start = {}, 0, time.time()
     bar = None
     if progress:
@@ -271,7 +270,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         outputs = {"no_crf": probs}
         if crf:
             rgb = np.clip(np.round(image.astype(np.float32)), 0, 255).astype(np.uint8)[None]
-            outputs["crf"] = dense_crf(probs, rgb, **params)
+            outputs["crf"] = dense_crf(probs, rgb, params)
         for key, p in outputs.items():
             pred = np.argmax(np.asarray(p)[0], axis=-1)
             cm = confusion_matrix(label, pred, num_classes, ignore_label)
@@ -285,7 +284,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         raise ValueError("the evaluation dataset is empty")
     result = {key: scores(cm, class_names) for key, cm in cms.items()}
     result.update(images=count, scales=list(predictor.scales), flip=bool(flip), pad_to=pad_to,
-                  crf_params=params if crf else None, seconds=round(time.time() - start, 2))
+                  crf_params=params.to_dict() if crf else None, seconds=round(time.time() - start, 2))
     for key, cm in cms.items():
         result[key]["confusion_matrix"] = cm.tolist()
     return result

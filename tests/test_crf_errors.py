@@ -93,7 +93,7 @@ def test_integer_probs_and_bad_input_type_and_float_iterations():
         call(probs=np.ones((1, 6, 7, 3), np.int32))
     with pytest.raises(ValueError, match="input_type"):
         call(input_type="softmax")
-    with pytest.raises(TypeError, match="iterations"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="iterations must be an int"):
         call(iterations=2.5)
 
 

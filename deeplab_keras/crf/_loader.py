@@ -26,7 +26,7 @@ class OpLibraryError(RuntimeError):
 
 
 def _build_op():
-    from deeplab_keras.crf import build_op  # imported on use: `python -m deeplab_keras.crf.build_op` stays clean
+    import deeplab_keras.crf.build_op as build_op  # on use: `python -m deeplab_keras.crf.build_op` stays clean
 
     return build_op
 

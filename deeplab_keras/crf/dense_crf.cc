@@ -443,9 +443,9 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
   auto finite = [](float v) { return std::isfinite(v); };
   if (p.iterations < 0 || p.iterations > kMaxIterations) {
     msg << "iterations must be in [0, " << kMaxIterations << "], got " << p.iterations;
-  } else if (!finite(p.bilateral_weight) || p.bilateral_weight < 0.f || p.bilateral_weight > 1e6f) {
+  } else if (!finite(p.bilateral_weight) || p.bilateral_weight < 0.f || p.bilateral_weight > kMaxWeight) {
     msg << "bilateral_weight must be finite and in [0, 1e6], got " << p.bilateral_weight;
-  } else if (!finite(p.gaussian_weight) || p.gaussian_weight < 0.f || p.gaussian_weight > 1e6f) {
+  } else if (!finite(p.gaussian_weight) || p.gaussian_weight < 0.f || p.gaussian_weight > kMaxWeight) {
     msg << "gaussian_weight must be finite and in [0, 1e6], got " << p.gaussian_weight;
   } else if (!finite(p.bilateral_xy_std) || !(p.bilateral_xy_std > 0.f)) {
     msg << "bilateral_xy_std must be finite and > 0, got " << p.bilateral_xy_std;

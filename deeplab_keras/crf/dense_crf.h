@@ -18,20 +18,23 @@ namespace dkcrf {
 
 enum class InputType { kProbs = 0, kUnary = 1, kLogits = 2 };
 
+// The CRF parameters (pydensecrf meaning). No defaults here: the Python side (deeplab_keras/crf/params.py,
+// CRFParams) is their one source and the op receives every value as an input; ValidateParams checks them.
 struct CrfParams {
-  int iterations = 10;
-  float bilateral_weight = 4.f;
-  float bilateral_xy_std = 67.f;
-  float bilateral_rgb_std = 3.f;
-  float gaussian_weight = 3.f;
-  float gaussian_xy_std = 1.f;
+  int iterations;
+  float bilateral_weight;
+  float bilateral_xy_std;
+  float bilateral_rgb_std;
+  float gaussian_weight;
+  float gaussian_xy_std;
 };
 
 // Limits (documented in the Python API).
 constexpr int kMaxLabels = 1024;
 constexpr int64_t kMaxPixels = int64_t{1} << 26;   // per image
 constexpr int64_t kMaxValues = int64_t{1} << 30;   // pixels x labels per image
-constexpr int kMaxIterations = 10000;
+constexpr int kMaxIterations = 10000;             // = params.py MAX_ITERATIONS (a test checks)
+constexpr float kMaxWeight = 1e6f;                 // = params.py MAX_WEIGHT (a test checks)
 constexpr float kMaxFeature = 262144.f;            // x/xy_std, y/xy_std and 255/rgb_std
 constexpr float kProbClip = 1e-5f;                 // as pydensecrf.utils.unary_from_softmax
 constexpr float kProbSumTolerance = 1e-2f;         // |sum over C of probs - 1| allowed per pixel (float16 softmax)

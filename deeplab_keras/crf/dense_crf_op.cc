@@ -154,7 +154,7 @@ class DenseCrfOp : public OpKernel {
                 errors::InvalidArgument("DenseCrf: an image may have at most ", dkcrf::kMaxValues,
                                         " pixels x labels, got ", height, "x", width, "x", labels,
                                         "; run it on tiles"));
-    dkcrf::CrfParams params;
+    dkcrf::CrfParams params{};  // every field is set from the op's inputs
     params.iterations = ctx->input(2).scalar<int32>()();
     params.bilateral_weight = ctx->input(3).scalar<float>()();
     params.bilateral_xy_std = ctx->input(4).scalar<float>()();
@@ -307,7 +307,7 @@ class DenseCrfMemoryEstimateOp : public OpKernel {
     for (int i = 0; i < 4; ++i)
       OP_REQUIRES(ctx, s(i) >= 0, errors::InvalidArgument("DenseCrfMemoryEstimate: negative dimension in ",
                                                           shape.DebugString()));
-    dkcrf::CrfParams params;
+    dkcrf::CrfParams params{};  // every field is set from the op's inputs
     params.iterations = ctx->input(1).scalar<int32>()();
     params.bilateral_weight = ctx->input(2).scalar<float>()();
     params.gaussian_weight = ctx->input(3).scalar<float>()();

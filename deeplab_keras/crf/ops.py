@@ -1,11 +1,11 @@
 """``dense_crf``: the fully connected CRF op (C++ permutohedral lattice) from Python."""
-import operator
 import os
 import re
 
 import tensorflow as tf
 
-from deeplab_keras.crf import _loader
+from deeplab_keras.crf._loader import load_library
+from deeplab_keras.crf.params import CRFParams
 
 INPUT_TYPES = ("probs", "unary", "logits")
 MAX_LABELS = 1024
@@ -17,8 +17,7 @@ MAX_MEMORY_ENV = "DEEPLAB_KERAS_CRF_MAX_MEMORY"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0,
-              gaussian_weight=3.0, gaussian_xy_std=1.0, input_type="probs", max_memory=None, name=None):
+def dense_crf(probs, images, params=None, *, input_type="probs", max_memory=None, name=None, **overrides):
     """Mean-field inference in a fully connected CRF (Kraehenbuehl & Koltun, NIPS 2011).
 
     Same semantics and parameters as pydensecrf (``DenseCRF2D``): unary ``U = -log(clip(p, 1e-5, 1))``
@@ -27,8 +26,9 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
     ``Kb`` is a Gaussian on ``(x/bilateral_xy_std, y/bilateral_xy_std, rgb/bilateral_rgb_std)`` and ``Kg`` on
     ``(x/gaussian_xy_std, y/gaussian_xy_std)``, both through a permutohedral lattice with symmetric
     normalisation, i.e. ``addPairwiseBilateral(sxy, srgb, rgbim, compat)`` + ``addPairwiseGaussian(sxy,
-    compat)``. Defaults are DeepLab v2 ResNet-101's. Runs on CPU, batched and parallel over TensorFlow's
-    intra-op thread pool (``tf.config.threading``); the result does not depend on the number of threads. For a
+    compat)``. The parameters are a :class:`CRFParams` (defaults: DeepLab v2 ResNet-101's). Runs on CPU, batched
+    and parallel over TensorFlow's intra-op thread pool (``tf.config.threading``); the result does not depend on
+    the number of threads. For a
     power-of-two ``gaussian_xy_std <= 1`` (the default 1) the Gaussian kernel's lattice filter is applied as its
     exact per-column pixel stencil (equal up to float rounding); that kernel depends only on the image size and
     is built once per batch and cached for later calls. Not differentiable.
@@ -46,17 +46,14 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
             (within ``PROB_SUM_TOLERANCE``).
         images: uint8 [N, H, W, 3] RGB images, the same N, H, W as ``probs`` (H * W <= 2**26 and
             H * W * C <= 2**30 per image: tile larger inputs).
-        iterations: mean-field iterations, >= 0 (0 returns ``softmax(-U)``).
-        bilateral_weight: weight (``compat``) of the appearance kernel, >= 0.
-        bilateral_xy_std: its spatial standard deviation in pixels, > 0.
-        bilateral_rgb_std: its colour standard deviation in intensity levels, > 0.
-        gaussian_weight: weight of the smoothness kernel, >= 0.
-        gaussian_xy_std: its spatial standard deviation in pixels, > 0.
+        params: a :class:`CRFParams`, a dict of some of its fields, or None (the defaults).
         input_type: "probs", "unary" or "logits": what ``probs`` holds.
         max_memory: bytes the op may allocate: an int, a string such as ``"32G"`` or ``"500M"``, or
             ``"unlimited"``; None reads ``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` (same forms) and otherwise uses 80 % of
             the memory available when the op runs (``MemAvailable``, or the cgroup's allowance when lower).
         name: optional op name.
+        **overrides: :class:`CRFParams` fields replacing those of ``params`` (``iterations=5``). A value may also
+            be a scalar tensor (e.g. a ``tf.Variable`` weight); the kernel checks it when it runs.
 
     Returns:
         float32 [N, H, W, C] refined probabilities.
@@ -65,6 +62,7 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
         tf.errors.InvalidArgumentError: wrong rank, mismatched N/H/W, C out of range, non-uint8 images, an empty
             image, non-finite (or negative) inputs, probabilities that do not sum to 1, parameters out of range,
             an estimated memory need above ``max_memory`` (the message gives the estimate and how to lower it).
+            Parameters given as Python numbers are checked by :class:`CRFParams` before the op runs (its message).
             In a ``tf.function`` with static shapes, shape problems surface as ValueError at trace time.
         deeplab_keras.crf.OpLibraryError: the op library is not built and cannot be built here.
 
@@ -74,7 +72,10 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
         >>> images = np.zeros((1, 4, 5, 3), "uint8")
         >>> dk.crf.dense_crf(probs, images).shape
         TensorShape([1, 4, 5, 2])
+        >>> dk.crf.dense_crf(probs, images, dk.crf.CRFParams(iterations=5), gaussian_weight=0).shape
+        TensorShape([1, 4, 5, 2])
     """
+    values = _op_params(params, overrides)
     if input_type not in INPUT_TYPES:
         raise ValueError(f"dense_crf: input_type must be one of {INPUT_TYPES}, got {input_type!r}")
     probs = tf.convert_to_tensor(probs)
@@ -88,13 +89,27 @@ def dense_crf(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_s
             f"dense_crf: `images` must be uint8 [N, H, W, 3] (RGB 0..255), got dtype {images.dtype.name}; convert "
             "with tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)")
     limit = memory_limit(max_memory)
-    library = _loader.load_library()
-    return library.dense_crf(
-        tf.cast(probs, tf.float32), images,
-        iterations=_int(iterations),
-        bilateral_weight=_float(bilateral_weight), bilateral_xy_std=_float(bilateral_xy_std),
-        bilateral_rgb_std=_float(bilateral_rgb_std), gaussian_weight=_float(gaussian_weight),
-        gaussian_xy_std=_float(gaussian_xy_std), input_type=input_type, max_memory=limit, name=name)
+    # Every parameter and attribute is passed: CRFParams is the one source of the values (the op has no defaults).
+    return load_library().dense_crf(tf.cast(probs, tf.float32), images, **values, input_type=input_type,
+                                    max_memory=limit, name=name)
+
+
+def _op_params(params, overrides):
+    """The op's parameter inputs: ``params`` with ``overrides`` as a :class:`CRFParams`, except that tensor
+    overrides pass through as they are (the kernel validates them). A bad value raises InvalidArgumentError, the
+    error the kernel gives for a bad tensor value."""
+    tensors = {key: value for key, value in overrides.items() if tf.is_tensor(value)}
+    numbers = {key: value for key, value in overrides.items() if key not in tensors}
+    try:
+        CRFParams.from_dict(dict.fromkeys(tensors, 1))  # names an unknown key
+        values = CRFParams.resolve(params, **numbers).to_dict()
+    except ValueError as err:
+        raise tf.errors.InvalidArgumentError(None, None, f"dense_crf: {err}") from None
+    # Python numbers stay numbers: with `iterations` as an int32 tensor the call's peak memory grows by about one
+    # copy of `probs` (measured at 1000x750x21: +60 MiB; cause not investigated).
+    values.update({key: tf.cast(value, tf.int32 if key == "iterations" else tf.float32)
+                   for key, value in tensors.items()})
+    return values
 
 
 def memory_limit(max_memory=None):
@@ -131,8 +146,7 @@ def memory_limit(max_memory=None):
     return int(min(max_memory, 2 ** 62))
 
 
-def memory_estimate(shape, iterations=10, bilateral_weight=4.0, gaussian_weight=3.0, gaussian_xy_std=1.0,
-                    bilateral_points=None):
+def memory_estimate(shape, params=None, *, bilateral_points=None, **overrides):
     """Bytes ``dense_crf`` estimates it needs for ``probs`` of ``shape`` (what it checks against its limit).
 
     Before the bilateral lattice is built its size is unknown: the op assumes 2 lattice points per pixel (VOC
@@ -141,34 +155,24 @@ def memory_estimate(shape, iterations=10, bilateral_weight=4.0, gaussian_weight=
 
     Args:
         shape: ``[N, H, W, C]``.
-        iterations, bilateral_weight, gaussian_weight, gaussian_xy_std: as in ``dense_crf``.
+        params: a :class:`CRFParams`, a dict of some of its fields, or None (the defaults), as in ``dense_crf``.
         bilateral_points: the bilateral lattice's number of points, if known (the op's second check).
+        **overrides: :class:`CRFParams` fields replacing those of ``params``.
     Returns:
         ``(estimate, default_limit)`` in bytes; ``default_limit`` is the limit used when neither ``max_memory`` nor
         ``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` is given (80 % of the memory available now; -1 if unknown).
 
+    Raises:
+        ValueError: a bad parameter (:class:`CRFParams`'s message).
+
     Example:
         >>> estimate, limit = memory_estimate([1, 750, 1000, 21])       # doctest: +SKIP
     """
-    library = _loader.load_library()
-    estimate, limit = library.dense_crf_memory_estimate(
-        tf.constant([int(v) for v in shape], tf.int64), _int(iterations), _float(bilateral_weight),
-        _float(gaussian_weight), _float(gaussian_xy_std),
-        tf.constant(-1 if bilateral_points is None else int(bilateral_points), tf.int64))
+    p = CRFParams.resolve(params, **overrides)
+    estimate, limit = load_library().dense_crf_memory_estimate(
+        tf.constant([int(v) for v in shape], tf.int64), p.iterations, p.bilateral_weight, p.gaussian_weight,
+        p.gaussian_xy_std, tf.constant(-1 if bilateral_points is None else int(bilateral_points), tf.int64))
     return int(estimate), int(limit)
-
-
-def _float(value):
-    return tf.cast(value, tf.float32)
-
-
-def _int(value):
-    if tf.is_tensor(value) or isinstance(value, tf.Variable):
-        return tf.cast(value, tf.int32)
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"dense_crf: iterations must be an integer, got {value!r}") from None
 
 
 def _no_gradient(op, grad):  # noqa: ARG001

@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_keras.crf.ops import PROB_SUM_TOLERANCE
+from deeplab_keras.crf.params import CRFParams
 
 __all__ = ["dense_crf_portable", "crf_postprocess", "lattice_key_bits", "SPLAT_MODES", "RUNTIME_SPLAT"]
 
@@ -329,15 +330,7 @@ class _SeparableKernel:
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
-def _check_args(iterations, params, gaussian_filter, runtime, splat):
-    if not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise ValueError(f"`iterations` must be a Python int >= 0 (it is unrolled into the graph); "
-                         f"got {iterations!r}.")
-    for name, value in params.items():
-        if not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"`{name}` must be a finite Python number >= 0; got {value!r}.")
-        if name.endswith("_std") and value <= 0:
-            raise ValueError(f"`{name}` must be > 0; got {value!r}.")
+def _check_args(gaussian_filter, runtime, splat):
     if gaussian_filter not in ("lattice", "exact"):
         raise ValueError(f"`gaussian_filter` must be 'lattice' or 'exact'; got {gaussian_filter!r}.")
     if runtime not in RUNTIME_SPLAT:
@@ -346,15 +339,13 @@ def _check_args(iterations, params, gaussian_filter, runtime, splat):
         raise ValueError(f"`splat` must be None or one of {SPLAT_MODES}; got {splat!r}.")
 
 
-def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilateral_xy_std=67.0,
-                       bilateral_rgb_std=3.0, gaussian_weight=3.0, gaussian_xy_std=1.0,
-                       gaussian_filter="lattice", runtime=None, splat=None):
+def dense_crf_portable(probs, images, params=None, *, gaussian_filter="lattice", runtime=None, splat=None,
+                       **overrides):
     """Fully connected CRF mean-field inference built only from stock TF ops.
 
     Works eagerly and inside ``tf.function``; graphs that contain it convert to LiteRT with
-    ``TFLITE_BUILTINS`` only and to ONNX (tf2onnx, opset >= 16). Parameters mean what they mean in
-    pydensecrf: ``addPairwiseBilateral(sxy=bilateral_xy_std, srgb=bilateral_rgb_std,
-    compat=bilateral_weight)`` and ``addPairwiseGaussian(sxy=gaussian_xy_std, compat=gaussian_weight)``.
+    ``TFLITE_BUILTINS`` only and to ONNX (tf2onnx, opset >= 16). The parameters are a :class:`CRFParams`
+    (pydensecrf's meaning; defaults: DeepLab v2 ResNet-101's); its iterations are unrolled into the graph.
 
     Args:
         probs: float32 [N, H, W, C] or [H, W, C] class probabilities (e.g. a resized softmax): finite, >= 0,
@@ -362,12 +353,7 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
             ``-log(clip(probs, 1e-5, 1))`` (pydensecrf's ``unary_from_softmax``; the C++ op's clip).
             C must be known when tracing if ``gaussian_filter="exact"``.
         images: uint8 [N, H, W, 3] or [H, W, 3] RGB images, same N, H, W as ``probs``.
-        iterations: Python int >= 0, mean-field iterations (unrolled into the graph).
-        bilateral_weight: weight of the appearance (bilateral) kernel.
-        bilateral_xy_std: spatial standard deviation of the bilateral kernel, pixels.
-        bilateral_rgb_std: colour standard deviation of the bilateral kernel, 0..255 units.
-        gaussian_weight: weight of the smoothness (x, y) kernel.
-        gaussian_xy_std: standard deviation of the smoothness kernel, pixels.
+        params: a :class:`CRFParams`, a dict of some of its fields, or None (the defaults).
         gaussian_filter: "lattice" (densecrf's 2-D permutohedral lattice, matches pydensecrf) or "exact"
             (separable Gaussian convolution).
         runtime: the runtime that will execute the graph: None (any: TF, LiteRT and onnxruntime), "tf",
@@ -377,18 +363,18 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
             "litert" one does not convert to ONNX in reasonable memory. Trace once per target format.
         splat: override the splat form: "cumsum" (exact everywhere), "scatter" (TF, LiteRT) or
             "segment_sum" (TF, LiteRT); None picks ``RUNTIME_SPLAT[runtime]``.
+        **overrides: :class:`CRFParams` fields replacing those of ``params`` (``iterations=5``).
 
     Returns:
         float32 tensor shaped like ``probs``: the refined marginals (sum to 1 over C).
 
     Raises:
+        ValueError: a bad parameter (:class:`CRFParams`'s message), option or shape.
         tf.errors.InvalidArgumentError: non-finite, negative or unnormalised ``probs`` (eagerly at the call; in
             a graph when it runs in TensorFlow).
     """
-    params = dict(bilateral_weight=bilateral_weight, bilateral_xy_std=bilateral_xy_std,
-                  bilateral_rgb_std=bilateral_rgb_std, gaussian_weight=gaussian_weight,
-                  gaussian_xy_std=gaussian_xy_std)
-    _check_args(iterations, params, gaussian_filter, runtime, splat)
+    params = CRFParams.resolve(params, **overrides)
+    _check_args(gaussian_filter, runtime, splat)
     probs = tf.convert_to_tensor(probs)
     images = tf.convert_to_tensor(images)
     if probs.dtype != tf.float32:
@@ -416,8 +402,8 @@ def dense_crf_portable(probs, images, iterations=10, bilateral_weight=4.0, bilat
                          "be known when tracing; give the input a static class dimension.")
 
     probs = _validated(probs)
-    out = _mean_field(probs, images, iterations, gaussian_filter, splat or RUNTIME_SPLAT[runtime],
-                      runtime in ("tf", "litert"), **params)
+    out = _mean_field(probs, images, params, gaussian_filter, splat or RUNTIME_SPLAT[runtime],
+                      runtime in ("tf", "litert"))
     return out[0] if squeeze else out
 
 
@@ -450,8 +436,7 @@ def _validated(probs):
         return tf.identity(probs)
 
 
-def _mean_field(probs, images, iterations, gaussian_filter, splat, native_sort, bilateral_weight, bilateral_xy_std,
-                bilateral_rgb_std, gaussian_weight, gaussian_xy_std):
+def _mean_field(probs, images, params, gaussian_filter, splat, native_sort):
     shape = tf.shape(probs)
     n, h, w, c = shape[0], shape[1], shape[2], shape[3]
     num_points = n * h * w
@@ -466,21 +451,21 @@ def _mean_field(probs, images, iterations, gaussian_filter, splat, native_sort, 
     rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
 
     kernels = []
-    if bilateral_weight > 0:
-        sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
+    if params.bilateral_weight > 0:
+        sxy, srgb = np.float32(params.bilateral_xy_std), np.float32(params.bilateral_rgb_std)
         feats = tf.concat([tf.stack([x_grid / sxy, y_grid / sxy], axis=1), rgb / srgb], axis=1)
-        kernels.append(_LatticeKernel(feats, group, bilateral_weight, splat, native_sort))
-    if gaussian_weight > 0:
-        sxy = np.float32(gaussian_xy_std)
+        kernels.append(_LatticeKernel(feats, group, params.bilateral_weight, splat, native_sort))
+    if params.gaussian_weight > 0:
+        sxy = np.float32(params.gaussian_xy_std)
         if gaussian_filter == "lattice":
             feats = tf.stack([x_grid / sxy, y_grid / sxy], axis=1)
-            kernels.append(_LatticeKernel(feats, group, gaussian_weight, splat, native_sort))
+            kernels.append(_LatticeKernel(feats, group, params.gaussian_weight, splat, native_sort))
         else:
-            kernels.append(_SeparableKernel(float(gaussian_xy_std), int(probs.shape[-1]), shape,
-                                            gaussian_weight))
+            kernels.append(_SeparableKernel(params.gaussian_xy_std, int(probs.shape[-1]), shape,
+                                            params.gaussian_weight))
 
     q = tf.nn.softmax(unary_neg, axis=-1)
-    for _ in range(iterations):
+    for _ in range(params.iterations):
         q_image = tf.reshape(q, shape) if gaussian_filter == "exact" else None
         terms = [unary_neg]
         for kernel in kernels:
@@ -489,12 +474,13 @@ def _mean_field(probs, images, iterations, gaussian_filter, splat, native_sort, 
     return tf.reshape(q, shape)
 
 
-def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
+def lattice_key_bits(images, params=None, **overrides):
     """Bits the packed int64 lattice keys of the bilateral kernel need for these images (must be <= 62.5).
 
     Args:
         images: uint8 [N, H, W, 3].
-        bilateral_xy_std, bilateral_rgb_std: as in ``dense_crf_portable``.
+        params, **overrides: the :class:`CRFParams` (its ``bilateral_xy_std`` and ``bilateral_rgb_std`` count), as
+            in ``dense_crf_portable``.
 
     Returns:
         float, log2 of the key space size.
@@ -506,12 +492,13 @@ def lattice_key_bits(images, bilateral_xy_std=67.0, bilateral_rgb_std=3.0):
     ys = tf.reshape(tf.tile(tf.cast(tf.range(h), tf.float32)[None, :, None], tf.stack([n, 1, w])), [-1])
     group = tf.reshape(tf.tile(tf.range(n)[:, None], tf.stack([1, h * w])), [-1])
     rgb = tf.reshape(tf.cast(images, tf.float32), [-1, 3])
-    sxy, srgb = np.float32(bilateral_xy_std), np.float32(bilateral_rgb_std)
+    params = CRFParams.resolve(params, **overrides)
+    sxy, srgb = np.float32(params.bilateral_xy_std), np.float32(params.bilateral_rgb_std)
     feats = tf.concat([tf.stack([xs / sxy, ys / sxy], axis=1), rgb / srgb], axis=1)
     return float(_Lattice(feats, group, splat="scatter", native_sort=True, check_bits=False).key_bits)
 
 
-def crf_postprocess(probabilities, image, iterations=10, runtime=None, **crf_kwargs):
+def crf_postprocess(probabilities, image, params=None, runtime=None, **crf_kwargs):
     """Serving helper: refine a model's resized softmax with the portable CRF and take the labels.
 
     For export signatures: ``image`` uint8 [N, H, W, 3] and ``probabilities`` float32 [N, H, W, C] at the
@@ -523,13 +510,14 @@ def crf_postprocess(probabilities, image, iterations=10, runtime=None, **crf_kwa
     Args:
         probabilities: float32 [N, H, W, C] class probabilities at image resolution.
         image: uint8 [N, H, W, 3] RGB image.
-        iterations: mean-field iterations.
+        params: a :class:`CRFParams`, a dict of some of its fields, or None (the defaults).
         runtime: the runtime that will execute the traced graph: "tf" (SavedModel / TF Serving),
             "litert" (TFLite builtins), "onnx" (onnxruntime), or None (exact in any of them).
-        **crf_kwargs: other ``dense_crf_portable`` parameters.
+        **crf_kwargs: other ``dense_crf_portable`` arguments (``gaussian_filter``, ``splat``) and
+            :class:`CRFParams` overrides (``iterations=5``).
 
     Returns:
         dict with "labels" (int32 [N, H, W]) and "probabilities" (float32 [N, H, W, C]).
     """
-    refined = dense_crf_portable(probabilities, image, iterations=iterations, runtime=runtime, **crf_kwargs)
+    refined = dense_crf_portable(probabilities, image, params, runtime=runtime, **crf_kwargs)
     return {"labels": tf.argmax(refined, axis=-1, output_type=tf.int32), "probabilities": refined}
