@@ -12,11 +12,9 @@
 Example:
     $ deeplab-demo --out deeplab_report
 """
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -194,34 +192,3 @@ def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print)
     log(f"done in {report['seconds']} s: synthetic mIoU {report['eval_synthetic']['miou']:.4f} "
         f"(CRF {report['eval_synthetic']['miou_crf']:.4f}); report in {out}/report.json")
     return report
-
-
-def main(argv=None):
-    """``deeplab-demo``: train, evaluate, export, predict on the embedded default; prints where the report is."""
-    parser = argparse.ArgumentParser(prog="deeplab-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="deeplab_report", help="report folder (default: deeplab_report)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny_cpu config's)")
-    parser.add_argument("--voc", default=None, help="folder holding VOC2012/ (default: ../shared samples)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's start-up lines")
-    args = parser.parse_args(argv)
-    from deeplab_keras.utils import quiet_tensorflow, run_command, usage_error
-    quiet_tensorflow(args.debug)  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
-    if args.steps is not None and args.steps < 1:
-        usage_error(parser, f"--steps must be >= 1, got {args.steps}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        usage_error(parser, f"--out {args.out} is a file; give a folder for the report")
-    if args.voc is not None and not os.path.isdir(os.path.join(args.voc, "VOC2012")):
-        usage_error(parser, f"--voc {args.voc} holds no VOC2012/ folder; give the folder that holds VOC2012/")
-
-    def body():
-        try:
-            run(args.out, args.steps, args.voc, args.overwrite)
-        except FileExistsError as err:
-            usage_error(parser, err)
-        return 0
-
-    return run_command("deeplab-demo", body, debug=args.debug)
-
-if __name__ == "__main__":
-    sys.exit(main())

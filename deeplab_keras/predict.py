@@ -185,7 +185,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         stop_on_error: raise on the first bad image instead of reporting and skipping it.
         max_pixels: images over this many pixels are refused.
         class_names: names for the areas table (default: VOC's when 21 classes, else class_<i>).
-        crf_params: keyword arguments for :func:`deeplab_keras.crf.dense_crf`.
+        crf_params: a :class:`deeplab_keras.crf.CRFParams`, a dict of some of its fields, or None (the defaults).
         progress: show a progress bar.
 
     Returns:
@@ -224,7 +224,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         probs = run(images, scales, flip)
         if crf:
             from deeplab_keras import crf as crf_module
-            probs = np.asarray(crf_module.dense_crf(probs, images, **(crf_params or {})))
+            probs = np.asarray(crf_module.dense_crf(probs, images, crf_params))
         for (path, image), p in zip(pending, probs):
             stem = os.path.splitext(os.path.basename(path))[0]
             labels = p.argmax(-1).astype(np.uint8)

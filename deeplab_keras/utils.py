@@ -246,15 +246,6 @@ def exclusive_lock(path, *, what=None, timeout=0.0, poll=0.05):
         os.close(fd)
 
 
-def usage_error(parser, message):
-    """Exit 2 with one line ``<prog>: error: <message>`` on stderr (argparse's code, without its usage block).
-
-    Example:
-        >>> usage_error(argparse.ArgumentParser(prog="deeplab-x"), "--out o is a file")  # doctest: +SKIP
-    """
-    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
-
-
 def run_command(prog, body, *, debug=False, interrupted="interrupted", expected=(ValueError, RuntimeError, OSError)):
     """Run a command line's ``body()`` (returns the exit code), turning failures into one line on stderr.
 

@@ -205,7 +205,8 @@ def test_readme_has_commands_of_every_kind():
     assert {f"deeplab-{c}" for c in cli.COMMANDS} <= kinds, kinds
 
 
-@pytest.mark.parametrize("words", readme_commands(), ids=lambda w: " ".join(w)[:60])
+@pytest.mark.parametrize("words", readme_commands() + readme_commands(os.path.join(ROOT, "export", "README.md")),
+                         ids=lambda w: " ".join(w)[:60])
 def test_readme_command_parses(words, capsys):
     """Each README command line parses without a usage error or a deprecation note (nothing is run)."""
     if words[0] == "deeplab":

@@ -357,3 +357,24 @@ def test_ctrl_c_keeps_written_masks_and_their_areas(tmp_path, checkpoint, capsys
     assert len(err) == 1 and "interrupted" in err[0]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.png", "areas.csv", "areas.json"]
     assert list(json.loads((tmp_path / "o" / "areas.json").read_text())) == ["0"]
+
+
+def test_crf_options_reach_the_crf(tmp_path, checkpoint, voc_samples_dir):
+    """--crf --crf-iterations / --crf-params give the masks of dense_crf with those CRFParams (not the defaults)."""
+    from deeplab_keras import crf
+
+    model, ckpt = checkpoint
+    image_path = good_images(tmp_path / "in", voc_samples_dir)[0]
+    image = read_image(str(image_path))
+    probs = predict_probabilities(model, image[None])
+    settings = {"default": ([], crf.CRFParams()),
+                "custom": (["--crf-iterations", "2", "--crf-params", "bilateral_weight=30", "bilateral_rgb_std=20"],
+                           crf.CRFParams(iterations=2, bilateral_weight=30.0, bilateral_rgb_std=20.0))}
+    masks = {}
+    for name, (flags, params) in settings.items():
+        out = tmp_path / name
+        assert main([str(image_path), "--checkpoint", ckpt, "--out", str(out), "--quiet", "--crf"] + flags) == 0
+        masks[name] = np.array(Image.open(out / (image_path.stem + ".png")))
+        expected = np.asarray(crf.dense_crf(probs, image[None], params))[0].argmax(-1)
+        np.testing.assert_array_equal(masks[name], expected)
+    assert (masks["default"] != masks["custom"]).any()  # the two settings are told apart

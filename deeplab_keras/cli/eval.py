@@ -78,29 +78,29 @@ def _settings(parser, args):
 
 
 def _dataset(parser, args, num_classes):
-    """(dataset, class names) of ``--data``: 'synthetic', a folder holding VOC2012/, or images/ + masks/."""
+    """(dataset, class names) of ``--data``: 'synthetic', a folder holding VOC2012/, or images/ + masks/ (resolved
+    as ``deeplab train --data``: :func:`deeplab_keras.training.config_sections.data_source`)."""
     from deeplab_keras import data
+    from deeplab_keras.training.config_sections import data_source
 
-    if args.data == "synthetic":
+    try:
+        kind, path = data_source(args.data)
+    except ValueError as err:
+        usage_error(parser, err)
+    if kind == "synthetic":
         ds = data.make_synthetic(args.num_images, size=tuple(args.image_size), num_classes=num_classes,
                                  seed=args.seed)
         return ds, data.synthetic.class_names(num_classes)
-    path = os.path.expanduser(args.data)
-    if not os.path.isdir(path):
-        usage_error(parser, f"--data {args.data!r} is neither 'synthetic' nor an existing folder")
-    if os.path.isdir(os.path.join(path, "VOC2012")):
+    if kind == "voc":
         if num_classes < len(data.VOC_CLASSES):
             usage_error(parser, f"the model predicts {num_classes} classes but VOC 2012 has {len(data.VOC_CLASSES)}; "
                                 "evaluate a VOC model on VOC data")
         ds = data.load_voc(args.split, config="voc", manual_dir=path, data_dir=args.data_dir)
-        names = list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
-        return ds, names
-    if os.path.isdir(os.path.join(path, "images")):
-        names = data.read_class_names(path)
-        if names is not None and len(names) != num_classes:
-            usage_error(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")
-        return data.folder_dataset(path, num_classes=num_classes), names
-    usage_error(parser, f"--data {path!r} holds neither VOC2012/ nor images/ + masks/")
+        return ds, list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
+    names = data.read_class_names(path)
+    if names is not None and len(names) != num_classes:
+        usage_error(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")
+    return data.folder_dataset(path, num_classes=num_classes), names
 
 
 def _out_path(args, checkpoint):

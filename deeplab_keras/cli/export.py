@@ -24,7 +24,7 @@ EPILOG = __doc__.split("\n\n", 1)[1]
 RAW_EPILOG = True
 INTERRUPTED = "interrupted; nothing was written (the next export removes any leftovers)"
 EXPECTED = (OSError,)
-FORMATS = ("saved_model", "tflite", "onnx")
+FORMATS = ("saved_model", "tflite", "onnx")  # deeplab_keras.export.FORMATS (not imported: the parser stays light)
 
 # Options that apply to some formats / settings only: (dest, flag, default, applies(args), "applies to ...").
 # They default to None in the parser so that giving one where it does not apply is an error (exit 2), even
@@ -160,7 +160,8 @@ def run(parser, a):
     """Runs ``deeplab export``; returns the exit code (0 ok, 1 verification failed / full disk, 2 arguments)."""
     _check(parser, a)
     crf_params = options.crf_params(parser, a)
-    from deeplab_keras.export import common
+    from deeplab_keras.export import common, export_model
+    from deeplab_keras.export.driver import FORMATS as HOOKS
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
     from deeplab_keras.models import is_float32
 
@@ -176,25 +177,17 @@ def run(parser, a):
             usage_error(parser, err)
         if not is_float32(model):
             progress.info("the model uses mixed precision; exporting a float32 copy with the same weights")
-        crf = common.portable_crf(**_as_dict(crf_params)) if a.crf else None
+        crf = common.portable_crf(params=crf_params) if a.crf else None
         precision = {"none": "float32"}.get(a.quantize, a.quantize)
         tolerance = TOLERANCES[precision]
         if a.max_diff is not None or a.min_agreement is not None:
             tolerance = Tolerance(a.max_diff if a.max_diff is not None else tolerance.max_abs_diff,
                                   a.min_agreement if a.min_agreement is not None else tolerance.min_agreement)
-        shared = dict(overwrite=a.overwrite, crf=crf, sample_dir=a.data, num_samples=a.num_samples,
-                      verify_size=tuple(a.verify_size), tolerance=tolerance, report_path=a.report, progress=progress)
-        if a.format == "saved_model":
-            from deeplab_keras.export.saved_model import export_saved_model
-            report = export_saved_model(model, a.out, version=version, **shared)
-        elif a.format == "tflite":
-            from deeplab_keras.export.tflite import export_tflite
-            report = export_tflite(model, a.out, quantize=a.quantize, input_size=a.input_size, outputs=a.outputs,
-                                   representative=a.data, num_calibration=a.num_calibration, int8_io=a.int8_io,
-                                   **shared)
-        else:
-            from deeplab_keras.export.onnx import export_onnx
-            report = export_onnx(model, a.out, opset=a.opset, input_size=a.input_size, outputs=a.outputs, **shared)
+        values = dict(vars(a), version=version, representative=a.data)  # --data: int8 calibration images too
+        report = export_model(model, a.format, a.out, overwrite=a.overwrite, crf=crf, sample_dir=a.data,
+                              num_samples=a.num_samples, verify_size=tuple(a.verify_size), tolerance=tolerance,
+                              report_path=a.report, progress=progress,
+                              **{key: values[key] for key in HOOKS[a.format].options if key in values})
     except common.ExportError as err:
         usage_error(parser, err)
     except VerificationError as err:
@@ -208,6 +201,3 @@ def run(parser, a):
           f"{created}")
     return 0
 
-
-def _as_dict(params):
-    return params.to_dict() if hasattr(params, "to_dict") else dict(params)
