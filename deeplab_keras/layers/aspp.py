@@ -1,8 +1,6 @@
 """Atrous spatial pyramid pooling (DeepLab v2, section 3.3): parallel dilated branches whose logits are summed."""
 import keras
 
-from deeplab_keras.models.config import ASPP_RATES, resolve_rates  # noqa: F401  (their one home)
-
 
 @keras.saving.register_keras_serializable(package="deeplab_keras")
 class ASPP(keras.layers.Layer):

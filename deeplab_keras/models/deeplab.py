@@ -9,7 +9,7 @@ from deeplab_keras.backbones.vgg import vgg16_features, vgg16_output_size
 from deeplab_keras.layers.aspp import ASPP
 from deeplab_keras.layers.preprocessing import CaffePreprocess
 from deeplab_keras.models import caffe, presets
-from deeplab_keras.models.config import MIN_INPUT_SIZE, ModelConfig, register_builder  # noqa: F401
+from deeplab_keras.models.config import ModelConfig, register_builder
 from deeplab_keras.models.msc import MSC
 from deeplab_keras.models.weights import load_weights_into
 

@@ -135,7 +135,12 @@ def analyse(scan):
     pools = [layer for layer in scan.layers if layer.type == "Pooling"]
     if out["backbone"] == "vgg16":
         out["pool5a"] = any(p.name == "pool5a" or (p.pooling and p.pooling["pool"] == "AVE") for p in pools)
-    # === head ===
+    out["display"] = scan.display
+    return _analyse_head(path, roles, by_name, out)
+
+
+def _analyse_head(path, roles, by_name, out):
+    """The head part of :func:`analyse`: ASPP / LargeFOV branches, their rates and class count, or a classifier."""
     head = {}
     for name, (kind, key) in roles.items():
         if kind == "head":
@@ -143,7 +148,6 @@ def analyse(scan):
     classifiers = [name for name, (kind, _) in roles.items() if kind == "classifier"]
     out["head_layers"] = [n for n, (kind, _) in roles.items() if kind in ("head", "classifier")]
     out["classifiers"] = classifiers
-    out["display"] = scan.display
     if head:
         positions = (0,) if out["backbone"] != "vgg16" else (0, 1, 2)
         for k, branch in sorted(head.items()):
@@ -241,6 +245,34 @@ def _check_eps(path, info, targets):
                               f"with bn_epsilon={eps:g}")
 
 
+def _head_targets(path, info, model, heads):
+    """{caffe name: keras layer} of the file's head, after checking it against the model's (classes, rates,
+    pool5a)."""
+    head_targets = {}
+    if not info.get("head"):
+        classifiers = ", ".join(map(info["display"], info["classifiers"]))
+        what = (f"its classifier {classifiers} is not a DeepLab v2 ASPP/LargeFOV head" if classifiers
+                else "it has no classifier head (a backbone-only init, or a truncated file?)")
+        raise CaffeModelError(f"{path}: {what}; load its backbone only (backbone_only=True, --backbone-only) "
+                              "and train a fresh head")
+    if int(info["num_classes"]) != model.num_classes:
+        raise CaffeModelError(f"{path} holds a {info['num_classes']}-class head ({describe_head(info)}); the "
+                              f"model has {model.num_classes} classes: use num_classes={info['num_classes']}, or "
+                              "backbone_only=True for a fresh head")
+    rates = info["rates"] or tuple(sorted(heads))[:len(info["head"])]
+    if sorted(rates) != sorted(heads):
+        raise CaffeModelError(f"{path} has ASPP branches with rates {tuple(rates)}; the model's are "
+                              f"{tuple(sorted(heads))}: build it with aspp={_aspp_kwarg(info)!r}")
+    for rate, branch in zip(rates, info["head"]):
+        head_targets.update({layer.name: heads[rate][position] for position, layer in branch.items()})
+    if info["backbone"] == "vgg16":
+        model_pool5a = any(layer.name.endswith("pool5a") for layer in model.network.layers)
+        if model_pool5a != info["pool5a"]:
+            raise CaffeModelError(f"{path} {'has' if info['pool5a'] else 'has no'} pool5a (AVE 3x3 pooling "
+                                  f"after pool5); build the model with pool5a={info['pool5a']}")
+    return head_targets
+
+
 def _plan(model, scan, backbone_only):
     """Check the whole file against ``model``; return ({caffe name: (role, keras layer)}, report)."""
     path = scan.path
@@ -259,29 +291,7 @@ def _plan(model, scan, backbone_only):
                                      else f"stage_blocks={blocks}"))
     has_head = bool(info.get("head"))
     targets, heads = _weighted_layers(model, with_head=not backbone_only)
-    head_targets = {}
-    if not backbone_only:
-        if not has_head:
-            classifiers = ", ".join(map(info["display"], info["classifiers"]))
-            what = (f"its classifier {classifiers} is not a DeepLab v2 ASPP/LargeFOV head" if classifiers
-                    else "it has no classifier head (a backbone-only init, or a truncated file?)")
-            raise CaffeModelError(f"{path}: {what}; load its backbone only (backbone_only=True, --backbone-only) "
-                                  "and train a fresh head")
-        if int(info["num_classes"]) != model.num_classes:
-            raise CaffeModelError(f"{path} holds a {info['num_classes']}-class head ({describe_head(info)}); the "
-                                  f"model has {model.num_classes} classes: use num_classes={info['num_classes']}, or "
-                                  "backbone_only=True for a fresh head")
-        rates = info["rates"] or tuple(sorted(heads))[:len(info["head"])]
-        if sorted(rates) != sorted(heads):
-            raise CaffeModelError(f"{path} has ASPP branches with rates {tuple(rates)}; the model's are "
-                                  f"{tuple(sorted(heads))}: build it with aspp={_aspp_kwarg(info)!r}")
-        for rate, branch in zip(rates, info["head"]):
-            head_targets.update({layer.name: heads[rate][position] for position, layer in branch.items()})
-        if info["backbone"] == "vgg16":
-            model_pool5a = any(layer.name.endswith("pool5a") for layer in model.network.layers)
-            if model_pool5a != info["pool5a"]:
-                raise CaffeModelError(f"{path} {'has' if info['pool5a'] else 'has no'} pool5a (AVE 3x3 pooling "
-                                      f"after pool5); build the model with pool5a={info['pool5a']}")
+    head_targets = {} if backbone_only else _head_targets(path, info, model, heads)
     plan, ignored = {}, []
     for name, (kind, key) in info["roles"].items():  # file order
         if kind in ("head", "classifier"):
