@@ -85,12 +85,12 @@ def test_tolerance_without_crf_stays_the_float32_one(models):
 def test_litert_artifacts_with_crf(models, tmp_path):
     """Real LiteRT artifacts: a random and a trained model export with the CRF and pass; a .tflite with one
     mean-field iteration less fails the derived tolerance."""
-    for name in ("random-5", "trained-tiny_cpu"):
+    for name in ("random-3", "trained-tiny_cpu"):  # random-5's CRF does not move on these images (amplification 1)
         report = tflite.export_tflite(models[name], str(tmp_path / f"{name}.tflite"), input_size=SIZE, num_samples=2,
                                       crf=common.portable_crf(iterations=ITERATIONS))
         verification = report["verification"]
         assert verification["passed"] and verification["tolerance_derivation"]["amplification"] > 1, verification
-    model = models["random-5"]
+    model = models["random-3"]
     short = common.portable_crf(iterations=ITERATIONS - 1).for_runtime("litert")
     content, _ = tflite.convert(model, SIZE, crf=short)
     images = synthetic_images(SIZE, 2)
