@@ -227,3 +227,21 @@ def test_python_m_deeplab_keras_is_the_deeplab_command():
     proc = subprocess.run([sys.executable, "-m", "deeplab_keras", "export", "--help"], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: deeplab export"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export"])
+@pytest.mark.parametrize("extra, message", [
+    (["--crf-iterations", "3"], "--crf-iterations applies only to --crf"),
+    (["--crf", "--crf-params", "foo=1"], "'foo=1': expected KEY=NUMBER"),
+    (["--crf", "--crf-iterations", "-1"], "iterations must be in 0..10000"),
+])
+def test_crf_options_are_one_crfparams_with_one_line_errors(command, extra, message, capsys):
+    from deeplab_keras.cli.options import crf_params
+    from deeplab_keras.crf import CRFParams
+
+    parser, args = cli.parse(MINIMAL[command] + ["--crf", "--crf-iterations", "3", "--crf-params", "gaussian_weight=0"],
+                             command)
+    assert crf_params(parser, args) == CRFParams(iterations=3, gaussian_weight=0.0)
+    parser, args = cli.parse(MINIMAL[command] + extra, command)
+    code, _, err = _exit(capsys, lambda: crf_params(parser, args))
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"deeplab-{command}: error: ") and message in err[0]

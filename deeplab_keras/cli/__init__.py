@@ -98,31 +98,14 @@ def main(argv=None, command=None):
                        expected=getattr(module, "EXPECTED", (ValueError, RuntimeError, OSError)))
 
 
-def train_main(argv=None):
-    """``deeplab-train``: ``deeplab train``."""
-    return main(argv, "train")
+def _alias(command):
+    """The entry point of ``deeplab-<command>``: :func:`main` with ``command`` preselected."""
+    def alias(argv=None):
+        return main(argv, command)
+
+    alias.__name__ = alias.__qualname__ = f"{command}_main"
+    alias.__doc__ = f"``deeplab-{command} ...``: the same as ``deeplab {command} ...``."
+    return alias
 
 
-def eval_main(argv=None):
-    """``deeplab-eval``: ``deeplab eval``."""
-    return main(argv, "eval")
-
-
-def predict_main(argv=None):
-    """``deeplab-predict``: ``deeplab predict``."""
-    return main(argv, "predict")
-
-
-def export_main(argv=None):
-    """``deeplab-export``: ``deeplab export``."""
-    return main(argv, "export")
-
-
-def convert_main(argv=None):
-    """``deeplab-convert``: ``deeplab convert``."""
-    return main(argv, "convert")
-
-
-def demo_main(argv=None):
-    """``deeplab-demo``: ``deeplab demo``."""
-    return main(argv, "demo")
+train_main, eval_main, predict_main, export_main, convert_main, demo_main = (_alias(c) for c in COMMANDS)

@@ -117,32 +117,14 @@ def add_crf(parser, *, what="refine the probabilities with the dense CRF"):
 
 
 def crf_params(parser, args):
-    """The CRF parameters of ``--crf-iterations`` / ``--crf-params`` (the defaults when neither is given); a bad
-    key or value, or either without ``--crf``, is a usage error naming it."""
-    try:
-        from deeplab_keras.crf.params import CRFParams
-    except ImportError:  # until deeplab_keras.crf.params lands: a dict of dense_crf keywords
-        CRFParams = None
-    if CRFParams is None:
-        from deeplab_keras.evaluate import DEFAULT_CRF_PARAMS
+    """The :class:`deeplab_keras.crf.CRFParams` of ``--crf-iterations`` / ``--crf-params`` (the defaults when
+    neither is given); a bad key or value, or either without ``--crf``, is a usage error naming it."""
+    from deeplab_keras.crf.params import CRFParams
 
-        params = {} if args.crf_iterations is None else {"iterations": args.crf_iterations}
-        for item in args.crf_params:
-            key, sep, value = item.partition("=")
-            key = key.replace("-", "_")
-            try:
-                params[key] = float(value)
-            except ValueError:
-                sep = ""
-            if not sep or key not in DEFAULT_CRF_PARAMS:
-                usage_error(parser, f"--crf-params {item!r}: expected KEY=NUMBER with KEY in {sorted(DEFAULT_CRF_PARAMS)}")
-        if args.crf_iterations is not None and args.crf_iterations < 0:
-            usage_error(parser, f"--crf-iterations must be >= 0, got {args.crf_iterations}")
-    else:
-        try:
-            params = CRFParams.parse(args.crf_params, iterations=args.crf_iterations)
-        except ValueError as err:
-            usage_error(parser, f"--crf-params: {err}")
+    try:
+        params = CRFParams.parse(args.crf_params, iterations=args.crf_iterations)
+    except ValueError as err:
+        usage_error(parser, f"--crf-params: {err}" if args.crf_params else f"--crf-iterations: {err}")
     for flag, given in (("--crf-iterations", args.crf_iterations is not None), ("--crf-params", args.crf_params)):
         if given and not args.crf:
             usage_error(parser, f"{flag} applies only to --crf")
