@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from deeplab_keras.data._common import IMAGE_EXTENSIONS
+from deeplab_keras.data.synthetic import synthetic_images  # noqa: F401  (verification images: the one generator)
 
 
 class VerificationError(Exception):
@@ -119,39 +120,6 @@ def load_images(folder, size, count=None):
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"cannot read image {f} ({' '.join(str(e).split())}); remove or replace it") from None
     return np.stack(out)
-
-
-def synthetic_images(size, count=4, seed=0):
-    """Deterministic synthetic test images: a colour gradient with a few flat shapes and mild noise.
-
-    Shapes give the model structured input (label boundaries), unlike pure noise.
-
-    Args:
-        size: ``(height, width)``.
-        count: number of images.
-        seed: random seed.
-    Returns:
-        uint8 array ``[count, height, width, 3]``.
-    """
-    rng = np.random.RandomState(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    images = []
-    for _ in range(count):
-        base = rng.uniform(0, 255, 3) * (yy / max(h - 1, 1))[..., None] + rng.uniform(0, 255, 3) * (
-            xx / max(w - 1, 1))[..., None]
-        img = 0.5 * base
-        for _ in range(rng.randint(2, 6)):
-            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-            ry, rx = rng.uniform(0.1, 0.4) * h, rng.uniform(0.1, 0.4) * w
-            if rng.rand() < 0.5:
-                mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-            else:
-                mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
-            img[mask] = rng.uniform(0, 255, 3)
-        img = img + rng.normal(0, 6, img.shape)
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
-    return np.stack(images)
 
 
 def sample_images(size, sample_dir=None, count=4, seed=0):

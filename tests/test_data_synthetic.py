@@ -49,3 +49,15 @@ def test_boundary_band_and_argument_errors():
     assert 255 in label and set(np.unique(label)) - {255} <= {0, 1, 2}
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic(2, num_classes=1)
+
+
+def test_synthetic_images_are_the_generators_scenes():
+    """The export verification images (``export.verify.synthetic_images``) are this module's scenes: one generator."""
+    from deeplab_keras.export import verify
+    images = synthetic.synthetic_images((33, 47), 3, seed=4)
+    assert verify.synthetic_images is synthetic.synthetic_images
+    assert images.shape == (3, 33, 47, 3) and images.dtype == np.uint8
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(image, synthetic.generate_example(i, (33, 47), 4, seed=4)[0])
+    assert not np.array_equal(images[0], synthetic.synthetic_images((33, 47), 1, seed=5)[0])
+    assert images.std() > 20  # structured content, not a constant

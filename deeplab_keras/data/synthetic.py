@@ -2,6 +2,8 @@
 
 Each class has its own colour and stripe texture, so a small model can learn it; the background (class 0) is a
 smooth random texture. Every image is a pure function of ``(seed, index)``: the same seed gives the same data.
+The one synthetic-image generator of the package: training / evaluation data (:func:`make_synthetic`, folders) and
+export verification images (:func:`synthetic_images`) are all :func:`generate_example`'s scenes.
 
 Example:
     >>> from deeplab_keras.data.synthetic import make_synthetic
@@ -96,6 +98,25 @@ def generate_example(index, size=(65, 65), num_classes=4, seed=0, boundary_width
             band = grown
         label[band] = IGNORE_LABEL
     return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def synthetic_images(size, count=4, seed=0, num_classes=4):
+    """A batch of synthetic images without labels (``generate_example``'s scenes), e.g. export verification input.
+
+    Args:
+        size: (height, width).
+        count: number of images.
+        seed: dataset seed (image ``i`` is ``generate_example(i, size, num_classes, seed)``'s).
+        num_classes: classes including background (the number of distinct textures).
+
+    Returns:
+        uint8 array ``[count, height, width, 3]``.
+
+    Example:
+        >>> synthetic_images((33, 47), 2, seed=1).shape
+        (2, 33, 47, 3)
+    """
+    return np.stack([generate_example(i, size, num_classes, seed)[0] for i in range(int(count))])
 
 
 def make_synthetic(num_images, size=(65, 65), num_classes=4, seed=0, boundary_width=0):
