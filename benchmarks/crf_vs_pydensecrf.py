@@ -253,7 +253,7 @@ def main(argv=None):
         del ref, out
         mem_ref = peak_memory("ref", width, height, args.threads)
         mem_op = peak_memory("op", width, height, args.threads)
-        estimate = memory_estimate([1, height, width, probs.shape[-1]], ITERATIONS)[0] / 2 ** 20
+        estimate = memory_estimate([1, height, width, probs.shape[-1]], iterations=ITERATIONS)[0] / 2 ** 20
         print(f"  {width}x{height:<8d} {min(ref_t) * 1e3:13.1f}   {min(op_t) * 1e3:6.1f}   "
               f"{min(ref_t) / min(op_t):5.2f}x   {agree * 100:.4f} %   {mem_ref:15.0f}   {mem_op:7.0f}   "
               f"{estimate:11.0f}")

@@ -20,15 +20,7 @@ if _os.environ["KERAS_BACKEND"] == "tensorflow":  # import TF now without its CU
 
 from deeplab_keras.models.config import ModelConfig  # noqa: E402  (backend-free)
 from deeplab_keras.models.deeplab import DeepLabV2  # noqa: E402  (the model core imports no TensorFlow)
+import deeplab_keras.crf as crf  # noqa: E402  (no TensorFlow until the op is used; registers DenseCRF)
 
 __version__ = "0.1.0"
 __all__ = ["DeepLabV2", "ModelConfig", "crf", "__version__"]
-
-
-def __getattr__(name):
-    """``dk.crf`` imports TensorFlow (the op), so it loads on first use: the model core runs on any backend."""
-    if name == "crf":
-        import importlib
-
-        return importlib.import_module("deeplab_keras.crf")
-    raise AttributeError(f"module 'deeplab_keras' has no attribute {name!r}")

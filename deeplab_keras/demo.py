@@ -51,7 +51,7 @@ def voc_crf_study(data, out_dir, crf_params=None):
     Args:
         data: folder holding ``VOC2012/`` (JPEGImages/*.jpg, SegmentationClass/*.png), e.g. ``sample_data_dir()``.
         out_dir: folder (created) for the overlays of the first 3 images (``voc_<id>_coarse_vs_crf.png``).
-        crf_params: dict of ``crf.dense_crf`` keyword arguments (DeepLab v2 defaults otherwise).
+        crf_params: a ``crf.CRFParams``, a dict of some of its fields, or None (DeepLab v2's).
 
     Returns:
         ``{"no_crf": mIoU, "crf": mIoU, "images": count}``.
@@ -74,7 +74,7 @@ def voc_crf_study(data, out_dir, crf_params=None):
         image = read_image_rgb(os.path.join(root, "JPEGImages", name + ".jpg"))
         label = read_index_png(os.path.join(root, "SegmentationClass", name + ".png"))
         probs = coarse_probabilities(label, 21, seed=i)
-        refined = np.asarray(crf.dense_crf(probs[None], image[None], **(crf_params or {})))[0]
+        refined = np.asarray(crf.dense_crf(probs[None], image[None], crf_params))[0]
         before, after = probs.argmax(-1), refined.argmax(-1)
         cms["no_crf"] = cms["no_crf"] + confusion_matrix(label, before, 21)
         cms["crf"] = cms["crf"] + confusion_matrix(label, after, 21)

@@ -93,3 +93,14 @@ def test_layer_is_not_trainable_and_not_differentiable():
         out = layer([p, images])
     with pytest.raises(LookupError, match="not differentiable"):
         tape.gradient(out, p)
+
+
+def test_layer_saved_by_earlier_versions_loads():
+    """Files written before the layer moved to deeplab_keras.crf.layer name the module deeplab_keras.layers.crf;
+    the registered name (deeplab_keras>DenseCRF) finds the layer, with its flat parameter keys."""
+    config = keras.saving.serialize_keras_object(dk.crf.DenseCRF(name="crf", input_type="logits", **PARAMS))
+    assert config["registered_name"] == "deeplab_keras>DenseCRF" and config["module"] == "deeplab_keras.crf.layer"
+    config["module"] = "deeplab_keras.layers.crf"
+    layer = keras.saving.deserialize_keras_object(config)
+    assert isinstance(layer, dk.crf.DenseCRF)
+    assert layer.params == dk.crf.CRFParams(**PARAMS) and layer.input_type == "logits" and layer.name == "crf"
