@@ -220,6 +220,7 @@ def test_readme_command_parses(words, capsys):
         load_config(args.config, args.sets)
 
 
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow: ~12 s
 def test_python_m_deeplab_keras_is_the_deeplab_command():
     import subprocess
     import sys
