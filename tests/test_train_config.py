@@ -71,6 +71,7 @@ def test_set_values_are_typed_by_the_field():
     ("optimizer.base_lr=0", "optimizer.base_lr must be > 0 or null"),
     ("model.num_classes=300", "model.num_classes must be an integer in 1..255"),
     ("model.num_classes=0", "model.num_classes=0 must be a positive int"),
+    ("data.dataset=voc", "model.num_classes=4 but data.dataset voc has 21 classes"),
     ("model.backbone=resnet18", "model.backbone='resnet18' is not known"),
     ("runtime.devices=7", "runtime.devices must be a list of device names"),
     ("runtime.strategy=horovod", "runtime.strategy must be one of"),

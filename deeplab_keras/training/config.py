@@ -132,6 +132,9 @@ class TrainConfig:
         if self.model.num_classes > 255:
             raise ValueError(f"model.num_classes must be an integer in 1..255 (labels are uint8), got "
                              f"{self.model.num_classes!r}")
+        if self.data.dataset == "voc" and self.model.num_classes < 21:
+            raise ValueError(f"model.num_classes={self.model.num_classes} but data.dataset voc has 21 classes (labels "
+                             "0..20); --set model.num_classes=21")
 
     @property
     def learning_rate(self):

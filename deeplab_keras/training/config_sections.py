@@ -8,9 +8,9 @@ ResNet-101 ASPP-L PASCAL VOC 2012 "aug" recipe.
 Example:
     >>> ScheduleConfig(steps=20, steps_per_epoch=1000).steps_per_epoch  # a short run is one epoch
     20
-    >>> DataConfig(crop_size=[5, 5])
+    >>> DataConfig(crop_size=[5, 5])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: data.crop_size must be two integers [height, width], each >= 33 (e.g. data.crop_size=321,321), got (5, 5)
+    ValueError: data.crop_size must be two integers [height, width], each >= 33 (...), got (5, 5)
 """
 import dataclasses
 import math

@@ -128,6 +128,27 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
         return _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks)
 
 
+def _streams(cfg, strategy, train_data=None, val_data=None):
+    """(train_stream(epoch, skip) -> distributed batches, validation batches or None) of a run. Given datasets
+    win over the config's; a given ``train_data`` without ``val_data`` means no validation."""
+    if train_data is None:
+        train_data, config_val = _raw_datasets(cfg)
+        val_data = config_val if val_data is None else val_data
+
+    def train_stream(epoch, skip=0):
+        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip),
+                                 cfg.data.batch_size)
+
+    if val_data is None or val_data is False or not cfg.schedule.validation_every:
+        return train_stream, None
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1 and (cfg.data.val_batch_size % replicas or not cfg.data.val_crop_size):
+        raise ValueError(f"validation under {replicas} replicas needs data.val_batch_size a multiple of {replicas} "
+                         "and data.val_crop_size set (e.g. 513,513) so batches split evenly; or set "
+                         "schedule.validation_every=0 and evaluate full-size images with deeplab eval")
+    return train_stream, distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.data.val_batch_size)
+
+
 def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks):
     """The body of :func:`train` once the run directory is locked. Writes nothing before the run directory's
     config and state are known to fit ``cfg``."""
@@ -141,22 +162,7 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
     remove_temp_files(backup_dir)
     start_epoch, start_batch, _ = _latest_backup(backup_dir)
 
-    # Data (given datasets win; a given train_data without val_data means no validation)
-    if train_data is None:
-        train_data, config_val = _raw_datasets(cfg)
-        val_data = config_val if val_data is None else val_data
-
-    def train_stream(epoch, skip=0):
-        return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip), cfg.data.batch_size)
-
-    val_stream = None
-    if val_data is not None and val_data is not False and cfg.schedule.validation_every:
-        if replicas > 1 and (cfg.data.val_batch_size % replicas or not cfg.data.val_crop_size):
-            raise ValueError(f"validation under {replicas} replicas needs data.val_batch_size a multiple of "
-                             f"{replicas} and data.val_crop_size set (e.g. 513,513) so batches split evenly; or "
-                             "set schedule.validation_every=0 and evaluate full-size images with deeplab eval")
-        val_stream = distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.data.val_batch_size)
-
+    train_stream, val_stream = _streams(cfg, strategy, train_data, val_data)
     net, trainer = build_trainer(cfg, strategy, model, default_strategy)
 
     # Restore the last state before writing anything: a state that does not fit this config fails here. The
@@ -174,20 +180,19 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
 
     start_step = start_epoch * cfg.schedule.steps_per_epoch + start_batch
     if start_step and cfg.runtime.verbose:
-        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of {cfg.schedule.steps})",
-              file=sys.stderr)
+        print(f"deeplab-train: resuming {run_dir} from epoch {start_epoch} (step {start_step} of "
+              f"{cfg.schedule.steps})", file=sys.stderr)
     history = {}
 
     def fit(first_epoch, skip):
         for cb in cbs:
             if isinstance(cb, _StepCallback):
                 cb.skip = (first_epoch, skip)
-        last_epoch = first_epoch + 1 if skip else cfg.schedule.epochs  # an epoch resumed inside runs as its own fit
+        last_epoch = first_epoch + 1 if skip else cfg.schedule.epochs  # an epoch resumed inside: its own fit
         done = trainer.fit(train_stream(first_epoch, skip), epochs=last_epoch, initial_epoch=first_epoch,
                            steps_per_epoch=cfg.schedule.steps_per_epoch - skip, validation_data=val_stream,
                            validation_freq=max(cfg.schedule.validation_every, 1), callbacks=cbs,
-                           verbose=cfg.runtime.verbose,
-                           shuffle=False)
+                           verbose=cfg.runtime.verbose, shuffle=False)
         for key, values in done.history.items():
             history.setdefault(key, []).extend(values)
         return last_epoch
