@@ -13,7 +13,7 @@ Example:
     >>> ds = data.make_synthetic(8, size=(65, 65), num_classes=4)
     >>> batches = data.make_pipeline(ds, training=True, batch_size=2, crop_size=(49, 49), seed=0)
 """
-from deeplab_keras.data import synthetic
+import deeplab_keras.data.synthetic as synthetic  # public as data.synthetic (not a self-import of the package)
 from deeplab_keras.data._common import VOC_CLASSES, BadDataError, voc_palette
 from deeplab_keras.data.folder import folder_dataset, read_class_names
 from deeplab_keras.data.packaged import sample_data_dir
