@@ -3,7 +3,7 @@ where a YAML file or a dict gives text for a typed field (YAML 1.1 reads ``1e-3`
 both: a string becomes the field's type (int, float, bool, str, Optional[...], Union[...], tuples / lists
 written ``321,321`` or ``[321, 321]``); nothing is guessed from the text alone.
 
-:class:`Section` is the base of the config sections: ``to_dict`` / ``from_dict`` and the checks their
+:class:`Section` is the base of the config sections: ``to_dict`` and the checks their
 ``validate`` uses (each ValueError names ``section.key`` and what is allowed).
 
 Example:
@@ -137,7 +137,8 @@ def _is_size(value, low):
 
 
 class Section:
-    """Shared by the sections: ``to_dict``, ``from_dict`` and the checks of ``__post_init__``."""
+    """Shared by the sections: ``to_dict`` and the checks of ``validate`` (``TrainConfig.from_dict`` builds them
+    from mappings)."""
 
     SECTION: typing.ClassVar[str] = ""
 
@@ -177,16 +178,6 @@ class Section:
     def to_dict(self):
         """The fields as plain YAML/JSON values (lists, not tuples)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, values):
-        """Builds the section from a mapping; unknown keys raise ValueError listing the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in values if k not in names)
-        if unknown:
-            raise ValueError(f"unknown key(s) {[f'{cls.SECTION}.{k}' for k in unknown]}; valid keys of "
-                             f"{cls.SECTION}: {', '.join(names)}")
-        return cls(**dict(values))
 
 
 def _plain(value):
