@@ -3,9 +3,9 @@
 ``export_model(model, format, out, **options)`` checks the request and the destination (before anything slow),
 converts into a hidden staging folder next to ``out``, runs the artifact in its own runtime on sample images,
 compares it with the Keras model, writes the JSON report and moves the artifact into place atomically (or, when
-verification fails, writes only the report). A format is a ``Format`` subclass (``saved_model.SavedModelFormat``,
-``tflite.TFLiteFormat``, ``onnx.ONNXFormat``) registered with ``register``; it supplies the destination, the
-conversion, the verification runners and its report fields.
+verification fails, writes only the report). A format is a ``Format`` subclass (``saved_model.SavedModelFormat``;
+``tflite.TFLiteFormat`` and ``onnx.ONNXFormat`` through ``FileFormat``) registered with ``register``; it supplies
+the destination, the conversion, the verification runners and its report fields.
 
 Example:
     >>> from deeplab_keras.export import export_model
@@ -94,6 +94,33 @@ class Format:
 
     def close(self):
         """Releases the runtimes opened by ``runners`` before the artifact is moved."""
+
+
+class FileFormat(Format):
+    """A format whose artifact is one file, with ``input_size`` and ``outputs`` options (TFLite, ONNX).
+
+    Class attributes:
+        what: a word for messages (``"ONNX file"``).
+        suffix: the file suffix suggested when ``out`` is a folder (``".onnx"``).
+    """
+    what = "file"
+    suffix = ""
+
+    @property
+    def input_size_text(self):
+        """``"HxW"`` of the static input size, or ``"dynamic"``."""
+        size = self.opts["input_size"]
+        return "x".join(map(str, size)) if size else "dynamic"
+
+    def check(self):
+        common.check_outputs(self.outputs)
+
+    def destination(self, out, overwrite):
+        return common.file_destination(out, overwrite, self.what, self.suffix)
+
+    def report_fields(self, artifact):
+        size = self.opts["input_size"]
+        return {"input_size": list(size) if size else None, "outputs": self.outputs}
 
 
 def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None, num_samples=4,

@@ -164,26 +164,23 @@ def run_onnx(session, images, batch_size=None):
 
 
 @driver.register
-class ONNXFormat(driver.Format):
+class ONNXFormat(driver.FileFormat):
     """``export_model`` hooks for an ``.onnx`` file (see ``export_onnx``)."""
     name = "onnx"
     options = {"opset": DEFAULT_OPSET, "input_size": None, "outputs": "full"}
     crf_runtime = "onnx"
+    what, suffix = "ONNX file", ".onnx"
     verify_message = "verifying with onnxruntime"
 
     @property
     def convert_step(self):
-        size = self.opts["input_size"]
         return "convert_s", (f"converting to ONNX with tf2onnx (opset {self.opts['opset']}, input size "
-                             f"{'x'.join(map(str, size)) if size else 'dynamic'})")
+                             f"{self.input_size_text})")
 
     def check(self):
-        common.check_outputs(self.outputs)
+        super().check()
         if int(self.opts["opset"]) < MIN_OPSET:
             raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
-
-    def destination(self, out, overwrite):
-        return common.file_destination(out, overwrite, "ONNX file", ".onnx")
 
     def convert(self, model, staging, final):
         o = self.opts
@@ -205,9 +202,7 @@ class ONNXFormat(driver.Format):
         import onnx
         import onnxruntime
 
-        o = self.opts
-        return {"opset": int(o["opset"]), "input_size": list(o["input_size"]) if o["input_size"] else None,
-                "outputs": o["outputs"],
+        return {**super().report_fields(artifact), "opset": int(self.opts["opset"]),
                 "inputs": {i.name: {"shape": i.shape, "type": i.type} for i in self.session.get_inputs()},
                 "output_names": [o.name for o in self.session.get_outputs()], "graph": self.stats,
                 "onnx_version": onnx.__version__, "onnxruntime_version": onnxruntime.__version__}

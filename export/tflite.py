@@ -159,12 +159,13 @@ class TFLiteRunner:
 
 
 @driver.register
-class TFLiteFormat(driver.Format):
+class TFLiteFormat(driver.FileFormat):
     """``export_model`` hooks for a ``.tflite`` file (see ``export_tflite``)."""
     name = "tflite"
     options = {"quantize": "none", "input_size": None, "outputs": "full", "representative": None,
                "num_calibration": 16, "int8_io": False, "num_threads": None}
     crf_runtime = "litert"
+    what, suffix = "TFLite file", ".tflite"
     verify_message = "verifying with the LiteRT interpreter"
 
     @property
@@ -173,16 +174,12 @@ class TFLiteFormat(driver.Format):
 
     @property
     def convert_step(self):
-        size = self.opts["input_size"]
         return "convert_s", (f"converting to TFLite (quantize={self.opts['quantize']}, "
-                             f"input size {'x'.join(map(str, size)) if size else 'dynamic'})")
+                             f"input size {self.input_size_text})")
 
     def check(self):
-        common.check_outputs(self.outputs)
+        super().check()
         _check_quantize(self.opts["quantize"], self.opts["int8_io"])
-
-    def destination(self, out, overwrite):
-        return common.file_destination(out, overwrite, "TFLite file", ".tflite")
 
     def prepare(self, size):
         self.calibration = None
@@ -214,9 +211,9 @@ class TFLiteFormat(driver.Format):
 
     def report_fields(self, artifact):
         o, int8 = self.opts, self.opts["quantize"] == "int8"
-        return {"quantize": o["quantize"], "full_integer": self.full_integer if int8 else None,
-                "int8_io": bool(o["int8_io"]), "input_size": list(o["input_size"]) if o["input_size"] else None,
-                "outputs": o["outputs"], "signature": SIGNATURE,
+        return {**super().report_fields(artifact), "quantize": o["quantize"],
+                "full_integer": self.full_integer if int8 else None, "int8_io": bool(o["int8_io"]),
+                "signature": SIGNATURE,
                 "inputs": {"image": str(np.dtype(self.runner.input_details["dtype"]))},
                 "output_names": sorted(self.runner.output_details), "ops": op_names(self.runner.interpreter),
                 "calibration": (o["representative"] or "synthetic") if int8 else None,
