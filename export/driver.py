@@ -13,7 +13,7 @@ Example:
     >>> report["verification"]["passed"]
     True
 """
-from deeplab_keras.export import common
+from deeplab_keras.export import common, staging
 from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.models import as_float32
 
@@ -76,8 +76,8 @@ class Format:
     def prepare(self, size):
         """Loads what the conversion needs from disk before staging starts (e.g. calibration images of ``size``)."""
 
-    def convert(self, model, staging, final):
-        """Writes the artifact into the folder ``staging``; returns its path (named like ``final``)."""
+    def convert(self, model, stage_dir, final):
+        """Writes the artifact into the staging folder ``stage_dir``; returns its path (named like ``final``)."""
         raise NotImplementedError
 
     def runners(self, artifact):
@@ -116,7 +116,7 @@ class FileFormat(Format):
         common.check_outputs(self.outputs)
 
     def destination(self, out, overwrite):
-        return common.file_destination(out, overwrite, self.what, self.suffix)
+        return staging.file_destination(out, overwrite, self.what, self.suffix)
 
     def report_fields(self, artifact):
         size = self.opts["input_size"]
@@ -165,9 +165,9 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
     size = fmt.sample_size(verify_size)
     fmt.prepare(size)
     images = common.load_samples(size, sample_dir, num_samples)
-    with common.staging(final, progress) as stage:
+    with staging.staging(final, progress) as stage:
         with progress.step(*fmt.convert_step):
-            with common.disk_errors(final):
+            with staging.disk_errors(final):
                 staged = fmt.convert(model, stage.path, final)
         try:
             with progress.step("verify_s", fmt.verify_message):
@@ -180,10 +180,10 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
             for warning in warnings:
                 progress.warn(warning)
             report = common.base_report(
-                cls.name, model, final, common.path_size(staged), **fmt.report_fields(staged),
+                cls.name, model, final, staging.path_size(staged), **fmt.report_fields(staged),
                 precision=fmt.precision, with_crf=crf is not None, crf=getattr(crf, "config", None),
                 warnings=warnings, created_dirs=stage.created, verification=result, timings=dict(progress.timings),
                 samples=sample_dir or "synthetic")
         finally:
             fmt.close()
-        return common.finalize(report, staged, final, overwrite, report_path, progress)
+        return staging.finalize(report, staged, final, overwrite, report_path, progress)

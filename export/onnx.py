@@ -182,10 +182,10 @@ class ONNXFormat(driver.FileFormat):
         if int(self.opts["opset"]) < MIN_OPSET:
             raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
 
-    def convert(self, model, staging, final):
+    def convert(self, model, stage_dir, final):
         o = self.opts
         proto = convert(model, o["input_size"], o["outputs"], o["opset"], self.crf)
-        staged = os.path.join(staging, os.path.basename(final))
+        staged = os.path.join(stage_dir, os.path.basename(final))
         with open(staged, "wb") as f:
             f.write(proto.SerializeToString())
         self.stats = node_stats(proto)

@@ -20,7 +20,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common, driver
+from deeplab_keras.export import common, driver, staging
 
 SIGNATURE_IMAGE = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -125,14 +125,14 @@ class SavedModelFormat(driver.Format):
             raise common.ExportError(f"--version must be a non-negative integer, got {version}")
         self.version = version
         final = os.path.join(os.path.abspath(out), str(version))
-        common.check_destination(final, overwrite, "SavedModel version directory")
+        staging.check_destination(final, overwrite, "SavedModel version directory")
         return final
 
     def sample_size(self, verify_size):
         return tuple(verify_size)
 
-    def convert(self, model, staging, final):
-        staged = os.path.join(staging, str(self.version))
+    def convert(self, model, stage_dir, final):
+        staged = os.path.join(stage_dir, str(self.version))
         build_archive(model, self.crf).write_out(staged, verbose=False)
         custom = non_stock_ops(staged)
         if custom:

@@ -188,11 +188,11 @@ class TFLiteFormat(driver.FileFormat):
                                                    self.opts["num_calibration"], seed=1234,
                                                    what="--data")
 
-    def convert(self, model, staging, final):
+    def convert(self, model, stage_dir, final):
         o = self.opts
         content, self.full_integer = convert(model, o["input_size"], o["outputs"], o["quantize"], self.calibration,
-                                             o["int8_io"], self.crf, workdir=staging)
-        staged = os.path.join(staging, os.path.basename(final))
+                                             o["int8_io"], self.crf, workdir=stage_dir)
+        staged = os.path.join(stage_dir, os.path.basename(final))
         with open(staged, "wb") as f:
             f.write(content)
         return staged

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab_keras.crf import CRFParams
-from deeplab_keras.export import common, driver, export_model, tflite
+from deeplab_keras.export import common, driver, export_model, staging, tflite
 from deeplab_keras.export.verify import VerificationError
 from tests.conftest import tiny_model
 
@@ -28,12 +28,12 @@ class _NpzFormat(driver.Format):
     calls = []
 
     def destination(self, out, overwrite):
-        return common.file_destination(out, overwrite, "npz file", ".npz")
+        return staging.file_destination(out, overwrite, "npz file", ".npz")
 
-    def convert(self, model, staging, final):
+    def convert(self, model, stage_dir, final):
         self.calls.append("convert")
         self.model = model
-        return os.path.join(staging, os.path.basename(final))
+        return os.path.join(stage_dir, os.path.basename(final))
 
     def runners(self, artifact):
         def run(images):
@@ -99,7 +99,7 @@ def test_one_archive_builder_stores_each_weight_once(model, tmp_path):
     """TFLite's intermediate SavedModel comes from common.serving_archive without track(): weights once."""
     path = str(tmp_path / "float_saved_model")
     tflite._write_float_saved_model(model, path, (33, 33), "full", None)
-    variables = common.path_size(os.path.join(path, "variables"))
+    variables = staging.path_size(os.path.join(path, "variables"))
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
     assert weight_bytes <= variables <= 1.05 * weight_bytes, (variables, weight_bytes)
 

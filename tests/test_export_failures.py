@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import common, onnx as onnx_export
 from deeplab_keras.export import saved_model as sm_export
+from deeplab_keras.export import staging
 from deeplab_keras.cli import export_main as main
 from tests.conftest import REPO
 
@@ -164,7 +165,7 @@ def test_full_disk_is_one_line_exit_1_and_nothing_is_left(where, tmp_path, capsy
     if where == "artifact":
         monkeypatch.setattr(onnx_export, "open", _FullDisk(), raising=False)
     elif where == "report":
-        monkeypatch.setattr(common, "atomic_write_json", _no_space)
+        monkeypatch.setattr(staging, "atomic_write_json", _no_space)
     else:
         import keras
         monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", _tf_no_space)  # the backend's class
@@ -213,7 +214,7 @@ def test_sweep_removes_only_stale_staging_folders(tmp_path):
     live.mkdir()
     mine = tmp_path / ".config.tmp-notours"                          # not a staging name
     mine.mkdir()
-    removed = common.sweep_stale(str(tmp_path))
+    removed = staging.sweep_stale(str(tmp_path))
     assert sorted(removed) == sorted(str(p) for p in (stale, reused, aside, legacy))
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, mine.name, "m.tflite"])
     assert (tmp_path / "m.tflite" / "payload").read_bytes() == b"previous artifact"  # put back, not lost

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab_keras.export import common, saved_model
+from deeplab_keras.export import common, saved_model, staging
 from deeplab_keras.export.verify import load_images
 from tests.conftest import tiny_model
 
@@ -48,7 +48,7 @@ def test_layout_signatures_and_report(exported):
 def test_weights_stored_once(exported, model):
     """variables/ holds each weight once (ExportArchive.track would store the keras.Variable wrappers too: 2x)."""
     base, _ = exported
-    variables = common.path_size(str(base / "1" / "variables"))
+    variables = staging.path_size(str(base / "1" / "variables"))
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
     assert weight_bytes <= variables <= 1.05 * weight_bytes, (variables, weight_bytes)
     stored = tf.train.load_checkpoint(str(base / "1" / "variables" / "variables")).get_variable_to_shape_map()

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from deeplab_keras.export import common, verify
+from deeplab_keras.export import common, staging, verify
 from deeplab_keras.utils import atomic_write_json
 
 
@@ -65,28 +65,28 @@ def test_miou_against():
 
 def test_publish_is_atomic_and_respects_overwrite(tmp_path):
     final = tmp_path / "m.onnx"
-    stage = common.staging_dir(str(final))
+    stage = staging.staging_dir(str(final))
     (tmp_path / os.path.basename(stage) / "m.onnx").write_bytes(b"new")
-    common.publish(os.path.join(stage, "m.onnx"), str(final), overwrite=False)
+    staging.publish(os.path.join(stage, "m.onnx"), str(final), overwrite=False)
     assert final.read_bytes() == b"new"
     staged = os.path.join(stage, "again")
     open(staged, "wb").write(b"newer")
     with pytest.raises(common.ExportError, match="--overwrite"):
-        common.publish(staged, str(final), overwrite=False)
-    common.publish(staged, str(final), overwrite=True)
+        staging.publish(staged, str(final), overwrite=False)
+    staging.publish(staged, str(final), overwrite=True)
     assert final.read_bytes() == b"newer"
     os.rmdir(stage)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no aside copies or temporaries left
 
 
 def test_check_destination(tmp_path):
-    common.check_destination(str(tmp_path / "new" / "deep" / "m.tflite"), overwrite=False)  # parents created later
+    staging.check_destination(str(tmp_path / "new" / "deep" / "m.tflite"), overwrite=False)  # parents created later
     (tmp_path / "m.tflite").write_bytes(b"x")
     with pytest.raises(common.ExportError, match="already exists"):
-        common.check_destination(str(tmp_path / "m.tflite"), overwrite=False)
-    common.check_destination(str(tmp_path / "m.tflite"), overwrite=True)
+        staging.check_destination(str(tmp_path / "m.tflite"), overwrite=False)
+    staging.check_destination(str(tmp_path / "m.tflite"), overwrite=True)
     with pytest.raises(common.ExportError, match="not a directory"):
-        common.check_destination(str(tmp_path / "m.tflite" / "x.onnx"), overwrite=False)
+        staging.check_destination(str(tmp_path / "m.tflite" / "x.onnx"), overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ["m.tflite"]  # the write probe left nothing behind
 
 

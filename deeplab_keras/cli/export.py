@@ -160,7 +160,7 @@ def run(parser, a):
     """Runs ``deeplab export``; returns the exit code (0 ok, 1 verification failed / full disk, 2 arguments)."""
     _check(parser, a)
     crf_params = options.crf_params(parser, a)
-    from deeplab_keras.export import common, export_model
+    from deeplab_keras.export import common, export_model, staging
     from deeplab_keras.export.driver import FORMATS as HOOKS
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
     from deeplab_keras.models import is_float32
@@ -168,7 +168,7 @@ def run(parser, a):
     progress = common.Progress(not a.quiet)
     try:
         final, version = _final_path(a)
-        common.check_destination(final, a.overwrite, "artifact")
+        staging.check_destination(final, a.overwrite, "artifact")
         try:
             model = _model(parser, a, progress)
         except (OSError, ValueError) as err:  # an unusable weights file
@@ -194,7 +194,7 @@ def run(parser, a):
         print(f"{parser.prog}: verification failed: {err}", file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"{parser.prog}: error: {common.describe_os_error(err)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {staging.describe_os_error(err)}", file=sys.stderr)
         return 1
     created = "".join(f"; created folder {d}" for d in report.get("created_dirs") or ())
     print(f"exported {report['artifact']} ({report['size_bytes'] / 1e6:.2f} MB); report {report['report_path']}"
