@@ -63,8 +63,8 @@ def test_sample_data_dir_from_a_built_package_and_another_cwd(tmp_path):
 def test_voc_crf_study_on_the_packaged_data_and_on_another_folder(tmp_path):
     result = demo.voc_crf_study(sample_data_dir(), tmp_path / "packaged")
     assert result["images"] == len(PAIRS) and 0.5 < result["no_crf"] <= 1 and 0.5 < result["crf"] <= 1
-    assert result["crf"] != result["no_crf"]  # the CRF moved labels
-    assert sorted(os.listdir(tmp_path / "packaged")) == [f"voc_{n}_coarse_vs_crf.png" for n in PAIRS]
+    assert result["crf"] > result["no_crf"]  # on the 7 packaged pairs the CRF improves the coarse maps
+    assert sorted(os.listdir(tmp_path / "packaged")) == [f"voc_{n}_coarse_vs_crf.png" for n in PAIRS[:3]]
 
     other = tmp_path / "other" / "VOC2012"  # --data elsewhere: one pair, and a stray file that is not a label
     for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
