@@ -146,12 +146,13 @@ def build(model_kwargs, precision, msc, num_classes=21):
     import keras
 
     import deeplab_keras as dk
+    from deeplab_keras._keras_compat import flatten_layers
     from deeplab_keras.layers.preprocessing import resize_aligned
 
     keras.config.set_dtype_policy(precision)
     keras.utils.set_random_seed(0)
     model = dk.DeepLabV2(num_classes=num_classes, msc_scales=MSC_SCALES if msc else None, **model_kwargs)
-    for layer in model._flatten_layers(include_self=False):
+    for layer in flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255)

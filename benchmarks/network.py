@@ -241,6 +241,7 @@ def train_setting(model_kwargs, args, msc, batch, jit, out):
     import tensorflow as tf
 
     import deeplab_keras as dk
+    from deeplab_keras._keras_compat import flatten_layers
     from deeplab_keras import train as T
     from deeplab_keras.utils import atomic_write_json
     from flops import TRAIN_STEP_FACTOR, forward_flops
@@ -249,7 +250,7 @@ def train_setting(model_kwargs, args, msc, batch, jit, out):
     size, rng = args.train_size, np.random.default_rng(0)
     keras.utils.set_random_seed(0)
     net = dk.DeepLabV2(msc_scales=MSC_SCALES if msc else None, **model_kwargs)
-    for layer in net._flatten_layers(include_self=False):  # the recipe: frozen batch norm
+    for layer in flatten_layers(net):  # the recipe: frozen batch norm
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 
+from deeplab_keras._keras_compat import flatten_layers
 from deeplab_keras.backbones.resnet import RESNET_BLOCKS
 
 
@@ -168,7 +169,7 @@ def randomize(model, seed=0, zero_resnet_bias=True):
     """Random weights everywhere (BatchNorm statistics too, variances > 0); ResNet backbone conv biases 0,
     as Caffe's ResNet convolutions have none."""
     rng = np.random.default_rng(seed)
-    for layer in model.network._flatten_layers(include_self=False, recursive=True):
+    for layer in flatten_layers(model.network):
         for w in layer.weights:
             value = rng.uniform(-0.5, 0.5, size=tuple(w.shape)).astype(np.float32)
             if "variance" in w.path:

@@ -7,7 +7,7 @@ from deeplab_keras.cli import demo_main
 @pytest.mark.parametrize("args,message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--out", "{file}"], "is a file; give a folder"),
-    (["--data", "{tmp}", "--out", "{tmp}/report"], "holds no VOC2012/ folder"),
+    (["--data", "{tmp}", "--out", "{tmp}/report"], "holds no VOC2012/SegmentationClass/ folder"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, message):
     (tmp_path / "a_file").write_text("x")

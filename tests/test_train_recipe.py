@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import deeplab_keras as dk
 from deeplab_keras import train as T
+from deeplab_keras._keras_compat import flatten_layers
 
 TINY = dict(num_classes=3, backbone="resnet50", width_multiplier=0.125, stage_blocks=[1, 1, 1, 1])
 
@@ -124,11 +125,11 @@ def test_one_fit_step_is_the_caffe_update(tmp_path):
     data = random_data(2, 41)
     keras.utils.set_random_seed(cfg.runtime.seed)
     net = T.build_model(cfg)
-    for layer in net._flatten_layers(include_self=False):  # train() freezes BN too (train_bn=False)
+    for layer in flatten_layers(net):  # train() freezes BN too (train_bn=False)
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     w0 = [v.numpy().copy() for v in net.trainable_variables]
-    bns = [l for l in net._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [l for l in flatten_layers(net) if isinstance(l, keras.layers.BatchNormalization)]
     bn0 = [[np.asarray(w).copy() for w in b.weights] for b in bns]
     images, labels = next(iter(T.make_train_stream(data, cfg)))
     # reference gradient of the CE (mean over valid pixels) at w0

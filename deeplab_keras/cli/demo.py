@@ -31,8 +31,9 @@ def run(parser, args):
         usage_error(parser, f"--steps must be >= 1, got {args.steps}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         usage_error(parser, f"--out {args.out} is a file; give a folder for the report")
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "VOC2012")):
-        usage_error(parser, f"--data {args.data} holds no VOC2012/ folder; give the folder that holds VOC2012/")
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "VOC2012", "SegmentationClass")):
+        usage_error(parser, f"--data {args.data} holds no VOC2012/SegmentationClass/ folder; give the folder that "
+                    "holds VOC2012/")
     from deeplab_keras.demo import run as run_demo
 
     try:

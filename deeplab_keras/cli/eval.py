@@ -20,7 +20,6 @@ EPILOG = ("The paper's test protocol on VOC 2012 val: deeplab eval --preset deep
           "traceback.")
 INTERRUPTED = "interrupted; nothing was written"
 PROTOCOLS = ("deeplab-v2",)
-PAPER_PAD_SIZE = 513  # deeplab_keras.evaluate.PAPER_PAD_SIZE (not imported here: the parser stays TensorFlow-free)
 
 
 def configure(parser):
@@ -57,6 +56,8 @@ def configure(parser):
 
 def _settings(parser, args):
     """Checks the numbers and resolves ``--protocol``: returns (pad_to, crf, crf_params)."""
+    from deeplab_keras.evaluate import PAPER_PAD_SIZE
+
     if any(s <= 0 for s in args.scales):
         usage_error(parser, f"--scales must be positive, got {args.scales}")
     if args.max_images is not None and args.max_images < 1:

@@ -122,9 +122,14 @@ def crf_params(parser, args):
     from deeplab_keras.crf.params import CRFParams
 
     try:
+        if args.crf_iterations is not None:
+            CRFParams(iterations=args.crf_iterations)  # names --crf-iterations when it is the bad one
+    except ValueError as err:
+        usage_error(parser, f"--crf-iterations: {err}")
+    try:
         params = CRFParams.parse(args.crf_params, iterations=args.crf_iterations)
     except ValueError as err:
-        usage_error(parser, f"--crf-params: {err}" if args.crf_params else f"--crf-iterations: {err}")
+        usage_error(parser, f"--crf-params: {err}")
     for flag, given in (("--crf-iterations", args.crf_iterations is not None), ("--crf-params", args.crf_params)):
         if given and not args.crf:
             usage_error(parser, f"{flag} applies only to --crf")

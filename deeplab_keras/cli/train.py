@@ -74,9 +74,7 @@ def run(parser, args):
     """Runs ``deeplab train``; returns the exit code."""
     config = load(parser, args)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        print(config.to_yaml(), end="")
         return 0
     return _train(parser, args, config)
 
