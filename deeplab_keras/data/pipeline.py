@@ -177,6 +177,21 @@ def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range
     Returns:
         ``tf.data.Dataset`` of ``(image float32 [B, h, w, 3] RGB 0..255, label uint8 [B, h, w])``.
     """
+    crop_size, batch_size, scale_range, ignore_label = _checked_arguments(
+        training, batch_size, crop_size, scale_range, ignore_label, num_classes)
+    parallel = num_parallel_calls or tf.data.AUTOTUNE
+    if drop_remainder is None:
+        drop_remainder = bool(training)
+    counter = SkipCounter("example") if skip_bad else None
+    ds = _seeded_examples(ds, training, cache, shuffle_buffer, seed)
+    process = _example_processor(training, crop_size, scale_range, flip, ignore_label,
+                                 tf.constant(mean_rgb, tf.float32), num_classes, counter, return_file_name)
+    ds = ds.map(process, num_parallel_calls=parallel, deterministic=True if seed is not None else None)
+    return _batched(ds, counter, repeat, batch_size, drop_remainder, prefetch)
+
+
+def _checked_arguments(training, batch_size, crop_size, scale_range, ignore_label, num_classes):
+    """make_pipeline's argument checks: (crop_size, batch_size, scale_range, ignore_label) normalised."""
     crop_size = _pair(crop_size, "crop_size")
     batch_size = int(batch_size)
     if batch_size < 1:
@@ -194,53 +209,28 @@ def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range
         raise ValueError(f"ignore_label={ignore_label}: expected 0..255 (labels are uint8)")
     if num_classes is not None and not 1 <= int(num_classes) <= 255:
         raise ValueError(f"num_classes={num_classes}: expected 1..255")
-    ignore_label = int(ignore_label)
-    mean = tf.constant(mean_rgb, tf.float32)
-    parallel = num_parallel_calls or tf.data.AUTOTUNE
-    if drop_remainder is None:
-        drop_remainder = bool(training)
-    counter = SkipCounter("example") if skip_bad else None
+    return crop_size, batch_size, scale_range, int(ignore_label)
 
+
+def _seeded_examples(ds, training, cache, shuffle_buffer, seed):
+    """Examples as ((image, label, name), element seed): cached, shuffled and seeded in training."""
     ds = ds.map(lambda *element: _as_example(element[0] if len(element) == 1 else element))
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if training:
         ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
-    else:
-        ds = ds.map(lambda *example: (example, tf.constant(0, tf.int64)))
+        return tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True))
+    return ds.map(lambda *example: (example, tf.constant(0, tf.int64)))
+
+
+def _example_processor(training, crop_size, scale_range, flip, ignore_label, mean, num_classes, counter,
+                       return_file_name):
+    """The map function: (example, element seed) -> (output tuple, ok) for one example."""
 
     def process(example, element_seed):
         image, label, name = example
-        label = _label_2d(tf.convert_to_tensor(label))
-        if label.dtype != tf.uint8:
-            label = tf.cast(label, tf.uint8)
-        image = tf.convert_to_tensor(image)
-        if image.shape.rank != 3 or image.shape[-1] not in (3, None):
-            raise ValueError(f"image must be [H, W, 3]; got shape {image.shape}")
-        same_size, values_ok, bad_values = _validity(image, label, num_classes, ignore_label)
-        if counter is None:
-            checks = [
-                tf.debugging.Assert(same_size, ["deeplab_keras.data: image/label size mismatch in", name,
-                                                "image shape", tf.shape(image), "label shape", tf.shape(label)]),
-                tf.debugging.Assert(values_ok, ["deeplab_keras.data: label values outside {0..num_classes-1, 255} "
-                                                f"(num_classes={num_classes}) in", name, "values", bad_values]),
-            ]
-            with tf.control_dependencies(checks):
-                label = tf.identity(label)
-            ok = tf.constant(True)
-        else:
-            ok = same_size & values_ok
-
-            def note():
-                reason = tf.strings.format("size image {} vs label {}, bad label values {}",
-                                           [tf.shape(image), tf.shape(label), bad_values])
-                tf.py_function(counter.note, [name, reason], [])
-                return tf.constant(False)
-
-            ok = tf.cond(ok, lambda: tf.constant(True), note)
-            # keep shapes consistent for the ops below; the element is filtered out afterwards
-            label = tf.cond(same_size, lambda: label, lambda: tf.zeros(tf.shape(image)[:2], tf.uint8))
+        image, label = _as_tensors(image, label)
+        label, ok = _checked_label(image, label, name, num_classes, ignore_label, counter)
         if ignore_label != IGNORE_LABEL:
             label = tf.where(label == IGNORE_LABEL, tf.constant(ignore_label, tf.uint8), label)
         if training:
@@ -248,13 +238,7 @@ def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range
         else:
             image = tf.cast(image, tf.float32)
         if not training and crop_size is not None:
-            fits = tf.reduce_all(tf.shape(label) <= tf.constant(crop_size))
-            with tf.control_dependencies([tf.debugging.Assert(
-                    fits | ~ok, ["deeplab_keras.data: image larger than crop_size", list(crop_size), "in", name,
-                                 "shape", tf.shape(label), "- pass a larger crop_size for evaluation"])]):
-                image, label = _pad_to(image, label, crop_size[0], crop_size[1], mean, ignore_label)
-                image = image[:crop_size[0], :crop_size[1]]
-                label = label[:crop_size[0], :crop_size[1]]
+            image, label = _padded_to_crop(image, label, name, ok, crop_size, mean, ignore_label)
         if crop_size is not None:
             image.set_shape([crop_size[0], crop_size[1], 3])
             label.set_shape([crop_size[0], crop_size[1]])
@@ -263,7 +247,61 @@ def make_pipeline(ds, *, training, batch_size, crop_size=(321, 321), scale_range
         out = (image, label, name) if return_file_name else (image, label)
         return out, ok
 
-    ds = ds.map(process, num_parallel_calls=parallel, deterministic=True if seed is not None else None)
+    return process
+
+
+def _as_tensors(image, label):
+    """The image as a tensor checked to be [H, W, 3] and the label as uint8 [H, W]."""
+    label = _label_2d(tf.convert_to_tensor(label))
+    if label.dtype != tf.uint8:
+        label = tf.cast(label, tf.uint8)
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank != 3 or image.shape[-1] not in (3, None):
+        raise ValueError(f"image must be [H, W, 3]; got shape {image.shape}")
+    return image, label
+
+
+def _checked_label(image, label, name, num_classes, ignore_label, counter):
+    """(label, ok): asserts size and values (counter None), or notes a bad example in counter and returns ok."""
+    same_size, values_ok, bad_values = _validity(image, label, num_classes, ignore_label)
+    if counter is None:
+        checks = [
+            tf.debugging.Assert(same_size, ["deeplab_keras.data: image/label size mismatch in", name,
+                                            "image shape", tf.shape(image), "label shape", tf.shape(label)]),
+            tf.debugging.Assert(values_ok, ["deeplab_keras.data: label values outside {0..num_classes-1, 255} "
+                                            f"(num_classes={num_classes}) in", name, "values", bad_values]),
+        ]
+        with tf.control_dependencies(checks):
+            label = tf.identity(label)
+        return label, tf.constant(True)
+    ok = same_size & values_ok
+
+    def note():
+        reason = tf.strings.format("size image {} vs label {}, bad label values {}",
+                                   [tf.shape(image), tf.shape(label), bad_values])
+        tf.py_function(counter.note, [name, reason], [])
+        return tf.constant(False)
+
+    ok = tf.cond(ok, lambda: tf.constant(True), note)
+    # keep shapes consistent for the ops below; the element is filtered out afterwards
+    label = tf.cond(same_size, lambda: label, lambda: tf.zeros(tf.shape(image)[:2], tf.uint8))
+    return label, ok
+
+
+def _padded_to_crop(image, label, name, ok, crop_size, mean, ignore_label):
+    """Evaluation: pads to crop_size, asserting (for a valid example) that the image fits in it."""
+    fits = tf.reduce_all(tf.shape(label) <= tf.constant(crop_size))
+    with tf.control_dependencies([tf.debugging.Assert(
+            fits | ~ok, ["deeplab_keras.data: image larger than crop_size", list(crop_size), "in", name,
+                         "shape", tf.shape(label), "- pass a larger crop_size for evaluation"])]):
+        image, label = _pad_to(image, label, crop_size[0], crop_size[1], mean, ignore_label)
+        image = image[:crop_size[0], :crop_size[1]]
+        label = label[:crop_size[0], :crop_size[1]]
+    return image, label
+
+
+def _batched(ds, counter, repeat, batch_size, drop_remainder, prefetch):
+    """Drops the ok flag (filtering bad examples out when skipping), then repeats, batches and prefetches."""
     if counter is not None:
         ds = counter.attach(ds.filter(lambda out, ok: ok).map(lambda out, ok: out))
     else:
