@@ -195,21 +195,11 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         OutputNameError: ``out_dir`` is a file or two inputs would write the same file (nothing written).
         RuntimeError: an output could not be written (e.g. a full disk); the message names the file.
     """
-    from tqdm import tqdm
-
-    from deeplab_keras.inference import Predictor
     output_names(paths, out_dir, overlay_images)
     read_areas(out_dir)  # refuse an unreadable areas table before predicting, not after
     os.makedirs(out_dir, exist_ok=True)
-    if callable(model) and not hasattr(model, "layers"):
-        run = model
-    else:
-        predictor = Predictor(model, scales, flip)  # one traced function for every image size and batch
-
-        def run(images, scales, flip):
-            return predictor(images).numpy()
+    run = _probability_fn(model, scales, flip)
     written, failed, areas = [], {}, {}
-    pending = []
 
     def skip(path, err, reason):  # a bad input file or an existing output: report it and go on
         if stop_on_error:
@@ -217,46 +207,89 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         failed[path] = reason
         print(f"skipped {reason}", file=sys.stderr)
 
-    def flush():
-        if not pending:
-            return
-        images = np.stack([img for _, img in pending])
-        probs = run(images, scales, flip)
-        if crf:
-            from deeplab_keras import crf as crf_module
-            probs = np.asarray(crf_module.dense_crf(probs, images, crf_params))
-        for (path, image), p in zip(pending, probs):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            labels = p.argmax(-1).astype(np.uint8)
-            names = class_names or (VOC_CLASSES if p.shape[-1] == 21 else [f"class_{i}" for i in range(p.shape[-1])])
-            target = os.path.join(out_dir, stem + ".png")
-            try:
-                atomic_write_bytes(target, label_png_bytes(labels), overwrite)
-                if overlay_images:
-                    target = os.path.join(out_dir, stem + "_overlay.png")
-                    atomic_write_bytes(target, png_bytes(overlay(image, labels)), overwrite)
-            except FileExistsError as err:
-                skip(path, err, f"{path}: {err}")
-                continue
-            except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
-                raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
-                                   "another --out") from err
-            counts = np.bincount(labels.reshape(-1), minlength=p.shape[-1])
-            areas[stem] = {names[i]: round(float(c) / labels.size, 6) for i, c in enumerate(counts) if c}
-            written.append(stem)
-        pending.clear()
+    with _areas_merged_on_exit(out_dir, areas):
+        for batch in _same_size_batches(paths, max_pixels, batch_size, progress, skip):
+            images = np.stack([img for _, img in batch])
+            probs = _probabilities(run, images, scales, flip, crf, crf_params)
+            for (path, image), p in zip(batch, probs):
+                stem = os.path.splitext(os.path.basename(path))[0]
+                labels = p.argmax(-1).astype(np.uint8)
+                try:
+                    _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite)
+                except FileExistsError as err:
+                    skip(path, err, f"{path}: {err}")
+                    continue
+                areas[stem] = _class_areas(labels, p.shape[-1], class_names)
+                written.append(stem)
+    return {"written": written, "failed": failed, "areas": areas}
 
+
+def _probability_fn(model, scales, flip):
+    """``(uint8 images, scales, flip) -> probabilities`` for a keras model or a callable such as a predictor."""
+    if callable(model) and not hasattr(model, "layers"):
+        return model
+    from deeplab_keras.inference import Predictor
+    predictor = Predictor(model, scales, flip)  # one traced function for every image size and batch
+
+    def run(images, scales, flip):
+        return predictor(images).numpy()
+    return run
+
+
+def _same_size_batches(paths, max_pixels, batch_size, progress, skip):
+    """Yields lists of (path, image) of one image size, up to batch_size; an unreadable file goes to skip."""
+    from tqdm import tqdm
+    pending = []
+    for path in tqdm(paths, desc="predict", unit="img", disable=not progress):
+        try:
+            image = read_image(path, max_pixels)
+        except BadDataError as err:
+            skip(path, err, str(err))
+            continue
+        if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
+            yield pending
+            pending = []
+        pending.append((path, image))
+    if pending:
+        yield pending
+
+
+def _probabilities(run, images, scales, flip, crf, crf_params):
+    """The model's probabilities for a batch of images, refined by the dense CRF op when ``crf``."""
+    probs = run(images, scales, flip)
+    if crf:
+        from deeplab_keras import crf as crf_module
+        probs = np.asarray(crf_module.dense_crf(probs, images, crf_params))
+    return probs
+
+
+def _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite):
+    """Writes ``<stem>.png`` (and ``<stem>_overlay.png``); a disk error is a RuntimeError naming the file."""
+    target = os.path.join(out_dir, stem + ".png")
     try:
-        for path in tqdm(paths, desc="predict", unit="img", disable=not progress):
-            try:
-                image = read_image(path, max_pixels)
-            except BadDataError as err:
-                skip(path, err, str(err))
-                continue
-            if pending and (pending[0][1].shape != image.shape or len(pending) >= batch_size):
-                flush()
-            pending.append((path, image))
-        flush()
+        atomic_write_bytes(target, label_png_bytes(labels), overwrite)
+        if overlay_images:
+            target = os.path.join(out_dir, stem + "_overlay.png")
+            atomic_write_bytes(target, png_bytes(overlay(image, labels)), overwrite)
+    except FileExistsError:
+        raise
+    except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
+        raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
+                           "another --out") from err
+
+
+def _class_areas(labels, num_classes, class_names):
+    """{class name: fraction of pixels} of the classes present in ``labels``."""
+    names = class_names or (VOC_CLASSES if num_classes == 21 else [f"class_{i}" for i in range(num_classes)])
+    counts = np.bincount(labels.reshape(-1), minlength=num_classes)
+    return {names[i]: round(float(c) / labels.size, 6) for i, c in enumerate(counts) if c}
+
+
+@contextlib.contextmanager
+def _areas_merged_on_exit(out_dir, areas):
+    """Merges ``areas`` into out_dir's tables at the end, also when the run stops early (then best effort)."""
+    try:
+        yield
     except BaseException:
         if areas:  # keep the areas of the masks already written; the original error is what gets reported
             with contextlib.suppress(Exception):
@@ -264,4 +297,3 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         raise
     if areas:
         merge_areas(out_dir, areas)
-    return {"written": written, "failed": failed, "areas": areas}
