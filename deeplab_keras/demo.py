@@ -64,7 +64,7 @@ def voc_crf_study(data, out_dir, crf_params=None):
     from deeplab_keras import crf
     from deeplab_keras.data._common import read_image_rgb, read_index_png
     from deeplab_keras.evaluate import confusion_matrix, scores
-    from deeplab_keras.predict import overlay, png_bytes
+    from deeplab_keras.predict import png_bytes
     from deeplab_keras.utils import atomic_write_bytes
     root = _voc_root(data)
     os.makedirs(out_dir, exist_ok=True)
@@ -79,7 +79,7 @@ def voc_crf_study(data, out_dir, crf_params=None):
         cms["no_crf"] = cms["no_crf"] + confusion_matrix(label, before, 21)
         cms["crf"] = cms["crf"] + confusion_matrix(label, after, 21)
         if i < 3:
-            picture = np.concatenate([overlay(image, before), overlay(image, after)[:, image.shape[1]:]], axis=1)
+            picture = _before_after(image, before, after)
             atomic_write_bytes(os.path.join(out_dir, f"voc_{name}_coarse_vs_crf.png"), png_bytes(picture), True)
     return {k: round(scores(cm)["miou"], 4) for k, cm in cms.items()} | {"images": len(ids)}
 
@@ -109,26 +109,48 @@ def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print)
     Example:
         >>> report = run("/tmp/deeplab_report", steps=20)      # doctest: +SKIP
     """
-    from deeplab_keras import crf
-    from deeplab_keras.data import sample_data_dir
-    from deeplab_keras.data.synthetic import write_synthetic_folder
-    from deeplab_keras.evaluate import evaluate, format_table
-    from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
-    from deeplab_keras.export.common import Progress
-    from deeplab_keras.predict import overlay, png_bytes, predict_files, read_image
-    from deeplab_keras.utils import atomic_write_bytes
-    from deeplab_keras.inference import predict_probabilities
-    from deeplab_keras.train import load_config, load_datasets, train
+    data, out = _checked_destination(data, out, overwrite)
+    start, report = time.time(), {}
 
+    log("[1/6] training a tiny DeepLab on the synthetic dataset (packaged config tiny_cpu)")
+    cfg, model, report["train"] = _train_tiny(out, steps, overwrite, start)
+
+    log("[2/6] evaluating on the held-out synthetic split, without and with the CRF")
+    report["eval_synthetic"] = _evaluate_synthetic(model, cfg, log)
+
+    log(f"[3/6] CRF on coarse (output stride 8) score maps of the VOC samples in {data}")
+    study = report["voc_samples_crf"] = voc_crf_study(data, out) | {"data": data}
+    log(f"      mIoU before CRF {study['no_crf']:.4f}, after {study['crf']:.4f}")
+
+    log("[4/6] exporting SavedModel, TFLite and ONNX; each is verified against the Keras model")
+    samples = _sample_folder(out, cfg)
+    report["export"] = _export_all(model, os.path.join(out, "export"), os.path.join(samples, "images"))
+
+    log("[5/6] predicting masks and overlays (before / after CRF) for the held-out images")
+    report["predict"] = _predict_samples(model, os.path.join(samples, "images"), out)
+
+    log("[6/6] writing the report")
+    _write_report(out, cfg, report, start)
+    log(f"done in {report['seconds']} s: synthetic mIoU {report['eval_synthetic']['miou']:.4f} "
+        f"(CRF {report['eval_synthetic']['miou_crf']:.4f}); report in {out}/report.json")
+    return report
+
+
+def _checked_destination(data, out, overwrite):
+    """(data, out) as absolute paths, refusing a data folder without VOC2012/ and an existing report; creates out."""
+    from deeplab_keras.data import sample_data_dir
     data = os.path.abspath(data if data is not None else sample_data_dir())
     _voc_root(data)  # refused now, not after training
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "report.json")) and not overwrite:
         raise FileExistsError(f"{out} already holds a report; pass --overwrite or another --out")
     os.makedirs(out, exist_ok=True)
-    start, report = time.time(), {}
+    return data, out
 
-    log("[1/6] training a tiny DeepLab on the synthetic dataset (packaged config tiny_cpu)")
+
+def _train_tiny(out, steps, overwrite, start):
+    """Step 1: trains the packaged ``tiny_cpu`` config into ``out/run``; returns (config, model, report section)."""
+    from deeplab_keras.train import load_config, train
     overrides = {"runtime": {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}}
     if overwrite and os.path.isdir(overrides["runtime"]["run_dir"]):  # a fresh run: --steps may differ
         shutil.rmtree(overrides["runtime"]["run_dir"])
@@ -136,41 +158,57 @@ def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print)
         overrides["schedule"] = {"steps": int(steps)}
     cfg = load_config("tiny_cpu", overrides)
     result = train(cfg)
-    model = result.model
-    report["train"] = {"steps": cfg.schedule.steps, "batch_size": cfg.data.batch_size, "seconds": round(time.time() - start, 1),
-                       "model_path": result.model_path, "history": {k: [round(float(x), 4) for x in v]
-                                                                    for k, v in result.history.items()}}
+    section = {"steps": cfg.schedule.steps, "batch_size": cfg.data.batch_size, "seconds": round(time.time() - start, 1),
+               "model_path": result.model_path, "history": {k: [round(float(x), 4) for x in v]
+                                                            for k, v in result.history.items()}}
+    return cfg, result.model, section
 
-    log("[2/6] evaluating on the held-out synthetic split, without and with the CRF")
+
+def _evaluate_synthetic(model, cfg, log):
+    """Step 2: mIoU on the held-out synthetic split without and with the CRF (the table goes to ``log``)."""
+    from deeplab_keras.evaluate import evaluate, format_table
+    from deeplab_keras.train import load_datasets
     _, val = load_datasets(cfg)
     t = time.time()
     results = evaluate(model, val, cfg.model.num_classes, crf=True, progress=False)
     log(format_table(results))
-    report["eval_synthetic"] = {"miou": results["no_crf"]["miou"], "miou_crf": results["crf"]["miou"],
-                                "pixel_accuracy": results["no_crf"]["pixel_accuracy"], "images": results["images"],
-                                "seconds": round(time.time() - t, 1)}
+    return {"miou": results["no_crf"]["miou"], "miou_crf": results["crf"]["miou"],
+            "pixel_accuracy": results["no_crf"]["pixel_accuracy"], "images": results["images"],
+            "seconds": round(time.time() - t, 1)}
 
-    log(f"[3/6] CRF on coarse (output stride 8) score maps of the VOC samples in {data}")
-    study = report["voc_samples_crf"] = voc_crf_study(data, out) | {"data": data}
-    log(f"      mIoU before CRF {study['no_crf']:.4f}, after {study['crf']:.4f}")
 
-    log("[4/6] exporting SavedModel, TFLite and ONNX; each is verified against the Keras model")
-    samples = write_synthetic_folder(os.path.join(out, "samples"), 6, size=tuple(cfg.data.synthetic_size),
-                                     num_classes=cfg.model.num_classes, seed=cfg.runtime.seed + 7) if not os.path.isdir(
-        os.path.join(out, "samples")) else os.path.join(out, "samples")
-    export_dir, progress = os.path.join(out, "export"), Progress(True)
-    report["export"] = {
+def _sample_folder(out, cfg):
+    """``out/samples``: 6 held-out synthetic images and labels (written unless the folder exists)."""
+    from deeplab_keras.data.synthetic import write_synthetic_folder
+    folder = os.path.join(out, "samples")
+    if os.path.isdir(folder):
+        return folder
+    return write_synthetic_folder(folder, 6, size=tuple(cfg.data.synthetic_size), num_classes=cfg.model.num_classes,
+                                  seed=cfg.runtime.seed + 7)
+
+
+def _export_all(model, export_dir, sample_dir):
+    """Step 4: SavedModel, TFLite and ONNX exports into ``export_dir``, each verified; their reports."""
+    from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
+    from deeplab_keras.export.common import Progress
+    progress = Progress(True)
+    return {
         "saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"), version=1,
-                                          overwrite=True, sample_dir=os.path.join(samples, "images"),
-                                          progress=progress),
+                                          overwrite=True, sample_dir=sample_dir, progress=progress),
         "tflite": export_tflite(model, os.path.join(export_dir, "deeplab.tflite"), overwrite=True,
-                                sample_dir=os.path.join(samples, "images"), progress=progress),
+                                sample_dir=sample_dir, progress=progress),
         "onnx": export_onnx(model, os.path.join(export_dir, "deeplab.onnx"), overwrite=True,
-                            sample_dir=os.path.join(samples, "images"), progress=progress),
+                            sample_dir=sample_dir, progress=progress),
     }
 
-    log("[5/6] predicting masks and overlays (before / after CRF) for the held-out images")
-    images = sorted(os.path.join(samples, "images", n) for n in os.listdir(os.path.join(samples, "images")))
+
+def _predict_samples(model, image_dir, out):
+    """Step 5: masks and overlays in ``out/predictions``, and before/after-CRF pictures of the first 3 images."""
+    from deeplab_keras import crf
+    from deeplab_keras.inference import predict_probabilities
+    from deeplab_keras.predict import png_bytes, predict_files, read_image
+    from deeplab_keras.utils import atomic_write_bytes
+    images = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir))
     summary = predict_files(model, images, os.path.join(out, "predictions"), overlay_images=True, overwrite=True,
                             progress=False)
     for path in images[:3]:
@@ -178,17 +216,22 @@ def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print)
         probs = predict_probabilities(model, image[None])
         refined = np.asarray(crf.dense_crf(probs, image[None]))
         stem = os.path.splitext(os.path.basename(path))[0]
-        picture = np.concatenate([overlay(image, probs[0].argmax(-1)),
-                                  overlay(image, refined[0].argmax(-1))[:, image.shape[1]:]], axis=1)
+        picture = _before_after(image, probs[0].argmax(-1), refined[0].argmax(-1))
         atomic_write_bytes(os.path.join(out, f"{stem}_before_after_crf.png"), png_bytes(picture), True)
-    report["predict"] = {"written": len(summary["written"]), "failed": len(summary["failed"])}
+    return {"written": len(summary["written"]), "failed": len(summary["failed"])}
 
-    log("[6/6] writing the report")
+
+def _before_after(image, before, after):
+    """The image, its overlay with ``before`` and its overlay with ``after``, side by side."""
+    from deeplab_keras.predict import overlay
+    return np.concatenate([overlay(image, before), overlay(image, after)[:, image.shape[1]:]], axis=1)
+
+
+def _write_report(out, cfg, report, start):
+    """Step 6: copies the training curve and writes ``out/report.json`` (with the total seconds)."""
+    from deeplab_keras.utils import atomic_write_bytes
     history_png = os.path.join(cfg.runtime.run_dir, "history.png")
     if os.path.exists(history_png):
         atomic_write_bytes(os.path.join(out, "training_curve.png"), open(history_png, "rb").read(), True)
     report["seconds"] = round(time.time() - start, 1)
     atomic_write_bytes(os.path.join(out, "report.json"), json.dumps(report, indent=1, default=str).encode(), True)
-    log(f"done in {report['seconds']} s: synthetic mIoU {report['eval_synthetic']['miou']:.4f} "
-        f"(CRF {report['eval_synthetic']['miou_crf']:.4f}); report in {out}/report.json")
-    return report
