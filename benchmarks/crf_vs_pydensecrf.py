@@ -54,14 +54,14 @@ def make_inputs(width, height, classes=21, seed=0, noise=False):
 
 def lattice_points(image):
     """Points of the bilateral permutohedral lattice of ``image`` at the DeepLab parameters (the op builds the same
-    lattice; ``deeplab_keras.crf.portable`` counts them)."""
-    from deeplab_keras.crf import portable
+    lattice; ``deeplab_keras.crf.lattice`` counts them)."""
+    from deeplab_keras.crf import lattice
 
     height, width = image.shape[:2]
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     features = np.concatenate([np.stack([xs.ravel(), ys.ravel()], 1) / PARAMS["bilateral_xy_std"],
                                image.reshape(-1, 3) / PARAMS["bilateral_rgb_std"]], 1).astype(np.float32)
-    return int(portable._Lattice(features, np.zeros(height * width, np.int32)).num_vertices)
+    return int(lattice.Lattice(features, np.zeros(height * width, np.int32)).num_vertices)
 
 
 def run_pydensecrf(probs, image, iterations=ITERATIONS):

@@ -340,7 +340,7 @@ def test_onnx_splat_is_exact_with_many_threads_on_a_real_image(voc_samples_dir):
     import onnxruntime as ort
     import tf2onnx
 
-    from deeplab_keras.crf.portable import _Lattice
+    from deeplab_keras.crf.lattice import Lattice
 
     image, _, _ = voc_sample(voc_samples_dir, SAMPLES[2])  # 500x375
     h, w = image.shape[:2]
@@ -351,7 +351,7 @@ def test_onnx_splat_is_exact_with_many_threads_on_a_real_image(voc_samples_dir):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None, 21], tf.float32)])
     def splat(f, v):
-        lattice = _Lattice(f, tf.zeros(tf.shape(f)[:1], tf.int32), splat="cumsum", native_sort=False)
+        lattice = Lattice(f, tf.zeros(tf.shape(f)[:1], tf.int32), splat="cumsum", native_sort=False)
         return lattice.splat_blur(v, lattice.prepare_splat_weights(lattice.weights))
 
     ref = splat(features, values).numpy()
