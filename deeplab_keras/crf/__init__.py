@@ -17,11 +17,10 @@ Example:
     >>> images = np.zeros((1, 8, 8, 3), "uint8")
     >>> refined = dk.crf.dense_crf(probs, images, dk.crf.CRFParams(iterations=5))
 """
-import importlib
-
 from deeplab_keras.crf._loader import OpLibraryError, ensure_library, load_library
 from deeplab_keras.crf.layer import DenseCRF  # registers its Keras name, so that saved models holding it load
 from deeplab_keras.crf.params import CRFParams
+from deeplab_keras.utils import lazy_exports
 
 # Names that import TensorFlow, by the submodule that defines them (loaded on first access).
 _LAZY = {"dense_crf": "ops", "memory_estimate": "ops", "INPUT_TYPES": "ops", "MAX_MEMORY_ENV": "ops",
@@ -29,13 +28,4 @@ _LAZY = {"dense_crf": "ops", "memory_estimate": "ops", "INPUT_TYPES": "ops", "MA
 
 __all__ = ["CRFParams", "dense_crf", "DenseCRF", "dense_crf_portable", "crf_postprocess", "memory_estimate",
            "INPUT_TYPES", "MAX_MEMORY_ENV", "OpLibraryError", "ensure_library", "load_library"]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"deeplab_keras.crf.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'deeplab_keras.crf' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

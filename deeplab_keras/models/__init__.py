@@ -5,7 +5,7 @@ Modules, lowest first (each imports only those above it): ``config`` (ModelConfi
 :meth:`ModelConfig.build`) -> ``weights`` (checkpoints, ImageNet) -> ``presets`` -> ``msc``, ``deeplab`` (the model).
 The names below load on first use, so ``deeplab_keras.models.config`` imports no Keras.
 """
-import importlib
+from deeplab_keras.utils import lazy_exports
 
 _HOMES = {
     "ModelConfig": "config",
@@ -17,13 +17,4 @@ _HOMES = {
     "load_pth": "pth", "read_pth": "pth",
 }
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name):
-    if name in _HOMES:
-        return getattr(importlib.import_module(f"deeplab_keras.models.{_HOMES[name]}"), name)
-    raise AttributeError(f"module 'deeplab_keras.models' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_HOMES))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
