@@ -41,11 +41,8 @@ from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
-           "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "DEFAULT_CRF_PARAMS",
-           "PAPER_PAD_SIZE"]
+           "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "PAPER_PAD_SIZE"]
 
-# The paper's CRF parameters as a dict (kept for callers of earlier versions; use CRFParams).
-DEFAULT_CRF_PARAMS = CRFParams().to_dict()
 PAPER_PAD_SIZE = 513  # DeepLab v2's test input: every VOC image (at most 500 px a side) padded to 513x513
 
 

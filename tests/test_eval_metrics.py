@@ -78,7 +78,7 @@ def test_evaluate_crf_on_and_off_in_one_run(tiny_model):
     for ex in ds:
         image, label = ex["image"].numpy(), ex["label"].numpy()
         probs = E.predict_probabilities(tiny_model, image[None])
-        refined = dk.crf.dense_crf(probs, image[None], **dict(E.DEFAULT_CRF_PARAMS, iterations=3))
+        refined = dk.crf.dense_crf(probs, image[None], dk.crf.CRFParams(iterations=3))
         cms["no_crf"] = cms["no_crf"] + E.confusion_matrix(label, probs[0].argmax(-1), 4)
         cms["crf"] = cms["crf"] + E.confusion_matrix(label, np.asarray(refined)[0].argmax(-1), 4)
     for key in cms:

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import tiny_model
 from deeplab_keras import cli
-from deeplab_keras import evaluate as E
+from deeplab_keras import crf as dk_crf, evaluate as E
 from deeplab_keras.inference import Predictor
 
 MEAN_RGB = (122.675, 116.669, 104.008)  # DeepLab v2's mean colour (R, G, B), written out independently
@@ -113,7 +113,7 @@ def test_protocol_deeplab_v2_sets_pad_513_and_the_papers_crf(model_path, tmp_pat
     assert results["protocol"] == "deeplab-v2" and results["pad_to"] == 513
     assert results["scales"] == [1.0] and results["flip"] is False
     assert results["crf_params"] == PAPER_CRF and "crf" in results and "no_crf" in results
-    assert E.DEFAULT_CRF_PARAMS == PAPER_CRF
+    assert dk_crf.CRFParams().to_dict() == PAPER_CRF
 
 
 def test_pad_to_without_protocol(model_path, tmp_path):
