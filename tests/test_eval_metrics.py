@@ -12,9 +12,9 @@ import deeplab_keras as dk
 from deeplab_keras import cli
 from deeplab_keras import evaluate as E
 from deeplab_keras.data import make_synthetic, write_synthetic_folder
+from tests import conftest
 
-VOC_SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                           "voc2012-samples")
+VOC_SAMPLES = str(conftest.VOC_SAMPLES)  # the 7 VOC 2012 pairs packaged with deeplab_keras
 
 
 @pytest.fixture(scope="module")

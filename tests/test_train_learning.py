@@ -10,9 +10,9 @@ import pytest
 from deeplab_keras.data import load_voc
 from deeplab_keras.evaluate import evaluate, format_table
 from deeplab_keras.train import load_config, load_datasets, train
+from tests import conftest
 
-VOC_SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                           "voc2012-samples")
+VOC_SAMPLES = str(conftest.VOC_SAMPLES)  # the 7 VOC 2012 pairs packaged with deeplab_keras
 
 
 def _report(name, values):
