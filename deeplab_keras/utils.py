@@ -187,6 +187,61 @@ def atomic_write_json(path, obj, indent=1):
     return os.fspath(path)
 
 
+class UnwritableError(ValueError):
+    """An output path that cannot be written, found before the work (a usage error: exit 2 at the command line)."""
+
+
+def check_writable(path, what="--out", *, folder=False):
+    """Fails early (before the slow work) when nothing can be created at ``path``; returns its absolute path.
+
+    The nearest existing folder (``path`` itself for an existing ``folder``) is really written to (a probe
+    folder is made and removed): permission bits say little for root, read-only mounts or a full disk.
+
+    Args:
+        path: the output file or folder (missing parent folders are fine: they will be created).
+        what: how the message names it, e.g. ``"--out"``.
+        folder: ``path`` is a folder of outputs (an existing file there is an error).
+
+    Raises:
+        UnwritableError: (a ValueError) a dangling symbolic link, a file in the way, a read-only or full folder;
+            one line naming the path and what to do.
+
+    Example:
+        >>> check_writable("/tmp/deeplab_example/out.json")
+        '/tmp/deeplab_example/out.json'
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UnwritableError(f"{what} {path} is a dangling symbolic link (to {os.readlink(path)!r}); remove it or "
+                              "choose another path")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UnwritableError(f"{what} {path} is a file, not a folder; choose a folder path")
+    probe = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UnwritableError(f"cannot write {what} {path}: {probe} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deeplab-probe-", dir=probe))
+    except OSError as err:
+        raise UnwritableError(f"cannot write {what} {path}: {write_error_text(err, probe)}") from None
+    return path
+
+
+def write_error_text(err, where):
+    """What an ``OSError`` while writing ``where`` means, and what to do: a full disk is not a permission error.
+
+    Example:
+        >>> write_error_text(OSError(errno.ENOSPC, "No space left on device"), "/data")
+        'no space left on device in /data; free some space or choose another path'
+    """
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device in {where}; free some space or choose another path"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where} is not writable ({err.strerror}); choose another path or change its permissions"
+    return f"{where}: {err.strerror or err}"
+
+
 class LockedError(RuntimeError):
     """Another live process holds an :func:`exclusive_lock`; the message names the lock file and its pid."""
 
@@ -274,7 +329,8 @@ def exclusive_lock(path, *, what=None, timeout=0.0, poll=0.05):
 def run_command(prog, body, *, debug=False, interrupted="interrupted", expected=(ValueError, RuntimeError, OSError)):
     """Run a command line's ``body()`` (returns the exit code), turning failures into one line on stderr.
 
-    Ctrl-C prints ``<prog>: <interrupted>`` and returns 130; any other exception prints
+    Ctrl-C prints ``<prog>: <interrupted>`` (or the ``KeyboardInterrupt``'s own message, e.g. a download's) and
+    returns 130; any other exception prints
     ``<prog>: error: <message>`` (with the exception's type and a ``--debug`` hint unless it is ``expected``)
     and returns 1. With ``debug`` both are re-raised, traceback included. ``SystemExit`` (usage errors) passes.
 
@@ -284,10 +340,11 @@ def run_command(prog, body, *, debug=False, interrupted="interrupted", expected=
     """
     try:
         return body()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"{prog}: {interrupted}", file=sys.stderr)
+        said = str(err) if type(err) is KeyboardInterrupt else ""  # a step may say what it stopped (a download)
+        print(f"{prog}: {said or interrupted}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
         if debug:

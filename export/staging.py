@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.export.common import ExportError
-from deeplab_keras.utils import atomic_write_json
+from deeplab_keras.utils import UnwritableError, atomic_write_json, check_writable
 
 
 def check_destination(path, overwrite, what="artifact"):
@@ -36,18 +36,12 @@ def check_destination(path, overwrite, what="artifact"):
         ExportError: ``path`` exists without ``overwrite``, or its folder is not writable.
     """
     path = os.path.abspath(path)
-    if os.path.lexists(path) and not overwrite:
+    if os.path.exists(path) and not overwrite:
         raise ExportError(f"{what} {path} already exists; pass --overwrite (overwrite=True) to replace it")
-    parent = os.path.dirname(path)
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ExportError(f"cannot write {what} {path}: {probe} is not a directory")
-    try:  # really try: permission bits say little for root or special filesystems such as /proc
-        os.rmdir(tempfile.mkdtemp(prefix=".deeplab-export-probe-", dir=probe))
-    except OSError as e:
-        raise ExportError(f"cannot write {what} {path}: {probe} is not a writable directory ({e.strerror})")
+    try:  # the one writability check (deeplab_keras.utils): a dangling link, a read-only folder, a full disk
+        check_writable(path, what)
+    except UnwritableError as err:
+        raise ExportError(str(err)) from None
 
 
 def file_destination(out, overwrite, what, suffix):
