@@ -216,24 +216,47 @@ def packaged_configs():
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path_or_name):
-    """(values, where) of a YAML file, or of a packaged config by name."""
-    import yaml
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a larger file is refused before parsing
+MAX_ERROR_CHARS = 300  # config error lines are cut here (a value in the message may be huge)
 
+
+def _read_yaml(path_or_name):
+    """(values, where) of a YAML file, or of a packaged config by name (at most :data:`MAX_CONFIG_BYTES`, no
+    aliases: a few bytes of nested aliases expand to gigabytes)."""
     path = str(path_or_name)
     if os.path.exists(path):
         resource, where = None, path
     else:
         name = path[:-5] if path.endswith(".yaml") else path
         if name not in packaged_configs():
-            raise ValueError(f"config file {path!r} not found (packaged configs: {packaged_configs()})")
+            raise ValueError(f"config file {path[:200]!r} not found (packaged configs: {packaged_configs()})")
         resource = importlib.resources.files("deeplab_keras") / "configs" / f"{name}.yaml"
         where = f"packaged config {name}"
+    with (resource.open("rb") if resource is not None else open(path, "rb")) as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path!r} is over {MAX_CONFIG_BYTES} bytes; a config is a short YAML file")
+    return _safe_yaml(data, path) or {}, where
+
+
+def _safe_yaml(data, path):
+    """``yaml.safe_load`` of ``data`` refusing aliases and too deep nesting; errors are one short line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ValueError(f"config file {path!r} line {mark.line + 1}: YAML aliases (*name) are not "
+                                 "supported; write the value out")
+            return super().compose_node(parent, index)
+
     try:
-        text = resource.read_text() if resource is not None else open(path).read()
-        return yaml.safe_load(text) or {}, where
+        return yaml.load(data, Loader=Loader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path!r} is nested too deeply to be a config") from None
 
 
 def load_config(path_or_packaged_name=None, overrides=None, data=None):
@@ -251,8 +274,14 @@ def load_config(path_or_packaged_name=None, overrides=None, data=None):
     Raises:
         ValueError: a missing or invalid file, an unknown section / key, or a bad value (one line naming it).
     """
-    values, where = ({}, "defaults") if path_or_packaged_name is None else _read_yaml(path_or_packaged_name)
-    return TrainConfig.from_dict(_merge(_nested(values, where), overrides, data), where)
+    try:
+        values, where = ({}, "defaults") if path_or_packaged_name is None else _read_yaml(path_or_packaged_name)
+        return TrainConfig.from_dict(_merge(_nested(values, where), overrides, data), where)
+    except ValueError as err:
+        text = " ".join(str(err).split())
+        if len(text) <= MAX_ERROR_CHARS:
+            raise
+        raise ValueError(text[:MAX_ERROR_CHARS - 30] + f" ... ({len(text)} characters in all)") from None
 
 
 def _as_config(config):
