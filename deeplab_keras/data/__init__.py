@@ -1,4 +1,5 @@
-"""Data for deeplab_keras: PASCAL VOC 2012 (+ SBD aug) through TFDS, folder datasets, synthetic data and the
+"""Data for deeplab_keras: one registry of datasets (:func:`load_dataset`, :func:`dataset_info`: VOC 2012 (+ SBD
+aug) through TFDS, Cityscapes, PASCAL-Context, PASCAL-Person-Part, COCO-Stuff, folder datasets, synthetic data), the
 tf.data training / evaluation pipeline, and the packaged sample data (:func:`sample_data_dir`: a few real VOC
 2012 pairs).
 
@@ -15,12 +16,14 @@ Example:
 """
 import deeplab_keras.data.synthetic as synthetic  # public as data.synthetic (not a self-import of the package)
 from deeplab_keras.data._common import VOC_CLASSES, BadDataError, voc_palette
-from deeplab_keras.data.folder import folder_dataset, read_class_names
+from deeplab_keras.data.datasets import DATASET_NAMES, DatasetInfo, dataset_info, detect_dataset, load_dataset
+from deeplab_keras.data.folder import folder_dataset, read_class_names, read_colour_table
 from deeplab_keras.data.packaged import sample_data_dir
 from deeplab_keras.data.pipeline import distributed_pipeline, make_pipeline
 from deeplab_keras.data.synthetic import make_synthetic, write_synthetic_folder
 from deeplab_keras.data.voc import Voc2012Segmentation, load_voc
 
-__all__ = ["load_voc", "folder_dataset", "read_class_names", "make_pipeline", "distributed_pipeline",
+__all__ = ["load_dataset", "dataset_info", "detect_dataset", "DATASET_NAMES", "DatasetInfo", "read_colour_table",
+           "load_voc", "folder_dataset", "read_class_names", "make_pipeline", "distributed_pipeline",
            "make_synthetic", "write_synthetic_folder", "synthetic", "Voc2012Segmentation", "VOC_CLASSES",
            "voc_palette", "BadDataError", "sample_data_dir"]

@@ -148,6 +148,55 @@ def check_label(label, num_classes, name, image_shape=None, ignore_label=IGNORE_
                                f"{ignore_label}}}; fix the mask or pass the right num_classes")
 
 
+def decoded_dataset(items, decode, *, file_names=None, shuffle=False, seed=None, skip_bad=False,
+                    num_parallel_calls=None):
+    """A ``tf.data.Dataset`` of example dicts decoded from files by ``decode`` (a Python function in
+    ``tf.numpy_function``): the one file-list reader behind folder datasets and the benchmark layouts.
+
+    Args:
+        items: list of tuples of strings (file paths) passed to ``decode``.
+        decode: ``(*item) -> (image uint8 [H, W, 3], label uint8 [H, W])``; raises BadDataError naming the file.
+        file_names: the ``file_name`` of each item (default: its first string).
+        shuffle, seed: shuffle the item order (before decoding) each pass, with this seed.
+        skip_bad: log and skip items whose decode raises BadDataError (with a count per pass) instead of raising.
+        num_parallel_calls: decode parallelism (default ``tf.data.AUTOTUNE``).
+
+    Example:
+        >>> ds = decoded_dataset([("a.jpg", "a.png")], lambda i, m: (read_image_rgb(i), read_index_png(m)))  # doctest: +SKIP
+    """
+    import tensorflow as tf
+
+    counter = SkipCounter("file") if skip_bad else None
+    items = [tuple(os.fspath(p) for p in item) for item in items]
+    names = list(file_names) if file_names is not None else [item[0] for item in items]
+
+    def run(*paths):
+        paths = [p.decode() for p in paths]
+        try:
+            image, label = decode(*paths)
+        except BadDataError as e:
+            if counter is None:
+                raise
+            counter.note(paths[0], e)
+            return np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8), False
+        return image, label, True
+
+    def to_dict(name, *paths):
+        image, label, ok = tf.numpy_function(run, list(paths), [tf.uint8, tf.uint8, tf.bool], stateful=False)
+        image.set_shape([None, None, 3])
+        label.set_shape([None, None])
+        return {"image": image, "label": label, "file_name": name}, ok
+
+    ds = tf.data.Dataset.from_tensor_slices((names,) + tuple(list(column) for column in zip(*items)))
+    if shuffle:
+        ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(to_dict, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
+    if counter is None:
+        return ds.map(lambda example, ok: example)
+    ds = ds.filter(lambda example, ok: ok).map(lambda example, ok: example)
+    return counter.attach(ds)
+
+
 class SkipCounter:
     """Counts elements skipped by ``skip_bad`` and logs the total when the input is exhausted."""
 
