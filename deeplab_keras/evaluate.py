@@ -38,6 +38,7 @@ from deeplab_keras.data import BadDataError  # noqa: E402
 from deeplab_keras.data._common import tf_error_line  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
 from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
+from deeplab_keras.precision import check_precision  # noqa: E402
 from deeplab_keras.utils import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
@@ -145,7 +146,7 @@ def padded_probabilities(predictor, image, size, mean_rgb=DEEPLAB_MEAN_RGB):
         mean_rgb: the padding colour (:func:`model_mean_rgb` of the model).
     """
     height, width = image.shape[:2]
-    return predictor(pad_image(image, size, mean_rgb)[None]).numpy()[:, :height, :width]
+    return predictor.numpy(pad_image(image, size, mean_rgb)[None])[:, :height, :width]
 
 
 def _examples(dataset):
@@ -209,7 +210,8 @@ def _load(model):
 
 
 def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf=False, crf_params=None,
-             pad_to=None, class_names=None, ignore_label=255, max_images=None, progress=True):
+             pad_to=None, class_names=None, ignore_label=255, max_images=None, progress=True, tile_size=None,
+             tile_overlap=None, precision=None):
     """Evaluates a model at full resolution; with ``crf=True`` reports both the plain and the CRF results.
 
     Args:
@@ -228,6 +230,11 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         ignore_label: ground-truth value that does not count.
         max_images: stop after this many images.
         progress: show a progress bar on stderr.
+        tile_size, tile_overlap: predict overlapping tiles of this size (an int or (h, w)), overlapping by
+            ``tile_overlap`` (None: ``inference.DEFAULT_TILE_OVERLAP``), and blend them
+            (``deeplab_keras.inference.tiled_probabilities``); the CRF runs on the stitched probabilities.
+        precision: "float32" (None) or "bf16" (a bfloat16 copy of the model, on CPUs with native bfloat16:
+            ``deeplab_keras.precision``); recorded in the result.
 
     Returns:
         dict: {"no_crf": scores, "crf": scores (when crf), "images", "scales", "flip", "pad_to", "crf_params",
@@ -239,7 +246,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         BadDataError: (a ValueError) a bad data file, named (e.g. a label value out of range in folder data).
     """
     model = _load(model)
-    predictor = Predictor(model, scales, flip)
+    predictor = Predictor(model, scales, flip, tile_size, tile_overlap, precision=precision)
     if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
         raise ValueError(f"pad_to={pad_to!r} must be a positive int (513 in the paper) or None")
     mean_rgb = model_mean_rgb(model)
@@ -254,7 +261,7 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         if max_images is not None and count >= max_images:
             break
         if pad_to is None:
-            probs = predictor(image[None]).numpy()
+            probs = predictor.numpy(image[None])
         else:
             try:
                 probs = padded_probabilities(predictor, image, pad_to, mean_rgb)
@@ -281,7 +288,10 @@ def evaluate(model, dataset, num_classes=None, *, scales=(1.0,), flip=False, crf
         raise ValueError("the evaluation dataset is empty")
     result = {key: scores(cm, class_names) for key, cm in cms.items()}
     result.update(images=count, scales=list(predictor.scales), flip=bool(flip), pad_to=pad_to,
-                  crf_params=params.to_dict() if crf else None, seconds=round(time.time() - start, 2))
+                  precision=check_precision(precision),
+                  crf_params=params.to_dict() if crf else None, seconds=round(time.time() - start, 2),
+                  tile_size=list(predictor.tile_size) if predictor.tile_size else None,
+                  tile_overlap=predictor.tile_overlap if predictor.tile_size else None)
     for key, cm in cms.items():
         result[key]["confusion_matrix"] = cm.tolist()
     return result
@@ -305,6 +315,8 @@ def format_table(results):
     for label, field in (("mIoU", "miou"), ("pixel accuracy", "pixel_accuracy"), ("mean accuracy", "mean_accuracy")):
         lines.append(f"{label:<{width}}  " + "  ".join(fmt(results[k][field]) for k in keys))
     padding = f", padded to {results['pad_to']}" if results.get("pad_to") else ""
+    if results.get("tile_size"):
+        padding += f", tiles {'x'.join(map(str, results['tile_size']))} overlapping {results['tile_overlap']:g}"
     lines.append(f"{results['images']} images, scales {results['scales']}, flip {results['flip']}{padding}, "
                  f"{results['seconds']} s")
     return "\n".join(lines)

@@ -13,11 +13,26 @@ images: mIoU 0.858 with the half-pixel resize, 0.893 corner-aligned).
 The multi-scale test inputs are resized the same way (:func:`scale_images`). TFLite carries the resize as
 ``RESIZE_BILINEAR`` with ``align_corners=true`` and tf2onnx as ``Resize`` with
 ``coordinate_transformation_mode="align_corners"`` (both checked by the export tests).
+
+**Tiled inference** (:func:`tiled_probabilities`; ``tile_size=`` of :class:`Predictor` and
+:func:`predict_probabilities`, ``--tile H[xW] --tile-overlap F`` of ``deeplab eval`` / ``deeplab predict``) runs an
+image larger than the network should take at once as overlapping tiles and blends their probabilities, so the
+network's memory is that of one tile (the stitched ``[N, H, W, C]`` probabilities are the only full-size array).
+Along each axis the tiles are spaced evenly from the first to the last pixel, at most ``tile * (1 - overlap)``
+apart; each tile's probabilities are weighted by a separable window that rises linearly over the overlap width
+from each tile edge (``min(1, d / (overlap_px + 1))`` for a pixel ``d`` pixels from the edge, ``d >= 1``: never
+zero) and every pixel is divided by the sum of its weights, so a pixel's probabilities come mostly from the tiles
+where it lies far from an edge. A tile that covers the image is one call on the whole image: exactly the untiled
+result. Test scales, flips and a model's own MSC apply inside each tile; the CRF runs afterwards on the stitched
+probabilities.
 """
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["upsample_logits", "scale_images", "Predictor", "predict_probabilities"]
+__all__ = ["upsample_logits", "scale_images", "Predictor", "predict_probabilities", "tiled_probabilities",
+           "check_tiling", "tile_starts", "DEFAULT_TILE_OVERLAP"]
+
+DEFAULT_TILE_OVERLAP = 0.25  # the fraction of a tile that overlaps its neighbour when tile_overlap is not given
 
 
 def upsample_logits(logits, size):
@@ -59,6 +74,96 @@ def _check_scales(scales):
     return tuple(float(s) for s in scales)
 
 
+def check_tiling(tile_size, tile_overlap=DEFAULT_TILE_OVERLAP):
+    """``(tile_size, tile_overlap)`` checked: ``((h, w), overlap)``, or ``(None, overlap)`` for no tiling.
+
+    Args:
+        tile_size: None, an int (square tiles) or ``(h, w)``; each side >= 33 px
+            (``deeplab_keras.models.config.MIN_INPUT_SIZE``).
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1); None: :data:`DEFAULT_TILE_OVERLAP`.
+
+    Raises:
+        ValueError: naming ``tile_size`` / ``tile_overlap`` and what is allowed.
+
+    Example:
+        >>> check_tiling(321, 0.5)
+        ((321, 321), 0.5)
+    """
+    from deeplab_keras.models.config import MIN_INPUT_SIZE
+
+    overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.number)) or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"tile_overlap={tile_overlap!r} must be in [0, 1) (a fraction of the tile, e.g. 0.25)")
+    if tile_size is None:
+        return None, float(overlap)
+    size = (tile_size, tile_size) if np.ndim(tile_size) == 0 else tuple(np.ravel(tile_size))
+    if len(size) != 2 or not all(_is_int(v) and v >= MIN_INPUT_SIZE for v in size):
+        raise ValueError(f"tile_size={tile_size!r} must be an int or (height, width), each >= {MIN_INPUT_SIZE} px "
+                         "(e.g. 513 or (513, 1025))")
+    return (int(size[0]), int(size[1])), float(overlap)
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def tile_starts(length, tile, overlap):
+    """First pixels of the tiles along an axis of ``length`` px: evenly spaced from 0 to ``length - tile``, at most
+    ``tile * (1 - overlap)`` apart (one tile, at 0, when ``tile >= length``).
+
+    Example:
+        >>> tile_starts(100, 40, 0.25), tile_starts(30, 40, 0.25)
+        ([0, 30, 60], [0])
+    """
+    if tile >= length:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    count = -(-(length - tile) // stride) + 1
+    return [int(v) for v in np.round(np.linspace(0, length - tile, count))]
+
+
+def _window(tile, overlap):
+    """The blending weights along one tile axis: a linear rise over the overlap width from each edge, never 0."""
+    ramp = tile - max(1, int(tile * (1.0 - overlap)))
+    d = np.minimum(np.arange(tile), np.arange(tile)[::-1]) + 1
+    return np.minimum(1.0, d / (ramp + 1.0)).astype(np.float32)
+
+
+def tiled_probabilities(fn, images, tile_size, tile_overlap=DEFAULT_TILE_OVERLAP):
+    """Probabilities of ``images`` computed tile by tile with ``fn`` and blended (see the module docstring).
+
+    Args:
+        fn: ``float32 [N, h, w, 3] -> [N, h, w, C]`` probabilities (numpy or tensor), e.g. a :class:`Predictor`.
+        images: ``[N, H, W, 3]`` RGB 0..255.
+        tile_size: an int or ``(h, w)`` (clipped to the image); a tile that covers the image calls ``fn`` once on
+            the whole image.
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
+
+    Returns:
+        float32 numpy array ``[N, H, W, C]``.
+
+    Example:
+        >>> probs = tiled_probabilities(Predictor(model), images, (513, 513), 0.25)   # doctest: +SKIP
+    """
+    (tile_h, tile_w), overlap = check_tiling(tile_size, tile_overlap)
+    images = np.asarray(images, np.float32)
+    height, width = images.shape[1:3]
+    tile_h, tile_w = min(tile_h, height), min(tile_w, width)
+    if (tile_h, tile_w) == (height, width):
+        return np.asarray(fn(images), np.float32)
+    weight = _window(tile_h, overlap)[:, None] * _window(tile_w, overlap)[None, :]
+    total, weights = None, np.zeros((height, width), np.float32)
+    for top in tile_starts(height, tile_h, overlap):
+        for left in tile_starts(width, tile_w, overlap):
+            probs = np.asarray(fn(images[:, top:top + tile_h, left:left + tile_w]), np.float32)
+            if total is None:
+                total = np.zeros(images.shape[:3] + probs.shape[-1:], np.float32)
+            total[:, top:top + tile_h, left:left + tile_w] += probs * weight[None, :, :, None]
+            weights[top:top + tile_h, left:left + tile_w] += weight
+    total /= weights[None, :, :, None]
+    return total
+
+
 class Predictor:
     """Full-resolution softmax probabilities, averaged over test scales and flips; one ``tf.function`` for every
     image size (for loops over many images, e.g. ``deeplab_keras.evaluate``).
@@ -67,16 +172,26 @@ class Predictor:
         model: a DeepLab-style keras model (float RGB 0..255 in, logits at output stride out).
         scales: input scales to average over.
         flip: also average over the horizontally flipped input.
+        tile_size: None (the whole image at once), or an int / ``(h, w)``: :meth:`numpy` runs tiles of this size
+            (:func:`tiled_probabilities`).
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        precision: "float32" (None) or "bf16": run a bfloat16 copy of the model on a CPU with native bfloat16
+            (``deeplab_keras.precision.with_precision``; refused with a ValueError elsewhere).
 
     Example:
         >>> predictor = Predictor(model, scales=(0.75, 1.0, 1.25), flip=True)   # doctest: +SKIP
         >>> probs = predictor(images).numpy()                                    # doctest: +SKIP
+        >>> probs = Predictor(model, tile_size=513).numpy(big_images)            # doctest: +SKIP
     """
 
-    def __init__(self, model, scales=(1.0,), flip=False):
-        self.model = model
+    def __init__(self, model, scales=(1.0,), flip=False, tile_size=None, tile_overlap=DEFAULT_TILE_OVERLAP, *,
+                 precision=None):
+        from deeplab_keras.precision import with_precision
+
+        self.model = with_precision(model, precision)
         self.scales = _check_scales(scales)
         self.flip = bool(flip)
+        self.tile_size, self.tile_overlap = check_tiling(tile_size, tile_overlap)
         self._fn = tf.function(self.probabilities,
                                input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
                                reduce_retracing=True)
@@ -103,11 +218,19 @@ class Predictor:
         return total / float(len(self.scales) * (2 if self.flip else 1))
 
     def __call__(self, images):
-        """Traced probabilities of ``images`` ``[N, H, W, 3]`` (float32 tensor)."""
+        """Traced probabilities of ``images`` ``[N, H, W, 3]`` (float32 tensor; the whole image at once)."""
         return self._fn(tf.cast(images, tf.float32))
 
+    def numpy(self, images):
+        """Probabilities of ``images`` ``[N, H, W, 3]`` as a float32 numpy array, tile by tile when ``tile_size``
+        is set (each tile traced, so tiles of one size share one trace)."""
+        if self.tile_size is None:
+            return self(images).numpy()
+        return tiled_probabilities(lambda tile: self(tile).numpy(), images, self.tile_size, self.tile_overlap)
 
-def predict_probabilities(model, images, scales=(1.0,), flip=False):
+
+def predict_probabilities(model, images, scales=(1.0,), flip=False, tile_size=None,
+                          tile_overlap=DEFAULT_TILE_OVERLAP, *, precision=None):
     """Softmax probabilities at the input size, averaged over test scales (and horizontal flips).
 
     Logits are upsampled with :func:`upsample_logits`; scaled inputs come from :func:`scale_images`.
@@ -117,12 +240,18 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False):
         images: ``[N, H, W, 3]`` (or one ``[H, W, 3]`` image, returned as a batch of one) uint8 or float RGB 0..255.
         scales: input scales to average over (the paper's multi-scale testing uses e.g. 0.5..1.5).
         flip: also average over the horizontally flipped input.
+        tile_size: None (the whole image at once), or an int / ``(h, w)``: run overlapping tiles of this size and
+            blend them (:func:`tiled_probabilities`); a tile that covers the image gives exactly the whole-image
+            result.
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        precision: "float32" (None) or "bf16" (see :class:`Predictor`).
 
     Returns:
         float32 numpy array [N, H, W, C].
 
     Example:
         >>> probs = predict_probabilities(model, images, scales=(0.75, 1.0, 1.25), flip=True)  # doctest: +SKIP
+        >>> probs = predict_probabilities(model, big_images, tile_size=(513, 513), tile_overlap=0.25)  # doctest: +SKIP
     """
     images = np.asarray(images, dtype=np.float32)
     if not np.isfinite(images).all():
@@ -131,4 +260,8 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False):
     images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
         images = images[None]
-    return Predictor(model, scales, flip).probabilities(images).numpy()  # eager: no tracing for a one-off call
+    predictor = Predictor(model, scales, flip, tile_size, tile_overlap, precision=precision)
+    if predictor.tile_size is None:
+        return predictor.probabilities(images).numpy()  # eager: no tracing for a one-off call
+    return tiled_probabilities(lambda tile: predictor.probabilities(tile).numpy(), images.numpy(),
+                               predictor.tile_size, predictor.tile_overlap)

@@ -165,7 +165,7 @@ class SavedModelPredictor:
 
 def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales=(1.0,), flip=False,
                   batch_size=1, overwrite=False, stop_on_error=False, max_pixels=MAX_PIXELS, class_names=None,
-                  crf_params=None, progress=True):
+                  crf_params=None, progress=True, tile_size=None, tile_overlap=None):
     """Segment image files and write ``<stem>.png`` (VOC palette), optional ``<stem>_overlay.png`` and
     ``areas.json`` / ``areas.csv`` (fraction of pixels per class) into ``out_dir``.
 
@@ -187,6 +187,10 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         class_names: names for the areas table (default: VOC's when 21 classes, else class_<i>).
         crf_params: a :class:`deeplab_keras.crf.CRFParams`, a dict of some of its fields, or None (the defaults).
         progress: show a progress bar.
+        tile_size, tile_overlap: predict overlapping tiles of this size (an int or (h, w)), overlapping by
+            ``tile_overlap`` (None: ``inference.DEFAULT_TILE_OVERLAP``), and blend them
+            (``deeplab_keras.inference.tiled_probabilities``; also for a SavedModel); the CRF runs on the stitched
+            probabilities.
 
     Returns:
         dict with ``written`` (stems), ``failed`` ({path: reason}) and ``areas`` (this run's).
@@ -195,6 +199,9 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         OutputNameError: ``out_dir`` is a file or two inputs would write the same file (nothing written).
         RuntimeError: an output could not be written (e.g. a full disk); the message names the file.
     """
+    from deeplab_keras.inference import check_tiling
+
+    tiling = check_tiling(tile_size, tile_overlap)  # a bad tile size fails before anything is read or written
     output_names(paths, out_dir, overlay_images)
     read_areas(out_dir)  # refuse an unreadable areas table before predicting, not after
     os.makedirs(out_dir, exist_ok=True)
@@ -210,7 +217,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     with _areas_merged_on_exit(out_dir, areas):
         for batch in _same_size_batches(paths, max_pixels, batch_size, progress, skip):
             images = np.stack([img for _, img in batch])
-            probs = _probabilities(run, images, scales, flip, crf, crf_params)
+            probs = _probabilities(run, images, scales, flip, crf, crf_params, tiling)
             for (path, image), p in zip(batch, probs):
                 stem = os.path.splitext(os.path.basename(path))[0]
                 labels = p.argmax(-1).astype(np.uint8)
@@ -254,9 +261,14 @@ def _same_size_batches(paths, max_pixels, batch_size, progress, skip):
         yield pending
 
 
-def _probabilities(run, images, scales, flip, crf, crf_params):
-    """The model's probabilities for a batch of images, refined by the dense CRF op when ``crf``."""
-    probs = run(images, scales, flip)
+def _probabilities(run, images, scales, flip, crf, crf_params, tiling=(None, None)):
+    """The model's probabilities for a batch of images (tile by tile when ``tiling`` = ``(tile_size, overlap)``
+    has a size), refined by the dense CRF op when ``crf``."""
+    if tiling[0] is None:
+        probs = run(images, scales, flip)
+    else:
+        from deeplab_keras.inference import tiled_probabilities
+        probs = tiled_probabilities(lambda tile: run(tile, scales, flip), images, *tiling)
     if crf:
         from deeplab_keras import crf as crf_module
         probs = np.asarray(crf_module.dense_crf(probs, images, crf_params))

@@ -47,6 +47,7 @@ def configure(parser):
     test.add_argument("--scales", type=float, nargs="+", default=[1.0],
                       help="test scales, averaged (e.g. 0.5 0.75 1 1.25 1.5)")
     test.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    options.add_tiling(test)
     options.add_crf(parser, what="also evaluate with the dense CRF (both results from one run)")
     options.add_output(parser, overwrite=False,
                        help="a folder (eval.json inside) or a .json file (default: eval.json next to the checkpoint "
@@ -118,9 +119,12 @@ def _out_path(args, checkpoint):
 def run(parser, args):
     """Runs ``deeplab eval``; returns the exit code (usage errors exit 2 from inside)."""
     pad_to, crf, crf_params = _settings(parser, args)
+    tile_size, tile_overlap = options.tiling(parser, args)
     from deeplab_keras.data import BadDataError
     from deeplab_keras.evaluate import evaluate, format_table, write_json
 
+    out = options.check_out(parser, _out_path(args, args.checkpoint or ""),  # before the work, not after it
+                            what="--out" if args.out else "the results file (--out sets it)")
     model, ckpt = options.load_model_source(parser, args)
     num_classes = int(model.output_shape[-1])
     if args.protocol and not getattr(model, "msc_scales", None):
@@ -130,7 +134,7 @@ def run(parser, args):
         dataset, names = _dataset(parser, args, num_classes)
         results = evaluate(model, dataset, num_classes, scales=args.scales, flip=args.flip, crf=crf,
                            crf_params=crf_params, pad_to=pad_to, class_names=names, max_images=args.max_images,
-                           progress=not args.quiet)
+                           progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap)
     except BadDataError:
         raise  # a bad data file (named in the message): a runtime failure, exit 1
     except (FileNotFoundError, ValueError) as err:
@@ -139,5 +143,11 @@ def run(parser, args):
         usage_error(parser, err)
     results.update(checkpoint=os.path.abspath(ckpt), preset=args.preset, protocol=args.protocol, data=args.data)
     print(format_table(results))
-    print(f"{parser.prog}: wrote {write_json(results, _out_path(args, ckpt))}")
+    try:
+        print(f"{parser.prog}: wrote {write_json(results, out)}")
+    except OSError as err:  # the disk filled up (or the folder changed) during the run: say which
+        from deeplab_keras.utils import write_error_text
+
+        raise RuntimeError(f"cannot write {out}: {write_error_text(err, os.path.dirname(out))} (the table above "
+                           "holds the results)") from None
     return 0

@@ -136,6 +136,34 @@ def crf_params(parser, args):
     return params
 
 
+def add_tiling(group):
+    """``--tile H[xW]`` and ``--tile-overlap F`` on an argument group (read with :func:`tiling`)."""
+    group.add_argument("--tile", metavar="H[xW]", default=None,
+                       help="predict overlapping tiles of HxW px (H alone: square) and blend their probabilities, "
+                            "for images larger than the network should take at once (memory bounded by the tile; "
+                            "the CRF runs on the stitched result)")
+    group.add_argument("--tile-overlap", type=float, default=None, metavar="F",
+                       help="fraction of a tile shared with its neighbour, in [0, 1) (default 0.25)")
+
+
+def tiling(parser, args):
+    """``(tile_size, tile_overlap)`` of ``--tile`` / ``--tile-overlap`` (``(None, None)`` without ``--tile``); a
+    bad value, or ``--tile-overlap`` without ``--tile``, is a usage error naming the option."""
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            usage_error(parser, "--tile-overlap applies only to --tile H[xW]")
+        return None, None
+    from deeplab_keras.inference import check_tiling
+
+    parts = args.tile.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        usage_error(parser, f"--tile {args.tile!r} must be H or HxW in pixels, e.g. 513 or 513x1025")
+    try:
+        return check_tiling(tuple(int(p) for p in parts) * (3 - len(parts)), args.tile_overlap)
+    except ValueError as err:
+        usage_error(parser, f"--tile {args.tile} --tile-overlap {args.tile_overlap}: {err}")
+
+
 def add_output(parser, help, *, required=False, default=None, overwrite=True):
     """``--out`` (a folder of results, or the artifact path of export / convert) and ``--overwrite``."""
     group = parser.add_argument_group("output")
@@ -145,27 +173,41 @@ def add_output(parser, help, *, required=False, default=None, overwrite=True):
     return group
 
 
+def check_out(parser, path, *, folder=False, what="--out"):
+    """Usage error (exit 2, one line) unless ``path`` can be written, checked before the work
+    (:func:`deeplab_keras.utils.check_writable`: a dangling link, a read-only folder, a full disk)."""
+    from deeplab_keras.utils import UnwritableError, check_writable
+
+    try:
+        return check_writable(path, what, folder=folder)
+    except UnwritableError as err:
+        usage_error(parser, err)
+
+
 def load_model_source(parser, args):
     """(model, checkpoint path) from ``--checkpoint`` / ``--preset`` (``--saved-model``: (predictor, path)).
 
     A missing or unloadable checkpoint, an unknown preset or a bad SavedModel is a usage error (exit 2, one
     line; the exception itself with ``--debug``); a failed or mismatching preset download is a runtime error
-    (raised: exit 1).
+    (raised: exit 1). ``--preset-sha256`` without ``--preset`` is a usage error; ``--quiet`` hides the download bar.
     """
     from deeplab_keras.models import load_model, resolve_checkpoint
-    from deeplab_keras.models.presets import PresetError, preset_path
+    from deeplab_keras.models.presets import PresetError, load_cached, preset_path
 
+    if getattr(args, "preset_sha256", None) and not args.preset:
+        usage_error(parser, "--preset-sha256 applies only to --preset (a --checkpoint or --saved-model is not "
+                            "downloaded)")
     try:
+        if args.preset:
+            path = preset_path(args.preset, sha256=args.preset_sha256, progress=not args.quiet)
+            return load_cached(path), path  # a corrupt cached .keras is named for deletion (exit 1)
         if getattr(args, "saved_model", None):
             if not os.path.isdir(args.saved_model):
                 usage_error(parser, f"--saved-model {args.saved_model!r} is not a directory")
             from deeplab_keras.predict import SavedModelPredictor
 
             return SavedModelPredictor(args.saved_model), args.saved_model
-        if args.preset:
-            path = preset_path(args.preset, sha256=args.preset_sha256)
-        else:
-            path = resolve_checkpoint(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
         return load_model(path), path
     except PresetError as err:  # an unknown name or a bad --preset-sha256 (a ValueError)
         _usage(parser, args, err)

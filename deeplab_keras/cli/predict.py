@@ -14,7 +14,7 @@ DESCRIPTION = ("Segment images with a DeepLab checkpoint, preset or exported Sav
                "PNGs, optional overlays and per-image class areas (areas.json / areas.csv).")
 EPILOG = ("Exit codes: 0 every image written; 1 some images failed (named on stderr) or the run stopped (a full "
           "disk); 2 bad arguments (nothing written); 130 Ctrl-C (the masks written so far are complete).")
-INTERRUPTED = "interrupted; the masks written so far are complete and their areas recorded"
+INTERRUPTED = "interrupted; the masks written so far are complete and their areas recorded"  # a download says its own
 MAX_PIXELS = 50_000_000  # deeplab_keras.predict.MAX_PIXELS (not imported here: the parser stays light)
 
 
@@ -29,6 +29,7 @@ def configure(parser):
     test.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                       help=f"refuse larger images (default {MAX_PIXELS})")
     test.add_argument("--stop-on-error", action="store_true", help="stop at the first bad image")
+    options.add_tiling(test)
     options.add_crf(parser, what="refine the probabilities with the dense CRF (custom op) before the argmax")
     out = options.add_output(parser, required=True, help="output folder (created)")
     out.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
@@ -47,12 +48,14 @@ def run(parser, args):
     if args.max_pixels < 1:
         usage_error(parser, f"--max-pixels must be >= 1, got {args.max_pixels}")
     crf_params = options.crf_params(parser, args)
+    tile_size, tile_overlap = options.tiling(parser, args)
     for item in args.inputs:
         if not os.path.exists(item):
             usage_error(parser, f"input {item!r} does not exist")
     paths = collect_inputs(args.inputs)
     if not paths:
         usage_error(parser, f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.inputs)}")
+    options.check_out(parser, args.out, folder=True)  # a read-only or full --out: before the work
     try:
         output_names(paths, args.out, args.overlay)
         read_areas(args.out)
@@ -62,7 +65,7 @@ def run(parser, args):
     summary = predict_files(model, paths, args.out, crf=args.crf, crf_params=crf_params, overlay_images=args.overlay,
                             scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
                             overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
-                            progress=not args.quiet)
+                            progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap)
     if not args.quiet:  # the failures were reported on stderr as they happened ("skipped ...")
         print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
     return 1 if summary["failed"] else 0
