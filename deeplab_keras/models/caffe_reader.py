@@ -10,6 +10,7 @@ Example:
     ['data', 'conv1']
 """
 import hashlib
+import math
 import os
 import struct
 from typing import NamedTuple
@@ -41,6 +42,10 @@ _NET_FIELDS = {1: 2, 2: 2, 3: 2, 4: 0, 5: 0, 6: 2, 7: 0, 8: 2, 100: 2}  # NetPar
 _V1_TYPES = {3: "Concat", 4: "Convolution", 5: "Data", 6: "Dropout", 14: "InnerProduct", 15: "LRN",
              17: "Pooling", 18: "ReLU", 20: "Softmax", 21: "SoftmaxWithLoss", 25: "Eltwise", 39: "Deconvolution"}
 _POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}
+_MAX_DIMS = 8               # dimensions of a blob
+_MAX_REPEATED = 64          # values of a repeated number field (pad, kernel_size, a shape's dims)
+_MAX_VALUES = 1 << 31       # one dimension of a blob
+MAX_LAYER_BYTES = 1 << 31   # one layer's bytes (the released files' largest layer is ~38 MB)
 
 
 class _Corrupt(Exception):
@@ -62,35 +67,59 @@ def _varint(buf, pos, end):
             raise _Corrupt("a number is longer than 10 bytes")
 
 
+def _float_run(buf, pos, end, key):
+    """Length of the run of unpacked fixed32 records (one ``key`` byte + 4 bytes) starting at ``pos``, the first
+    key already read. The records are scanned in doubling windows, so a run costs time linear in its own
+    length (never in what follows it)."""
+    count, window = 0, 16
+    while True:
+        start = pos - 1 + count * 5
+        fit = min(window, (end - start) // 5)
+        if fit <= 0:
+            if count == 0:
+                raise _Corrupt("a float runs past the end of its message")
+            return count
+        run = np.frombuffer(buf, np.uint8, count=fit * 5, offset=start).reshape(fit, 5)
+        stop = np.flatnonzero(run[:, 0] != key)
+        if stop.size:
+            return count + int(stop[0])
+        count += fit
+        window *= 2
+
+
 def _fields(buf, pos, end, float_runs=None):
     """Yield (field, wire type, value) of one message; value is an int (varint), bytes (fixed) or a
     (start, stop) slice for length-delimited fields. Unpacked floats of field ``float_runs`` (one key byte and
-    4 bytes per value; ``float_runs`` < 16) come as one float32 array per run of consecutive values."""
+    4 bytes per value; ``float_runs`` < 16) come as one float32 array per run of consecutive values.
+
+    Every step moves forward and every length is checked against ``end`` before it is used, so a message is
+    read in time linear in its size."""
     run_key = float_runs << 3 | 5 if float_runs is not None else None
     while pos < end:
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
-        if key == run_key:
-            run = np.frombuffer(buf, np.uint8, count=(end - pos + 1) // 5 * 5, offset=pos - 1).reshape(-1, 5)
-            stop = np.flatnonzero(run[:, 0] != run_key)
-            n = int(stop[0]) if stop.size else len(run)
+        if key == run_key and buf[pos - 1] == run_key:  # a one-byte key: the records are 5 bytes each
+            n = _float_run(buf, pos, end, run_key)
+            run = np.frombuffer(buf, np.uint8, count=n * 5, offset=pos - 1).reshape(n, 5)
             pos += n * 5 - 1
-            yield field, wire, np.ascontiguousarray(run[:n, 1:]).view("<f4").ravel()
+            yield field, wire, np.ascontiguousarray(run[:, 1:]).view("<f4").ravel()
             continue
         if wire == 0:
             value, pos = _varint(buf, pos, end)
         elif wire == 2:
             n, pos = _varint(buf, pos, end)
+            if n > end - pos:
+                raise _Corrupt(f"field {field} declares {n:,} bytes, its message has {end - pos:,} left")
             value = (pos, pos + n)
             pos += n
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
+            if size > end - pos:
+                raise _Corrupt(f"field {field} runs past the end of its message")
             value = bytes(buf[pos:pos + size])
             pos += size
         else:
             raise _Corrupt(f"wire type {wire} (field {field})")
-        if pos > end:
-            raise _Corrupt(f"field {field} runs past the end of its message")
         yield field, wire, value
 
 
@@ -98,9 +127,11 @@ def _string(buf, span):
     return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
 
 
-def _packed_varints(buf, span):
+def _packed_varints(buf, span, limit=_MAX_REPEATED):
     out, pos = [], span[0]
     while pos < span[1]:
+        if len(out) >= limit:
+            raise _Corrupt(f"more than {limit} values in a repeated number field")
         value, pos = _varint(buf, pos, span[1])
         out.append(value)
     return out
@@ -109,33 +140,54 @@ def _packed_varints(buf, span):
 def _repeated_uint(values, wire, value, buf):
     """Append a repeated uint32 field (proto2 writes it unpacked; accept packed too)."""
     values.extend(_packed_varints(buf, value) if wire == 2 else [value])
+    if len(values) > _MAX_REPEATED:
+        raise _Corrupt(f"more than {_MAX_REPEATED} values in a repeated number field")
+
+
+def _blob_shape(buf, span):
+    """BlobShape -> list of dims (int64, packed or not)."""
+    shape = []
+    for f, w, v in _fields(buf, *span):
+        if f == 1 and w in (0, 2):
+            _repeated_uint(shape, w, v, buf)
+        elif f == 1:
+            raise _Corrupt(f"a blob shape dimension of wire type {w} (a number is expected)")
+    return shape
+
+
+def _float_data(buf, field, wire, value):
+    """float32 values of a blob's data (5) or double_data (8; rare, converted) field."""
+    if isinstance(value, np.ndarray):  # a run of unpacked floats
+        return value
+    size = 4 if field == 5 else 8
+    if wire != 2:
+        return np.frombuffer(value, f"<f{size}").astype(np.float32)
+    if (value[1] - value[0]) % size:
+        raise _Corrupt(f"{'float' if size == 4 else 'double'} data whose length is not a multiple of {size}")
+    data = np.frombuffer(buf, f"<f{size}", count=(value[1] - value[0]) // size, offset=value[0])
+    return data if size == 4 else data.astype(np.float32)
 
 
 def _decode_blob(buf, start, end):
     """BlobProto -> float32 array in its Caffe shape (a view into ``buf`` for packed float data)."""
     chunks, shape, legacy = [], None, [0, 0, 0, 0]
     for field, wire, value in _fields(buf, start, end, float_runs=5):
-        if field == 5 and wire == 5:
-            chunks.append(value)
-        elif field == 5 and wire == 2:
-            if (value[1] - value[0]) % 4:
-                raise _Corrupt("float data whose length is not a multiple of 4")
-            chunks.append(np.frombuffer(buf, "<f4", count=(value[1] - value[0]) // 4, offset=value[0]))
-        elif field == 8:  # double_data: rare; converted to float32
-            data = np.frombuffer(buf, "<f8", count=(value[1] - value[0]) // 8, offset=value[0]) if wire == 2 \
-                else np.frombuffer(value, "<f8")
-            chunks.append(data.astype(np.float32))
+        if (field == 5 and wire in (2, 5)) or (field == 8 and wire in (1, 2)):
+            chunks.append(_float_data(buf, field, wire, value))
         elif field == 7 and wire == 2:
-            shape = []
-            for f, w, v in _fields(buf, *value):
-                if f == 1:
-                    shape.extend(_packed_varints(buf, v) if w == 2 else [v])
+            shape = _blob_shape(buf, value)
+        elif field in (5, 7, 8):
+            raise _Corrupt(f"blob field {field} has wire type {wire}")
         elif field in (1, 2, 3, 4) and wire == 0:
             legacy[field - 1] = value
     data = chunks[0] if len(chunks) == 1 else (np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
     if shape is None:
         shape = legacy if any(legacy) else [data.size]
-    if int(np.prod(shape)) != data.size:
+    if not shape or len(shape) > _MAX_DIMS:
+        raise _Corrupt(f"a blob with {len(shape)} dimensions (1 to {_MAX_DIMS} expected)")
+    if min(shape) <= 0 or max(shape) > _MAX_VALUES:
+        raise _Corrupt(f"a blob of shape {tuple(shape)} (every dimension must be 1 to {_MAX_VALUES:,})")
+    if math.prod(shape) != data.size:
         raise _Corrupt(f"a blob of shape {tuple(shape)} holds {data.size} values")
     return data.astype(np.float32, copy=False).reshape(shape)
 
@@ -149,10 +201,12 @@ def _decode_layer(buf, v1):
     for field, wire, value in _fields(buf, 0, end):
         if field == f_name and wire == 2:
             name = _string(buf, value)
-        elif field == f_type:
-            type_ = _V1_TYPES.get(value, f"V1Type{value}") if (v1 and wire == 0) else _string(buf, value)
+        elif field == f_type and (wire == 2 or (v1 and wire == 0)):
+            type_ = _V1_TYPES.get(value, f"V1Type{value}") if wire == 0 else _string(buf, value)
         elif field == f_blob and wire == 2:
             blobs.append(_decode_blob(buf, *value))
+        elif field in (f_name, f_type, f_blob):
+            raise _Corrupt(f"layer field {field} has wire type {wire}")
         elif field == f_conv and wire == 2:
             conv = _conv_param(buf, value)
         elif field == f_pool and wire == 2:
@@ -243,6 +297,14 @@ def read_caffemodel(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CaffeModelError(f"{path} does not exist (or is not a file); pass a .caffemodel file")
+    try:
+        yield from _read_layers(path)
+    except OSError as e:
+        raise CaffeModelError(f"{path} cannot be read ({e.strerror or e}); check the file and its permissions") \
+            from None
+
+
+def _read_layers(path):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(64)
@@ -264,6 +326,9 @@ def read_caffemodel(path):
             if f.tell() + n > size:
                 raise CaffeModelError(f"{path} is truncated: the field at byte {at} needs {n:,} bytes, "
                                       f"{size - f.tell():,} are left; download the file again")
+            if n > MAX_LAYER_BYTES and field in (100, 2):
+                raise CaffeModelError(f"{path}: the layer at byte {at} has {n:,} bytes, over the reader's cap of "
+                                      f"{MAX_LAYER_BYTES:,} (no DeepLab v2 layer is this large)")
             if field not in (100, 2):
                 f.seek(n, os.SEEK_CUR)
                 continue
@@ -287,16 +352,49 @@ class Scan(NamedTuple):
     digests: dict         # layer name -> digest of its blobs (to check the MSC copies)
     source: object        # () -> iterator of CaffeLayer with the blobs, for loading
     names: dict = None    # Caffe name -> the file's own name, for messages (.pth)
+    nonfinite: dict = None  # layer name -> how many of its values (as loaded) are NaN or infinite, when any
 
     def display(self, name):
         return (self.names or {}).get(name, name)
 
 
+def nonfinite_count(layer):
+    """How many of ``layer``'s values are NaN or infinite as the importer loads them (BatchNorm statistics
+    divided by their scale factor, as Caffe does).
+
+    Example:
+        >>> nonfinite_count(CaffeLayer("conv1", "Convolution", [np.array([1.0, np.nan], np.float32)]))
+        1
+    """
+    blobs = list(layer.blobs)
+    if layer.type == "BatchNorm" and len(blobs) == 3:
+        blobs[:2] = bn_statistics(blobs)
+    return sum(int(b.size - np.count_nonzero(np.isfinite(b))) for b in blobs)
+
+
+def bn_statistics(blobs):
+    """Caffe BatchNorm blobs (mean * s, var * s, [s]) -> float32 (mean, var), flat: divided by s as Caffe does
+    (s == 0 gives 0).
+
+    Example:
+        >>> bn_statistics([np.array([2.0, 4.0]), np.array([6.0, 8.0]), np.array([2.0])])[1].tolist()
+        [3.0, 4.0]
+    """
+    s = float(blobs[2].reshape(-1)[0])
+    factor = 0.0 if s == 0 else 1.0 / s
+    with np.errstate(over="ignore", invalid="ignore"):
+        return [(b.reshape(-1).astype(np.float64) * factor).astype(np.float32) for b in blobs[:2]]
+
+
 def scan_caffemodel(path):
-    """One streaming pass: every layer's metadata and blob shapes, and a digest of each layer's weights."""
+    """One streaming pass: every layer's metadata and blob shapes, a digest of each layer's weights, and the
+    layers holding non-finite values."""
     path = os.fspath(path)
-    layers, digests = [], {}
+    layers, digests, nonfinite = [], {}, {}
     for layer in read_caffemodel(path):
+        bad = nonfinite_count(layer)
+        if bad:
+            nonfinite[layer.name] = nonfinite.get(layer.name, 0) + bad
         if layer.blobs:
             h = hashlib.blake2b(digest_size=16)
             for blob in layer.blobs:
@@ -304,4 +402,4 @@ def scan_caffemodel(path):
                 h.update(memoryview(np.ascontiguousarray(blob)).cast("B"))
             digests[layer.name] = h.digest()
         layers.append(layer._replace(blobs=[tuple(b.shape) for b in layer.blobs]))
-    return Scan(path, layers, digests, lambda: read_caffemodel(path))
+    return Scan(path, layers, digests, lambda: read_caffemodel(path), nonfinite=nonfinite)

@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from deeplab_keras.models.caffe_reader import CaffeModelError
+from deeplab_keras.models.caffe_reader import CaffeModelError, bn_statistics
 from deeplab_keras.models.config import ASPP_RATES, RESNET_BLOCKS
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,6 +234,15 @@ def _check_fits(path, caffe, shapes, role, layer):
                               f"{[tuple(b) for b in shapes]}; the model's {layer.name} has {channels} channels")
 
 
+def _check_finite(scan, plan):
+    """Raise when a layer to be loaded holds NaN or infinite values (named, never printed)."""
+    bad = [name for name in plan if (scan.nonfinite or {}).get(name)]
+    if bad:
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise CaffeModelError(f"{scan.path}: layer {scan.display(bad[0])} holds {scan.nonfinite[bad[0]]:,} NaN or "
+                              f"infinite values{more}; the file is damaged or its training diverged: use another file")
+
+
 def _check_eps(path, info, targets):
     eps = info["bn_epsilon"]
     if isinstance(eps, list):
@@ -304,8 +313,11 @@ def _plan(model, scan, backbone_only):
             raise CaffeModelError(f"{path}: layer {scan.display(name)} has no counterpart {key} in the model; build "
                                   "the model the file was made for (see caffemodel_config)")
         plan[name] = (kind, targets[key])
-    for name, (role, layer) in plan.items():
-        _check_fits(path, scan.display(name), info["layers"][name].blobs, role, layer)
+    for caffe in scan.layers:  # every copy of a name the file repeats is checked, not only the last
+        if caffe.blobs and caffe.name in plan:
+            role, layer = plan[caffe.name]
+            _check_fits(path, scan.display(caffe.name), caffe.blobs, role, layer)
+    _check_finite(scan, plan)
     if info["backbone"] != "vgg16":
         _check_eps(path, info, targets)
     filled = {(layer.name, role) for role, layer in plan.values()}
@@ -336,10 +348,9 @@ def _assign(role, layer, blobs):
         if layer.bias is not None:
             layer.bias.assign(blobs[1].reshape(-1) if len(blobs) > 1 else np.zeros(layer.bias.shape, np.float32))
     elif role == "bn":  # Caffe: statistics * (0 if s == 0 else 1 / s)
-        s = float(blobs[2].reshape(-1)[0])
-        factor = 0.0 if s == 0 else 1.0 / s
-        layer.moving_mean.assign((blobs[0].reshape(-1).astype(np.float64) * factor).astype(np.float32))
-        layer.moving_variance.assign((blobs[1].reshape(-1).astype(np.float64) * factor).astype(np.float32))
+        mean, var = bn_statistics(blobs)
+        layer.moving_mean.assign(mean)
+        layer.moving_variance.assign(var)
     else:
         layer.gamma.assign(blobs[0].reshape(-1))
         layer.beta.assign(blobs[1].reshape(-1) if len(blobs) > 1 else np.zeros(layer.beta.shape, np.float32))

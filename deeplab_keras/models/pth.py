@@ -19,6 +19,7 @@ Example:
     (21, 2048, 3, 3)
 """
 import collections
+import math
 import os
 import pickle
 import re
@@ -42,6 +43,13 @@ _DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "BF
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
+_MAX_PICKLE_BYTES = 64 << 20    # a state dict's data.pkl (the released ResNet-101's is ~100 KB)
+_MAX_DIMS = 16                   # dimensions of one tensor
+_MAX_DEPTH = 32                  # nesting of dicts / lists / tuples around the tensors
+_MAX_INFLATE = 64                # a compressed storage member may inflate at most this much (torch stores them)
+_CHUNK = 1 << 24                 # storages are read in chunks of this many bytes
+
+
 class _StorageType:
     def __init__(self, name):
         self.name = name
@@ -49,13 +57,13 @@ class _StorageType:
 
 class _Storage:
     def __init__(self, storage_type, key, numel):
-        self.dtype, self.key, self.numel = _DTYPES[storage_type.name], str(key), int(numel)
+        self.dtype, self.key, self.numel = _DTYPES[storage_type.name], str(key)[:64], numel
         self.array = None
 
 
 class _Tensor:
     def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_):
@@ -85,17 +93,44 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(name)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise PthError(f"{self.path} refers to {module}.{name}, which a state dict of tensors does not need; "
-                       "refusing to load it (only torch.save(model.state_dict()) files are read)")
+        raise PthError(f"{self.path} refers to {str(module)[:60]}.{str(name)[:60]}, which a state dict of tensors "
+                       "does not need; refusing to load it (only torch.save(model.state_dict()) files are read)")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+                and isinstance(pid[1], _StorageType) and _is_int(pid[4]) and pid[4] >= 0):
             raise PthError(f"{self.path}: unsupported storage reference {str(pid)[:80]}")
         key = str(pid[2])
         if key not in self.storages:
-            self.storages[key] = _Storage(pid[1], key, pid[4])
-        return self.storages[key]
+            self.storages[key] = _Storage(pid[1], key, int(pid[4]))
+        storage = self.storages[key]
+        if storage.numel != pid[4] or storage.dtype != _DTYPES[pid[1].name]:
+            raise PthError(f"{self.path}: storage {storage.key} is declared twice, with different sizes or types")
+        return storage
+
+
+class _Bounded:
+    """A read-only file view that never reads past ``limit`` bytes from where it starts (so a pickle opcode that
+    declares a huge length cannot make the unpickler allocate it)."""
+
+    def __init__(self, f, limit):
+        self.f, self.left = f, limit
+
+    def read(self, n=-1):
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self, n=-1):
+        data = self.f.readline(self.left if n is None or n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _load_pickle(unpickler, path):
@@ -103,8 +138,12 @@ def _load_pickle(unpickler, path):
         return unpickler.load()
     except PthError:
         raise
-    except Exception as e:  # a damaged pickle: EOFError, UnpicklingError, ...
+    except Exception as e:  # a damaged pickle: EOFError, UnpicklingError, MemoryError, ...
         raise PthError(f"{path} is not a readable .pth state dict ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _dtype(code, byteorder):
@@ -124,23 +163,155 @@ def _array(storage, raw, byteorder, path):
     return data.astype(data.dtype.newbyteorder("="), copy=False)
 
 
-def _materialize(obj, path):
+def _read_exactly(f, n, path, what):
+    """``n`` bytes of ``f`` read in chunks (never more than ``n``), or PthError when the file ends first."""
+    out = bytearray(n)
+    view, done = memoryview(out), 0
+    while done < n:
+        got = f.readinto(view[done:done + _CHUNK])
+        if not got:
+            raise PthError(f"{path} is truncated: {what} needs {n:,} bytes, has {done:,}; download the file again")
+        done += got
+    return out
+
+
+def _check_tensor(t, path):
+    """Check a tensor's offset, sizes and strides against its storage before any view of it is made; return
+    the bytes a C-contiguous copy of it takes (0 when it is a contiguous view)."""
+    where = f"{path}: a tensor over storage {t.storage.key if isinstance(t.storage, _Storage) else '?'}"
+    if not isinstance(t.storage, _Storage) or t.storage.array is None:
+        raise PthError(f"{where} has no storage of its own")
+    size, stride, offset = t.size, t.stride, t.offset
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= _MAX_DIMS
+            and all(map(_is_int, size + stride)) and _is_int(offset)):
+        raise PthError(f"{where} has malformed sizes / strides / offset (integers expected, at most {_MAX_DIMS} "
+                       "dimensions)")
+    numel = t.storage.array.size
+    if min(size, default=1) < 0 or min(stride, default=0) < 0 or offset < 0:
+        raise PthError(f"{where} has a negative size, stride or offset (size {size[:8]}, stride {stride[:8]}, "
+                       f"offset {offset}); torch never writes one")
+    count = math.prod(size)
+    if count == 0:
+        return 0
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= numel or count > numel:
+        raise PthError(f"{where} of shape {size[:8]} (stride {stride[:8]}, offset {offset}) "
+                       + ("runs past" if last >= numel else "repeats the elements of")
+                       + f" its storage of {numel:,} elements")
+    contiguous = all(s == math.prod(size[i + 1:]) for i, s in enumerate(stride) if size[i] != 1)
+    return 0 if contiguous else count * t.storage.array.itemsize
+
+
+def _materialize(obj, path, budget, depth=0):
+    if depth > _MAX_DEPTH:
+        raise PthError(f"{path} nests its objects more than {_MAX_DEPTH} levels deep; not a state dict")
     if isinstance(obj, _Tensor):
+        budget[0] -= _check_tensor(obj, path)
+        if budget[0] < 0:
+            raise PthError(f"{path}: its strided tensors would take more memory than its storages hold "
+                           "(the same storage viewed over and over); not a state dict")
         base = obj.storage.array
         item = base.itemsize
-        if obj.size and obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride)) >= base.size:
-            raise PthError(f"{path}: a tensor of shape {obj.size} runs past its storage {obj.storage.key}")
-        view = np.lib.stride_tricks.as_strided(base[obj.offset:], obj.size, [s * item for s in obj.stride])
+        view = np.lib.stride_tricks.as_strided(base[obj.offset:], obj.size, [s * item for s in obj.stride],
+                                               writeable=False)
         return view if view.flags.c_contiguous else np.array(view, order="C")  # no copy of contiguous tensors
     if isinstance(obj, dict):
-        return collections.OrderedDict((k, _materialize(v, path)) for k, v in obj.items())
+        return collections.OrderedDict((k, _materialize(v, path, budget, depth + 1)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, path) for v in obj)
+        return type(obj)(_materialize(v, path, budget, depth + 1) for v in obj)
+    if isinstance(obj, (_Storage, _StorageType)):
+        raise PthError(f"{path} holds a bare storage, not a tensor; not a state dict")
     return obj
+
+
+def _storage_budget(storages):
+    """Bytes the tensor copies may take: twice the storages' own size, plus 16 MB."""
+    return [2 * sum(s.array.nbytes for s in storages.values() if s.array is not None) + (16 << 20)]
+
+
+def _read_zip(path):
+    """(object, storages) of a zip-format ``.pth``; each storage is checked against the member that holds it
+    (its uncompressed size from the zip directory) before it is read, in chunks."""
+    with zipfile.ZipFile(path) as z:
+        infos = {info.filename: info for info in z.infolist()}
+        pkl = [n for n in infos if n.endswith("data.pkl") and n.count("/") == 1]
+        if not pkl:
+            raise PthError(f"{path} is a zip without <name>/data.pkl: not a torch.save file "
+                           "(a .keras model? load it with deeplab_keras.models.load_model)")
+        prefix = pkl[0][:-len("data.pkl")]
+        if infos[pkl[0]].file_size > _MAX_PICKLE_BYTES:
+            raise PthError(f"{path}: its {pkl[0]} has {infos[pkl[0]].file_size:,} bytes, over the reader's cap of "
+                           f"{_MAX_PICKLE_BYTES:,} (a state dict's is about 100 KB)")
+        byteorder = "little"
+        if prefix + "byteorder" in infos:
+            byteorder = z.read(prefix + "byteorder")[:16].decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise PthError(f"{path}: unknown byte order {byteorder!r} in {prefix}byteorder")
+        with z.open(pkl[0]) as f:
+            unpickler = _Unpickler(_Bounded(f, _MAX_PICKLE_BYTES), path)
+            obj = _load_pickle(unpickler, path)
+        order = "<" if byteorder == "little" else ">"
+        for key, storage in unpickler.storages.items():
+            name = f"{prefix}data/{key}"
+            info = infos.get(name)
+            if info is None:
+                raise PthError(f"{path} lacks the storage {name}")
+            need = storage.numel * _dtype(storage.dtype, order).itemsize
+            if info.file_size != need:
+                raise PthError(f"{path}: member {name} holds {info.file_size:,} bytes, its storage declares "
+                               f"{storage.numel:,} elements ({need:,} bytes)")
+            if info.compress_type != zipfile.ZIP_STORED and need > _MAX_INFLATE * info.compress_size + 4096:
+                raise PthError(f"{path}: member {name} inflates {info.compress_size:,} bytes to {need:,}; refusing "
+                               "(torch.save stores its storages uncompressed)")
+            if info.compress_type == zipfile.ZIP_STORED and info.header_offset + need > os.path.getsize(path):
+                raise PthError(f"{path} is truncated: member {name} needs {need:,} bytes past the end of the file")
+            with z.open(info) as f:
+                storage.array = _array(storage, _read_exactly(f, need, path, f"storage {name}"), order, path)
+    return obj, unpickler.storages
+
+
+def _read_legacy(path):
+    """(object, storages) of a pre-1.6 ``.pth``: pickles, then each storage as an 8-byte count and its bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as raw:
+        if raw.read(1) != b"\x80":
+            raise PthError(f"{path} is not a .pth file (neither a torch zip nor a torch pickle)")
+        raw.seek(0)
+        f = _Bounded(raw, size)
+        magic = _load_pickle(_Unpickler(f, path), path)
+        if not _is_int(magic) or magic != _LEGACY_MAGIC:
+            raise PthError(f"{path} is a pickle but not a torch.save file")
+        _load_pickle(_Unpickler(f, path), path)  # protocol version
+        sys_info = _load_pickle(_Unpickler(f, path), path)
+        byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+        unpickler = _Unpickler(f, path)
+        obj = _load_pickle(unpickler, path)
+        keys = _load_pickle(_Unpickler(f, path), path)
+        if not isinstance(keys, (list, tuple)) or len(keys) > len(unpickler.storages):
+            raise PthError(f"{path}: its storage list is malformed; not a torch.save file")
+        for key in keys:
+            storage = unpickler.storages.get(str(key))
+            if storage is None:
+                raise PthError(f"{path}: storage {str(key)[:64]} is listed but not used")
+            header = f.read(8)
+            if len(header) < 8:
+                raise PthError(f"{path} is truncated (storage {storage.key} is missing); download the file again")
+            numel = struct.unpack(byteorder + "q", header)[0]
+            need = numel * _dtype(storage.dtype, byteorder).itemsize
+            if numel != storage.numel or need > f.left:
+                raise PthError(f"{path}: storage {storage.key} declares {numel:,} elements here and "
+                               f"{storage.numel:,} in its pickle, with {f.left:,} bytes left in the file")
+            storage.array = _array(storage, _read_exactly(f, need, path, f"storage {storage.key}"), byteorder, path)
+    return obj, unpickler.storages
 
 
 def read_pth(path):
     """Read a ``torch.save`` file of tensors (a state dict) without torch.
+
+    Every storage's declared size is checked against the bytes that hold it before it is read (in chunks), and
+    every tensor's offset, sizes and strides against its storage before it is viewed, so a crafted file cannot
+    make the reader allocate more than the file's storages (and twice that for strided copies), read outside a
+    storage, or run code.
 
     Args:
         path: the ``.pth`` (zip format of torch >= 1.6, or the older pickle format).
@@ -150,7 +321,8 @@ def read_pth(path):
         contiguous tensors are read-only views of their storage, others C-contiguous copies.
 
     Raises:
-        PthError: not a ``.pth``, truncated, or it refers to anything but tensors and dicts.
+        PthError: not a ``.pth``, truncated, malformed, or it refers to anything but tensors and dicts (the only
+        exception type this function raises).
 
     Example:
         >>> {k: v.shape for k, v in read_pth("model.pth").items()}               # doctest: +SKIP
@@ -158,55 +330,20 @@ def read_pth(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PthError(f"{path} does not exist (or is not a file); pass a .pth file")
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                pkl = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-                if not pkl:
-                    raise PthError(f"{path} is a zip without <name>/data.pkl: not a torch.save file "
-                                   "(a .keras model? load it with deeplab_keras.models.load_model)")
-                prefix = pkl[0][:-len("data.pkl")]
-                byteorder = z.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in z.namelist() \
-                    else "little"
-                with z.open(pkl[0]) as f:
-                    unpickler = _Unpickler(f, path)
-                    obj = _load_pickle(unpickler, path)
-                for key, storage in unpickler.storages.items():
-                    name = f"{prefix}data/{key}"
-                    if name not in z.namelist():
-                        raise PthError(f"{path} lacks the storage {name}")
-                    storage.array = _array(storage, z.read(name), "<" if byteorder == "little" else ">", path)
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            raise PthError(f"{path} is a damaged zip ({e}); download the file again") from None
-        return _materialize(obj, path)
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(0)
-        if head[:1] != b"\x80":
-            raise PthError(f"{path} is not a .pth file (neither a torch zip nor a torch pickle)")
-        magic = _load_pickle(_Unpickler(f, path), path)
-        if magic != _LEGACY_MAGIC:
-            raise PthError(f"{path} is a pickle but not a torch.save file")
-        _load_pickle(_Unpickler(f, path), path)  # protocol version
-        sys_info = _load_pickle(_Unpickler(f, path), path)
-        byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
-        unpickler = _Unpickler(f, path)
-        obj = _load_pickle(unpickler, path)
-        keys = _load_pickle(_Unpickler(f, path), path)
-        for key in keys:
-            storage = unpickler.storages.get(str(key))
-            header = f.read(8)
-            if len(header) < 8:
-                raise PthError(f"{path} is truncated (storage {key} is missing); download the file again")
-            numel = struct.unpack(byteorder + "q", header)[0]
-            if storage is None:
-                raise PthError(f"{path}: storage {key} is listed but not used")
-            raw = f.read(numel * _dtype(storage.dtype, byteorder).itemsize)
-            storage.array = _array(storage, raw, byteorder, path)
-    missing = [k for k, s in unpickler.storages.items() if s.array is None]
+    try:
+        obj, storages = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    except PthError:
+        raise
+    except OSError as e:
+        raise PthError(f"{path} cannot be read ({e.strerror or e}); check the file and its permissions") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, ValueError,
+            OverflowError, struct.error, KeyError) as e:
+        raise PthError(f"{path} is a damaged .pth ({type(e).__name__}: {str(e)[:80]}); download the file again") \
+            from None
+    missing = [k for k, s in storages.items() if s.array is None]
     if missing:
         raise PthError(f"{path} is truncated (storages {missing[:4]} are missing); download the file again")
-    return _materialize(obj, path)
+    return _materialize(obj, path, _storage_budget(storages))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +370,8 @@ def _caffe_names(key):
 
 
 def _state_dict(obj, path):
-    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, np.ndarray) and v.dtype != object
+                                             for k, v in obj.items()):
         return obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
