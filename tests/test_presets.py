@@ -56,6 +56,7 @@ def tiny_vgg_caffemodel(seed=0):
 class _Files(http.server.BaseHTTPRequestHandler):
     files = {}      # path -> bytes (changed by tests)
     requests = []   # paths asked for
+    lengths = {}    # path -> the Content-Length to announce (None: none, the body ends when the connection closes)
 
     def do_GET(self):  # noqa: N802
         type(self).requests.append(self.path)
@@ -64,7 +65,9 @@ class _Files(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        length = self.lengths.get(self.path, len(body))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
         self.wfile.write(body)
 
@@ -265,3 +268,151 @@ def test_eval_preset_hash_mismatch_is_a_runtime_error(monkeypatch, server, tmp_p
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deeplab-eval")]
     assert len(err) == 1 and "expected " + "2" * 64 in err[0] and "nothing was cached" in err[0]
     assert _files(presets.cache_folder(tmp_path)) == []
+
+
+# --- failing closed (issue 22: rows S5, S6, S7, W2, C2, K2) ---------------------------------------------------------
+
+def _in_thread(call, seconds=30):
+    """``call()`` in a daemon thread: (finished, its result or exception); a hang fails the test instead of CI."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(_outcome(call)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (bool(out), out[0] if out else None)
+
+
+def _outcome(call):
+    try:
+        return call()
+    except BaseException as err:  # noqa: BLE001  (handed to the test thread)
+        return err
+
+
+def test_a_silent_server_times_out_and_the_lock_wait_is_announced_and_bounded(monkeypatch, tmp_path, capsys):
+    """S5: a server that accepts and never answers; another process holding the cache lock."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # the kernel accepts the connection; nothing ever answers
+    try:
+        _preset(monkeypatch, f"http://127.0.0.1:{silent.getsockname()[1]}", "tiny_silent")
+        monkeypatch.setenv(presets.TIMEOUT_ENV, "0.5")
+        done, err = _in_thread(lambda: presets.preset_path("tiny_silent", tmp_path))
+    finally:
+        silent.close()
+    assert done, "the download hung on a server that never answers"
+    assert isinstance(err, presets.PresetFetchError) and "no answer within 0.5 s" in str(err), err
+    assert _files(presets.cache_folder(tmp_path)) == []
+    monkeypatch.setenv(presets.TIMEOUT_ENV, "soon")
+    with pytest.raises(presets.PresetError, match=r"\$DEEPLAB_DOWNLOAD_TIMEOUT='soon': give a positive number"):
+        presets.preset_path("tiny_silent", tmp_path)
+    monkeypatch.delenv(presets.TIMEOUT_ENV)
+
+    folder = presets.cache_folder(tmp_path)
+    monkeypatch.setattr(presets, "LOCK_TIMEOUT_S", 0.3)
+    from deeplab_keras.utils import LockedError, exclusive_lock
+    with exclusive_lock(os.path.join(folder, ".presets.lock")):  # another holder (a second flock conflicts)
+        capsys.readouterr()
+        done, err = _in_thread(lambda: presets.preset_path("tiny_silent", tmp_path))
+    assert done and isinstance(err, LockedError) and "gave up after 0.3 s" in str(err), err
+    assert f"waiting up to 0.3 s for process {os.getpid()} to finish with the preset cache" in capsys.readouterr().err
+
+
+def test_a_zip_member_over_the_cap_is_not_extracted(monkeypatch, server, tmp_path):
+    """S6: the member's size is checked in the zip directory; nothing is extracted, pinned or kept."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.caffemodel", bytes(2 << 20))  # 2 MB of zeros: a 2 KB member
+    monkeypatch.setitem(_Files.files, "/released/bomb.zip", archive.getvalue())
+    monkeypatch.setattr(presets, "MAX_MEMBER_BYTES", 1 << 20)
+    _preset(monkeypatch, server, "tiny_bomb", path="/released/bomb.zip", member="big.caffemodel")
+    with pytest.raises(presets.PresetFetchError, match=r"member big.caffemodel of .*bomb.zip declares 2097152 bytes, "
+                                                       r"over the cap of 1048576; not extracted"):
+        presets.preset_path("tiny_bomb", tmp_path)
+    assert _files(presets.cache_folder(tmp_path)) == []  # no extracted member, no pin, no unverified download
+
+
+@pytest.mark.parametrize("pins", [b'{"released-tiny.caffemodel": {"sha2', b'{"released-tiny.caffemodel": {"sha256": 1}}',
+                                  b"[]", b"\xff\xfe"])
+def test_a_malformed_pins_file_stops_and_is_kept(monkeypatch, server, requests, tmp_path, pins):
+    """S7: a cut-short or malformed pins.json is never taken as 'no pins' (that would accept a tampered file)."""
+    _preset(monkeypatch, server, "tiny_pins")
+    folder = presets.cache_folder(tmp_path)
+    os.makedirs(folder)
+    with open(os.path.join(folder, presets.PINS_FILE), "wb") as f:
+        f.write(pins)
+    with pytest.raises(presets.PresetCacheError, match=r"the pins file .*pins\.json (is not|has a malformed)"):
+        presets.preset_path("tiny_pins", tmp_path)
+    assert requests == [] and _files(folder) == ["pins.json"]
+    assert open(os.path.join(folder, presets.PINS_FILE), "rb").read() == pins  # not rewritten
+
+
+def test_a_truncated_first_download_is_not_pinned(monkeypatch, server, caffemodel, requests, tmp_path):
+    """W2: a truncated download without Content-Length does not convert: deleted, not pinned; a short read of an
+    announced length is an error; once the server is fixed, the good file converts and is pinned."""
+    data, _ = caffemodel
+    _preset(monkeypatch, server, "tiny_cut")
+    folder = presets.cache_folder(tmp_path)
+    monkeypatch.setitem(_Files.files, "/released/tiny.caffemodel", data[: len(data) // 2])
+    monkeypatch.setitem(_Files.lengths, "/released/tiny.caffemodel", None)
+    with pytest.raises(ValueError, match="truncated|not a .caffemodel"):  # CaffeModelError
+        presets.preset_path("tiny_cut", tmp_path)
+    assert _files(folder) == []
+    monkeypatch.setitem(_Files.lengths, "/released/tiny.caffemodel", len(data))  # announces more than it sends
+    with pytest.raises(presets.PresetFetchError, match=rf"received {len(data) // 2} of the {len(data)} bytes"):
+        presets.preset_path("tiny_cut", tmp_path)
+    assert _files(folder) == []
+    monkeypatch.setitem(_Files.files, "/released/tiny.caffemodel", data)
+    presets.preset_path("tiny_cut", tmp_path)
+    pins = json.loads(open(os.path.join(folder, presets.PINS_FILE)).read())
+    assert pins["released-tiny.caffemodel"]["sha256"] == _sha(data) and len(requests) == 3
+
+
+def test_a_complete_read_only_cache_is_usable_and_a_corrupt_model_is_named(monkeypatch, server, caffemodel, requests,
+                                                                           tmp_path, capsys):
+    """C2: a complete cache is read without the lock (on a read-only folder the lock file cannot be made);
+    K2: progress=False hides the download bar and lines; a corrupt cached .keras names the file to delete."""
+    data, _ = caffemodel
+    _preset(monkeypatch, server, "tiny_ro")
+    presets.preset_path("tiny_ro", tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert "pinned" in err and "downloading" not in err and "B/s" not in err and "converting" not in err
+    folder = presets.cache_folder(tmp_path)
+
+    def read_only(*args, **kwargs):  # what exclusive_lock meets on a read-only folder (also for root)
+        raise OSError(30, "Read-only file system", os.path.join(folder, ".presets.lock"))
+    monkeypatch.setattr(presets, "exclusive_lock", read_only)
+    os.chmod(folder, 0o555)
+    try:
+        assert presets.preset_path("tiny_ro", tmp_path) == os.path.join(folder, "tiny_ro.keras")
+        assert requests == ["/released/tiny.caffemodel"]
+        other = _preset(monkeypatch, server, "tiny_ro_other")  # not cached: needs the lock
+        with pytest.raises(presets.PresetError, match=r"cannot write the preset cache .* \(Read-only file system\)"):
+            presets.preset_path(other, tmp_path)
+    finally:
+        os.chmod(folder, 0o755)
+    with open(os.path.join(folder, "tiny_ro.keras"), "r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(presets.PresetCacheError, match=r"the cached preset model .*tiny_ro\.keras does not load .*; "
+                                                       r"delete it \(and tiny_ro\.keras\.json\)"):
+        presets.from_preset("tiny_ro", tmp_path)
+
+
+def test_ctrl_c_during_a_download_says_so(monkeypatch, server, tmp_path, capsys):
+    """K2: deeplab-predict interrupted while downloading a preset says what happened (not 'masks written')."""
+    _preset(monkeypatch, server, "tiny_ctrl_c")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    folder = presets.cache_folder(tmp_path)
+
+    def interrupted(preset, dest, timeout, progress):
+        with open(dest, "wb") as f:
+            f.write(b"part")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(presets, "_fetch", interrupted, raising=False)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert cli.predict_main([str(image), "--preset", "tiny_ctrl_c", "--out", str(tmp_path / "masks")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted while downloading preset tiny_ctrl_c; the partial download was deleted" in err
+    assert "masks written" not in err and _files(folder) == []

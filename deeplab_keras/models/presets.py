@@ -37,6 +37,7 @@ Example:
 import dataclasses
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -398,7 +399,9 @@ def _cache_lock(folder):
                 except LockedError as again:
                     raise LockedError(f"{again}; gave up after {wait:g} s (${LOCK_TIMEOUT_ENV} sets the wait)",
                                       again.path, again.pid) from None
-        except PermissionError as err:  # an incomplete cache in a read-only folder
+        except OSError as err:  # an incomplete cache in a read-only folder or file system
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             raise PresetError(f"cannot write the preset cache {folder} ({err.strerror}); pass cache_dir= or set "
                               "KERAS_HOME to a writable folder") from None
         yield
