@@ -433,86 +433,94 @@ def test_convert_writes_nothing_on_error(caffemodels, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# === deeplab-pytorch .pth state dicts, read without torch (torch.save writes the test files) ===
-def _torch_save(state, path, legacy=False):
-    import torch
+# === deeplab-pytorch .pth state dicts, read without torch (tests/data/make_pth_fixtures.py wrote the files) ===
+PTH = REPO / "tests" / "data" / "pth"
 
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-    torch.save(collections.OrderedDict(tensors), str(path), _use_new_zipfile_serialization=not legacy)
-    return path
+
+def _fixture_source(name):
+    """The randomized tiny model a kazuto fixture was written from (make_pth_fixtures.KAZUTO)."""
+    seed, model_args = {"kazuto_aspp": (20, dict(num_classes=3, backbone="resnet101", width_multiplier=1 / 32)),
+                        "kazuto_coco": (13, dict(num_classes=3, backbone="resnet50", width_multiplier=1 / 32))}[name]
+    return cw.randomize(tiny_model(**model_args), seed=seed)
+
+
+def _same_backbone(a, b, with_head=True):
+    for layer in a.network.layers:
+        if layer.weights and (with_head or layer.name != "aspp"):
+            for x, y in zip(layer.get_weights(), b.network.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.slow
-def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemodels, reference, tmp_path):
-    """kazuto's converted release format (base.layer1.conv1.conv.weight, ...), saved by torch itself, loads
-    bit for bit as the .caffemodel does, and its logits match the reference."""
+def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemodels, reference):
+    """kazuto's converted release names at full size (base.layer4.block23..., his BatchNorm conversion) map onto
+    the model bit for bit as the .caffemodel does, and the logits match the reference (the file format itself
+    is tested on the torch-written fixtures below)."""
     import deeplab_keras as dk
-    from deeplab_keras.models.pth import load_pth
+    from deeplab_keras.models import pth
 
     state = cw.kazuto_state_dict(read_caffemodel(caffemodels["resnet101"]))
     assert "base.layer4.block23.conv3x3.bn.running_var" in state and len(state) == 104 * 6 + 8
-    path = _torch_save(state, tmp_path / "deeplabv2_resnet101_msc-vocaug-20000.pth")
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = dk.DeepLabV2(21, "resnet101")
-    report = load_pth(model, path)
+    report = caffe.load_scan(model, pth.state_scan(*pth.state_layers(state, "mem.pth"), "mem.pth"))
     assert len(report["loaded"]) == len(resnet[1]["loaded"]) and report["num_classes"] == 21
     for a, b in zip(model.network.get_weights(), resnet[0].network.get_weights()):
         np.testing.assert_array_equal(a, b)
     _assert_matches(model(_input(reference, "2007_000033", "r321")), reference["single/2007_000033/r321"])
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_read_pth_tensors_without_torch(tmp_path, legacy):
-    """Zip (torch >= 1.6) and legacy pickle files: dtypes, strided views, shared storages, parameters."""
-    import torch
+def test_pth_kazuto_release_names_load_bit_for_bit():
+    """A torch.save'd state dict in kazuto's release names (base. prefix, numbered res4b1 blocks) fills the model
+    exactly as the randomized source it was written from."""
+    from deeplab_keras.models.pth import load_pth
 
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    state = collections.OrderedDict([
-        ("w", base), ("t", base.t()), ("view", base[1:, 2:4]), ("half", torch.linspace(-2, 2, 5).half()),
-        ("bf16", torch.tensor([1.5, -3.25], dtype=torch.bfloat16)), ("n", torch.tensor(7)),
-        ("p", torch.nn.Parameter(torch.ones(2, 3))), ("d", torch.zeros(3, dtype=torch.float64) + 0.1)])
-    path = tmp_path / "t.pth"
-    torch.save(state, str(path), _use_new_zipfile_serialization=not legacy)
+    source = _fixture_source("kazuto_aspp")
+    target = tiny_model(3, "resnet101", width_multiplier=1 / 32)
+    report = load_pth(target, PTH / "kazuto_aspp.pth")
+    assert report["num_classes"] == 3 and report["aspp"] == "L" and len(report["loaded"]) == 3 + 19 * 3 + 4
+    _same_backbone(source, target)
+
+
+def _expected_tensors():
+    """tensors.pth's values (make_pth_fixtures.tensors) in numpy."""
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    return collections.OrderedDict([
+        ("w", base), ("t", base.T), ("view", base[1:, 2:4]), ("half", np.linspace(-2, 2, 5).astype(np.float16)),
+        ("bf16", np.array([1.5, -3.25], np.float32)), ("n", np.array(7, np.int64)),
+        ("p", np.ones((2, 3), np.float32)), ("d", np.zeros(3) + 0.1)])
+
+
+@pytest.mark.parametrize("name", ["tensors.pth", "tensors_legacy.pth"])
+def test_read_pth_tensors_without_torch(name):
+    """Zip (torch >= 1.6) and legacy pickle files: dtypes, strided views, shared storages, parameters."""
     from deeplab_keras.models.pth import read_pth
 
-    got = read_pth(path)
-    assert list(got) == list(state)
-    for key, value in state.items():
-        expected = value.detach().float().numpy() if key == "bf16" else value.detach().numpy()
-        np.testing.assert_array_equal(got[key], expected)
-        assert got[key].shape == tuple(value.shape)
-    assert got["half"].dtype == np.float16 and got["n"].dtype == np.int64 and got["t"].flags.c_contiguous
+    got, expected = read_pth(PTH / name), _expected_tensors()
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value)
+        assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+    assert got["t"].flags.c_contiguous and not got["w"].flags.writeable
 
 
-class _Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return os.mkdir, (self.target,)
-
-
-def test_pth_reader_refuses_code(tmp_path):
-    import torch
-
+def test_pth_reader_refuses_code(tmp_path, monkeypatch):
     from deeplab_keras.models.pth import PthError, read_pth
 
-    target = tmp_path / "created_by_pickle"
-    torch.save({"w": torch.ones(2), "x": _Exploit(str(target))}, str(tmp_path / "evil.pth"))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(PthError, match="refers to posix.mkdir.*refusing") as e:
-        read_pth(tmp_path / "evil.pth")
-    assert not target.exists() and "\n" not in str(e.value)
+        read_pth(PTH / "evil.pth")
+    assert not (tmp_path / "pth_exploit_ran").exists() and "\n" not in str(e.value)
 
 
 def test_pth_bad_files(tmp_path):
-    import torch
-
     from deeplab_keras.models.pth import PthError, read_pth
 
-    torch.save({"w": torch.ones(1000)}, str(tmp_path / "ok.pth"))
-    data = (tmp_path / "ok.pth").read_bytes()
-    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
-    with pytest.raises(PthError, match="cut.pth"):
-        read_pth(tmp_path / "cut.pth")
+    for name in ("tensors.pth", "tensors_legacy.pth"):
+        data = (PTH / name).read_bytes()
+        (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+        with pytest.raises(PthError, match="cut.pth"):
+            read_pth(tmp_path / "cut.pth")
     with zipfile.ZipFile(tmp_path / "model.pth", "w") as z:  # a .keras renamed
         z.writestr("config.json", "{}")
     with pytest.raises(PthError, match="without <name>/data.pkl"):
@@ -522,23 +530,15 @@ def test_pth_bad_files(tmp_path):
         read_pth(tmp_path / "text.pth")
 
 
-def test_pth_coco_init_backbone_only_and_unknown_tensors(tmp_path):
+def test_pth_coco_init_backbone_only_and_unknown_tensors():
     """kazuto's DeepLabV1 COCO init (no 'base.' prefix, a 1x1 'fc' head): backbone only; foreign keys listed."""
-    from deeplab_keras.models.pth import PthError, load_pth
+    from deeplab_keras.models.pth import PthError, load_pth, read_pth
 
-    source = cw.randomize(tiny_model(3, "resnet50", stage_blocks=(1, 1, 1, 1)), seed=13)
-    caffe_file = _write(tmp_path / "init.caffemodel", cw.keras_to_caffe(source, head="coco", bn_scale=4.0))
-    state = cw.kazuto_state_dict(read_caffemodel(caffe_file), prefix="")
-    assert state["fc.weight"].shape[0] == 91
-    path = _torch_save(state, tmp_path / "deeplabv1_resnet101-coco.pth")
-    target = tiny_model(21, "resnet50", stage_blocks=(1, 1, 1, 1))
+    assert read_pth(PTH / "kazuto_coco.pth")["fc.weight"].shape[0] == 91
+    target = tiny_model(21, "resnet50", width_multiplier=1 / 32)
     with pytest.raises(CaffeModelError, match="classifier fc is not a DeepLab v2"):
-        load_pth(target, path)
-    assert load_pth(target, path, backbone_only=True)["ignored"] == ["fc"]
-    for layer in source.network.layers:
-        if layer.weights and layer.name != "aspp":
-            for a, b in zip(layer.get_weights(), target.network.get_layer(layer.name).get_weights()):
-                np.testing.assert_array_equal(a, b)
-    state["decoder.conv.weight"] = np.ones((1, 1, 1, 1), np.float32)  # e.g. a DeepLab v3+ decoder
+        load_pth(target, PTH / "kazuto_coco.pth")
+    assert load_pth(target, PTH / "kazuto_coco.pth", backbone_only=True)["ignored"] == ["fc"]
+    _same_backbone(_fixture_source("kazuto_coco"), target, with_head=False)
     with pytest.raises(PthError, match="1 tensors that are not part of .*: decoder.conv.weight"):
-        load_pth(target, _torch_save(state, tmp_path / "other.pth"), backbone_only=True)
+        load_pth(target, PTH / "kazuto_decoder.pth", backbone_only=True)

@@ -10,7 +10,7 @@ import pytest
 
 from deeplab_keras.cli import convert_main as main
 from tests import caffe_writer as cw
-from tests.conftest import tiny_model
+from tests.conftest import REPO, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +105,13 @@ def test_existing_output_needs_overwrite(files, capsys, tmp_path):
     assert code == 0 and out.read_bytes()[:2] == b"PK" and sorted(os.listdir(tmp_path)) == ["m.keras"]
 
 
-def test_pth_source(files, capsys, tmp_path):
-    import collections
-
-    import torch
-
-    from deeplab_keras.models.caffe import read_caffemodel
-
-    folder, resnet, _ = files
-    state = cw.kazuto_state_dict(read_caffemodel(folder / "r.caffemodel"))
-    state = {k: v for k, v in state.items() if "_res0" not in k and not k.startswith("base.fc")}
-    torch.save(collections.OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state.items()),
-               str(tmp_path / "tiny.pth"))
+def test_pth_source(capsys, tmp_path):
+    """A deeplab-pytorch .pth (tests/data/pth/kazuto_aspp.pth, written by torch.save) converts like a .caffemodel."""
     out = tmp_path / "p.keras"
-    code, text, err = _run(capsys, tmp_path / "tiny.pth", "--out", out, "--num-classes", 3)
+    code, text, err = _run(capsys, REPO / "tests" / "data" / "pth" / "kazuto_aspp.pth", "--out", out,
+                           "--num-classes", 3)
     assert code == 0, err
-    assert "loaded 55 layers with weights from" in text and "tiny.pth" in text
+    assert "loaded 64 layers with weights from" in text and "kazuto_aspp.pth" in text and out.is_file()
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ import zipfile
 
 import numpy as np
 
-from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan
+from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count
 from deeplab_keras.models.importer import load_scan
 
 
@@ -386,7 +386,19 @@ def pth_layers(path):
     Returns:
         (layers, names): the layers, and {caffe name: the .pth key prefix} for messages.
     """
-    state = _state_dict(read_pth(path), path)
+    return state_layers(_state_dict(read_pth(path), path), path)
+
+
+def state_layers(state, path):
+    """:func:`pth_layers` of a state dict already in memory ({kazuto name: numpy array}); ``path`` names it in
+    messages.
+
+    Example:
+        >>> layers, names = state_layers({"aspp.c0.weight": np.ones((3, 8, 3, 3), np.float32),
+        ...                               "aspp.c0.bias": np.zeros(3, np.float32)}, "mem.pth")
+        >>> layers[0].name, names["fc1_pth_c0"]
+        ('fc1_pth_c0', 'aspp.c0')
+    """
     convs, bns, others, names = {}, {}, [], {}
     for key, value in state.items():
         short = re.sub(r"^(module\.)?(base\.)?", "", key)
@@ -426,9 +438,14 @@ def pth_layers(path):
 def pth_scan(path):
     """The :class:`deeplab_keras.models.caffe_reader.Scan` of a ``.pth`` (for the importer's checks and loading)."""
     path = os.fspath(path)
-    layers, names = pth_layers(path)
+    return state_scan(*pth_layers(path), path)
+
+
+def state_scan(layers, names, path):
+    """The :class:`~deeplab_keras.models.caffe_reader.Scan` of :func:`state_layers`' result."""
+    nonfinite = {layer.name: nonfinite_count(layer) for layer in layers}
     return Scan(path, [layer._replace(blobs=[b.shape for b in layer.blobs]) for layer in layers], {},
-                lambda: iter(layers), names)
+                lambda: iter(layers), names, {name: n for name, n in nonfinite.items() if n})
 
 
 def load_pth(model, path, backbone_only=False):
