@@ -165,7 +165,7 @@ class SavedModelPredictor:
 
 def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales=(1.0,), flip=False,
                   batch_size=1, overwrite=False, stop_on_error=False, max_pixels=MAX_PIXELS, class_names=None,
-                  crf_params=None, progress=True, tile_size=None, tile_overlap=None):
+                  crf_params=None, progress=True, tile_size=None, tile_overlap=None, precision=None):
     """Segment image files and write ``<stem>.png`` (VOC palette), optional ``<stem>_overlay.png`` and
     ``areas.json`` / ``areas.csv`` (fraction of pixels per class) into ``out_dir``.
 
@@ -191,6 +191,8 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
             ``tile_overlap`` (None: ``inference.DEFAULT_TILE_OVERLAP``), and blend them
             (``deeplab_keras.inference.tiled_probabilities``; also for a SavedModel); the CRF runs on the stitched
             probabilities.
+        precision: "float32" (None) or "bf16" (a bfloat16 copy of a keras model on a CPU with native
+            bfloat16: ``deeplab_keras.precision``; a ValueError for a SavedModel or elsewhere).
 
     Returns:
         dict with ``written`` (stems), ``failed`` ({path: reason}) and ``areas`` (this run's).
@@ -205,7 +207,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     output_names(paths, out_dir, overlay_images)
     read_areas(out_dir)  # refuse an unreadable areas table before predicting, not after
     os.makedirs(out_dir, exist_ok=True)
-    run = _probability_fn(model, scales, flip)
+    run = _probability_fn(model, scales, flip, precision)
     written, failed, areas = [], {}, {}
 
     def skip(path, err, reason):  # a bad input file or an existing output: report it and go on
@@ -231,12 +233,15 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
     return {"written": written, "failed": failed, "areas": areas}
 
 
-def _probability_fn(model, scales, flip):
+def _probability_fn(model, scales, flip, precision=None):
     """``(uint8 images, scales, flip) -> probabilities`` for a keras model or a callable such as a predictor."""
     if callable(model) and not hasattr(model, "layers"):
+        if precision not in (None, "float32"):
+            raise ValueError(f"precision {precision!r} needs a keras model (--checkpoint / --preset); a SavedModel "
+                             "runs in float32")
         return model
     from deeplab_keras.inference import Predictor
-    predictor = Predictor(model, scales, flip)  # one traced function for every image size and batch
+    predictor = Predictor(model, scales, flip, precision=precision)  # one traced function for every image size and batch
 
     def run(images, scales, flip):
         return predictor(images).numpy()

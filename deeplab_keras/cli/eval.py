@@ -48,6 +48,7 @@ def configure(parser):
                       help="test scales, averaged (e.g. 0.5 0.75 1 1.25 1.5)")
     test.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
     options.add_tiling(test)
+    options.add_precision(test)
     options.add_crf(parser, what="also evaluate with the dense CRF (both results from one run)")
     options.add_output(parser, overwrite=False,
                        help="a folder (eval.json inside) or a .json file (default: eval.json next to the checkpoint "
@@ -120,6 +121,7 @@ def run(parser, args):
     """Runs ``deeplab eval``; returns the exit code (usage errors exit 2 from inside)."""
     pad_to, crf, crf_params = _settings(parser, args)
     tile_size, tile_overlap = options.tiling(parser, args)
+    precision = options.precision(parser, args)
     from deeplab_keras.data import BadDataError
     from deeplab_keras.evaluate import evaluate, format_table, write_json
 
@@ -134,7 +136,8 @@ def run(parser, args):
         dataset, names = _dataset(parser, args, num_classes)
         results = evaluate(model, dataset, num_classes, scales=args.scales, flip=args.flip, crf=crf,
                            crf_params=crf_params, pad_to=pad_to, class_names=names, max_images=args.max_images,
-                           progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap)
+                           progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap,
+                           precision=precision)
     except BadDataError:
         raise  # a bad data file (named in the message): a runtime failure, exit 1
     except (FileNotFoundError, ValueError) as err:

@@ -30,6 +30,7 @@ def configure(parser):
                       help=f"refuse larger images (default {MAX_PIXELS})")
     test.add_argument("--stop-on-error", action="store_true", help="stop at the first bad image")
     options.add_tiling(test)
+    options.add_precision(test)
     options.add_crf(parser, what="refine the probabilities with the dense CRF (custom op) before the argmax")
     out = options.add_output(parser, required=True, help="output folder (created)")
     out.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
@@ -49,6 +50,7 @@ def run(parser, args):
         usage_error(parser, f"--max-pixels must be >= 1, got {args.max_pixels}")
     crf_params = options.crf_params(parser, args)
     tile_size, tile_overlap = options.tiling(parser, args)
+    precision = options.precision(parser, args)
     for item in args.inputs:
         if not os.path.exists(item):
             usage_error(parser, f"input {item!r} does not exist")
@@ -65,7 +67,8 @@ def run(parser, args):
     summary = predict_files(model, paths, args.out, crf=args.crf, crf_params=crf_params, overlay_images=args.overlay,
                             scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
                             overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
-                            progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap)
+                            progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap,
+                            precision=precision)
     if not args.quiet:  # the failures were reported on stderr as they happened ("skipped ...")
         print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
     return 1 if summary["failed"] else 0
