@@ -26,6 +26,26 @@ class BuildCRFOp(build_ext):
         module.build(out_path=out, verbose=True)
 
 
+# Minor-version pins: the CRF op is compiled against TensorFlow's headers, and _keras_compat reaches private
+# Keras APIs checked for one minor release.
+MINOR_PINNED = ("tensorflow", "keras")
+
+
+def install_requires():
+    """requirements.txt's exact pins (the tested set) as compatible ranges: ``name==X.Y.Z`` becomes
+    ``name>=X.Y.Z,<X+1`` (``<X.Y+1`` for MINOR_PINNED), so the package installs beside other libraries."""
+    ranges = []
+    for line in open(os.path.join(HERE, "requirements.txt")):
+        requirement = line.split("#")[0].strip()
+        if not requirement:
+            continue
+        name, _, version = requirement.partition("==")
+        parts = [int(p) for p in version.split(".")[:2]]
+        upper = f"{parts[0]}.{parts[1] + 1}" if name in MINOR_PINNED else f"{parts[0] + 1}"
+        ranges.append(f"{name}>={version},<{upper}")
+    return ranges
+
+
 packages = find_packages(include=["deeplab_keras", "deeplab_keras.*"])
 packages += ["deeplab_keras.export"]
 
@@ -43,8 +63,7 @@ setup(
                                          "samples/VOC2012/ImageSets/Segmentation/*.txt"]},
     ext_modules=[Extension("deeplab_keras.crf._dense_crf_op", sources=[])],
     cmdclass={"build_ext": BuildCRFOp},
-    install_requires=[line.split("#")[0].strip() for line in open(os.path.join(HERE, "requirements.txt"))
-                      if line.split("#")[0].strip()],
+    install_requires=install_requires(),
     entry_points={"console_scripts": [
         "deeplab=deeplab_keras.cli:main",  # deeplab {train,eval,predict,export,convert,demo}
         "deeplab-train=deeplab_keras.cli:train_main",  # the same commands with the sub-command preselected
