@@ -23,6 +23,7 @@ from deeplab_keras.training.config_values import Section, _is_int, _is_number, _
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
+CLASS_WEIGHTINGS = ("none", "inverse_frequency", "median_frequency")
 DATASETS = ("voc", "synthetic", "folder")
 
 
@@ -180,6 +181,12 @@ class OptimizerConfig(Section):
         train_bn: train batch normalisation (default frozen).
         bn_momentum: with ``train_bn``, the moving-statistics momentum (None: the model's, 0.99).
         upsample_logits: upsample logits to the labels (True) or downsample labels to the logits (False).
+        class_weights: per-class loss weights: None ("none"), "inverse_frequency", "median_frequency" (from the
+            training set's class frequencies, counted once into the run dir's ``class_frequencies.json``), or a list
+            [w0, w1, ...] of num_classes weights (see ``deeplab_keras.training.losses.class_weights_from``).
+        accumulation_steps: K batches of ``data.batch_size`` per optimizer update (Caffe's ``iter_size``: the
+            update of one batch of K x ``data.batch_size`` with frozen batch norm, one batch's memory);
+            ``schedule.steps``, checkpoints and the poly schedule count updates.
     """
 
     SECTION: ClassVar[str] = "optimizer"
@@ -195,6 +202,8 @@ class OptimizerConfig(Section):
     train_bn: bool = False
     bn_momentum: Optional[float] = None
     upsample_logits: bool = True
+    class_weights: Optional[Union[str, Tuple[float, ...]]] = None
+    accumulation_steps: int = 1
 
     def validate(self):
         self._strings(True, "init_weights", "classifier_pattern")
@@ -204,6 +213,11 @@ class OptimizerConfig(Section):
         self._need(self.bn_momentum is None or _is_number(self.bn_momentum) and 0 <= self.bn_momentum < 1,
                    "bn_momentum", "in [0, 1) or null")
         self._bools("train_bn", "upsample_logits")
+        self._ints(1, "accumulation_steps")
+        w = self.class_weights
+        self._need(w is None or w in CLASS_WEIGHTINGS or isinstance(w, tuple) and len(w) > 0 and all(
+            _is_number(v) and math.isfinite(v) and v >= 0 for v in w) and any(v > 0 for v in w), "class_weights",
+            f"one of {CLASS_WEIGHTINGS} or a list of num_classes weights >= 0 (e.g. [1, 2.5, 1])")
         if self.classifier_pattern is not None:
             try:
                 re.compile(self.classifier_pattern)

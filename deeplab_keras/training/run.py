@@ -14,6 +14,7 @@ from deeplab_keras.training.callbacks import (ResumableBackup, _atomic_save_kera
 from deeplab_keras.training.config import _as_config, _nested
 from deeplab_keras.training.distribute import (_is_chief, _raw_datasets, _task_id, distribute_stream, make_strategy,
                                                make_train_stream, make_val_stream)
+from deeplab_keras.training.losses import FREQUENCIES_FILE, class_frequencies, class_weights_from
 from deeplab_keras.training.trainer import _float32_copy, build_trainer
 from deeplab_keras.utils import atomic_write_bytes, atomic_write_json, exclusive_lock, remove_temp_files
 
@@ -134,6 +135,13 @@ def _streams(cfg, strategy, train_data=None, val_data=None):
     if train_data is None:
         train_data, config_val = _raw_datasets(cfg)
         val_data = config_val if val_data is None else val_data
+    replicas = strategy.num_replicas_in_sync
+    k = cfg.optimizer.accumulation_steps
+    if k > 1:  # one fit step = one update = K batches of data.batch_size (SegmentationTrainer.train_step)
+        if cfg.data.batch_size % replicas:
+            raise ValueError(f"optimizer.accumulation_steps={k} under {replicas} replicas needs data.batch_size a "
+                             f"multiple of {replicas}, got {cfg.data.batch_size}")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * k))
 
     def train_stream(epoch, skip=0):
         return distribute_stream(strategy, lambda: make_train_stream(train_data, cfg, epoch, skip),
@@ -141,12 +149,21 @@ def _streams(cfg, strategy, train_data=None, val_data=None):
 
     if val_data is None or val_data is False or not cfg.schedule.validation_every:
         return train_stream, None
-    replicas = strategy.num_replicas_in_sync
     if replicas > 1 and (cfg.data.val_batch_size % replicas or not cfg.data.val_crop_size):
         raise ValueError(f"validation under {replicas} replicas needs data.val_batch_size a multiple of {replicas} "
                          "and data.val_crop_size set (e.g. 513,513) so batches split evenly; or set "
                          "schedule.validation_every=0 and evaluate full-size images with deeplab eval")
     return train_stream, distribute_stream(strategy, lambda: make_val_stream(val_data, cfg), cfg.data.val_batch_size)
+
+
+def _class_counts(cfg, run_dir, train_data):
+    """The training labels' class pixel counts when ``optimizer.class_weights`` is a frequency weighting (from the
+    run directory's ``class_frequencies.json``, else one counting pass with a progress bar), else None."""
+    if cfg.optimizer.class_weights not in ("inverse_frequency", "median_frequency"):
+        return None
+    data = train_data if train_data is not None else _raw_datasets(cfg)[0]
+    return class_frequencies(run_dir, data, cfg.model.num_classes, cfg.data.ignore_label,
+                             progress=bool(cfg.runtime.verbose), write=False)
 
 
 def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data, val_data, callbacks):
@@ -163,7 +180,9 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
     start_epoch, start_batch, _ = _latest_backup(backup_dir)
 
     train_stream, val_stream = _streams(cfg, strategy, train_data, val_data)
-    net, trainer = build_trainer(cfg, strategy, model, default_strategy)
+    counts = _class_counts(cfg, run_dir, train_data)
+    net, trainer = build_trainer(cfg, strategy, model, default_strategy,
+                                 class_weights_from(cfg.optimizer.class_weights, counts, cfg.model.num_classes))
 
     # Restore the last state before writing anything: a state that does not fit this config fails here. The
     # last state is kept after the run completes, so re-running a finished command is a no-op.
@@ -173,6 +192,8 @@ def _train_in(run_dir, cfg, strategy, chief, default_strategy, model, train_data
     _keras_compat.set_initial_epoch(trainer, None)  # fit gets the epoch explicitly
     if chief:
         atomic_write_bytes(os.path.join(run_dir, "config.yaml"), cfg.to_yaml())
+        if counts is not None:
+            atomic_write_json(os.path.join(run_dir, FREQUENCIES_FILE), counts)
 
     cbs = run_callbacks(cfg, run_dir, chief, net, backup, callbacks)
     stopper = _StopOnInterrupt(backup, cfg.schedule.steps_per_epoch)
