@@ -35,20 +35,22 @@ def read_image(path, max_pixels=MAX_PIXELS):
     return read_image_rgb(path, max_pixels)
 
 
-def label_png_bytes(labels):
-    """Encode [H, W] class indices as a palette ('P' mode) PNG with the VOC colours."""
+def label_png_bytes(labels, palette=None):
+    """Encode [H, W] class indices as a palette ('P' mode) PNG with ``palette`` ([256, 3] uint8; default VOC's)."""
     image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
-    image.putpalette(voc_palette().reshape(-1).tolist())
+    image.putpalette((voc_palette() if palette is None else np.asarray(palette, np.uint8)).reshape(-1).tolist())
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def overlay(image, labels, alpha=0.5):
-    """Side-by-side picture: the image, and the image blended with the VOC colours of ``labels``."""
-    colours = voc_palette()[np.asarray(labels, dtype=np.uint8)]
+def overlay(image, labels, alpha=0.5, palette=None):
+    """Side-by-side picture: the image, and the image blended with the colours of ``labels`` (``palette``
+    [256, 3]; default VOC's, whose background 0 is left unblended)."""
+    colours = (voc_palette() if palette is None else np.asarray(palette, np.uint8))[np.asarray(labels, dtype=np.uint8)]
     blended = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
-    blended = np.where(np.asarray(labels)[..., None] == 0, image, blended)
+    unblended = np.asarray(labels) == (0 if palette is None else 255)
+    blended = np.where(unblended[..., None], image, blended)
     return np.concatenate([image, blended], axis=1)
 
 
@@ -165,7 +167,8 @@ class SavedModelPredictor:
 
 def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales=(1.0,), flip=False,
                   batch_size=1, overwrite=False, stop_on_error=False, max_pixels=MAX_PIXELS, class_names=None,
-                  crf_params=None, progress=True, tile_size=None, tile_overlap=None, precision=None):
+                  crf_params=None, progress=True, tile_size=None, tile_overlap=None, precision=None, palette=None,
+                  label_ids=None):
     """Segment image files and write ``<stem>.png`` (VOC palette), optional ``<stem>_overlay.png`` and
     ``areas.json`` / ``areas.csv`` (fraction of pixels per class) into ``out_dir``.
 
@@ -185,6 +188,10 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
         stop_on_error: raise on the first bad image instead of reporting and skipping it.
         max_pixels: images over this many pixels are refused.
         class_names: names for the areas table (default: VOC's when 21 classes, else class_<i>).
+        palette: [256, 3] uint8 colours of the masks and overlays (default VOC's; a dataset's:
+            ``deeplab_keras.data.dataset_info(name).palette``).
+        label_ids: [256] uint8 table class index -> the id written instead, as a grayscale PNG (e.g.
+            ``data.classes.cityscapes_train_to_label_ids()``: Cityscapes labelIds for the benchmark server).
         crf_params: a :class:`deeplab_keras.crf.CRFParams`, a dict of some of its fields, or None (the defaults).
         progress: show a progress bar.
         tile_size, tile_overlap: predict overlapping tiles of this size (an int or (h, w)), overlapping by
@@ -224,7 +231,7 @@ def predict_files(model, paths, out_dir, crf=False, overlay_images=False, scales
                 stem = os.path.splitext(os.path.basename(path))[0]
                 labels = p.argmax(-1).astype(np.uint8)
                 try:
-                    _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite)
+                    _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite, palette, label_ids)
                 except FileExistsError as err:
                     skip(path, err, f"{path}: {err}")
                     continue
@@ -280,14 +287,17 @@ def _probabilities(run, images, scales, flip, crf, crf_params, tiling=(None, Non
     return probs
 
 
-def _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite):
-    """Writes ``<stem>.png`` (and ``<stem>_overlay.png``); a disk error is a RuntimeError naming the file."""
+def _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite, palette=None, label_ids=None):
+    """Writes ``<stem>.png`` (palette PNG, or grayscale ``label_ids[labels]``) and ``<stem>_overlay.png``; a disk
+    error is a RuntimeError naming the file."""
     target = os.path.join(out_dir, stem + ".png")
     try:
-        atomic_write_bytes(target, label_png_bytes(labels), overwrite)
+        mask = (label_png_bytes(labels, palette) if label_ids is None
+                else png_bytes(np.asarray(label_ids, np.uint8)[labels]))
+        atomic_write_bytes(target, mask, overwrite)
         if overlay_images:
             target = os.path.join(out_dir, stem + "_overlay.png")
-            atomic_write_bytes(target, png_bytes(overlay(image, labels)), overwrite)
+            atomic_write_bytes(target, png_bytes(overlay(image, labels, palette=palette)), overwrite)
     except FileExistsError:
         raise
     except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)

@@ -224,7 +224,7 @@ def test_wrong_layout_is_one_line(tmp_path):
         data.detect_dataset(str(tmp_path))
     line = str(info.value)
     assert "\n" not in line and str(tmp_path) in line
-    assert all(w in line for w in ("leftImg8bit/", "VOC2010/", "pascal_person_part_gt/", "images/ + masks/"))
+    assert all(w in line for w in ("VOC2012/", "leftImg8bit/", "VOC2010/", "pascal_person_part_gt/", "masks/"))
     with pytest.raises(ValueError, match="does not hold the cityscapes layout: looked for leftImg8bit/"):
         data.load_dataset("cityscapes", str(tmp_path), "val")
     with pytest.raises(ValueError, match="not known"):
@@ -261,3 +261,10 @@ def test_colour_masks_through_classes_csv(tmp_path):
         f.write("sky,0,0,142\n")
     with pytest.raises(ValueError, match=r"classes.csv line 6: colour \(0, 0, 142\) is already class car"):
         data.folder_dataset(root)
+
+
+def test_config_and_cli_names_are_the_registry():
+    from deeplab_keras.cli.options import dataset_names
+    from deeplab_keras.training.config_sections import DATASETS
+
+    assert set(DATASETS) | {"voc_aug"} == set(data.DATASET_NAMES) == set(dataset_names())

@@ -162,13 +162,15 @@ def test_old_flat_run_dir_config_is_checked_on_resume(tmp_path):
 
 def test_packaged_configs_come_from_importlib_resources(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ folder here
-    assert C.packaged_configs() == ["tiny_cpu", "voc_resnet101_aspp_l", "voc_vgg16_largefov"]
+    assert C.packaged_configs() == ["cityscapes_resnet101_aspp_l", "pascal_context_resnet101_aspp_l",
+                                    "person_part_resnet101_msc", "tiny_cpu", "voc_resnet101_aspp_l",
+                                    "voc_vgg16_largefov"]
     resource = importlib.resources.files("deeplab_keras") / "configs" / "tiny_cpu.yaml"
     expected = C.TrainConfig.from_dict(yaml.safe_load(resource.read_text()))
     assert C.load_config("tiny_cpu") == C.load_config("tiny_cpu.yaml") == expected
     (tmp_path / "tiny_cpu.yaml").write_text("schedule: {steps: 7}\n")  # a file of that name wins
     assert C.load_config("tiny_cpu.yaml").schedule.steps == 7
-    with pytest.raises(ValueError, match=r"'no_such' not found \(packaged configs: \['tiny_cpu'"):
+    with pytest.raises(ValueError, match=r"'no_such' not found \(packaged configs: \['cityscapes_resnet101_aspp_l'"):
         C.load_config("no_such")
     (tmp_path / "bad.yaml").write_text("schedule: [1,\n")
     with pytest.raises(ValueError, match="bad.yaml' is not valid YAML"):

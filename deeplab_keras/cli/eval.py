@@ -26,9 +26,11 @@ def configure(parser):
     """Adds ``deeplab eval``'s options to ``parser``."""
     options.add_model_source(parser)
     data = options.add_data(parser, required=True,
-                            help="'synthetic', a folder holding VOC2012/ (VOC val through the TFDS builder), or a "
-                                 "folder dataset with images/ and masks/")
-    data.add_argument("--split", default="val", help="VOC split (default: val)")
+                            help="'synthetic' or a dataset root, the layout detected: VOC2012/ (VOC val through "
+                                 "the TFDS builder), Cityscapes, PASCAL-Context, Person-Part, COCO-Stuff, or a folder "
+                                 "dataset with images/ and masks/")
+    options.add_dataset(data, "the dataset --data holds (its layout is checked, not detected; class names from it)")
+    data.add_argument("--split", default="val", help="split of the dataset (default: val)")
     data.add_argument("--data-dir", default=None, help="TFDS data_dir for the prepared VOC records")
     data.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     data.add_argument("--num-images", type=int, default=50, help="synthetic: number of images (default 50)")
@@ -81,25 +83,34 @@ def _settings(parser, args):
 
 
 def _dataset(parser, args, num_classes):
-    """(dataset, class names) of ``--data``: 'synthetic', a folder holding VOC2012/, or images/ + masks/ (resolved
-    as ``deeplab train --data``: :func:`deeplab_keras.training.config_sections.data_source`)."""
+    """(dataset, class names) of ``--data`` (and ``--dataset``): 'synthetic', or a root holding a registry layout
+    (resolved as ``deeplab train --data``: :func:`deeplab_keras.training.config_sections.data_source`)."""
     from deeplab_keras import data
     from deeplab_keras.training.config_sections import data_source
 
     try:
-        kind, path = data_source(args.data)
+        kind, path = data_source(args.data, args.dataset)
     except ValueError as err:
         usage_error(parser, err)
     if kind == "synthetic":
         ds = data.make_synthetic(args.num_images, size=tuple(args.image_size), num_classes=num_classes,
                                  seed=args.seed)
         return ds, data.synthetic.class_names(num_classes)
-    if kind == "voc":
+    if kind in ("voc", "voc_aug"):  # VOC val (voc_aug's val is VOC's)
         if num_classes < len(data.VOC_CLASSES):
             usage_error(parser, f"the model predicts {num_classes} classes but VOC 2012 has {len(data.VOC_CLASSES)}; "
                                 "evaluate a VOC model on VOC data")
         ds = data.load_voc(args.split, config="voc", manual_dir=path, data_dir=args.data_dir)
         return ds, list(data.VOC_CLASSES) if num_classes == len(data.VOC_CLASSES) else None
+    if kind != "folder":
+        info = data.dataset_info(kind)
+        if info.num_classes != num_classes:
+            usage_error(parser, f"the model predicts {num_classes} classes but {kind} has {info.num_classes}; "
+                                f"evaluate a {kind} model on it")
+        if args.split not in info.splits:
+            usage_error(parser, f"--split {args.split!r} is not a split of {kind} ({', '.join(info.splits)})")
+        tfds_dir = {"data_dir": args.data_dir} if kind == "cityscapes" and args.data_dir else {}
+        return data.load_dataset(kind, path, args.split, **tfds_dir), list(info.class_names)
     names = data.read_class_names(path)
     if names is not None and len(names) != num_classes:
         usage_error(parser, f"{path} lists {len(names)} classes but the model predicts {num_classes}")

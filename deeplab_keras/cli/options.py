@@ -105,6 +105,20 @@ def add_data(parser, help, *, required=False, default=None):
     return group
 
 
+def dataset_names():
+    """The names ``--dataset`` takes: the registry's (``deeplab_keras.data.DATASET_NAMES``), read without
+    importing the data package."""
+    from deeplab_keras.training.config_sections import DATASETS
+
+    return ("voc", "voc_aug") + DATASETS[1:]
+
+
+def add_dataset(group, help):
+    """``--dataset NAME`` (a registry dataset: its classes, colours and layout) on an argument group."""
+    group.add_argument("--dataset", metavar="NAME", choices=dataset_names(),
+                       help=f"{help} ({', '.join(dataset_names())})")
+
+
 def add_crf(parser, *, what="refine the probabilities with the dense CRF"):
     """``--crf``, ``--crf-iterations N``, ``--crf-params KEY=VALUE ...`` (read with :func:`crf_params`)."""
     group = parser.add_argument_group("dense CRF")

@@ -34,6 +34,10 @@ def configure(parser):
     options.add_crf(parser, what="refine the probabilities with the dense CRF (custom op) before the argmax")
     out = options.add_output(parser, required=True, help="output folder (created)")
     out.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    options.add_dataset(out, "the dataset the model was trained on: its class names (areas) and colours (masks)")
+    out.add_argument("--label-ids", action="store_true",
+                     help="with --dataset cityscapes: write the Cityscapes labelIds (grayscale PNGs, what the benchmark "
+                          "server reads) instead of coloured train ids")
     options.add_common(parser)
 
 
@@ -63,12 +67,32 @@ def run(parser, args):
         read_areas(args.out)
     except ValueError as err:
         usage_error(parser, str(err))
+    if args.label_ids and args.dataset != "cityscapes":
+        usage_error(parser, "--label-ids needs --dataset cityscapes (it writes Cityscapes labelIds)")
     model, _ = options.load_model_source(parser, args)  # a failed preset download raises: exit 1
+    labelling = _labelling(parser, args, model)
     summary = predict_files(model, paths, args.out, crf=args.crf, crf_params=crf_params, overlay_images=args.overlay,
                             scales=tuple(args.scales), flip=args.flip, batch_size=args.batch_size,
                             overwrite=args.overwrite, stop_on_error=args.stop_on_error, max_pixels=args.max_pixels,
                             progress=not args.quiet, tile_size=tile_size, tile_overlap=tile_overlap,
-                            precision=precision)
+                            precision=precision, **labelling)
     if not args.quiet:  # the failures were reported on stderr as they happened ("skipped ...")
         print(f"wrote {len(summary['written'])} masks to {args.out}; {len(summary['failed'])} failed")
     return 1 if summary["failed"] else 0
+
+
+def _labelling(parser, args, model):
+    """predict_files' ``class_names``, ``palette`` and ``label_ids`` of ``--dataset`` / ``--label-ids`` ({} without
+    ``--dataset``); a model of another class count is a usage error."""
+    if not args.dataset:
+        return {}
+    from deeplab_keras.data import dataset_info
+    from deeplab_keras.data.classes import cityscapes_train_to_label_ids
+
+    info = dataset_info(args.dataset)
+    classes = getattr(model, "output_shape", (None,))[-1]
+    if info.num_classes is not None and classes is not None and classes != info.num_classes:
+        usage_error(parser, f"the model predicts {classes} classes but --dataset {args.dataset} has "
+                            f"{info.num_classes}; give the dataset the model was trained on")
+    return {"class_names": list(info.class_names) if info.class_names else None, "palette": info.palette,
+            "label_ids": cityscapes_train_to_label_ids() if args.label_ids else None}

@@ -32,8 +32,11 @@ def configure(parser):
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"override one config value (repeatable; lists as 321,321; null for None). Keys: {keys}")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    options.add_data(parser, help="'synthetic', a folder holding VOC2012/ (+ benchmark_RELEASE/ for the aug set), or a "
-                                  "folder dataset with images/ and masks/ (sets the config's data section)")
+    data = options.add_data(parser, help="'synthetic' or a dataset root: VOC2012/ (+ benchmark_RELEASE/ for the aug "
+                                         "set), Cityscapes, PASCAL-Context, Person-Part, COCO-Stuff or a folder dataset "
+                                         "with images/ and masks/, the layout detected (sets the config's data section)")
+    options.add_dataset(data, "the dataset --data holds (its layout is checked, not detected); without --data, sets "
+                              "data.dataset")
     options.add_output(parser, overwrite=False,
                        help="the run directory: checkpoints, model.keras, history, logs (runtime.run_dir)")
     options.add_common(parser)
@@ -62,8 +65,13 @@ def load(parser, args):
 
     sets = list(args.sets) + ([f"runtime.run_dir={args.out}"] if args.out else [])
     sets += ["runtime.verbose=0"] if args.quiet else []
+    data = (args.dataset, args.data) if args.dataset and args.data else args.data
     try:
-        return load_config(args.config, sets, data=args.data)
+        if args.dataset and not args.data:
+            from deeplab_keras.training.config_sections import DataConfig
+
+            sets += [f"data.{key}={value}" for key, value in DataConfig.dataset_fields(args.dataset).items()]
+        return load_config(args.config, sets, data=data)
     except (ValueError, OSError) as err:
         if args.debug:
             raise

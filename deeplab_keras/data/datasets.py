@@ -318,9 +318,9 @@ def _info(name, class_names, palette=None, splits=("train", "val"), layout=""):
 
 _REGISTRY = {
     "voc": _Entry(_info("voc", VOC_CLASSES, layout="VOC2012/JPEGImages + VOC2012/SegmentationClass"),
-                  (("VOC2012/SegmentationClass", "VOC2012/ImageSets/Segmentation"),), _load_voc("voc")),
+                  (("VOC2012",),), _load_voc("voc")),  # the TFDS builder names what is missing inside
     "voc_aug": _Entry(_info("voc_aug", VOC_CLASSES, layout="VOC2012/ + benchmark_RELEASE/dataset/cls"),
-                      (("VOC2012/SegmentationClass", "benchmark_RELEASE/dataset/cls"),), _load_voc("aug")),
+                      (("VOC2012", "benchmark_RELEASE"),), _load_voc("aug")),
     "cityscapes": _Entry(
         _info("cityscapes", C.CITYSCAPES_CLASSES, C.cityscapes_palette(), ("train", "val", "test"),
               "leftImg8bit/ + gtFine/ (or leftImg8bit_trainvaltest.zip + gtFine_trainvaltest.zip)"),
@@ -342,13 +342,17 @@ _REGISTRY = {
         _info("cocostuff10k", C.COCO_STUFF_CLASSES, splits=("train", "test", "val"),
               layout="images/*.jpg + annotations/*.mat + imageLists/{train,test}.txt"),
         (("images", "annotations", "imageLists"),), _load_cocostuff10k),
-    "folder": _Entry(_info("folder", None, layout="images/ + masks/"), (("images", "masks"),), _load_folder),
+    "folder": _Entry(_info("folder", None, layout="images/ + masks/"), (("images",),), _load_folder),
     "synthetic": _Entry(_info("synthetic", None, layout="no root (generated)"), (), _load_synthetic),
 }
 DATASET_NAMES = tuple(_REGISTRY)
 # Detection order: the more specific layouts first (person_part also holds VOC2012/, voc_aug contains voc).
 _DETECTION_ORDER = ("person_part", "voc_aug", "voc", "cityscapes", "pascal_context", "cocostuff164k",
                     "cocostuff10k", "folder")
+
+
+_LOOKED_FOR = ("holds neither VOC2012/ nor images/ (+ masks/: a folder dataset) nor leftImg8bit/ + gtFine/ "
+               "(Cityscapes), VOC2010/ (PASCAL-Context), pascal_person_part_gt/, images/ + annotations/ (COCO-Stuff)")
 
 
 def _entry(name):
@@ -396,8 +400,7 @@ def detect_dataset(root):
     for name in _DETECTION_ORDER:
         if matches(name, root):
             return name
-    looked = "; ".join(f"{_REGISTRY[n].info.layout} ({n})" for n in _DETECTION_ORDER)
-    raise ValueError(f"{root} matches no dataset layout; looked for {looked}")
+    raise ValueError(f"{root} matches no dataset layout: it {_LOOKED_FOR}")
 
 
 def dataset_info(name, root=None):

@@ -24,26 +24,35 @@ from deeplab_keras.training.config_values import Section, _is_int, _is_number, _
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
 CLASS_WEIGHTINGS = ("none", "inverse_frequency", "median_frequency")
-DATASETS = ("voc", "synthetic", "folder")
+# data.dataset values: the names of the registry deeplab_keras.data.DATASET_NAMES (not imported here: that
+# package imports TFDS) except voc_aug, which a config spells dataset voc + voc_config aug. test_datasets checks.
+DATASETS = ("voc", "cityscapes", "pascal_context", "person_part", "cocostuff164k", "cocostuff10k", "folder",
+            "synthetic")
+ROOT_DATASETS = DATASETS[1:6]  # the registry datasets read from data.root
 
 
-def data_source(path):
-    """Resolves the CLIs' shared ``--data PATH|synthetic`` as ``deeplab-eval`` does: ("synthetic", None),
-    ("voc", folder holding VOC2012/) or ("folder", folder holding images/ + masks/).
+def data_source(path, dataset=None):
+    """Resolves the CLIs' shared ``--data PATH|synthetic`` (and ``--dataset NAME``): ("synthetic", None) or
+    (registry name, folder) of the layout the folder holds (detected, or checked against ``dataset``; see
+    :func:`deeplab_keras.data.detect_dataset`).
 
     Raises:
-        ValueError: ``path`` is neither 'synthetic' nor such a folder (one line naming it).
+        ValueError: ``path`` is neither 'synthetic' nor a folder holding a known layout (or ``dataset``'s): one line
+            naming it and what was looked for.
     """
     if str(path) == "synthetic":
+        if dataset not in (None, "synthetic"):
+            raise ValueError(f"--data synthetic does not go with --dataset {dataset}; give the folder of {dataset}")
         return "synthetic", None
     folder = os.path.expanduser(str(path))
     if not os.path.isdir(folder):
         raise ValueError(f"--data {str(path)!r} is neither 'synthetic' nor an existing folder")
-    if os.path.isdir(os.path.join(folder, "VOC2012")):
-        return "voc", folder
-    if os.path.isdir(os.path.join(folder, "images")):
-        return "folder", folder
-    raise ValueError(f"--data {folder!r} holds neither VOC2012/ nor images/ + masks/")
+    from deeplab_keras.data.datasets import check_root, detect_dataset
+
+    if dataset is None:
+        return detect_dataset(folder), folder
+    check_root(dataset, folder)
+    return dataset, folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,8 @@ class DataConfig(Section):
         voc_config: TFDS config of the VOC builder ("aug" = train + SBD, or "voc").
         train_split, val_split: split names for "voc".
         manual_dir: folder holding ``VOC2012/`` (and ``benchmark_RELEASE/`` for "aug"); data_dir: TFDS data_dir.
+        root: the folder cityscapes, pascal_context, person_part, cocostuff164k or cocostuff10k unpacked into
+            (read through :func:`deeplab_keras.data.load_dataset`).
         folder, val_folder: roots of folder datasets (images/ + masks/).
         synthetic_images, synthetic_val_images, synthetic_size: the synthetic train / held-out splits.
         crop_size: training crop [H, W]; scale_range: random scaling [min, max] (None: none); flip: random flips.
@@ -71,6 +82,7 @@ class DataConfig(Section):
     val_split: str = "val"
     manual_dir: Optional[str] = None
     data_dir: Optional[str] = None
+    root: Optional[str] = None
     folder: Optional[str] = None
     val_folder: Optional[str] = None
     synthetic_images: int = 200
@@ -88,7 +100,7 @@ class DataConfig(Section):
     def validate(self):
         self._need(self.dataset in DATASETS, "dataset", f"one of {DATASETS}")
         self._strings(False, "voc_config", "train_split", "val_split")
-        self._strings(True, "manual_dir", "data_dir", "folder", "val_folder")
+        self._strings(True, "manual_dir", "data_dir", "root", "folder", "val_folder")
         self._ints(1, "synthetic_images", "batch_size", "shuffle_buffer", "val_batch_size")
         self._ints(0, "synthetic_val_images")
         self._bools("flip")
@@ -104,8 +116,23 @@ class DataConfig(Section):
                    and s[0] <= s[1], "scale_range", "null or [min, max] with 0 < min <= max (e.g. 0.5,1.5)")
 
     @staticmethod
+    def dataset_fields(name):
+        """The DataConfig fields of ``--dataset NAME`` (a registry name; voc_aug is voc + voc_config aug).
+
+        Example:
+            >>> DataConfig.dataset_fields("voc_aug")
+            {'dataset': 'voc', 'voc_config': 'aug'}
+        """
+        if name in ("voc", "voc_aug"):
+            return {"dataset": "voc", "voc_config": "aug" if name == "voc_aug" else "voc"}
+        if name not in DATASETS:
+            raise ValueError(f"--dataset {name!r} is not known; use one of voc, voc_aug, {', '.join(DATASETS[1:])}")
+        return {"dataset": name}
+
+    @staticmethod
     def fields_for(path, voc_config="aug"):
-        """The DataConfig fields that ``--data PATH|synthetic`` sets (see :func:`data_source`).
+        """The DataConfig fields that ``--data PATH|synthetic`` sets (see :func:`data_source`); ``path`` may be a
+        (``--dataset`` name, ``--data`` path) pair, whose layout is then checked rather than detected.
 
         Raises:
             ValueError: not 'synthetic' nor a data folder; a VOC folder without the SBD (``benchmark_RELEASE/``)
@@ -115,13 +142,18 @@ class DataConfig(Section):
             >>> DataConfig.fields_for("synthetic")
             {'dataset': 'synthetic'}
         """
-        kind, folder = data_source(path)
-        if kind == "voc":
-            if voc_config == "aug" and not os.path.isdir(os.path.join(folder, "benchmark_RELEASE")):
+        dataset, path = path if isinstance(path, tuple) else (None, path)
+        fields = DataConfig.dataset_fields(dataset) if dataset else {}
+        kind, folder = data_source(path, dataset)
+        if kind in ("voc", "voc_aug"):
+            if fields.get("voc_config", voc_config) == "aug" and not os.path.isdir(
+                    os.path.join(folder, "benchmark_RELEASE")):
                 raise ValueError(f"--data {folder!r} holds VOC2012/ but not benchmark_RELEASE/ (SBD), which "
                                  "data.voc_config=aug trains on; add it, or --set data.voc_config=voc")
-            return {"dataset": "voc", "manual_dir": folder}
-        return {"dataset": kind, "folder": folder} if kind == "folder" else {"dataset": kind}
+            return {**fields, "dataset": "voc", "manual_dir": folder}
+        if kind == "folder":
+            return {"dataset": kind, "folder": folder}
+        return {"dataset": kind, "root": folder} if kind in ROOT_DATASETS else {"dataset": kind}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,11 +99,30 @@ def _raw_datasets(cfg):
         val = data.load_voc(d.val_split, config=d.voc_config, manual_dir=d.manual_dir,
                             data_dir=d.data_dir) if validate else None
         return train, val
+    if d.dataset != "folder":  # a registry dataset read from data.root (data.load_dataset)
+        return _registry_datasets(cfg, validate)
     if not d.folder:
         raise ValueError("data.dataset 'folder' needs data.folder: a directory with images/ and masks/")
     train = data.folder_dataset(d.folder)
     val = data.folder_dataset(d.val_folder) if d.val_folder and validate else None
     return train, val
+
+
+def _registry_datasets(cfg, validate):
+    """(train, val or None) of data.dataset cityscapes, pascal_context, person_part, cocostuff* under data.root;
+    a model.num_classes other than the dataset's is a ValueError saying which to set."""
+    from deeplab_keras import data
+
+    d, info = cfg.data, data.dataset_info(cfg.data.dataset)
+    if cfg.model.num_classes != info.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but data.dataset {d.dataset} has "
+                         f"{info.num_classes} classes; --set model.num_classes={info.num_classes}")
+    if not d.root:
+        raise ValueError(f"data.dataset {d.dataset!r} needs data.root (or --data): the folder holding "
+                         f"{info.layout}")
+    options = {"data_dir": d.data_dir} if d.dataset == "cityscapes" and d.data_dir else {}
+    train = data.load_dataset(d.dataset, d.root, d.train_split, **options)
+    return train, data.load_dataset(d.dataset, d.root, d.val_split, **options) if validate else None
 
 
 def make_train_stream(raw, cfg, start_epoch=0, start_batch=0):
