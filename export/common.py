@@ -9,6 +9,7 @@ bilinear, the resize of training, ``deeplab-eval`` and ``deeplab-predict``), a s
 themselves). An optional ``crf`` callable refines the probabilities
 before the argmax; it must be made of stock TF ops so that every format can carry it.
 """
+import contextlib
 import os
 import sys
 import time
@@ -54,11 +55,13 @@ def postprocess(logits, images, outputs="full", crf=None):
     return {"labels": labels, "probabilities": probabilities}
 
 
-def serving_archive(model, endpoints, outputs="full", crf=None):
+def serving_archive(model, endpoints, outputs="full", crf=None, rewrite=None):
     """The ``keras.export.ExportArchive`` of every format (the one place that builds one).
 
     Each endpoint computes ``serving_outputs`` of its input, after an optional ``to_images`` (e.g. decoding
-    bytes); the input is cast to float32. The model is not ``track()``-ed: that would add its ``keras.Variable``
+    bytes); the input is cast to float32; with ``rewrite`` (a ``graph.GraphRewrite``) the model's layers are traced
+    in the serving form (native dilated convolutions, folded batch norm, optionally the fused ASPP head). The
+    model is not ``track()``-ed: that would add its ``keras.Variable``
     wrappers beside the ``tf.Variable``s the endpoints capture, and TF's checkpoint writes both (every weight
     twice, keras-team/keras#23553); the endpoints alone carry every variable they use (the model has no lookup
     tables that would need tracking).
@@ -69,6 +72,7 @@ def serving_archive(model, endpoints, outputs="full", crf=None):
             when no endpoint has that name.
         outputs: see ``serving_outputs``.
         crf: see ``serving_outputs``.
+        rewrite: optional ``graph.GraphRewrite`` of ``model``, entered while the endpoints are traced.
     Returns:
         ``(archive, functions)``: the archive (``archive.write_out(path)`` writes a SavedModel) and
         ``{name: tf.function}`` of its endpoints (what tf2onnx converts).
@@ -81,8 +85,9 @@ def serving_archive(model, endpoints, outputs="full", crf=None):
 
     def endpoint(to_images):
         def serve(image):
-            return serving_outputs(model, tf.cast(to_images(image) if to_images else image, tf.float32), outputs,
-                                   crf)
+            with rewrite or contextlib.nullcontext():
+                return serving_outputs(model, tf.cast(to_images(image) if to_images else image, tf.float32),
+                                       outputs, crf)
         return serve
 
     archive = keras.export.ExportArchive()
@@ -150,12 +155,56 @@ def crf_amplification(model, images, crf, scales=(1e-6, 1e-5), seed=0):
     return worst
 
 
-def verification_tolerance(tolerance, model, images, crf):
-    """``tolerance`` (``verify.Tolerance``) made concrete for this graph: an ``AUTO`` max |diff| scaled by the
-    CRF's measured amplification (``verify.resolve_tolerance``). Returns ``(tolerance, derivation or None)``."""
+def float32_sensitivity(model, images, outputs="full", count=1, seed=0, before=None):
+    """How much ``model``'s outputs move when its float32 arithmetic rounds differently.
+
+    Another runtime's kernels sum in another order; by backward error analysis their result is the exact one of
+    weights moved by about ``sqrt(fan_in)`` x float32's unit roundoff (2^-24) relative. Every floating weight is
+    moved by that much (uniform noise, relative, ``fan_in`` = the product of all but its last dimension, 1 for
+    vectors) for one forward pass, and restored exactly afterwards.
+
+    Args:
+        model: the float32 Keras model (its weights are restored before this returns, also on errors).
+        images: uint8 or float array ``[N, H, W, 3]`` (the verification images; the first ``count`` are used).
+        outputs: ``"full"`` (the change of the probabilities before any CRF) or ``"logits"``.
+        count: images measured (one forward pass each).
+        seed: noise seed.
+        before: the unperturbed ``reference_outputs`` of these images without a CRF (computed when None).
+    Returns:
+        float: max |change| of the probabilities (or logits).
+
+    Example:
+        >>> float32_sensitivity(model, images)                                      # doctest: +SKIP
+        1.45e-04
+    """
+    rng = np.random.default_rng(seed)
+    images = np.asarray(images[:count], np.float32)
+    before = reference_outputs(model, images, outputs) if before is None else before
+    key = "logits" if outputs == "logits" else "probabilities"
+    variables = [v for v in model.weights if np.dtype(v.dtype).kind == "f"]
+    saved = [v.numpy() for v in variables]
+    try:
+        for variable, value in zip(variables, saved):
+            fan_in = int(np.prod(value.shape[:-1])) if value.ndim >= 2 else 1
+            relative = 2.0 ** -24 * np.sqrt(fan_in) * rng.uniform(-1.0, 1.0, value.shape)
+            variable.assign((value * (1.0 + relative)).astype(value.dtype))
+        after = reference_outputs(model, images, outputs)
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+    return float(np.max(np.abs(after[key] - before[key][:count])))
+
+
+def verification_tolerance(tolerance, model, images, crf, outputs="full", reference=None):
+    """``tolerance`` (``verify.Tolerance``) made concrete for this graph: an ``AUTO`` max |diff| from the model's
+    measured float32 sensitivity (``float32_sensitivity``) and the CRF's measured amplification
+    (``verify.resolve_tolerance``); ``reference``: the ``reference_outputs`` of ``images`` (reused without a CRF).
+    Returns ``(tolerance, derivation or None)``."""
     if tolerance.max_abs_diff != verify_lib.AUTO:
         return tolerance, None
-    return verify_lib.resolve_tolerance(tolerance, crf_amplification(model, images, crf) if crf is not None else 1.0)
+    return verify_lib.resolve_tolerance(tolerance, crf_amplification(model, images, crf) if crf is not None else 1.0,
+                                        float32_sensitivity(model, images, outputs,
+                                                            before=reference if crf is None else None))
 
 
 def model_num_classes(model):

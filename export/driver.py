@@ -13,7 +13,7 @@ Example:
     >>> report["verification"]["passed"]
     True
 """
-from deeplab_keras.export import common, staging
+from deeplab_keras.export import common, graph, staging
 from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.models import as_float32
 
@@ -49,6 +49,7 @@ class Format:
     def __init__(self, **options):
         self.opts = {**type(self).options, **options}
         self.crf = None  # the CRF hook traced for ``crf_runtime`` (set by ``export_model``)
+        self.rewrite = None  # the model's ``graph.GraphRewrite`` (set by ``export_model``)
         self.progress = common.Progress(False)  # set by ``export_model``
 
     @property
@@ -63,6 +64,14 @@ class Format:
 
     def check(self):
         """Raises ``common.ExportError`` for options of this format that cannot work (before anything slow)."""
+        if self.opts.get("aspp_head", "plain") not in graph.ASPP_HEADS:
+            raise common.ExportError(f"aspp_head must be one of {graph.ASPP_HEADS}, got {self.opts['aspp_head']!r}")
+
+    def graph_rewrite(self, model):
+        """The serving form of ``model`` (``graph.GraphRewrite``): native dilation, batch norm folded unless the
+        ``fold_batch_norm`` option is False, the ``aspp_head`` option's head (plain where the format has none)."""
+        return graph.GraphRewrite(model, fold_batch_norm=self.opts.get("fold_batch_norm", True),
+                                  aspp_head=self.opts.get("aspp_head", "plain"))
 
     def destination(self, out, overwrite):
         """The absolute final path of the artifact for ``out``, checked (``common.ExportError``)."""
@@ -113,6 +122,7 @@ class FileFormat(Format):
         return "x".join(map(str, size)) if size else "dynamic"
 
     def check(self):
+        super().check()
         common.check_outputs(self.outputs)
 
     def destination(self, out, overwrite):
@@ -121,6 +131,30 @@ class FileFormat(Format):
     def report_fields(self, artifact):
         size = self.opts["input_size"]
         return {"input_size": list(size) if size else None, "outputs": self.outputs}
+
+    @property
+    def int8(self):
+        """True when the format's ``quantize`` option asks for int8 (calibrated on ``representative`` images)."""
+        return self.opts.get("quantize") == "int8"
+
+    def prepare(self, size):
+        self.calibration = None
+        if self.int8:
+            self.calibration = common.load_samples(size, self.opts["representative"], self.opts["num_calibration"],
+                                                   seed=1234, what="--data")
+
+    def warnings(self, verification):
+        if not self.int8 or self.opts["representative"]:
+            return []
+        agreement = next(iter(verification["checks"].values()))["label_agreement"]
+        return [f"int8 was calibrated on synthetic images (no --data): label agreement with the "
+                f"float model is {100 * agreement:.1f} % on the verification images; calibrate on ~100 images of "
+                "your data with --data DIR"]
+
+    def calibration_fields(self):
+        """Report fields of the int8 calibration (None without int8)."""
+        return {"calibration": (self.opts["representative"] or "synthetic") if self.int8 else None,
+                "num_calibration_images": len(self.calibration) if self.calibration is not None else None}
 
 
 def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None, num_samples=4,
@@ -138,7 +172,7 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
         num_samples: number of verification images.
         verify_size: ``(H, W)`` of the verification images when the format has no fixed ``input_size``.
         tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES[precision]``; float32 derives its max |diff|
-            from the CRF's measured amplification).
+            from the model's measured float32 sensitivity and the CRF's measured amplification).
         report_path: JSON report path (default ``<artifact>.report.json``).
         progress: ``common.Progress`` for progress lines (default silent).
         **options: the format's own options (``FORMATS[format].options``).
@@ -161,6 +195,7 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
     fmt.check()
     final = fmt.destination(out, overwrite)
     model = as_float32(model)
+    fmt.rewrite = fmt.graph_rewrite(model)
     tolerance = tolerance or verify_lib.TOLERANCES[fmt.precision]
     size = fmt.sample_size(verify_size)
     fmt.prepare(size)
@@ -173,7 +208,8 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
             with progress.step("verify_s", fmt.verify_message):
                 runners = fmt.runners(staged)
                 reference = common.reference_outputs(model, images, fmt.outputs, crf)
-                tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf)
+                tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf, fmt.outputs,
+                                                                      reference)
                 checks = [(name, reference, run(images)) for name, run in runners.items()]
                 result = verify_lib.run_checks(checks, tolerance, progress, derivation)
             warnings = fmt.warnings(result)
@@ -181,7 +217,7 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
                 progress.warn(warning)
             report = common.base_report(
                 cls.name, model, final, staging.path_size(staged), **fmt.report_fields(staged),
-                precision=fmt.precision, with_crf=crf is not None, crf=getattr(crf, "config", None),
+                precision=fmt.precision, graph_rewrites=fmt.rewrite.stats, with_crf=crf is not None, crf=getattr(crf, "config", None),
                 warnings=warnings, created_dirs=stage.created, verification=result, timings=dict(progress.timings),
                 samples=sample_dir or "synthetic")
         finally:

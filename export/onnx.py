@@ -5,7 +5,14 @@ transposes to the graph edges) with a dynamic batch, and gives ``labels`` int32 
 float32 ``[N, H, W, C]`` (or ``logits``). ``input_size=(H, W)`` fixes H and W: TensorFlow then traces each atrous
 convolution as one ``Conv2D`` with dilations, which becomes a single ONNX ``Conv`` with ``dilations``; with dynamic
 H, W it is traced as SpaceToBatchND/Conv2D/BatchToSpaceND and tf2onnx emits a much larger graph (pads,
-SpaceToDepth, DepthToSpace and shape arithmetic). ``node_stats`` reports both.
+SpaceToDepth, DepthToSpace and shape arithmetic); the serving graph (``graph.GraphRewrite``) traces native dilated
+convolutions instead, so every atrous convolution is one dilated ``Conv`` at any size, with batch norm folded in.
+``node_stats`` reports the counts.
+
+``quantize="int8"``: static QDQ quantization with ``onnxruntime.quantization`` (per-channel int8 weights, uint8
+activations, MinMax calibration on ``representative`` images or a synthetic set) of the ``Conv`` and ``MatMul``
+nodes; the resize, softmax and argmax stay float32. onnxruntime runs the QDQ pairs as integer convolutions (VNNI
+where the CPU has it).
 
 Example:
     >>> report = export_onnx(model, "deeplab.onnx", input_size=(513, 513))  # doctest: +SKIP
@@ -21,9 +28,10 @@ from deeplab_keras.export import common, driver
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
+QUANTIZE_MODES = ("none", "int8")
 
 
-def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=None):
+def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=None, rewrite=None):
     """Converts ``model`` to an ``onnx.ModelProto``.
 
     Args:
@@ -32,6 +40,7 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
         outputs: ``"full"`` or ``"logits"``.
         opset: ONNX opset (>= 13).
         crf: optional stock-TF-op refinement.
+        rewrite: optional ``graph.GraphRewrite`` of ``model`` (native dilated ``Conv`` also at a dynamic size).
     """
     import tf2onnx
 
@@ -40,10 +49,51 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
     _keras_compat.patch_tf2onnx()  # tf2onnx 1.17 still uses np.object / np.cast (removed in numpy 2)
     height, width = input_size if input_size else (None, None)
     spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="image")
-    _, functions = common.serving_archive(model, {"serve": (spec, None)}, outputs, crf)
+    _, functions = common.serving_archive(model, {"serve": (spec, None)}, outputs, crf, rewrite)
     proto, _ = tf2onnx.convert.from_function(functions["serve"], input_signature=[spec], opset=int(opset))
     softmax_on_last_axis(proto)
     return proto
+
+
+class _Calibration:
+    """``onnxruntime.quantization.CalibrationDataReader`` over float32 images, one per ``get_next``."""
+
+    def __init__(self, images):
+        self.images = iter(np.asarray(images, np.float32))
+
+    def get_next(self):
+        image = next(self.images, None)
+        return None if image is None else {"image": image[None]}
+
+    def rewind(self):  # the reader protocol of onnxruntime >= 1.16 (unused by MinMax)
+        pass
+
+
+def quantize_int8(proto, representative, workdir):
+    """Static QDQ int8 quantization of an ONNX DeepLab export (``Conv``/``MatMul`` nodes) calibrated on
+    ``representative`` (float32 ``[N, H, W, 3]``, 0..255); returns the quantized ``onnx.ModelProto``.
+
+    Example:
+        >>> quantized = quantize_int8(convert(model, (513, 513)), images, "/tmp/work")   # doctest: +SKIP
+    """
+    import onnx
+    from onnxruntime import quantization
+
+    if representative is None or not len(representative):
+        raise common.ExportError("int8 quantization needs representative images")
+    source, target = os.path.join(workdir, "float.onnx"), os.path.join(workdir, "int8.onnx")
+    onnx.save(proto, source)
+    try:
+        quantization.quantize_static(
+            source, target, _Calibration(representative), quant_format=quantization.QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+            calibrate_method=quantization.CalibrationMethod.MinMax)
+        return onnx.load(target)
+    finally:
+        for path in (source, target, source + ".data"):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def _attr(node, name, default=None):
@@ -167,24 +217,34 @@ def run_onnx(session, images, batch_size=None):
 class ONNXFormat(driver.FileFormat):
     """``export_model`` hooks for an ``.onnx`` file (see ``export_onnx``)."""
     name = "onnx"
-    options = {"opset": DEFAULT_OPSET, "input_size": None, "outputs": "full"}
+    options = {"opset": DEFAULT_OPSET, "input_size": None, "outputs": "full", "aspp_head": "plain",
+               "fold_batch_norm": True, "quantize": "none", "representative": None, "num_calibration": 16}
     crf_runtime = "onnx"
     what, suffix = "ONNX file", ".onnx"
     verify_message = "verifying with onnxruntime"
 
     @property
+    def precision(self):
+        return "int8" if self.int8 else "float32"
+
+    @property
     def convert_step(self):
         return "convert_s", (f"converting to ONNX with tf2onnx (opset {self.opts['opset']}, input size "
-                             f"{self.input_size_text})")
+                             f"{self.input_size_text}{', int8 QDQ' if self.int8 else ''})")
 
     def check(self):
         super().check()
         if int(self.opts["opset"]) < MIN_OPSET:
             raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
+        if self.opts["quantize"] not in QUANTIZE_MODES:
+            raise common.ExportError(f"--quantize for --format onnx must be one of {QUANTIZE_MODES}, got "
+                                     f"{self.opts['quantize']!r} (float16 / dynamic: --format tflite)")
 
     def convert(self, model, stage_dir, final):
         o = self.opts
-        proto = convert(model, o["input_size"], o["outputs"], o["opset"], self.crf)
+        proto = convert(model, o["input_size"], o["outputs"], o["opset"], self.crf, self.rewrite)
+        if self.int8:
+            proto = quantize_int8(proto, self.calibration, stage_dir)
         staged = os.path.join(stage_dir, os.path.basename(final))
         with open(staged, "wb") as f:
             f.write(proto.SerializeToString())
@@ -203,6 +263,7 @@ class ONNXFormat(driver.FileFormat):
         import onnxruntime
 
         return {**super().report_fields(artifact), "opset": int(self.opts["opset"]),
+                "quantize": self.opts["quantize"], **self.calibration_fields(),
                 "inputs": {i.name: {"shape": i.shape, "type": i.type} for i in self.session.get_inputs()},
                 "output_names": [o.name for o in self.session.get_outputs()], "graph": self.stats,
                 "onnx_version": onnx.__version__, "onnxruntime_version": onnxruntime.__version__}
@@ -213,24 +274,29 @@ class ONNXFormat(driver.FileFormat):
 
 def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full", crf=None, overwrite=False,
                 sample_dir=None, num_samples=4, verify_size=(97, 129), tolerance=None, report_path=None,
-                progress=None):
+                progress=None, quantize="none", representative=None, num_calibration=16, **graph_options):
     """Exports ``model`` to a verified ``.onnx`` file (``driver.export_model``).
 
     Args:
         model: Keras model (RGB 0..255 in, logits out); mixed precision is exported as float32.
         out: ``.onnx`` file path.
         opset: ONNX opset, >= 13 (default 17).
-        input_size: ``(H, W)`` static spatial size (single dilated Conv nodes), or None for dynamic.
+        input_size: ``(H, W)`` static spatial size, or None for dynamic (both: single dilated Conv nodes).
         outputs: ``"full"`` or ``"logits"``.
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
         overwrite: replace an existing file.
         sample_dir: folder of verification images (default synthetic).
         num_samples: number of verification images (run as one batch: checks the dynamic batch).
         verify_size: ``(H, W)`` of verification images when ``input_size`` is None.
-        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES["float32"]``: max |diff| 1e-4,
-            times the CRF's measured amplification with ``crf``; 99.9 % labels).
+        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES["float32"]``: max |diff| 1e-4 or 4x the
+            model's measured float32 sensitivity, times the CRF's measured amplification with ``crf``; 99.9 %
+            labels).
         report_path: JSON report path (default ``<out>.report.json``).
         progress: ``common.Progress`` (default silent).
+        quantize: ``"none"`` or ``"int8"`` (static QDQ, see ``quantize_int8``; verified by label agreement only).
+        representative: folder of int8 calibration images (default synthetic, with a warning).
+        num_calibration: number of calibration images.
+        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph.GraphRewrite``).
     Returns:
         the report dict.
     Raises:
@@ -239,4 +305,5 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
     return driver.export_model(model, "onnx", out, opset=opset, input_size=input_size, outputs=outputs, crf=crf,
                                overwrite=overwrite, sample_dir=sample_dir, num_samples=num_samples,
                                verify_size=verify_size, tolerance=tolerance, report_path=report_path,
-                               progress=progress)
+                               progress=progress, quantize=quantize, representative=representative,
+                               num_calibration=num_calibration, **graph_options)

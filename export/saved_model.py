@@ -41,17 +41,19 @@ def _decode_batch(encoded):
                      fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
 
 
-def build_archive(model, crf=None):
+def build_archive(model, crf=None, rewrite=None):
     """The ``keras.export.ExportArchive`` (``common.serving_archive``) with the two serving signatures of the
     module docstring.
 
     Args:
         model: float32 Keras model (RGB 0..255 in, logits out).
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
+        rewrite: optional ``graph.GraphRewrite`` of ``model`` (the serving form of its layers).
     """
     archive, _ = common.serving_archive(model, {
         SIGNATURE_IMAGE: (tf.TensorSpec([None, None, None, 3], tf.uint8, name="image"), None),
-        SIGNATURE_BYTES: (tf.TensorSpec([None], tf.string, name="image_bytes"), _decode_batch)}, "full", crf)
+        SIGNATURE_BYTES: (tf.TensorSpec([None], tf.string, name="image_bytes"), _decode_batch)}, "full", crf,
+        rewrite)
     return archive
 
 
@@ -111,7 +113,7 @@ def run_saved_model(path, images, signature=SIGNATURE_IMAGE):
 class SavedModelFormat(driver.Format):
     """``export_model`` hooks for a TF Serving SavedModel version directory (see ``export_saved_model``)."""
     name = "saved_model"
-    options = {"version": None}
+    options = {"version": None, "aspp_head": "plain", "fold_batch_norm": True}
     crf_runtime = "tf"
     verify_message = "verifying SavedModel with TensorFlow"
 
@@ -133,7 +135,7 @@ class SavedModelFormat(driver.Format):
 
     def convert(self, model, stage_dir, final):
         staged = os.path.join(stage_dir, str(self.version))
-        build_archive(model, self.crf).write_out(staged, verbose=False)
+        build_archive(model, self.crf, self.rewrite).write_out(staged, verbose=False)
         custom = non_stock_ops(staged)
         if custom:
             raise common.ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
@@ -169,8 +171,9 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
         sample_dir: folder of verification images (default synthetic images).
         num_samples: number of verification images.
         verify_size: ``(H, W)`` the verification images are resized to.
-        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES["float32"]``: max |diff| 1e-4,
-            times the CRF's measured amplification with ``crf``; 99.9 % labels).
+        tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES["float32"]``: max |diff| 1e-4 or 4x the
+            model's measured float32 sensitivity, times the CRF's measured amplification with ``crf``; 99.9 %
+            labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
         progress: ``common.Progress`` for progress lines (default silent).
     Returns:

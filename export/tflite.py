@@ -35,11 +35,11 @@ SIGNATURE = "serving_default"
 _PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
 
-def _write_float_saved_model(model, path, input_size, outputs, crf):
+def _write_float_saved_model(model, path, input_size, outputs, crf, rewrite=None):
     # Static: batch 1 too, else the converter keeps SPACE_TO_BATCH_ND around every atrous convolution.
     shape = [1, *input_size, 3] if input_size else [None, None, None, 3]
     archive, _ = common.serving_archive(model, {SIGNATURE: (tf.TensorSpec(shape, tf.float32, name="image"), None)},
-                                        outputs, crf)
+                                        outputs, crf, rewrite)
     archive.write_out(path, verbose=False)
 
 
@@ -51,7 +51,7 @@ def _check_quantize(quantize, int8_io):
 
 
 def convert(model, input_size=None, outputs="full", quantize="none", representative=None, int8_io=False, crf=None,
-            workdir=None):
+            workdir=None, rewrite=None):
     """Converts ``model`` to ``.tflite`` bytes (builtin ops only).
 
     Args:
@@ -63,6 +63,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
         int8_io: with ``quantize="int8"``, uint8 input image and quantized (uint8) float outputs.
         crf: optional stock-TF-op refinement.
         workdir: directory for the intermediate SavedModel (default a temporary one).
+        rewrite: optional ``graph.GraphRewrite`` of ``model`` (LiteRT gets the plain ASPP head).
     Returns:
         ``(tflite_bytes, full_integer)``: ``full_integer`` is False when int8 had to keep some float kernels.
     """
@@ -73,7 +74,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
     workdir = workdir or tempfile.mkdtemp(prefix="deeplab-tflite-")
     try:
         saved = os.path.join(workdir, "float_saved_model")
-        _write_float_saved_model(model, saved, input_size, outputs, crf)
+        _write_float_saved_model(model, saved, input_size, outputs, crf, rewrite)
 
         def make(ops):
             converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
@@ -163,7 +164,7 @@ class TFLiteFormat(driver.FileFormat):
     """``export_model`` hooks for a ``.tflite`` file (see ``export_tflite``)."""
     name = "tflite"
     options = {"quantize": "none", "input_size": None, "outputs": "full", "representative": None,
-               "num_calibration": 16, "int8_io": False, "num_threads": None}
+               "num_calibration": 16, "int8_io": False, "num_threads": None, "fold_batch_norm": True}
     crf_runtime = "litert"
     what, suffix = "TFLite file", ".tflite"
     verify_message = "verifying with the LiteRT interpreter"
@@ -181,17 +182,10 @@ class TFLiteFormat(driver.FileFormat):
         super().check()
         _check_quantize(self.opts["quantize"], self.opts["int8_io"])
 
-    def prepare(self, size):
-        self.calibration = None
-        if self.opts["quantize"] == "int8":
-            self.calibration = common.load_samples(size, self.opts["representative"],
-                                                   self.opts["num_calibration"], seed=1234,
-                                                   what="--data")
-
     def convert(self, model, stage_dir, final):
         o = self.opts
         content, self.full_integer = convert(model, o["input_size"], o["outputs"], o["quantize"], self.calibration,
-                                             o["int8_io"], self.crf, workdir=stage_dir)
+                                             o["int8_io"], self.crf, workdir=stage_dir, rewrite=self.rewrite)
         staged = os.path.join(stage_dir, os.path.basename(final))
         with open(staged, "wb") as f:
             f.write(content)
@@ -201,23 +195,14 @@ class TFLiteFormat(driver.FileFormat):
         self.runner = TFLiteRunner(artifact, self.opts["num_threads"])
         return {"tflite": self.runner}
 
-    def warnings(self, verification):
-        if self.opts["quantize"] != "int8" or self.opts["representative"]:
-            return []
-        agreement = verification["checks"]["tflite"]["label_agreement"]
-        return [f"int8 was calibrated on synthetic images (no --data): label agreement with the "
-                f"float model is {100 * agreement:.1f} % on the verification images; calibrate on ~100 images of "
-                "your data with --data DIR"]
-
     def report_fields(self, artifact):
-        o, int8 = self.opts, self.opts["quantize"] == "int8"
+        o = self.opts
         return {**super().report_fields(artifact), "quantize": o["quantize"],
-                "full_integer": self.full_integer if int8 else None, "int8_io": bool(o["int8_io"]),
+                "full_integer": self.full_integer if self.int8 else None, "int8_io": bool(o["int8_io"]),
                 "signature": SIGNATURE,
                 "inputs": {"image": str(np.dtype(self.runner.input_details["dtype"]))},
                 "output_names": sorted(self.runner.output_details), "ops": op_names(self.runner.interpreter),
-                "calibration": (o["representative"] or "synthetic") if int8 else None,
-                "num_calibration_images": len(self.calibration) if self.calibration is not None else None}
+                **self.calibration_fields()}
 
     def close(self):
         self.runner = None

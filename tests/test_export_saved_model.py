@@ -46,13 +46,16 @@ def test_layout_signatures_and_report(exported):
 
 
 def test_weights_stored_once(exported, model):
-    """variables/ holds each weight once (ExportArchive.track would store the keras.Variable wrappers too: 2x)."""
-    base, _ = exported
+    """variables/ holds each weight once (ExportArchive.track would store the keras.Variable wrappers too: 2x);
+    with batch norm folded, each folded layer's 4 vectors are one bias of its convolution."""
+    base, report = exported
     variables = staging.path_size(str(base / "1" / "variables"))
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
-    assert weight_bytes <= variables <= 1.05 * weight_bytes, (variables, weight_bytes)
+    assert report["graph_rewrites"]["folded_batch_norms"] > 0
+    assert 0.9 * weight_bytes <= variables <= 1.05 * weight_bytes, (variables, weight_bytes)
     stored = tf.train.load_checkpoint(str(base / "1" / "variables" / "variables")).get_variable_to_shape_map()
-    assert len([k for k in stored if k.endswith("VARIABLE_VALUE")]) == len(model.weights)
+    folded = report["graph_rewrites"]["folded_batch_norms"]  # conv kernel + bias replaced, the BN's 4 gone
+    assert len([k for k in stored if k.endswith("VARIABLE_VALUE")]) == len(model.weights) - 4 * folded
 
 def test_matches_keras_prediction_at_new_sizes(exported, model):
     """Any H, W: odd sizes that are not 8k+1, and a batch of 2; labels/probabilities equal deeplab-predict's."""

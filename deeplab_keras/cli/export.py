@@ -32,14 +32,15 @@ FORMATS = ("saved_model", "tflite", "onnx")  # deeplab_keras.export.FORMATS (not
 # them in _check (they apply to --backbone only).
 _CONDITIONAL = (
     ("opset", "--opset", 17, lambda a: a.format == "onnx", "--format onnx"),
-    ("quantize", "--quantize", "none", lambda a: a.format == "tflite", "--format tflite"),
+    ("quantize", "--quantize", "none", lambda a: a.format in ("tflite", "onnx"), "--format tflite / onnx"),
     ("version", "--version", None, lambda a: a.format == "saved_model", "--format saved_model"),
     ("input_size", "--input-size", None, lambda a: a.format != "saved_model",
      "--format tflite / onnx (a SavedModel's serving signature takes any H, W)"),
     ("outputs", "--outputs", "full", lambda a: a.format != "saved_model",
      "--format tflite / onnx (a SavedModel serves labels + probabilities)"),
     ("num_calibration", "--num-calibration", 16, lambda a: a.quantize == "int8", "--quantize int8"),
-    ("int8_io", "--int8-io", False, lambda a: a.quantize == "int8", "--quantize int8"),
+    ("int8_io", "--int8-io", False, lambda a: a.format == "tflite" and a.quantize == "int8",
+     "--format tflite --quantize int8"),
     ("weights", "--weights", None, lambda a: a.model_backbone, "--backbone"),
     ("seed", "--seed", 0, lambda a: a.model_backbone, "--backbone"),
 )
@@ -78,9 +79,9 @@ def configure(parser):
                           "at output stride")
     out.add_argument("--version", type=int, metavar="N", help="saved_model: version directory (default next)")
     out.add_argument("--quantize", choices=("none", "float16", "dynamic", "int8"),
-                     help="tflite: quantization (default none)")
+                     help="tflite: quantization (default none); onnx: none or int8 (static QDQ for onnxruntime)")
     out.add_argument("--num-calibration", type=options.positive_int,
-                     help="tflite int8: calibration images (default 16)")
+                     help="int8: calibration images (default 16)")
     out.add_argument("--int8-io", action="store_true", default=None,
                      help="tflite int8: uint8 image input and quantized (uint8) probabilities")
     out.add_argument("--opset", type=int, help="onnx: opset, >= 13 (default 17)")
