@@ -16,7 +16,8 @@ SUMMARY = "train a model (config + --set overrides); rerun to resume"
 DESCRIPTION = ("Train DeepLab v2 with model.fit (the paper's recipe). The config is a YAML file or a packaged name; "
                "any value can be overridden with --set section.key=value (typed by the config's fields). "
                "Re-running the same command with the same --out resumes an interrupted run.")
-EPILOG = ("Packaged configs: voc_resnet101_aspp_l, voc_vgg16_largefov, tiny_cpu. Exit codes: 0 done; 2 a bad "
+EPILOG = ("Packaged configs: voc_resnet101_aspp_l, voc_vgg16_largefov, cityscapes_resnet101_aspp_l, "
+          "pascal_context_resnet101_aspp_l, person_part_resnet101_msc, tiny_cpu. Exit codes: 0 done; 2 a bad "
           "argument or config, or a run directory that holds a run of another model (nothing written); 1 a failure "
           "while training (bad data, a full disk) or a run directory in use; 130 Ctrl-C (the state is saved first: "
           "rerun the same command to resume).")
