@@ -56,16 +56,18 @@ CITY_IDS = [0, 7, 8, 26, 33, 24, 255, 5]
 CITY_TRAIN = [255, 0, 1, 13, 18, 11, 255, 255]
 
 
-def _cityscapes_files(root, splits=("val",), size=(H, W)):
-    """{split: (image, train-id label)} of one image per split in the unpacked Cityscapes layout."""
+def _cityscapes_files(root, splits=("val",), size=(H, W), beside=True):
+    """{split: (image, train-id label)} of one image per split in the unpacked Cityscapes layout (``beside``: with
+    the _instanceIds / _color files that are no labels)."""
     out = {}
     for k, split in enumerate(splits):
         stem = f"aachen_00000{k}_000019"
         image = _image(os.path.join(root, "leftImg8bit", split, "aachen", stem + "_leftImg8bit.png"), k, size)
         gt = os.path.join(root, "gtFine", split, "aachen", stem)
         _png(gt + "_gtFine_labelIds.png", _labels(CITY_IDS, size))
-        _png(gt + "_gtFine_instanceIds.png", _labels([100, 200], size))  # beside the labels, not read
-        Image.fromarray(np.full(size + (3,), 7, np.uint8)).save(gt + "_gtFine_color.png")
+        if beside:
+            _png(gt + "_gtFine_instanceIds.png", _labels([100, 200], size))  # beside the labels, not read
+            Image.fromarray(np.full(size + (3,), 7, np.uint8)).save(gt + "_gtFine_color.png")
         out[split] = (image, _labels(CITY_TRAIN, size))
     return out
 
@@ -89,7 +91,7 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
 
 def test_cityscapes_through_tfds_zips(tmp_path):
     unpacked = str(tmp_path / "unpacked")
-    files = _cityscapes_files(unpacked, ("train", "val", "test"), size=(1024, 2048))  # TFDS fixes the size
+    files = _cityscapes_files(unpacked, ("train", "val", "test"), size=(1024, 2048), beside=False)  # TFDS: this size
     root = tmp_path / "zips"
     root.mkdir()
     for zip_name, top in (("leftImg8bit_trainvaltest.zip", "leftImg8bit"), ("gtFine_trainvaltest.zip", "gtFine")):
