@@ -114,6 +114,8 @@ def _check(parser, a):
             usage_error(parser, f"{flag} applies only to {where}")
     if a.format == "onnx" and a.opset < 13:
         usage_error(parser, f"--opset must be >= 13 (got {a.opset})")
+    if a.format == "onnx" and a.quantize not in ("none", "int8"):
+        usage_error(parser, f"--quantize {a.quantize} applies only to --format tflite (onnx: none or int8)")
     if a.version is not None and a.version < 0:
         usage_error(parser, f"--version must be >= 0, got {a.version}")
     if a.crf and a.outputs != "full":
