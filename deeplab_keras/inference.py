@@ -146,7 +146,7 @@ def tiled_probabilities(fn, images, tile_size, tile_overlap=DEFAULT_TILE_OVERLAP
         >>> probs = tiled_probabilities(Predictor(model), images, (513, 513), 0.25)   # doctest: +SKIP
     """
     (tile_h, tile_w), overlap = check_tiling(tile_size, tile_overlap)
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images)  # dtype kept: a SavedModel takes uint8 tiles
     height, width = images.shape[1:3]
     tile_h, tile_w = min(tile_h, height), min(tile_w, width)
     if (tile_h, tile_w) == (height, width):

@@ -28,6 +28,7 @@ def _train(tmp_path, name, batch_size, k, weights):
     return [v.numpy() for v in net.weights]
 
 
+@pytest.mark.slow
 def test_k_batches_of_b_equal_one_batch_of_k_times_b(tmp_path):
     cfg = tiny_config(tmp_path)
     w0 = T.build_model(cfg).get_weights()
