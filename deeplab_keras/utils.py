@@ -211,14 +211,16 @@ def check_writable(path, what="--out", *, folder=False):
         '/tmp/deeplab_example/out.json'
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.islink(path) and not os.path.exists(path):
-        raise UnwritableError(f"{what} {path} is a dangling symbolic link (to {os.readlink(path)!r}); remove it or "
-                              "choose another path")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise UnwritableError(f"{what} {path} is a file, not a folder; choose a folder path")
-    probe = path if folder and os.path.isdir(path) else os.path.dirname(path)
-    while not os.path.exists(probe):
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing folder; a dangling link on the way is named
+        if os.path.islink(probe):
+            raise UnwritableError(f"{what} {path}: {probe} is a dangling symbolic link (to {os.readlink(probe)!r}); "
+                                  "remove it or choose another path")
         probe = os.path.dirname(probe)
+    if probe == path and not (folder and os.path.isdir(path)):
+        probe = os.path.dirname(path)  # an existing file (or artifact folder) is replaced from its folder
     if not os.path.isdir(probe):
         raise UnwritableError(f"cannot write {what} {path}: {probe} is not a directory")
     try:

@@ -88,6 +88,7 @@ def run(parser, args):
 
     try:  # unreadable / mismatching weights and bad arguments: one line, exit 2, nothing written
         out = check_output(args.out, args.overwrite)
+        options.check_out(parser, out)  # a dangling link, a read-only folder, a full disk: before the work
         model, report = convert(args.src, backbone=args.backbone, num_classes=args.num_classes,
                                 msc_scales=tuple(args.msc_scales) if args.msc_scales else None,
                                 backbone_only=args.backbone_only,
@@ -96,7 +97,15 @@ def run(parser, args):
         if args.debug:
             raise
         usage_error(parser, str(err))
-    save_keras(model, out, args.overwrite)
+    try:
+        save_keras(model, out, args.overwrite)
+    except FileExistsError:
+        raise
+    except OSError as err:  # the disk filled up during the conversion: a full disk is not a permission error
+        from deeplab_keras.utils import write_error_text
+
+        raise RuntimeError(f"cannot write {out}: {write_error_text(err, os.path.dirname(os.path.abspath(out)))}; "
+                           "nothing was written") from None
     if not args.quiet:
         print(_summary(report, out))
     return 0

@@ -39,7 +39,8 @@ def configure(parser):
     options.add_dataset(data, "the dataset --data holds (its layout is checked, not detected); without --data, sets "
                               "data.dataset")
     options.add_output(parser, overwrite=False,
-                       help="the run directory: checkpoints, model.keras, history, logs (runtime.run_dir)")
+                       help="the run directory: checkpoints, model.keras, history, logs (runtime.run_dir); required "
+                            "unless --config or --set runtime.run_dir=... names it")
     options.add_common(parser)
 
 
@@ -85,6 +86,13 @@ def run(parser, args):
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.out is None:  # never a silent ./runs/deeplab: the run directory is given, or said
+        if args.config is None and not any(s.startswith("runtime.run_dir=") for s in args.sets):
+            usage_error(parser, "give --out DIR, the run directory (checkpoints, model.keras, logs; rerunning the "
+                                "same command resumes there)")
+        print(f"{parser.prog}: no --out: the run directory is {os.path.abspath(config.runtime.run_dir)} "
+              "(the config's runtime.run_dir)", file=sys.stderr)
+    options.check_out(parser, config.runtime.run_dir, folder=True, what="--out" if args.out else "runtime.run_dir")
     return _train(parser, args, config)
 
 

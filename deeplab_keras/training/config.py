@@ -216,8 +216,9 @@ def packaged_configs():
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a larger file is refused before parsing
+MAX_CONFIG_BYTES = 64 << 10  # a config is a few KB; a larger file is refused before parsing (PyYAML: ~20 s per MB)
 MAX_ERROR_CHARS = 300  # config error lines are cut here (a value in the message may be huge)
+MAX_NESTING = 50  # YAML levels (a config uses 3)
 
 
 def _read_yaml(path_or_name):
@@ -240,10 +241,25 @@ def _read_yaml(path_or_name):
 
 
 def _safe_yaml(data, path):
-    """``yaml.safe_load`` of ``data`` refusing aliases and too deep nesting; errors are one short line."""
+    """``yaml.safe_load`` of ``data`` refusing aliases and nesting over :data:`MAX_NESTING`; errors are one short
+    line."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    def too_deep():
+        return ValueError(f"config file {path!r} line {loader.line + 1}: nested deeper than {MAX_NESTING} levels; a "
+                          "config is a few sections of keys")
+
+    class Loader(yaml.SafeLoader):  # the depth is checked while scanning (PyYAML's scanner is quadratic in it)
+        def fetch_flow_collection_start(self, token_class):
+            if self.flow_level >= MAX_NESTING:
+                raise too_deep()
+            super().fetch_flow_collection_start(token_class)
+
+        def add_indent(self, column):
+            if len(self.indents) >= MAX_NESTING:
+                raise too_deep()
+            return super().add_indent(column)
+
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 mark = self.peek_event().start_mark
@@ -251,12 +267,13 @@ def _safe_yaml(data, path):
                                  "supported; write the value out")
             return super().compose_node(parent, index)
 
+    loader = Loader(data)
     try:
-        return yaml.load(data, Loader=Loader)  # noqa: S506  (a SafeLoader)
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
-    except RecursionError:
-        raise ValueError(f"config file {path!r} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path_or_packaged_name=None, overrides=None, data=None):
@@ -281,7 +298,8 @@ def load_config(path_or_packaged_name=None, overrides=None, data=None):
         text = " ".join(str(err).split())
         if len(text) <= MAX_ERROR_CHARS:
             raise
-        raise ValueError(text[:MAX_ERROR_CHARS - 30] + f" ... ({len(text)} characters in all)") from None
+        more = f" ... ({len(text)} characters in all)"
+        raise ValueError(text[:MAX_ERROR_CHARS - len(more)] + more) from None
 
 
 def _as_config(config):
