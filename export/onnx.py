@@ -56,17 +56,23 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
 
 
 class _Calibration:
-    """``onnxruntime.quantization.CalibrationDataReader`` over float32 images, one per ``get_next``."""
+    """``onnxruntime.quantization.CalibrationDataReader`` over float32 images, one per ``get_next``; ``set_range``
+    lets ``quantize_static`` collect the ranges one image at a time (``CalibStridedMinMax``: the intermediate
+    tensors of one image in memory, not of all)."""
 
     def __init__(self, images):
-        self.images = iter(np.asarray(images, np.float32))
+        self.images = np.asarray(images, np.float32)
+        self.set_range(0, len(self.images))
+
+    def __len__(self):
+        return len(self.images)
+
+    def set_range(self, start_index, end_index):
+        self.pending = iter(self.images[start_index:end_index])
 
     def get_next(self):
-        image = next(self.images, None)
+        image = next(self.pending, None)
         return None if image is None else {"image": image[None]}
-
-    def rewind(self):  # the reader protocol of onnxruntime >= 1.16 (unused by MinMax)
-        pass
 
 
 def quantize_int8(proto, representative, workdir):
@@ -88,7 +94,7 @@ def quantize_int8(proto, representative, workdir):
             source, target, _Calibration(representative), quant_format=quantization.QuantFormat.QDQ,
             op_types_to_quantize=["Conv", "MatMul"], per_channel=True,
             activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            calibrate_method=quantization.CalibrationMethod.MinMax)
+            calibrate_method=quantization.CalibrationMethod.MinMax, extra_options={"CalibStridedMinMax": 1})
         return onnx.load(target)
     finally:
         for path in (source, target, source + ".data"):

@@ -159,7 +159,7 @@ class SavedModelFormat(driver.Format):
 
 
 def export_saved_model(model, out, version=None, overwrite=False, crf=None, sample_dir=None, num_samples=4,
-                       verify_size=(97, 129), tolerance=None, report_path=None, progress=None):
+                       verify_size=(97, 129), tolerance=None, report_path=None, progress=None, **graph_options):
     """Exports ``model`` as a verified TF Serving SavedModel ``out/<version>/`` (``driver.export_model``).
 
     Args:
@@ -176,6 +176,7 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
             labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
         progress: ``common.Progress`` for progress lines (default silent).
+        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph.GraphRewrite``).
     Returns:
         the report dict (also written as JSON).
     Raises:
@@ -183,4 +184,4 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
     """
     return driver.export_model(model, "saved_model", out, version=version, overwrite=overwrite, crf=crf,
                                sample_dir=sample_dir, num_samples=num_samples, verify_size=verify_size,
-                               tolerance=tolerance, report_path=report_path, progress=progress)
+                               tolerance=tolerance, report_path=report_path, progress=progress, **graph_options)
