@@ -333,8 +333,8 @@ def test_a_zip_member_over_the_cap_is_not_extracted(monkeypatch, server, tmp_pat
     assert _files(presets.cache_folder(tmp_path)) == []  # no extracted member, no pin, no unverified download
 
 
-@pytest.mark.parametrize("pins", [b'{"released-tiny.caffemodel": {"sha2', b'{"released-tiny.caffemodel": {"sha256": 1}}',
-                                  b"[]", b"\xff\xfe"])
+@pytest.mark.parametrize("pins", [b'{"released-tiny.caffemodel": {"sha2', b'{"released-tiny.caffemodel": '
+                                  b'{"sha256": 1}}', b"[]", b"\xff\xfe"], ids=["cut", "entry", "list", "utf16"])
 def test_a_malformed_pins_file_stops_and_is_kept(monkeypatch, server, requests, tmp_path, pins):
     """S7: a cut-short or malformed pins.json is never taken as 'no pins' (that would accept a tampered file)."""
     _preset(monkeypatch, server, "tiny_pins")
