@@ -7,10 +7,9 @@ the input size, or ``logits`` ``[N, h, w, C]`` at output stride 8 (``model.logit
 Only LiteRT builtin ops are allowed (no Flex / SELECT_TF_OPS: the LiteRT interpreter cannot run them); the
 conversion fails otherwise.
 
-``input_size=(H, W)`` fixes the input shape to ``[1, H, W, 3]``: atrous convolutions then become single
-``CONV_2D`` ops with dilation factors (with a dynamic batch the converter keeps the SpaceToBatch form). Without
-it, N, H and W are dynamic and each atrous convolution runs as ``SPACE_TO_BATCH_ND`` + ``CONV_2D`` +
-``BATCH_TO_SPACE_ND`` (slower; see ``benchmarks/export_runtimes.py``).
+``input_size=(H, W)`` fixes the input shape to ``[1, H, W, 3]``; without it, N, H and W are dynamic (slower in
+LiteRT; see ``benchmarks/export_runtimes.py``). Either way the serving graph (``graph.GraphRewrite``, plain ASPP
+head) gives every atrous convolution as one dilated ``CONV_2D`` with batch norm folded in.
 
 Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
 dynamic-range activations), ``"int8"`` (full integer, calibrated on ``representative`` images or a synthetic set).
