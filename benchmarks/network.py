@@ -8,12 +8,21 @@ corner-aligned resize -> softmax + argmax):
 - ``tf_xla``: the same with ``jit_compile=True`` (XLA);
 - ``saved_model``: the SavedModel ``deeplab-export`` writes, through ``tf.saved_model.load`` (uint8 input);
 - ``litert``: the float32 ``.tflite`` (static input size) in the LiteRT interpreter (XNNPACK);
-- ``onnxruntime``: the ``.onnx`` (static input size) in onnxruntime (``export.onnx.make_session``).
+- ``onnxruntime``: the ``.onnx`` (static input size) in onnxruntime (``export.onnx.make_session``);
+- ``tf_bf16``: ``tf`` on the bfloat16 copy of the model (``deeplab_keras.precision``, ``--precision bf16``: oneDNN
+  with the CPU's ``avx512_bf16`` / AMX; left out with a note on a CPU without them);
+- ``torch`` / ``torch_bf16``: the PyTorch peer (``benchmarks/torch_deeplab.py``: the same network, the Keras
+  model's weights copied in, the same outputs), float32 and under CPU bfloat16 autocast. Every path's ``x_torch``
+  is its time over ``torch``'s (float32) in the same round (median over rounds). Without torch
+  (``pip install -r benchmarks/requirements.txt``) the torch paths are left out with a note.
 
 Training paths (``--train-size``, each of ``--train-batches``): one step of the package's trainer
 (``train.SegmentationTrainer`` + ``ScaledSGD``: the recipe's loss at full resolution, L2, frozen batch norm),
-MSC (1, 0.75, 0.5) off and on, with ``jit_compile`` off and on; each setting runs in its own process (its peak
-RSS is its own; one that runs out of memory is reported as failed and the others go on).
+MSC (1, 0.75, 0.5) off and on, with ``jit_compile`` off and on; ``train_bf16`` the same step under the
+``mixed_bfloat16`` policy (``runtime.precision: mixed_bfloat16``) and ``torch_train`` the PyTorch peer's step (the
+same loss, L2, classifier multiplier and frozen batch norm: ``torch_deeplab.train_step_fn``), both MSC off only.
+Each setting runs in its own process (its peak RSS is its own; one that runs out of memory is reported as failed
+and the others go on). ``x_torch``: the row's median time over the ``torch_train`` row's of the same batch.
 
 FLOPs are counted analytically (``benchmarks/flops.py``: convolutions, 2 per multiply-add; a training step is 3x
 the forward pass). Inference paths are timed in interleaved rounds, each round also timing an n x n float32
@@ -43,8 +52,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-INFERENCE_PATHS = ("tf", "tf_xla", "saved_model", "litert", "onnxruntime")
-TRAIN_PATHS = ("train", "train_xla")
+INFERENCE_PATHS = ("tf", "tf_xla", "tf_bf16", "saved_model", "litert", "onnxruntime", "torch", "torch_bf16")
+TRAIN_PATHS = ("train", "train_xla", "train_bf16", "torch_train")
+TORCH_PATHS = ("torch", "torch_bf16", "torch_train")
+BF16_PATHS = ("tf_bf16", "train_bf16")
+MSC_OFF_ONLY = ("train_bf16", "torch_train")
 MSC_SCALES = (1.0, 0.75, 0.5)
 TINY = dict(backbone="resnet50", width_multiplier=0.125, stage_blocks=(1, 1, 1, 1))
 
@@ -164,7 +176,8 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
 
     import numpy as np
 
-    from deeplab_keras.export import common, onnx as onnx_export, saved_model, tflite
+    from deeplab_keras.export import onnx as onnx_export, saved_model, tflite
+    from deeplab_keras.precision import with_precision
 
     weights = os.path.join(workdir, "model.weights.h5")
     model.save_weights(weights)
@@ -179,8 +192,7 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
     makers = {}
     for path, jit in (("tf", False), ("tf_xla", True)):
-        fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit, autograph=False)
-        makers[path] = lambda f=fn: (lambda x: f(tf.constant(x, tf.float32))["labels"].numpy())
+        makers[path] = lambda jit=jit: _tf_runner(model, tf, jit)
     makers["saved_model"] = lambda: (lambda x, f=tf.saved_model.load(os.path.join(workdir, "sm", "1")).signatures[
         saved_model.SIGNATURE_IMAGE]: f(image=tf.constant(x))["labels"].numpy())
     makers["litert"] = lambda: (lambda x, r=tflite.TFLiteRunner(os.path.join(workdir, "model.tflite"),
@@ -189,6 +201,9 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
     makers["onnxruntime"] = lambda: (lambda x, s=onnx_export.make_session(os.path.join(workdir, "model.onnx"),
                                                                           num_threads=args.threads):
                                      onnx_export.run_onnx(s, x)["labels"])
+    makers["tf_bf16"] = lambda: _tf_runner(with_precision(model, "bf16"), tf)
+    for path in ("torch", "torch_bf16"):
+        makers[path] = lambda path=path: _torch_runner(model, model_kwargs, args, path == "torch_bf16")
     probe = np.zeros((1, args.size, args.size, 3), np.uint8)
     runners, sampler = {}, PeakRSS()
     for path in [p for p in INFERENCE_PATHS if p in args.paths]:
@@ -202,6 +217,60 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
             notes["size_vs_weights"] = round(sizes[path] / weight_bytes, 3)
         runners[path] = (run, notes)
     return runners
+
+
+def _tf_runner(model, tf, jit=False):
+    """``run(uint8 images) -> labels`` through the exported computation in one traced ``tf.function``."""
+    from deeplab_keras.export import common
+
+    fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit, autograph=False)
+    return lambda x: fn(tf.constant(x, tf.float32))["labels"].numpy()
+
+
+def torch_peer(model_kwargs, keras_model=None):
+    """The PyTorch DeepLab v2 of ``model_kwargs`` (``torch_deeplab.DeepLabV2Torch``), with ``keras_model``'s weights
+    copied in by layer name when given (else torch's own initialisation)."""
+    import torch
+
+    from deeplab_keras._keras_compat import flatten_layers
+    from torch_deeplab import DeepLabV2Torch, load_keras_weights
+
+    torch.manual_seed(0)
+    net = DeepLabV2Torch(model_kwargs["num_classes"], model_kwargs["backbone"], model_kwargs.get("aspp", "L"),
+                         model_kwargs.get("width_multiplier", 1.0), model_kwargs.get("stage_blocks"))
+    if keras_model is not None:
+        layers = {layer.name: layer for layer in flatten_layers(keras_model)}
+        load_keras_weights(net, lambda name: layers[name].get_weights())
+    return net
+
+
+def _torch_runner(model, model_kwargs, args, bf16):
+    import torch
+
+    from torch_deeplab import inference_fn
+
+    torch.set_num_threads(args.threads)
+    return inference_fn(torch_peer(model_kwargs, model), torch.bfloat16 if bf16 else torch.float32)
+
+
+def available_paths(paths, model_kwargs):
+    """``(paths, notes)``: ``paths`` less those this machine cannot run (torch not installed, a VGG model for the
+    torch peer, bfloat16 on a CPU without it), with one note per left-out group."""
+    from deeplab_keras.precision import bf16_supported
+
+    notes, drop = [], set()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        drop.update(TORCH_PATHS)
+        notes.append("torch is not installed (pip install -r benchmarks/requirements.txt): no torch paths")
+    if model_kwargs["backbone"] == "vgg16":
+        drop.update(TORCH_PATHS)
+        notes.append("the torch peer is a ResNet DeepLab: no torch paths for vgg16")
+    if not bf16_supported():
+        drop.update(BF16_PATHS)
+        notes.append("this CPU has no avx512_bf16 / AMX: no bfloat16 paths")
+    return [p for p in paths if p not in drop], notes
 
 
 def time_inference(runners, images, flops, args, tf):
@@ -231,9 +300,10 @@ def time_inference(runners, images, flops, args, tf):
     return rows, matmuls
 
 
-def train_setting(model_kwargs, args, msc, batch, jit, out):
-    """Times one training setting (run in a child process: its peak RSS is the setting's own, and running out of
-    memory ends only this setting); writes the row as JSON to ``out``."""
+def train_setting(model_kwargs, args, path, msc, batch, out):
+    """Times one training setting of ``path`` (``train``, ``train_xla``, ``train_bf16`` or ``torch_train``; run in a
+    child process: its peak RSS is the setting's own, and running out of memory ends only this setting); writes
+    the row as JSON to ``out``."""
     import resource
 
     import keras
@@ -241,27 +311,23 @@ def train_setting(model_kwargs, args, msc, batch, jit, out):
     import tensorflow as tf
 
     import deeplab_keras as dk
-    from deeplab_keras._keras_compat import flatten_layers
-    from deeplab_keras import train as T
     from deeplab_keras.utils import atomic_write_json
     from flops import TRAIN_STEP_FACTOR, forward_flops
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     size, rng = args.train_size, np.random.default_rng(0)
     keras.utils.set_random_seed(0)
+    if path == "train_bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     net = dk.DeepLabV2(msc_scales=MSC_SCALES if msc else None, **model_kwargs)
-    for layer in flatten_layers(net):  # the recipe: frozen batch norm
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)
-    trainer.compile(optimizer=T.ScaledSGD(2.5e-4, momentum=0.9, multipliers=[["aspp", 10.0]]), jit_compile=jit)
     images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, net.num_classes, (batch, size, size)).astype(np.uint8)
-    trainer.train_on_batch(images, labels)  # trace / compile
+    step = _torch_step(model_kwargs, args) if path == "torch_train" else _keras_step(net, msc, path == "train_xla")
+    step(images, labels)  # trace / compile
     times, cpus, rates = [], [], []
     for _ in range(args.repeats):
         rates.append(max(matmul_rates(args.matmul_n, tf).values()))
-        wall, cpu = _wall_and_cpu(lambda: trainer.train_on_batch(images, labels))
+        wall, cpu = _wall_and_cpu(lambda: step(images, labels))
         times.append(wall)
         cpus.append(cpu)
     flops = TRAIN_STEP_FACTOR * batch * forward_flops(net, size, size)
@@ -273,31 +339,60 @@ def train_setting(model_kwargs, args, msc, batch, jit, out):
         "extra_mb": float("nan")})
 
 
+def _keras_step(net, msc, jit):
+    """The package's training step: ``SegmentationTrainer`` + ``ScaledSGD``, frozen batch norm (the recipe)."""
+    import keras
+
+    from deeplab_keras import train as T
+    from deeplab_keras._keras_compat import flatten_layers
+
+    for layer in flatten_layers(net):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    trainer = T.SegmentationTrainer(net, net.num_classes, msc=msc, weight_decay=5e-4)
+    trainer.compile(optimizer=T.ScaledSGD(2.5e-4, momentum=0.9, multipliers=[["aspp", 10.0]]), jit_compile=jit)
+    return trainer.train_on_batch
+
+
+def _torch_step(model_kwargs, args):
+    import torch
+
+    from torch_deeplab import train_step_fn
+
+    torch.set_num_threads(args.threads)
+    return train_step_fn(torch_peer(model_kwargs))
+
+
 def train_rows(model_kwargs, args, workdir):
-    """One row per (MSC, batch, jit): a step of the package's trainer, frozen BN, each in its own process; a
-    setting that fails (e.g. killed for memory) gives a row of NaNs with the exit code in its notes."""
+    """One row per (path, MSC, batch): a training step, frozen BN, each in its own process (``train_bf16`` and
+    ``torch_train`` with MSC off only); a setting that fails (e.g. killed for memory) gives a row of NaNs with the
+    exit code in its notes. Each row's notes hold ``x_torch`` when the ``torch_train`` row of its batch ran."""
     import multiprocessing
 
-    rows = []
-    jits = [j for j, p in ((False, "train"), (True, "train_xla")) if p in args.paths]
-    for msc in {"off": [False], "on": [True], "both": [False, True]}[args.msc]:
-        for batch in args.train_batches:
-            for jit in jits:
-                name = f"train{'_xla' if jit else ''} b{batch} msc {'on' if msc else 'off'}"
-                out = os.path.join(workdir, name.replace(" ", "_") + ".json")
-                child = multiprocessing.get_context("spawn").Process(
-                    target=train_setting, args=(model_kwargs, args, msc, batch, jit, out))
-                child.start()
-                child.join()
-                if child.exitcode == 0:
-                    with open(out) as f:
-                        rows.append(dict(json.load(f), path=name))
-                else:
-                    nan = float("nan")
-                    rows.append({"path": name, "median_s": nan, "min_s": nan, "cpu_s": nan, "gflop": nan,
-                                 "gflop_per_s": nan, "x_matmul": nan, "peak_rss_mb": nan, "extra_mb": nan,
-                                 "notes": f"failed: exit code {child.exitcode}" + (
-                                     " (killed: out of memory?)" if child.exitcode == -9 else "")})
+    mscs = {"off": [False], "on": [True], "both": [False, True]}[args.msc]
+    settings = [(path, msc and path not in MSC_OFF_ONLY, batch) for msc in mscs for batch in args.train_batches
+                for path in TRAIN_PATHS if path in args.paths and (path not in MSC_OFF_ONLY or msc is mscs[0])]
+    rows, nan = [], float("nan")
+    for path, msc, batch in settings:
+        name = f"{path} b{batch} msc {'on' if msc else 'off'}"
+        out = os.path.join(workdir, name.replace(" ", "_") + ".json")
+        child = multiprocessing.get_context("spawn").Process(
+            target=train_setting, args=(model_kwargs, args, path, msc, batch, out))
+        child.start()
+        child.join()
+        if child.exitcode == 0:
+            with open(out) as f:
+                rows.append(dict(json.load(f), path=name, batch=batch))
+        else:
+            rows.append({"path": name, "batch": batch, "median_s": nan, "min_s": nan, "cpu_s": nan, "gflop": nan,
+                         "gflop_per_s": nan, "x_matmul": nan, "peak_rss_mb": nan, "extra_mb": nan,
+                         "notes": f"failed: exit code {child.exitcode}" + (
+                             " (killed: out of memory?)" if child.exitcode == -9 else "")})
+    torch_times = {r["batch"]: r["median_s"] for r in rows if r["path"].startswith("torch_train")}
+    for row in rows:
+        if row["batch"] in torch_times:
+            ratio = row["median_s"] / torch_times[row["batch"]]
+            row["notes"] = f"{row.get('notes', '')} x_torch={ratio:.2f}".strip()
     return rows
 
 
@@ -332,9 +427,12 @@ def main(argv=None):
         model_kwargs["aspp"] = args.aspp
     elif model_kwargs["backbone"] == "vgg16":
         model_kwargs["aspp"] = "largefov"
+    args.paths, left_out = available_paths(args.paths, model_kwargs)
     load = os.getloadavg()
     print(f"# {os.cpu_count()} CPUs, {args.threads} threads, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f} at start; TF {tf.__version__}, Keras {keras.__version__}; model {model_kwargs}", flush=True)
+    for note in left_out:
+        print(f"# note: {note}", flush=True)
     result = {"args": vars(args), "load_at_start": load, "inference": [], "train": []}
 
     inference = [p for p in args.paths if p in INFERENCE_PATHS]
@@ -346,12 +444,15 @@ def main(argv=None):
         images = synthetic_images((args.size, args.size), 2, seed=0)
         timed, matmuls = time_inference(runners, images, flops, args, tf)
         tf_times = np.array(timed["tf"]["times"]) if "tf" in timed else None
+        torch_times = np.array(timed["torch"]["times"]) if "torch" in timed else None
         for name, row in timed.items():
             median = float(np.median(row["times"]))
             notes = dict(runners[name][1], labels_vs_first=round(row["labels_vs_first"], 4))
             if tf_times is not None:  # same-round ratios (robust to load drifts) and the ratio of the best times
                 notes["x_tf"] = round(float(np.median(np.array(row["times"]) / tf_times)), 2)
                 notes["x_tf_min"] = round(min(row["times"]) / tf_times.min(), 2)
+            if torch_times is not None:
+                notes["x_torch"] = round(float(np.median(np.array(row["times"]) / torch_times)), 2)
             result["inference"].append({
                 "path": name, "median_s": median, "min_s": min(row["times"]), "cpu_s": float(np.median(row["cpu"])),
                 "gflop": flops / 1e9,
