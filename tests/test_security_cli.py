@@ -69,9 +69,9 @@ def _usage(capsys, call):
 def test_unwritable_out_is_refused_before_the_work(failing_folder, checkpoint, image, tmp_path, capsys,
                                                    monkeypatch):
     """K1: convert / eval / predict / train; permission and full disk are told apart."""
-    from deeplab_keras.cli import options
-    monkeypatch.setattr(options, "load_model", lambda *a: pytest.fail("the model was loaded before --out was "
-                                                                     "checked"), raising=False)
+    import deeplab_keras.models
+    monkeypatch.setattr(deeplab_keras.models, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
     locked, full = failing_folder("locked"), failing_folder("full", errno.ENOSPC)
     line = _usage(capsys, lambda: cli.predict_main([image, "--checkpoint", checkpoint, "--out", str(locked / "m")]))
     assert f"cannot write --out {locked / 'm'}: {locked} is not writable (Permission denied)" in line
