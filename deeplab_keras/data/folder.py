@@ -41,7 +41,7 @@ def read_colour_table(root, colour_file=None):
 
     Example:
         >>> names, colours = read_colour_table("my_data")   # doctest: +SKIP
-        >>> colours[(0, 0, 0)], colours[(255, 255, 255)]      # background, the ignore row
+        >>> colours[(0, 0, 0)], colours[(255, 255, 255)]      # background, the ignore row  # doctest: +SKIP
         (0, 255)
     """
     import csv
