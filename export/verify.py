@@ -238,10 +238,11 @@ def run_checks(checks, tolerance, progress=None, derivation=None):
     result = {"passed": True, "tolerance": dataclasses.asdict(tolerance), "tolerance_derivation": derivation,
               "checks": {}, "failures": []}
     if progress is not None and derivation is not None and derivation["max_abs_diff"] != FLOAT32_MAX_DIFF:
-        progress.info(f"tolerance: max |diff| {tolerance.max_abs_diff:.3g} = {derivation['base']:.3g} "
-                      f"(max of {derivation['float32_max_diff']:g} and {derivation['sensitivity_margin']:g} x the "
-                      f"model's float32 sensitivity {derivation['sensitivity']:.3g}) x the CRF's amplification "
-                      f"{derivation['amplification']:.1f} (measured on the verification images)")
+        crf = (f" x the CRF's amplification {derivation['amplification']:.1f}" if derivation["amplification"] > 1
+               else "")
+        progress.info(f"tolerance: max |diff| {tolerance.max_abs_diff:.3g} = {derivation['base']:.3g} (max of "
+                      f"{derivation['float32_max_diff']:g} and {derivation['sensitivity_margin']:g} x the model's "
+                      f"float32 sensitivity {derivation['sensitivity']:.3g}){crf}, measured on the verification images")
     for name, reference, got in checks:
         metrics = compare(reference, got)
         result["checks"][name] = metrics
