@@ -161,11 +161,13 @@ def _float_data(buf, field, wire, value):
         return value
     size = 4 if field == 5 else 8
     if wire != 2:
-        return np.frombuffer(value, f"<f{size}").astype(np.float32)
-    if (value[1] - value[0]) % size:
+        data = np.frombuffer(value, f"<f{size}")
+    elif (value[1] - value[0]) % size:
         raise _Corrupt(f"{'float' if size == 4 else 'double'} data whose length is not a multiple of {size}")
-    data = np.frombuffer(buf, f"<f{size}", count=(value[1] - value[0]) // size, offset=value[0])
-    return data if size == 4 else data.astype(np.float32)
+    else:
+        data = np.frombuffer(buf, f"<f{size}", count=(value[1] - value[0]) // size, offset=value[0])
+    with np.errstate(over="ignore", invalid="ignore"):  # doubles beyond float32 become inf: the importer refuses non-finite values
+        return data if size == 4 else data.astype(np.float32)
 
 
 def _decode_blob(buf, start, end):

@@ -81,8 +81,13 @@ _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
             ("torch", "Size"): tuple}
 
 
-class _Unpickler(pickle.Unpickler):
-    """Builds OrderedDicts, tuples and tensor placeholders; any other global is refused (never imported)."""
+class _Unpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python one: its memo is a dict, see below)
+    """Builds OrderedDicts, tuples and tensor placeholders; any other global is refused (never imported).
+
+    The pure-Python unpickler (``pickle._Unpickler``): the C one grows its memo to the largest index a
+    ``LONG_BINPUT`` names (a 5-byte opcode can ask for 64 GB); this one keeps it in a dict. A state dict's
+    pickle is small (~100 KB for the released ResNet-101), so the speed does not matter.
+    """
 
     def __init__(self, file, path):
         super().__init__(file)
