@@ -28,7 +28,10 @@ def _image(path, seed, size=(H, W)):
 
 def _png(path, values, mode="L"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.asarray(values, np.uint8), mode=mode).save(path)
+    image = Image.fromarray(np.asarray(values, np.uint8), mode=mode)
+    if mode == "P":  # a palette PNG as VOC's (without a palette PIL may renumber the indices)
+        image.putpalette(data.voc_palette().reshape(-1).tolist())
+    image.save(path)
 
 
 def _lines(path, ids):
@@ -205,13 +208,35 @@ def test_cocostuff164k_and_10k(tmp_path):
     assert mat in line and "183" in line
 
 
-def test_voc_folder_and_synthetic_through_the_registry(tmp_path, voc_samples_dir):
-    ds = data.load_dataset("voc", str(voc_samples_dir), "val", data_dir=str(tmp_path / "tfds"))
-    reference = data.load_voc("val", config="voc", manual_dir=str(voc_samples_dir), data_dir=str(tmp_path / "tfds"))
-    got, want = _examples(ds.take(2)), _examples(reference.take(2))
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a["label"], b["label"])
-    assert data.detect_dataset(str(voc_samples_dir)) == "voc"
+def _voc_aug(root):
+    """VOC2012/ with a (train) and b (val), benchmark_RELEASE/ with the SBD-only c: {stem: (image, label)}."""
+    voc, sbd = os.path.join(root, "VOC2012"), os.path.join(root, "benchmark_RELEASE", "dataset")
+    out = {}
+    for k, stem in enumerate(("2007_000001", "2007_000002")):
+        label = _labels([0, 20, 255, k + 3])
+        _png(os.path.join(voc, "SegmentationClass", stem + ".png"), label, mode="P")
+        out[stem] = (_image(os.path.join(voc, "JPEGImages", stem + ".jpg"), k), label)
+    _lines(os.path.join(voc, "ImageSets", "Segmentation", "train.txt"), ["2007_000001"])
+    _lines(os.path.join(voc, "ImageSets", "Segmentation", "val.txt"), ["2007_000002"])
+    label = _labels([15, 0, 9])
+    scipy.io.savemat(os.path.join(_mkdir(os.path.join(sbd, "cls")), "2008_000003.mat"),
+                     {"GTcls": {"Segmentation": label.astype(np.uint8)}})
+    out["2008_000003"] = (_image(os.path.join(sbd, "img", "2008_000003.jpg"), 5), label)
+    return out
+
+
+def test_voc_voc_aug_folder_and_synthetic_through_the_registry(tmp_path):
+    root = str(tmp_path / "VOCdevkit")
+    files = _voc_aug(root)
+    assert data.detect_dataset(root) == "voc_aug"
+    tfds_dir = str(tmp_path / "tfds")
+    for name, split, stems in (("voc", "val", ["2007_000002"]), ("voc_aug", "train", ["2007_000001", "2008_000003"])):
+        examples = sorted(_examples(data.load_dataset(name, root, split, data_dir=tfds_dir)),
+                          key=lambda ex: ex["file_name"])
+        assert [ex["file_name"].decode() for ex in examples] == [s + ".jpg" for s in stems]
+        for ex, stem in zip(examples, stems):
+            np.testing.assert_array_equal(ex["label"], files[stem][1])
+            assert ex["image"].shape == files[stem][0].shape  # the JPEG bytes, decoded by TFDS
     root = data.write_synthetic_folder(str(tmp_path / "shapes"), 2, size=(33, 33), num_classes=3)
     assert data.detect_dataset(root) == "folder"
     assert len(_examples(data.load_dataset("folder", root))) == 2
