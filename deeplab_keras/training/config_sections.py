@@ -60,7 +60,8 @@ class DataConfig(Section):
     """The training and validation data and the input pipeline.
 
     Args:
-        dataset: "voc" (TFDS builder over ``manual_dir``), "synthetic" or "folder" (``folder`` / ``val_folder``).
+        dataset: "voc" (TFDS builder over ``manual_dir``), "synthetic", "folder" (``folder`` / ``val_folder``), or
+            "cityscapes", "pascal_context", "person_part", "cocostuff164k", "cocostuff10k" (under ``root``).
         voc_config: TFDS config of the VOC builder ("aug" = train + SBD, or "voc").
         train_split, val_split: split names for "voc".
         manual_dir: folder holding ``VOC2012/`` (and ``benchmark_RELEASE/`` for "aug"); data_dir: TFDS data_dir.
