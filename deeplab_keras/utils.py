@@ -212,7 +212,7 @@ def check_writable(path, what="--out", *, folder=False):
     """
     path = os.path.abspath(os.fspath(path))
     if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise UnwritableError(f"{what} {path} is a file, not a folder; choose a folder path")
+        raise UnwritableError(f"{what} {path} is an existing file, not a folder; choose a folder path")
     probe = path
     while not os.path.exists(probe):  # the nearest existing folder; a dangling link on the way is named
         if os.path.islink(probe):
