@@ -407,21 +407,39 @@ def print_table(rows, header):
     sys.stdout.flush()
 
 
+def start(args, name):
+    """A benchmark's start: TensorFlow imported quietly with ``args.threads`` intra-op threads, and the work folder
+    (``args.workdir``, created, or a new temporary ``deeplab-<name>-bench-*``). Returns ``(tf, workdir)``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    workdir = args.workdir or tempfile.mkdtemp(prefix=f"deeplab-{name}-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    return tf, workdir
+
+
+def finish(args, result):
+    """A benchmark's end: the load average recorded and printed, ``result`` written to ``args.json`` when given."""
+    from deeplab_keras.utils import atomic_write_json
+
+    result["load_at_end"] = os.getloadavg()
+    print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)
+    if args.json:
+        atomic_write_json(args.json, result, indent=1)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf, workdir = start(args, "network")
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import deeplab_keras as dk
     from deeplab_keras.export.verify import synthetic_images
-    from deeplab_keras.utils import atomic_write_json
     from flops import forward_flops
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-network-bench-")
-    os.makedirs(workdir, exist_ok=True)
     model_kwargs = dict(TINY, num_classes=21) if args.tiny else dict(num_classes=21, backbone=args.backbone)
     if args.aspp:
         model_kwargs["aspp"] = args.aspp
@@ -469,11 +487,7 @@ def main(argv=None):
         result["train"] = train_rows(model_kwargs, args, workdir)
         print_table(result["train"], f"training step, {args.train_size}x{args.train_size}, frozen BN, median of "
                                      f"{args.repeats} steps (FLOPs = 3x forward)")
-    result["load_at_end"] = os.getloadavg()
-    print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)
-    if args.json:
-        atomic_write_json(args.json, result, indent=1)
-    return result
+    return finish(args, result)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ Usage:
     python benchmarks/precision.py --skip-trained --json out.json
 """
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+from network import available_paths, finish, start, torch_peer  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared")
 IMAGES = ("2007_000033", "2008_000009")
@@ -118,16 +118,14 @@ def _predicted_labels(model, images, precision):
 
 def converted_part(args, workdir):
     """Part 2: the converted ResNet-101 file on the reference inputs; ``{input kind: {path: row}}``."""
-    import numpy as np
     import subprocess
 
-    import tensorflow as tf
+    import numpy as np
 
     import deeplab_keras as dk
     from deeplab_keras.evaluate import pad_image
     from deeplab_keras.inference import Predictor, upsample_logits
     from deeplab_keras.models.caffe import caffemodel_config, load_caffemodel
-    from network import available_paths, torch_peer
 
     path = os.path.join(workdir, "resnet101.caffemodel")
     if not os.path.exists(path):
@@ -205,14 +203,7 @@ def print_rows(title, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    from deeplab_keras.utils import atomic_write_json
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-precision-bench-")
-    os.makedirs(workdir, exist_ok=True)
+    _, workdir = start(args, "precision")
     load = os.getloadavg()
     print(f"# {os.cpu_count()} CPUs, {args.threads} threads, load average {load[0]:.2f} at start; precisions "
           f"{precisions()}", flush=True)
@@ -228,11 +219,7 @@ def main(argv=None):
             for kind, rows in result["converted"].items():
                 print_rows(f"2. converted DeepLab v2 ResNet-101 (.caffemodel), 2 VOC images, {kind}, seconds per "
                            f"image (median of {args.repeats} rounds)", rows)
-    result["load_at_end"] = os.getloadavg()
-    print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)
-    if args.json:
-        atomic_write_json(args.json, result, indent=1)
-    return result
+    return finish(args, result)
 
 
 if __name__ == "__main__":
