@@ -99,10 +99,13 @@ def _mutate_pickle(data, rng):
     if not data.startswith(b"PK"):
         return swap(data)
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            body = src.read(info)
-            dst.writestr(info.filename, swap(body) if info.filename.endswith("data.pkl") else body)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                body = src.read(info)
+                dst.writestr(info.filename, swap(body) if info.filename.endswith("data.pkl") else body)
+    except Exception:  # noqa: BLE001 (an earlier mutation broke the zip: swap a byte of it instead)
+        return swap(data)
     return out.getvalue()
 
 

@@ -19,6 +19,7 @@ Example:
     (21, 2048, 3, 3)
 """
 import collections
+import io
 import math
 import os
 import pickle
@@ -253,8 +254,11 @@ def _read_zip(path):
             if byteorder not in ("little", "big"):
                 raise PthError(f"{path}: unknown byte order {byteorder!r} in {prefix}byteorder")
         with z.open(pkl[0]) as f:
-            unpickler = _Unpickler(_Bounded(f, _MAX_PICKLE_BYTES), path)
-            obj = _load_pickle(unpickler, path)
+            data = f.read(_MAX_PICKLE_BYTES + 1)  # the zip directory's size may lie: read at most the cap
+        if len(data) > _MAX_PICKLE_BYTES:
+            raise PthError(f"{path}: its {pkl[0]} inflates past the reader's cap of {_MAX_PICKLE_BYTES:,} bytes")
+        unpickler = _Unpickler(io.BytesIO(data), path)
+        obj = _load_pickle(unpickler, path)
         order = "<" if byteorder == "little" else ">"
         for key, storage in unpickler.storages.items():
             name = f"{prefix}data/{key}"
