@@ -88,8 +88,12 @@ def test_driver_failed_verification_leaves_only_the_report(model, npz_format, tm
 def test_driver_refuses_unknown_formats_and_options_before_writing(model, tmp_path):
     with pytest.raises(common.ExportError, match=r"format must be one of \['onnx', 'saved_model', 'tflite'\]"):
         export_model(model, "coreml", str(tmp_path / "m.mlmodel"))
-    with pytest.raises(common.ExportError, match="option 'quantize' does not apply to format 'onnx'"):
-        export_model(model, "onnx", str(tmp_path / "m.onnx"), quantize="int8")
+    with pytest.raises(common.ExportError, match="option 'int8_io' does not apply to format 'onnx'"):
+        export_model(model, "onnx", str(tmp_path / "m.onnx"), quantize="int8", int8_io=True)
+    with pytest.raises(common.ExportError, match="--quantize for --format onnx must be one of"):
+        export_model(model, "onnx", str(tmp_path / "m.onnx"), quantize="float16")
+    with pytest.raises(common.ExportError, match="aspp_head must be one of"):
+        export_model(model, "saved_model", str(tmp_path / "sm"), aspp_head="wide")
     with pytest.raises(common.ExportError, match="option 'opset' does not apply to format 'saved_model'"):
         export_model(model, "saved_model", str(tmp_path / "sm"), opset=13)
     assert not list(tmp_path.iterdir())
