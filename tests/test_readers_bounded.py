@@ -13,7 +13,7 @@ from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, load_
 from deeplab_keras.models.pth import PthError, load_pth, read_pth, state_layers, state_scan
 from tests import caffe_writer as cw
 from tests import pth_writer as pw
-from tests.conftest import tiny_model
+from tests.conftest import REPO, tiny_model
 from tests.readers_fuzz import bounded
 
 F32 = np.arange(6, dtype=np.float32)
@@ -213,3 +213,13 @@ def test_d1_every_copy_of_a_repeated_name_is_checked_first(tmp_path, source):
     assert load_caffemodel(target, good)["num_classes"] == 3  # two equal copies load
     for a, b in zip(target.network.get_weights(), model.network.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_c1_classifier_of_too_few_dimensions(tmp_path):
+    """An InnerProduct classifier with a 1-D weight blob (analyse read its dimension -2: IndexError)."""
+    from deeplab_keras.models.pth import pth_layers
+
+    layers, _ = pth_layers(REPO / "tests" / "data" / "pth" / "kazuto_coco.pth")
+    encoded = [cw.layer(x.name, x.type, x.blobs) for x in layers if x.name != "fc"]
+    path = _caffemodel(tmp_path, *encoded, cw.layer("fc1000", "InnerProduct", [np.ones(5, np.float32)]))
+    assert "layer fc1000 has weights of shape (5,)" in _refused(CaffeModelError, path, caffemodel_config)

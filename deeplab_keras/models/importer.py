@@ -159,13 +159,22 @@ def _analyse_head(path, roles, by_name, out):
         dilations = [(b[0].convolution or {}).get("dilation", 1) for b in branches]
         out["head"] = branches
         out["rates"] = tuple(dilations) if all(d > 1 for d in dilations) else None
-        out["num_classes"] = branches[0][max(positions)].blobs[0][0]
+        out["num_classes"] = _out_channels(path, branches[0][max(positions)], 0)
         largefov = out["backbone"] == "vgg16" and len(branches) == 1 and branches[0][0].name == "fc6"
         out["largefov"] = largefov
     elif classifiers:
-        weight = by_name[classifiers[-1]].blobs[0]
-        out["num_classes"] = weight[-2] if by_name[classifiers[-1]].type == "InnerProduct" else weight[0]
+        last = by_name[classifiers[-1]]
+        out["num_classes"] = _out_channels(path, last, -2 if last.type == "InnerProduct" else 0)
     return out
+
+
+def _out_channels(path, layer, axis):
+    """The output channels of a classifier / head layer (its first blob's dimension ``axis``), checked to exist."""
+    shape = tuple(layer.blobs[0]) if layer.blobs else ()
+    if len(shape) < (2 if axis < 0 else 1):
+        raise CaffeModelError(f"{path}: layer {layer.name} has weights of shape {shape}; a classifier's are "
+                              "(classes, channels, ...)")
+    return shape[axis]
 
 
 def _aspp_kwarg(info):
