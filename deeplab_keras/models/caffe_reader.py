@@ -4,6 +4,10 @@ The file is a flat sequence of ``layer`` fields (100; the old ``layers`` field 2
 module decodes the wire format itself, one layer at a time (the file is streamed, never held whole in memory).
 It knows nothing of the Keras model: :mod:`deeplab_keras.models.importer` maps the layers onto one.
 
+The file is untrusted input: the reader only moves forward (time linear in the file size), checks every length,
+count, wire type and blob shape against the bytes that remain and its caps before allocating, and turns every
+malformed input into a one-line :class:`CaffeModelError` naming the file (``tests/test_readers_fuzz.py`` fuzzes it).
+
 Example:
     >>> from deeplab_keras.models.caffe_reader import read_caffemodel
     >>> [layer.name for layer in read_caffemodel("train2_iter_20000.caffemodel")][:2]   # doctest: +SKIP
@@ -124,7 +128,19 @@ def _fields(buf, pos, end, float_runs=None):
 
 
 def _string(buf, span):
-    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+    return printable(bytes(buf[span[0]:span[1]]).decode("utf-8", "replace"))
+
+
+def printable(text, limit=200):
+    """``text`` (a name read from a file) safe for a one-line message: control characters escaped, cut at
+    ``limit`` characters.
+
+    Example:
+        >>> printable("conv1\\nrm -rf")
+        'conv1\\\\nrm -rf'
+    """
+    text = str(text)[:limit]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _packed_varints(buf, span, limit=_MAX_REPEATED):
@@ -166,7 +182,7 @@ def _float_data(buf, field, wire, value):
         raise _Corrupt(f"{'float' if size == 4 else 'double'} data whose length is not a multiple of {size}")
     else:
         data = np.frombuffer(buf, f"<f{size}", count=(value[1] - value[0]) // size, offset=value[0])
-    with np.errstate(over="ignore", invalid="ignore"):  # doubles beyond float32 become inf: the importer refuses non-finite values
+    with np.errstate(over="ignore", invalid="ignore"):  # doubles past float32 become inf (the importer refuses them)
         return data if size == 4 else data.astype(np.float32)
 
 

@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count
+from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count, printable
 from deeplab_keras.models.importer import load_scan
 
 
@@ -58,7 +58,7 @@ class _StorageType:
 
 class _Storage:
     def __init__(self, storage_type, key, numel):
-        self.dtype, self.key, self.numel = _DTYPES[storage_type.name], str(key)[:64], numel
+        self.dtype, self.key, self.numel = _DTYPES[storage_type.name], printable(key, 64), numel
         self.array = None
 
 
@@ -99,13 +99,14 @@ class _Unpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python one: its m
             return _StorageType(name)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise PthError(f"{self.path} refers to {str(module)[:60]}.{str(name)[:60]}, which a state dict of tensors "
-                       "does not need; refusing to load it (only torch.save(model.state_dict()) files are read)")
+        raise PthError(f"{self.path} refers to {printable(module, 60)}.{printable(name, 60)}, which a state dict "
+                       "of tensors does not need; refusing to load it (only torch.save(model.state_dict()) files are "
+                       "read)")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and _is_int(pid[4]) and pid[4] >= 0):
-            raise PthError(f"{self.path}: unsupported storage reference {str(pid)[:80]}")
+            raise PthError(f"{self.path}: unsupported storage reference {printable(pid, 80)}")
         key = str(pid[2])
         if key not in self.storages:
             self.storages[key] = _Storage(pid[1], key, int(pid[4]))
@@ -301,7 +302,7 @@ def _read_legacy(path):
         for key in keys:
             storage = unpickler.storages.get(str(key))
             if storage is None:
-                raise PthError(f"{path}: storage {str(key)[:64]} is listed but not used")
+                raise PthError(f"{path}: storage {printable(key, 64)} is listed but not used")
             header = f.read(8)
             if len(header) < 8:
                 raise PthError(f"{path} is truncated (storage {storage.key} is missing); download the file again")
@@ -416,20 +417,21 @@ def state_layers(state, path):
         mapped = _caffe_names(short)
         if mapped is not None and mapped[1] == "conv" and mapped[2] == "weight":
             convs[mapped[0]] = [value.astype(np.float32, copy=False)]
-            names[mapped[0]] = key.rsplit(".", 1)[0]
+            names[mapped[0]] = printable(key.rsplit(".", 1)[0])
         elif mapped is not None and mapped[1] == "bn" and mapped[2] in _BN_PARAMS:
             bns.setdefault(mapped[0], [None] * 4)[_BN_PARAMS[mapped[2]]] = value.astype(np.float32, copy=False)
-            names["bn" + mapped[0]] = names["scale" + mapped[0]] = key.rsplit(".", 1)[0]
+            names["bn" + mapped[0]] = names["scale" + mapped[0]] = printable(key.rsplit(".", 1)[0])
         elif re.match(r"^aspp\.c\d+\.(weight|bias)$", short) or re.match(r"^fc\.(weight|bias)$", short):
             head, param = short.rsplit(".", 1)
             name = f"fc1_pth_c{head.split('.c')[1]}" if head.startswith("aspp") else "fc"
             convs.setdefault(name, [None, None])[0 if param == "weight" else 1] = value.astype(np.float32, copy=False)
-            names[name] = key.rsplit(".", 1)[0]
+            names[name] = printable(key.rsplit(".", 1)[0])
         else:
             others.append(key)
     if others:
         raise PthError(f"{path} has {len(others)} tensors that are not part of kazuto1011/deeplab-pytorch's "
-                       f"DeepLabV2 ResNet: {', '.join(others[:8])}" + (" ..." if len(others) > 8 else ""))
+                       f"DeepLabV2 ResNet: {', '.join(map(printable, others[:8]))}"
+                      + (" ..." if len(others) > 8 else ""))
     layers = []
     for name, blobs in convs.items():
         if any(b is None for b in blobs):
