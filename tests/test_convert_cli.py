@@ -131,3 +131,21 @@ def test_console_script_then_deeplab_predict(files, tmp_path, voc_samples_dir):
                            "--out", str(tmp_path / "masks")], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "masks" / "2007_000033.png").is_file()
+
+
+def test_crafted_weight_files_exit_2_one_line(capsys, tmp_path):
+    """Issue #22 S1 / S2: a caffemodel whose float run is cut short and a .pth tensor with a negative stride are
+    the reader's one-line error naming the file, exit 2, nothing written."""
+    from tests import pth_writer as pw
+
+    (tmp_path / "s1.caffemodel").write_bytes(cw.bytes_field(100, cw.bytes_field(1, "c") + cw.bytes_field(2, "C")
+                                                            + cw.bytes_field(7, b"\x2d\x00\x00")))
+    (tmp_path / "s2.pth").write_bytes(pw.zip_pth({"w": pw.tensor("0", (3,), (-1,), 2)},
+                                                 {"0": np.arange(3, dtype=np.float32)}))
+    before = sorted(os.listdir(tmp_path))
+    for name, message in (("s1.caffemodel", "is not a .caffemodel"), ("s2.pth", "negative size, stride or offset")):
+        code, out, err = _run(capsys, tmp_path / name, "--out", tmp_path / "m.keras")
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1, err
+        assert str(tmp_path / name) in lines[0] and message in lines[0], err
+    assert sorted(os.listdir(tmp_path)) == before
