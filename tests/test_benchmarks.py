@@ -74,7 +74,7 @@ def test_torch_peer_is_the_same_network(size=68):
     sys.path.insert(0, str(BENCH))
     try:
         from network import torch_peer
-        from torch_deeplab import train_step_fn
+        from torch_deeplab import fused_for_inference, train_step_fn
     finally:
         sys.path.remove(str(BENCH))
     import keras
@@ -93,8 +93,10 @@ def test_torch_peer_is_the_same_network(size=68):
     want = np.asarray(model(images))
     with torch.no_grad():
         got = net(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+        fused = fused_for_inference(net)(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(fused, want, atol=1e-4 * np.abs(want).max())  # batch norm folded: the same logits
     step = train_step_fn(torch_peer(kwargs, model), lr=1e-5)
     labels = rng.integers(0, 4, images.shape[:3]).astype(np.uint8)
     losses = [step(images, labels) for _ in range(3)]
