@@ -41,7 +41,7 @@ def _everything(folder):
     (["--format", "tflite", "--opset", "17"], "--opset applies only to --format onnx"),
     (["--format", "saved_model", "--outputs", "full"], "--outputs applies only to --format tflite / onnx"),
     (["--format", "onnx", "--num-calibration", "8"], "--num-calibration applies only to --quantize int8"),
-    (["--format", "onnx", "--int8-io"], "--int8-io applies only to --quantize int8"),
+    (["--format", "onnx", "--int8-io"], "--int8-io applies only to --format tflite --quantize int8"),
     (["--format", "onnx", "--crf-iterations", "5"], "--crf-iterations applies only to --crf"),
     (["--format", "saved_model", "--version", "-1"], "--version must be >= 0"),
 ])
