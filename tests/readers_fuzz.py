@@ -7,8 +7,8 @@ buffers included).
 
 Example:
     >>> import random
-    >>> seeds = seed_files()
-    >>> len(mutate(seeds["net.caffemodel"], "caffemodel", random.Random(0))) > 0
+    >>> seed = seed_files()["net.caffemodel"]
+    >>> len(mutate(seed, "caffemodel", random.Random(0), "insert")) > len(seed)
     True
 """
 import contextlib
