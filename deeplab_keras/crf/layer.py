@@ -196,3 +196,43 @@ class DenseCRF(keras.layers.Layer):
         config.update(self.params.to_dict(), input_type=self.input_type, max_memory=self.max_memory,
                       learned=self.learned, learn_compatibility=self.learn_compatibility)
         return config
+
+
+@keras.saving.register_keras_serializable(package="deeplab_keras")
+class CRFHead(DenseCRF):
+    """A dense CRF on top of a segmentation network: ``[logits at output stride, images] -> log-probabilities at the
+    image size`` (the logits upsampled corner-aligned, their softmax refined by :class:`DenseCRF`, then
+    ``log(max(Q, 1e-12))``), so losses and metrics written for logits apply to the CRF output unchanged
+    (``softmax(log Q) = Q``). Arguments as :class:`DenseCRF` (``input_type`` is "probs": DeepLab's unary
+    ``-log(clip(p, 1e-5, 1))``, the same as the exported portable CRF).
+
+    Example:
+        >>> import numpy as np, deeplab_keras as dk
+        >>> head = dk.crf.CRFHead(dk.crf.CRFParams(iterations=2), trainable=True)
+        >>> head([np.zeros((1, 3, 3, 2), "float32"), np.zeros((1, 17, 17, 3), "uint8")]).shape
+        TensorShape([1, 17, 17, 2])
+    """
+
+    LOG_FLOOR = 1e-12
+
+    def __init__(self, params=None, **kwargs):
+        kwargs["input_type"] = "probs"
+        super().__init__(params, **kwargs)
+
+    def call(self, inputs, training=None):
+        import tensorflow as tf
+
+        from deeplab_keras.inference import upsample_logits
+
+        logits, images = self._split(inputs)
+        probs = tf.nn.softmax(upsample_logits(logits, tf.shape(images)[1:3]), axis=-1)
+        refined = super().call([probs, images], training=training)
+        return tf.math.log(tf.maximum(refined, self.LOG_FLOOR))
+
+    def compute_output_shape(self, input_shape):
+        logits, images = self._split(input_shape)
+        return tuple(images[:3]) + (logits[-1],)
+
+    def compute_output_spec(self, inputs):
+        logits, images = self._split(inputs)
+        return keras.KerasTensor(tuple(images.shape[:3]) + (logits.shape[-1],), dtype="float32")
