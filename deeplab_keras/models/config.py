@@ -169,6 +169,14 @@ class ModelConfig:
     crf: Optional[CRFConfig] = None
 
     def __post_init__(self):
+        if isinstance(self.crf, str):  # a command-line override: model.crf="{trainable: true, iterations: 5}"
+            import yaml  # (a dependency of the package; only this form needs it)
+
+            try:
+                parsed = yaml.safe_load(self.crf)
+            except yaml.YAMLError:
+                parsed = self.crf
+            object.__setattr__(self, "crf", {} if parsed is True else None if parsed in (False, None) else parsed)
         if isinstance(self.crf, dict):
             object.__setattr__(self, "crf", CRFConfig.from_dict(self.crf))
         elif self.crf is not None and not isinstance(self.crf, CRFConfig):
