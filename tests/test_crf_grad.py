@@ -95,3 +95,45 @@ def test_gradient_matches_finite_differences(input_type):
     d_mu = rng.normal(size=compat.shape).astype("float32")
     numeric = central(lambda e: loss(mu=compat + e * d_mu), 1e-2)
     assert abs(numeric - float(np.sum(dmu * d_mu))) <= 1e-3 * max(abs(numeric), 1.0)
+
+
+def test_potts_and_saved_marginals_leave_the_forward_pass_unchanged():
+    logits, images, _, _ = _problem(5, 2, 8, 8, 3)
+    probs = _input(logits, "probs")
+    plain = dk.crf.dense_crf(probs, images, PARAMS).numpy()
+    np.testing.assert_array_equal(dk.crf.dense_crf(probs, images, PARAMS, save_marginals=True).numpy(), plain)
+    potts = dk.crf.dense_crf(probs, images, PARAMS, compatibility=1 - np.eye(3, dtype="float32")).numpy()
+    np.testing.assert_allclose(potts, plain, atol=1e-5)
+
+
+def test_batched_gradient_equals_per_image_gradients():
+    logits, images, upstream, compat = _problem(6, 3, 6, 7, 3)
+    probs = _input(logits, "probs")
+    weights = (PARAMS.bilateral_weight, PARAMS.gaussian_weight)
+    crf = lambda *a, **k: dk.crf.dense_crf(*a, PARAMS, **k)  # noqa: E731
+    batch = _grads(crf, probs, images, upstream, compat, weights)
+    singles = [_grads(crf, probs[i:i + 1], images[i:i + 1], upstream[i:i + 1], compat, weights) for i in range(3)]
+    np.testing.assert_allclose(batch[1], np.concatenate([s[1] for s in singles]), atol=1e-6)
+    for k in (2, 3, 4):
+        np.testing.assert_allclose(batch[k], sum(s[k] for s in singles), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_gradient_inputs_are_invalid_argument():
+    logits, images, upstream, compat = _problem(8, 1, 8, 8, 3)
+    probs = tf.constant(_input(logits, "probs"))
+    for bad in (np.nan, np.inf):
+        with tf.GradientTape() as tape:
+            tape.watch(probs)
+            out = dk.crf.dense_crf(probs, images, PARAMS)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="upstream gradient .* must be finite"):
+            tape.gradient(out, probs, output_gradients=tf.fill(out.shape, bad))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="compatibility"):
+        dk.crf.dense_crf(probs, images, PARAMS, compatibility=np.ones((2, 2), "float32"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="compatibility"):
+        dk.crf.dense_crf(probs, images, PARAMS, compatibility=np.full((3, 3), np.nan, "float32"))
+    # The backward pass estimates its memory before allocating, like the forward pass.
+    lib = dk.crf.load_library()
+    args = [probs, images, 3, 2.0, 3.0, 20.0, 1.5, 1.0, tf.zeros([0])]
+    refined, marginals = lib.dense_crf(*args, save_marginals=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="needs about .* for the gradient"):
+        lib.dense_crf_grad(*args, refined, marginals, upstream, max_memory=1 << 20)
