@@ -106,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--synthetic-noise", type=float, default=1.5)
     parser.add_argument("--voc-train", type=int, default=4)
     parser.add_argument("--skip-voc", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
     args = parser.parse_args(argv)
     classes = 4
     size = (args.synthetic_size, args.synthetic_size)
@@ -113,7 +114,8 @@ def main(argv=None):
     coarse = dict(stride=args.synthetic_stride, noise=args.synthetic_noise)
     train = _with_probs(_examples_synthetic(args.synthetic_train, 0, size, classes), classes, 0, **coarse)
     test = _with_probs(_examples_synthetic(args.synthetic_train, 1000, size, classes), classes, 1000, **coarse)
-    study("synthetic", train, {"train": train, "held out": test}, classes, args)
+    if not args.skip_synthetic:
+        study("synthetic", train, {"train": train, "held out": test}, classes, args)
     if not args.skip_voc:
         voc = _with_probs(_examples_voc(), 21, seed=0)
         study("VOC samples", voc[:args.voc_train],
