@@ -397,15 +397,23 @@ struct KernelTable {
   void (*update)(const UpdateArgs&, int64_t, int64_t);
 };
 
+// Whether the AVX2+FMA kernels run: the CPU has them and DEEPLAB_KERAS_CRF_GENERIC=1 (which forces the plain
+// x86-64 kernels, for tests of the portable path) is not set.
+bool UseAvx2Kernels() {
+#if defined(DKCRF_X86) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
+  return (generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 const KernelTable& Kernels() {
   static const KernelTable table = [] {
 #if defined(DKCRF_X86) && defined(__GNUC__)
-    __builtin_cpu_init();
-    // DEEPLAB_KERAS_CRF_GENERIC=1 forces the plain x86-64 kernels (tests of the portable path).
-    const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
-    if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
-      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
+    if (UseAvx2Kernels()) return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
     return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
   }();
@@ -1013,10 +1021,7 @@ struct GradKernelTable {
 const GradKernelTable& GradKernels() {
   static const GradKernelTable table = [] {
 #if defined(DKCRF_X86) && defined(__GNUC__)
-    __builtin_cpu_init();
-    const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
-    if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
+    if (UseAvx2Kernels())
       return GradKernelTable{LoadZeroPaddedAvx2, SliceAvx2, SoftmaxGradAvx2, CombineAvx2, InputGradAvx2};
 #endif
     return GradKernelTable{LoadZeroPaddedGeneric, SliceGeneric, SoftmaxGradGeneric, CombineGeneric,

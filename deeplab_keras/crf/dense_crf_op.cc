@@ -65,16 +65,20 @@ Status DenseCrfShape(InferenceContext* c) {
 
 }  // namespace
 
+// The inputs of DenseCrf, also the first inputs of its gradient DenseCrfGrad.
+#define DKCRF_FORWARD_INPUTS                  \
+  Input("probs: float")                       \
+      .Input("images: uint8")                 \
+      .Input("iterations: int32")             \
+      .Input("bilateral_weight: float")       \
+      .Input("bilateral_xy_std: float")       \
+      .Input("bilateral_rgb_std: float")      \
+      .Input("gaussian_weight: float")        \
+      .Input("gaussian_xy_std: float")        \
+      .Input("compatibility: float")
+
 REGISTER_OP("DenseCrf")
-    .Input("probs: float")
-    .Input("images: uint8")
-    .Input("iterations: int32")
-    .Input("bilateral_weight: float")
-    .Input("bilateral_xy_std: float")
-    .Input("bilateral_rgb_std: float")
-    .Input("gaussian_weight: float")
-    .Input("gaussian_xy_std: float")
-    .Input("compatibility: float")
+    .DKCRF_FORWARD_INPUTS
     .Output("refined: float")
     .Output("marginals: float")
     .Attr("input_type: {'probs', 'unary', 'logits'} = 'probs'")
@@ -352,15 +356,7 @@ class DenseCrfOp : public OpKernel {
 REGISTER_KERNEL_BUILDER(Name("DenseCrf").Device(DEVICE_CPU), DenseCrfOp);
 
 REGISTER_OP("DenseCrfGrad")
-    .Input("probs: float")
-    .Input("images: uint8")
-    .Input("iterations: int32")
-    .Input("bilateral_weight: float")
-    .Input("bilateral_xy_std: float")
-    .Input("bilateral_rgb_std: float")
-    .Input("gaussian_weight: float")
-    .Input("gaussian_xy_std: float")
-    .Input("compatibility: float")
+    .DKCRF_FORWARD_INPUTS
     .Input("refined: float")
     .Input("marginals: float")
     .Input("grad_refined: float")
