@@ -470,6 +470,19 @@ std::unique_ptr<AlignedVector> TransposedCompat(const float* compat, int C, int 
   return t;
 }
 
+// The bilateral kernel's lattice (not normalised) on (x, y) / bilateral_xy_std and RGB / bilateral_rgb_std.
+void BuildBilateralLattice(const uint8_t* image, int64_t height, int64_t width, const CrfParams& params,
+                           int num_threads, const ParallelFor& pfor, Lattice* lattice) {
+  const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
+  BuildLattice<5>(height * width, [&](int64_t p, float* f) {
+    f[0] = static_cast<float>(p % width) / sxy;
+    f[1] = static_cast<float>(p / width) / sxy;
+    f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
+    f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
+    f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
+  }, num_threads, pfor, lattice);
+}
+
 }  // namespace
 
 std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
@@ -749,14 +762,7 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
   Lattice lb;
   std::shared_ptr<const GaussianKernel> own_g;
   if (filter && use_b) {
-    const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
-    BuildLattice<5>(N, [&](int64_t p, float* f) {
-      f[0] = static_cast<float>(p % width) / sxy;
-      f[1] = static_cast<float>(p / width) / sxy;
-      f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
-      f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
-      f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
-    }, num_threads, pfor, &lb);
+    BuildBilateralLattice(image, height, width, params, num_threads, pfor, &lb);
     // Now the lattice's real size is known: re-check before the big allocations (noise-like images have up to
     // 6 points per pixel instead of the assumed kAssumedPointsPerPixel).
     const std::string problem = MemoryProblem(EstimateBytes(1, height, width, C, params, lb.num_points),
@@ -1095,14 +1101,7 @@ std::string DenseCrfGradImage(const float* in, InputType input_type, const uint8
   const bool use_b = T > 0 && params.bilateral_weight > 0.f, use_g = T > 0 && params.gaussian_weight > 0.f;
   Lattice lb, own_g;
   if (use_b) {
-    const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
-    BuildLattice<5>(N, [&](int64_t p, float* f) {
-      f[0] = static_cast<float>(p % width) / sxy;
-      f[1] = static_cast<float>(p / width) / sxy;
-      f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
-      f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
-      f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
-    }, num_threads, pfor, &lb);
+    BuildBilateralLattice(image, height, width, params, num_threads, pfor, &lb);
     Normalize(&lb, pfor);
   }
   const Lattice* lg = gaussian_lattice;

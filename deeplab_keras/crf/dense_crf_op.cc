@@ -129,6 +129,15 @@ dkcrf::ParallelFor MakePfor(OpKernelContext* ctx) {
   };
 }
 
+// The input_type and max_memory attributes (both ops have them).
+void ReadAttrs(OpKernelConstruction* ctx, dkcrf::InputType* input_type, int64_t* max_memory) {
+  std::string type;
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("input_type", &type));
+  *input_type = type == "probs" ? dkcrf::InputType::kProbs
+                : type == "unary" ? dkcrf::InputType::kUnary : dkcrf::InputType::kLogits;
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("max_memory", max_memory));
+}
+
 // Bytes of the saved marginals [N, iterations, H, W, C].
 int64_t SavedBytes(const Tensor& in, const dkcrf::CrfParams& params) {
   return in.NumElements() * params.iterations * static_cast<int64_t>(sizeof(float));
@@ -253,11 +262,7 @@ void CheckForwardInputs(OpKernelContext* ctx, dkcrf::InputType input_type_, dkcr
 class DenseCrfOp : public OpKernel {
  public:
   explicit DenseCrfOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string type;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_type", &type));
-    input_type_ = type == "probs" ? dkcrf::InputType::kProbs
-                  : type == "unary" ? dkcrf::InputType::kUnary : dkcrf::InputType::kLogits;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_memory", &max_memory_));
+    ReadAttrs(ctx, &input_type_, &max_memory_);
     OP_REQUIRES_OK(ctx, ctx->GetAttr("save_marginals", &save_));
   }
 
@@ -383,11 +388,7 @@ probs, the two kernel weights and the compatibility (shaped like it; zeros when 
 class DenseCrfGradOp : public OpKernel {
  public:
   explicit DenseCrfGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string type;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_type", &type));
-    input_type_ = type == "probs" ? dkcrf::InputType::kProbs
-                  : type == "unary" ? dkcrf::InputType::kUnary : dkcrf::InputType::kLogits;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_memory", &max_memory_));
+    ReadAttrs(ctx, &input_type_, &max_memory_);
   }
 
   void Compute(OpKernelContext* ctx) override {
