@@ -50,14 +50,15 @@ def _miou(examples, classes, refine):
     return scores(cm)["miou"]
 
 
-def fine_tune(train, classes, iterations, epochs, lr):
+def fine_tune(train, classes, iterations, epochs, lr, compatibility=True):
     """A trained ``DenseCRF(trainable=True)`` (defaults as the start), one image per step."""
     import keras
     import tensorflow as tf
 
     import deeplab_keras as dk
 
-    layer = dk.crf.DenseCRF(dk.crf.CRFParams(iterations=iterations), trainable=True)
+    layer = dk.crf.DenseCRF(dk.crf.CRFParams(iterations=iterations), trainable=True,
+                            learn_compatibility=compatibility)
     layer.build([(None, None, None, classes), (None, None, None, 3)])
     optimizer = keras.optimizers.Adam(lr)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(ignore_class=255)
@@ -79,8 +80,10 @@ def study(name, train, test_sets, classes, args):
 
     params = dk.crf.CRFParams(iterations=args.iterations)
     print(f"{name}: {classes} labels, fine-tuning on {len(train)} images ({args.epochs} epochs, Adam {args.lr})")
-    layer = fine_tune(train, classes, args.iterations, args.epochs, args.lr)
+    layer = fine_tune(train, classes, args.iterations, args.epochs, args.lr, not args.weights_only)
     learned, mu = layer.learned_params, layer.learned_compatibility
+    if mu is None:
+        mu = 1 - np.eye(classes, dtype="float32")
     rows = {"no CRF": lambda p, i: p,
             "default CRF": lambda p, i: dk.crf.dense_crf(p[None], i[None], params)[0],
             "learned CRF": lambda p, i: dk.crf.dense_crf(p[None], i[None], learned, compatibility=mu)[0]}
@@ -107,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--voc-train", type=int, default=4)
     parser.add_argument("--skip-voc", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="learn the two kernel weights only (Potts compatibility)")
     args = parser.parse_args(argv)
     classes = 4
     size = (args.synthetic_size, args.synthetic_size)
