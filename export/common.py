@@ -331,11 +331,12 @@ class PortableCRF:
     """
     OPTIONS = ("gaussian_filter", "splat")
 
-    def __init__(self, runtime=None, params=None, **options):
+    def __init__(self, runtime=None, params=None, compatibility=None, **options):
         from deeplab_keras.crf.params import CRFParams
 
         self.runtime = runtime
         self.params = CRFParams.resolve(params)
+        self.compatibility = None if compatibility is None else np.asarray(compatibility, np.float32)
         self.options = options
 
     @property
@@ -343,19 +344,36 @@ class PortableCRF:
         """Parameters for the export report."""
         from deeplab_keras.crf.portable import RUNTIME_SPLAT
 
+        learned = {} if self.compatibility is None else {"compatibility": self.compatibility.tolist()}
         return {**self.params.to_dict(), **self.options, "runtime": self.runtime,
-                "splat": self.options.get("splat", RUNTIME_SPLAT.get(self.runtime))}
+                "splat": self.options.get("splat", RUNTIME_SPLAT.get(self.runtime)), **learned}
 
     def for_runtime(self, runtime):
         """The same CRF traced for ``runtime`` (the splat that is exact and fastest there)."""
-        return PortableCRF(runtime=runtime, params=self.params, **self.options)
+        return PortableCRF(runtime=runtime, params=self.params, compatibility=self.compatibility, **self.options)
 
     def __call__(self, probabilities, images):
         from deeplab_keras.crf.portable import RUNTIME_SPLAT, dense_crf_portable
 
         options = {"splat": RUNTIME_SPLAT[self.runtime], **self.options}
         pixels = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-        return dense_crf_portable(probabilities, pixels, self.params, **options)
+        return dense_crf_portable(probabilities, pixels, self.params, compatibility=self.compatibility, **options)
+
+
+def split_crf_head(model, crf):
+    """``(model, crf)`` to export: a model with its own CRF on top (``model.crf_head``, e.g. a learned one) becomes
+    its network without the CRF plus the same CRF from stock ops (its learned weights and compatibility).
+
+    Raises:
+        ExportError: such a model and a ``crf`` hook as well.
+    """
+    head = getattr(model, "crf_head", None)
+    if head is None:
+        return model, crf
+    if crf is not None:
+        raise ExportError("the model has its own CRF on top (model.crf, e.g. a learned one); export it without a "
+                          "second CRF (drop --crf / crf=)")
+    return model.without_crf(), PortableCRF(params=head.learned_params, compatibility=head.learned_compatibility)
 
 
 def crf_for(crf, runtime):

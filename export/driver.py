@@ -191,6 +191,7 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
                                  f"{', '.join(sorted(cls.options)) or 'none'})")
     fmt = cls(**options)
     fmt.progress = progress = progress or common.Progress(False)
+    model, crf = common.split_crf_head(model, crf)  # a model's own (learned) CRF exports from stock ops
     fmt.crf = crf = common.crf_for(crf, cls.crf_runtime) if crf is not None else None
     fmt.check()
     final = fmt.destination(out, overwrite)

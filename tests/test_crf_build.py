@@ -88,7 +88,8 @@ def test_stale_library_is_rebuilt_into_the_cache_when_the_package_is_read_only(i
     result = run_python(
         "import sys, numpy as np, tensorflow as tf\n"
         "lib = tf.load_op_library(sys.argv[1])\n"
-        "out = lib.dense_crf(np.full((1, 4, 4, 2), 0.5, np.float32), np.zeros((1, 4, 4, 3), np.uint8), 3, 4., 67., 3., 3., 1.)\n"
+        "out, _ = lib.dense_crf(np.full((1, 4, 4, 2), 0.5, np.float32), np.zeros((1, 4, 4, 3), np.uint8), 3, 4., 67., 3., 3., 1.,\n"
+        "                       np.zeros([0], np.float32))\n"
         "assert np.allclose(out.numpy(), 0.5)\n"
         "print('ok')\n", path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -18,7 +18,7 @@ Example:
     >>> refined = dk.crf.dense_crf(probs, images, dk.crf.CRFParams(iterations=5))
 """
 from deeplab_keras.crf._loader import OpLibraryError, ensure_library, load_library
-from deeplab_keras.crf.layer import DenseCRF  # registers its Keras name, so that saved models holding it load
+from deeplab_keras.crf.layer import CRFHead, DenseCRF  # registers its Keras name, so that saved models holding it load
 from deeplab_keras.crf.params import CRFParams
 from deeplab_keras.utils import lazy_exports
 
@@ -26,6 +26,6 @@ from deeplab_keras.utils import lazy_exports
 _LAZY = {"dense_crf": "ops", "memory_estimate": "ops", "INPUT_TYPES": "ops", "MAX_MEMORY_ENV": "ops",
          "dense_crf_portable": "portable", "crf_postprocess": "portable"}
 
-__all__ = ["CRFParams", "dense_crf", "DenseCRF", "dense_crf_portable", "crf_postprocess", "memory_estimate",
+__all__ = ["CRFParams", "dense_crf", "DenseCRF", "CRFHead", "dense_crf_portable", "crf_postprocess", "memory_estimate",
            "INPUT_TYPES", "MAX_MEMORY_ENV", "OpLibraryError", "ensure_library", "load_library"]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

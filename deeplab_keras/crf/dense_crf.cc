@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <sstream>
 #include <utility>
@@ -263,6 +264,8 @@ struct UpdateArgs {
   float wg;
   const f8* q_in;
   f8* q;
+  const f8* compat_t = nullptr;  // label compatibility mu transposed, [C][nb] blocks (row l' = column l' of mu),
+                                 // or null (Potts)
 };
 
 // For pixels [begin, end): x = -U + wb * slice_b + wg * (slice_g or the stencil over q_in), q = softmax(x).
@@ -270,6 +273,10 @@ template <int NB>
 DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   const int nb = NB > 0 ? NB : a.nb;
   f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks], acc2[NB > 0 ? NB : kMaxBlocks];
+  // Potts: the kernel terms add to x directly; with a compatibility matrix they add up to the message m first
+  // and x = -U - mu m.
+  f8 msg[NB > 0 ? NB : kMaxBlocks];
+  f8* dst = a.compat_t != nullptr ? msg : x;
   int64_t row = 0, col = 0, stencil_row = 0;
   if (a.gs != nullptr) {
     row = begin / a.gs->width;
@@ -282,6 +289,8 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
       for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
     }
     LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, x);
+    if (a.compat_t != nullptr)
+      for (int b = 0; b < nb; ++b) msg[b] = f8{};
     if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
       for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
       const int32_t* off = &a.lb->offset[p * 6];
@@ -294,7 +303,7 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
           acc2[b] += w[r + 1] * v1[b];
         }
       }
-      for (int b = 0; b < nb; ++b) x[b] += a.wb * (acc[b] + acc2[b]);
+      for (int b = 0; b < nb; ++b) dst[b] += a.wb * (acc[b] + acc2[b]);
     }
     if (a.lg != nullptr) {
       for (int b = 0; b < nb; ++b) acc[b] = f8{};
@@ -304,7 +313,7 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
         const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
         for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
       }
-      for (int b = 0; b < nb; ++b) x[b] += a.wg * acc[b];
+      for (int b = 0; b < nb; ++b) dst[b] += a.wg * acc[b];
     }
     if (a.gs != nullptr) {
       const int64_t k = stencil_row + col;
@@ -325,10 +334,17 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
         const f8* v0 = a.q_in + (p + off[t]) * nb;
         for (int b = 0; b < nb; ++b) acc[b] += w[t] * v0[b];
       }
-      for (int b = 0; b < nb; ++b) x[b] += a.wg * (acc[b] + acc2[b]);
+      for (int b = 0; b < nb; ++b) dst[b] += a.wg * (acc[b] + acc2[b]);
       if (++col == a.gs->width) {
         col = 0;
         stencil_row = a.gs->ProbeRow(++row) * a.gs->width;
+      }
+    }
+    if (a.compat_t != nullptr) {
+      for (int l = 0; l < a.C; ++l) {
+        const float m = msg[l / 8][l % 8];
+        const f8* column = a.compat_t + static_cast<int64_t>(l) * nb;
+        for (int b = 0; b < nb; ++b) x[b] -= m * column[b];
       }
     }
     SoftmaxRowT<NB>(x, nb, a.q + p * nb);
@@ -381,15 +397,23 @@ struct KernelTable {
   void (*update)(const UpdateArgs&, int64_t, int64_t);
 };
 
+// Whether the AVX2+FMA kernels run: the CPU has them and DEEPLAB_KERAS_CRF_GENERIC=1 (which forces the plain
+// x86-64 kernels, for tests of the portable path) is not set.
+bool UseAvx2Kernels() {
+#if defined(DKCRF_X86) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
+  return (generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 const KernelTable& Kernels() {
   static const KernelTable table = [] {
 #if defined(DKCRF_X86) && defined(__GNUC__)
-    __builtin_cpu_init();
-    // DEEPLAB_KERAS_CRF_GENERIC=1 forces the plain x86-64 kernels (tests of the portable path).
-    const char* generic = std::getenv("DEEPLAB_KERAS_CRF_GENERIC");
-    if ((generic == nullptr || generic[0] == '\0' || generic[0] == '0') && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
-      return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
+    if (UseAvx2Kernels()) return KernelTable{NegUnaryAvx2, SoftmaxAvx2, SplatAvx2, BlurAvx2, UpdateAvx2};
 #endif
     return KernelTable{NegUnaryGeneric, SoftmaxGeneric, SplatGeneric, BlurGeneric, UpdateGeneric};
   }();
@@ -435,6 +459,29 @@ class AlignedVector {
  private:
   f8* data_;
 };
+
+// mu transposed into padded blocks: row l' holds column l' of mu (zeros in the padding labels).
+std::unique_ptr<AlignedVector> TransposedCompat(const float* compat, int C, int nb) {
+  auto t = std::make_unique<AlignedVector>(static_cast<int64_t>(C) * nb);
+  for (int lp = 0; lp < C; ++lp) {
+    float* row = reinterpret_cast<float*>(t->data() + static_cast<int64_t>(lp) * nb);
+    for (int l = 0; l < 8 * nb; ++l) row[l] = l < C ? compat[l * C + lp] : 0.f;
+  }
+  return t;
+}
+
+// The bilateral kernel's lattice (not normalised) on (x, y) / bilateral_xy_std and RGB / bilateral_rgb_std.
+void BuildBilateralLattice(const uint8_t* image, int64_t height, int64_t width, const CrfParams& params,
+                           int num_threads, const ParallelFor& pfor, Lattice* lattice) {
+  const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
+  BuildLattice<5>(height * width, [&](int64_t p, float* f) {
+    f[0] = static_cast<float>(p % width) / sxy;
+    f[1] = static_cast<float>(p / width) / sxy;
+    f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
+    f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
+    f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
+  }, num_threads, pfor, lattice);
+}
 
 }  // namespace
 
@@ -703,7 +750,7 @@ std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_
 std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                           int64_t width, int num_labels, const CrfParams& params, int num_threads,
                           const ParallelFor& pfor, float* q_out, const GaussianKernel* gaussian,
-                          int64_t memory_limit) {
+                          int64_t memory_limit, const float* compat, float* saved) {
   const KernelTable& K = Kernels();
   const int64_t N = height * width;
   const int C = num_labels, nb = (num_labels + 7) / 8;
@@ -715,14 +762,7 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
   Lattice lb;
   std::shared_ptr<const GaussianKernel> own_g;
   if (filter && use_b) {
-    const float sxy = params.bilateral_xy_std, srgb = params.bilateral_rgb_std;
-    BuildLattice<5>(N, [&](int64_t p, float* f) {
-      f[0] = static_cast<float>(p % width) / sxy;
-      f[1] = static_cast<float>(p / width) / sxy;
-      f[2] = static_cast<float>(image[p * 3 + 0]) / srgb;
-      f[3] = static_cast<float>(image[p * 3 + 1]) / srgb;
-      f[4] = static_cast<float>(image[p * 3 + 2]) / srgb;
-    }, num_threads, pfor, &lb);
+    BuildBilateralLattice(image, height, width, params, num_threads, pfor, &lb);
     // Now the lattice's real size is known: re-check before the big allocations (noise-like images have up to
     // 6 points per pixel instead of the assumed kAssumedPointsPerPixel).
     const std::string problem = MemoryProblem(EstimateBytes(1, height, width, C, params, lb.num_points),
@@ -762,7 +802,16 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
     const int64_t Mb = use_b ? lb.num_points : 0, Mg = lattice_g ? lg.num_points : 0;
     // One value buffer per lattice (the blur runs in place).
     AlignedVector vb(std::max<int64_t>(Mb, 1) * nb), vg(std::max<int64_t>(Mg, 1) * nb);
+    std::unique_ptr<AlignedVector> compat_t;
+    if (compat != nullptr) compat_t = TransposedCompat(compat, C, nb);
     for (int it = 0; it < params.iterations; ++it) {
+      if (saved != nullptr) {
+        float* dst = saved + static_cast<int64_t>(it) * N * C;
+        pfor(N, 2 * C, [&](int64_t b, int64_t e) {
+          for (int64_t p = b; p < e; ++p)
+            std::memcpy(dst + p * C, reinterpret_cast<const float*>(q + p * nb), sizeof(float) * C);
+        });
+      }
       DKCRF_TIC(splat);
       // Points of both lattices are the work units (bilateral first).
       pfor(Mb + Mg, 8 * nb * (use_b ? 6 : 3), [&](int64_t b, int64_t e) {
@@ -789,7 +838,7 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
       DKCRF_TIC(update);
       UpdateArgs args{neg_u, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
                       lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
-                      params.gaussian_weight, q, q_next};
+                      params.gaussian_weight, q, q_next, compat_t ? compat_t->data() : nullptr};
       pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       std::swap(q, q_next);
       DKCRF_TOC(update);
@@ -800,6 +849,332 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
     for (int64_t p = b; p < e; ++p)
       std::memcpy(q_out + p * C, reinterpret_cast<const float*>(q + p * nb), sizeof(float) * C);
   });
+  return "";
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Backward pass. With x_t = -U + M_t (Potts) or -U - mu M_t, M_t = w_b Kb(Q_t) + w_g Kg(Q_t) and
+// Q_{t+1} = softmax(x_t), going back from g = dL/dQ_T:
+//   dx_t = Q_{t+1} * (g - <g, Q_{t+1}>),  dL/d(-U) += dx_t,  A_k = K_k^T dx_t,  s = w_b A_b + w_g A_g,
+//   Potts:  dL/dQ_t = s,        dL/dw_k += sum_i <A_k, Q_t>,
+//   mu:     dL/dQ_t = -mu^T s,  dL/dw_k -= sum_i <A_k, mu Q_t>,  dL/dmu -= sum_i s Q_t^T
+// (mu acts on labels and K on pixels, so they commute: one transposed filtering per kernel and iteration).
+// K_k = S^T B_d .. B_0 S with the symmetric normalisation folded into S and each blur pass symmetric, so
+// K_k^T = S^T B_0 .. B_d S: the same splat and slice, the blur directions in reverse order.
+namespace {
+
+// Loads rows of C floats into padded blocks with zeros in the padding labels.
+template <int NB>
+DKCRF_INLINE void LoadZeroPaddedT(const float* src, int C, int nb_rt, int64_t begin, int64_t end, f8* dst) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int64_t p = begin; p < end; ++p) {
+    f8* row = dst + p * nb;
+    row[nb - 1] = f8{};
+    std::memcpy(row, src + p * C, sizeof(float) * C);
+  }
+}
+
+// out[p] = sum_r w[p, r] * V[offset[p, r]] for pixels [begin, end).
+template <int NB>
+DKCRF_INLINE void SliceT(const Lattice& L, const f8* V, int nb_rt, int64_t begin, int64_t end, f8* out) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  const int d1 = L.d + 1;
+  f8 acc[NB > 0 ? NB : kMaxBlocks];
+  for (int64_t p = begin; p < end; ++p) {
+    if (p + kPrefetchAhead < end) {
+      const int32_t* off = &L.offset[(p + kPrefetchAhead) * d1];
+      for (int r = 0; r < d1; ++r) PrefetchRow(V + static_cast<int64_t>(off[r]) * nb, nb);
+    }
+    for (int b = 0; b < nb; ++b) acc[b] = f8{};
+    const int32_t* off = &L.offset[p * d1];
+    const float* w = &L.weight[p * d1];
+    for (int r = 0; r < d1; ++r) {
+      const f8* v = V + static_cast<int64_t>(off[r]) * nb;
+      for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+    }
+    for (int b = 0; b < nb; ++b) out[p * nb + b] = acc[b];
+  }
+}
+
+// dx = qn * (g - <g, qn>) and dnu += dx for pixels [begin, end).
+template <int NB>
+DKCRF_INLINE void SoftmaxGradT(const f8* qn, const f8* g, int nb_rt, int64_t begin, int64_t end, f8* dx, f8* dnu) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int64_t p = begin; p < end; ++p) {
+    const f8* q = qn + p * nb;
+    const f8* gp = g + p * nb;
+    f8 dot = f8{};
+    for (int b = 0; b < nb; ++b) dot += q[b] * gp[b];
+    const float d = HorizontalSum(dot);
+    for (int b = 0; b < nb; ++b) {
+      const f8 v = q[b] * (gp[b] - d);
+      dx[p * nb + b] = v;
+      dnu[p * nb + b] += v;
+    }
+  }
+}
+
+struct CombineArgs {
+  int C, nb;
+  const f8* ab;      // K_b^T dx or null
+  const f8* ag;      // K_g^T dx or null
+  float wb, wg;
+  const f8* qt;      // Q_t
+  const f8* mu;      // mu rows [C][nb] or null (Potts)
+  const f8* mu_t;    // mu columns [C][nb]
+  f8* g;             // out: dL/dQ_t
+};
+
+// For pixels [begin, end): g = s (Potts) or -mu^T s; adds sum <A_k, Q_t> (Potts) or -sum <A_k, mu Q_t> to
+// sums[0..1] and sum s Q_t^T (as columns: dmu_t[l'] += Q_t[l'] s) to dmu_t.
+template <int NB>
+DKCRF_INLINE void CombineT(const CombineArgs& a, int64_t begin, int64_t end, double* sums, f8* dmu_t) {
+  const int nb = NB > 0 ? NB : a.nb;
+  f8 s[NB > 0 ? NB : kMaxBlocks], u[NB > 0 ? NB : kMaxBlocks];
+  f8 sb = f8{}, sg = f8{};
+  for (int64_t p = begin; p < end; ++p) {
+    const f8* q = a.qt + p * nb;
+    const f8* ab = a.ab != nullptr ? a.ab + p * nb : nullptr;
+    const f8* ag = a.ag != nullptr ? a.ag + p * nb : nullptr;
+    for (int b = 0; b < nb; ++b) s[b] = f8{};
+    if (ab != nullptr)
+      for (int b = 0; b < nb; ++b) s[b] += a.wb * ab[b];
+    if (ag != nullptr)
+      for (int b = 0; b < nb; ++b) s[b] += a.wg * ag[b];
+    f8* g = a.g + p * nb;
+    if (a.mu == nullptr) {
+      for (int b = 0; b < nb; ++b) {
+        if (ab != nullptr) sb += ab[b] * q[b];
+        if (ag != nullptr) sg += ag[b] * q[b];
+        g[b] = s[b];
+      }
+      continue;
+    }
+    for (int b = 0; b < nb; ++b) u[b] = g[b] = f8{};
+    for (int l = 0; l < a.C; ++l) {
+      const float ql = q[l / 8][l % 8], sl = s[l / 8][l % 8];
+      const f8* column = a.mu_t + static_cast<int64_t>(l) * nb;  // mu[:, l]
+      const f8* row = a.mu + static_cast<int64_t>(l) * nb;       // mu[l, :]
+      f8* dcol = dmu_t + static_cast<int64_t>(l) * nb;
+      for (int b = 0; b < nb; ++b) {
+        u[b] += ql * column[b];   // (mu Q_t)
+        g[b] -= sl * row[b];      // -mu^T s
+        dcol[b] += ql * s[b];     // column l of s Q_t^T
+      }
+    }
+    for (int b = 0; b < nb; ++b) {
+      if (ab != nullptr) sb -= ab[b] * u[b];
+      if (ag != nullptr) sg -= ag[b] * u[b];
+    }
+  }
+  sums[0] += HorizontalSum(sb);
+  sums[1] += HorizontalSum(sg);
+}
+
+// The gradient w.r.t. the op's input from dL/d(-U) (padded rows) for pixels [begin, end).
+template <int NB>
+DKCRF_INLINE void InputGradT(const float* in, InputType type, int C, int nb_rt, const f8* dnu, int64_t begin,
+                             int64_t end, float* grad_in) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int64_t p = begin; p < end; ++p) {
+    const float* d = reinterpret_cast<const float*>(dnu + p * nb);
+    float* out = grad_in + p * C;
+    const float* x = in + p * C;
+    if (type == InputType::kLogits) {
+      std::memcpy(out, d, sizeof(float) * C);
+    } else if (type == InputType::kUnary) {
+      for (int l = 0; l < C; ++l) out[l] = -d[l];
+    } else {  // -U = log(clip(p, 1e-5, 1)): the clip passes the gradient on [1e-5, 1] (as tf.clip_by_value)
+      for (int l = 0; l < C; ++l) out[l] = x[l] >= kProbClip && x[l] <= 1.f ? d[l] / x[l] : 0.f;
+    }
+  }
+}
+
+#define DKCRF_GRAD_KERNELS(SUFFIX, ATTR)                                                                   \
+  ATTR void LoadZeroPadded##SUFFIX(const float* src, int C, int nb, int64_t b, int64_t e, f8* dst) {       \
+    DKCRF_DISPATCH_NB(nb, (LoadZeroPaddedT<NB>(src, C, nb, b, e, dst)))                                   \
+  }                                                                                                        \
+  ATTR void Slice##SUFFIX(const Lattice& L, const f8* V, int nb, int64_t b, int64_t e, f8* out) {         \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (SliceT<NB>(L, V, nb, b, e, out)))                                               \
+  }                                                                                                        \
+  ATTR void SoftmaxGrad##SUFFIX(const f8* qn, const f8* g, int nb, int64_t b, int64_t e, f8* dx, f8* dnu) { \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(nb, (SoftmaxGradT<NB>(qn, g, nb, b, e, dx, dnu)))                                    \
+  }                                                                                                        \
+  ATTR void Combine##SUFFIX(const CombineArgs& a, int64_t b, int64_t e, double* sums, f8* dmu_t) {         \
+    ScopedFlushDenormal ftz;                                                                               \
+    DKCRF_DISPATCH_NB(a.nb, (CombineT<NB>(a, b, e, sums, dmu_t)))                                          \
+  }                                                                                                        \
+  ATTR void InputGrad##SUFFIX(const float* in, InputType type, int C, int nb, const f8* dnu, int64_t b,   \
+                              int64_t e, float* grad_in) {                                                 \
+    DKCRF_DISPATCH_NB(nb, (InputGradT<NB>(in, type, C, nb, dnu, b, e, grad_in)))                           \
+  }
+
+DKCRF_GRAD_KERNELS(Generic, )
+#if defined(DKCRF_X86) && defined(__GNUC__)
+DKCRF_GRAD_KERNELS(Avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+struct GradKernelTable {
+  void (*load)(const float*, int, int, int64_t, int64_t, f8*);
+  void (*slice)(const Lattice&, const f8*, int, int64_t, int64_t, f8*);
+  void (*softmax_grad)(const f8*, const f8*, int, int64_t, int64_t, f8*, f8*);
+  void (*combine)(const CombineArgs&, int64_t, int64_t, double*, f8*);
+  void (*input_grad)(const float*, InputType, int, int, const f8*, int64_t, int64_t, float*);
+};
+
+const GradKernelTable& GradKernels() {
+  static const GradKernelTable table = [] {
+#if defined(DKCRF_X86) && defined(__GNUC__)
+    if (UseAvx2Kernels())
+      return GradKernelTable{LoadZeroPaddedAvx2, SliceAvx2, SoftmaxGradAvx2, CombineAvx2, InputGradAvx2};
+#endif
+    return GradKernelTable{LoadZeroPaddedGeneric, SliceGeneric, SoftmaxGradGeneric, CombineGeneric,
+                           InputGradGeneric};
+  }();
+  return table;
+}
+
+// out = K^T in for a normalised lattice: splat, blur with the directions in reverse order, slice.
+void FilterTransposed(const Lattice& L, const f8* in, int nb, const ParallelFor& pfor, f8* V, f8* out) {
+  const KernelTable& K = Kernels();
+  const GradKernelTable& G = GradKernels();
+  const int d1 = L.d + 1;
+  pfor(L.num_points, 8 * nb * d1, [&](int64_t b, int64_t e) { K.splat(L, in, nb, b, e, V); });
+  for (int j = L.d; j >= 0; --j) {
+    const int64_t c0 = L.dir_chain[j], chains = L.dir_chain[j + 1] - c0;
+    if (chains == 0) continue;
+    pfor(chains, 12 * nb, [&](int64_t b, int64_t e) {
+      K.blur(V, L.chain_point.data(), L.chain_start.data(), c0 + b, c0 + e, nb);
+    });
+  }
+  pfor(L.num_pixels, 8 * nb * d1, [&](int64_t b, int64_t e) { G.slice(L, V, nb, b, e, out); });
+}
+
+}  // namespace
+
+void BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads, const ParallelFor& pfor,
+                          Lattice* lattice) {
+  BuildLattice<2>(height * width, [&](int64_t p, float* f) {
+    f[0] = static_cast<float>(p % width) / xy_std;
+    f[1] = static_cast<float>(p / width) / xy_std;
+  }, num_threads, pfor, lattice);
+  Normalize(lattice, pfor);
+}
+
+int64_t EstimateGradBytes(int64_t batch, int64_t height, int64_t width, int64_t num_labels,
+                          const CrfParams& params, bool saved) {
+  const int64_t N = height * width, row = (num_labels + 7) / 8 * 32;
+  const int64_t outputs = batch * N * num_labels * 4 + 2 * num_labels * num_labels * 4;
+  // Recomputing the marginals: the forward's own peak for one image plus its marginals.
+  const int64_t recompute = saved ? 0 : (params.iterations + 1) * N * num_labels * 4 +
+                                            EstimateBytes(1, height, width, num_labels, params);
+  int64_t lattices = 0, values = 0;
+  if (params.iterations > 0 && params.bilateral_weight > 0.f) {
+    const int64_t M = kAssumedPointsPerPixel * N;
+    lattices += std::max(LatticeBytes(5, N, M), LatticeBuildBytes(5, N, M));
+    values += M * row;
+  }
+  if (params.iterations > 0 && params.gaussian_weight > 0.f) {
+    const double s = params.gaussian_xy_std;
+    const int64_t M =
+        std::min<int64_t>(3 * N, static_cast<int64_t>(1.5 * N / (s * s) + 2.0 * (height + width) / s) + 64);
+    lattices += std::max(LatticeBytes(2, N, M), LatticeBuildBytes(2, N, M));
+    values += M * row;
+  }
+  // g, Q_{t+1}, Q_t, dx, dL/d(-U), A_b, A_g.
+  const int64_t buffers = 7 * N * row;
+  return outputs + recompute + (lattices + values + buffers) / 20 * 21 + (int64_t{8} << 20);
+}
+
+std::string DenseCrfGradImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
+                              int64_t width, int num_labels, const CrfParams& params, const float* compat,
+                              const float* saved, const float* q, const float* grad_q, int num_threads,
+                              const ParallelFor& pfor, const Lattice* gaussian_lattice, int64_t memory_limit,
+                              float* grad_in, double* grad_wb, double* grad_wg, double* grad_compat) {
+  (void)memory_limit;
+  const GradKernelTable& G = GradKernels();
+  const int64_t N = height * width;
+  const int C = num_labels, nb = (num_labels + 7) / 8;
+  const int T = params.iterations;
+  const bool use_b = T > 0 && params.bilateral_weight > 0.f, use_g = T > 0 && params.gaussian_weight > 0.f;
+  Lattice lb, own_g;
+  if (use_b) {
+    BuildBilateralLattice(image, height, width, params, num_threads, pfor, &lb);
+    Normalize(&lb, pfor);
+  }
+  const Lattice* lg = gaussian_lattice;
+  if (use_g && lg == nullptr) {
+    BuildGaussianLattice(height, width, params.gaussian_xy_std, num_threads, pfor, &own_g);
+    lg = &own_g;
+  }
+  AlignedVector g(N * nb), qa(N * nb), qb(N * nb), dx(N * nb), dnu(N * nb);
+  f8* qn = qa.data();  // Q_{t+1}
+  f8* qt = qb.data();  // Q_t
+  std::unique_ptr<AlignedVector> ab, ag, vb, vg, mu, mu_t, dmu_t;
+  if (use_b) {
+    ab = std::make_unique<AlignedVector>(N * nb);
+    vb = std::make_unique<AlignedVector>(std::max<int64_t>(lb.num_points, 1) * nb);
+  }
+  if (use_g) {
+    ag = std::make_unique<AlignedVector>(N * nb);
+    vg = std::make_unique<AlignedVector>(std::max<int64_t>(lg->num_points, 1) * nb);
+  }
+  if (compat != nullptr) {
+    mu = std::make_unique<AlignedVector>(static_cast<int64_t>(C) * nb);
+    for (int l = 0; l < C; ++l) {
+      float* row = reinterpret_cast<float*>(mu->data() + static_cast<int64_t>(l) * nb);
+      for (int k = 0; k < 8 * nb; ++k) row[k] = k < C ? compat[l * C + k] : 0.f;
+    }
+    mu_t = TransposedCompat(compat, C, nb);
+    dmu_t = std::make_unique<AlignedVector>(static_cast<int64_t>(C) * nb);
+    std::memset(static_cast<void*>(dmu_t->data()), 0, sizeof(f8) * C * nb);
+  }
+  auto load = [&](const float* src, f8* dst) {
+    pfor(N, 2 * C, [&](int64_t b, int64_t e) { G.load(src, C, nb, b, e, dst); });
+  };
+  pfor(N, 2 * C, [&](int64_t b, int64_t e) {
+    std::memset(static_cast<void*>(dnu.data() + b * nb), 0, sizeof(f8) * (e - b) * nb);
+  });
+  load(grad_q, g.data());
+  load(q, qn);  // Q_T
+  std::mutex mu_lock;
+  double sums[2] = {0.0, 0.0};
+  for (int t = T - 1; t >= -1; --t) {
+    pfor(N, 6 * nb, [&](int64_t b, int64_t e) { G.softmax_grad(qn, g.data(), nb, b, e, dx.data(), dnu.data()); });
+    if (t < 0) break;
+    load(saved + static_cast<int64_t>(t) * N * C, qt);
+    if (use_b) FilterTransposed(lb, dx.data(), nb, pfor, vb->data(), ab->data());
+    if (use_g) FilterTransposed(*lg, dx.data(), nb, pfor, vg->data(), ag->data());
+    CombineArgs args{C, nb, use_b ? ab->data() : nullptr, use_g ? ag->data() : nullptr, params.bilateral_weight,
+                     params.gaussian_weight, qt, mu ? mu->data() : nullptr, mu_t ? mu_t->data() : nullptr,
+                     g.data()};
+    pfor(N, (compat != nullptr ? 3 * C + 4 : 4) * nb, [&](int64_t b, int64_t e) {
+      double local[2] = {0.0, 0.0};
+      std::unique_ptr<AlignedVector> local_mu;
+      if (compat != nullptr) {
+        local_mu = std::make_unique<AlignedVector>(static_cast<int64_t>(C) * nb);
+        std::memset(static_cast<void*>(local_mu->data()), 0, sizeof(f8) * C * nb);
+      }
+      G.combine(args, b, e, local, local_mu ? local_mu->data() : nullptr);
+      std::lock_guard<std::mutex> lock(mu_lock);
+      sums[0] += local[0];
+      sums[1] += local[1];
+      if (compat != nullptr)
+        for (int64_t k = 0; k < static_cast<int64_t>(C) * nb; ++k) dmu_t->data()[k] += local_mu->data()[k];
+    });
+    std::swap(qn, qt);
+  }
+  *grad_wb += sums[0];
+  *grad_wg += sums[1];
+  if (compat != nullptr) {  // dL/dmu[l, l'] = -(column l' of s Q^T)[l]
+    for (int lp = 0; lp < C; ++lp) {
+      const float* col = reinterpret_cast<const float*>(dmu_t->data() + static_cast<int64_t>(lp) * nb);
+      for (int l = 0; l < C; ++l) grad_compat[l * C + lp] -= col[l];
+    }
+  }
+  pfor(N, 3 * C, [&](int64_t b, int64_t e) { G.input_grad(in, input_type, C, nb, dnu.data(), b, e, grad_in); });
   return "";
 }
 

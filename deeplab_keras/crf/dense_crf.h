@@ -98,10 +98,34 @@ std::shared_ptr<const GaussianKernel> BuildGaussianKernel(int64_t height, int64_
 // memory_limit: bytes (<= 0: none); once the bilateral lattice is built, the estimate is re-checked with its
 // real size before the mean-field buffers are allocated. Returns "" or the problem (nothing written to q).
 // Throws std::bad_alloc when memory runs out (the caller turns it into an error status).
+// compat: a C x C label compatibility mu (row-major; x = -U - mu (w_b Kb(Q) + w_g Kg(Q))), or null for Potts
+// (today's update, bit for bit). saved: null, or [iterations, H*W, C] receiving Q_0 .. Q_{iterations-1} (the
+// input of every iteration, for the backward pass).
 std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
                           int64_t width, int num_labels, const CrfParams& params, int num_threads,
                           const ParallelFor& pfor, float* q, const GaussianKernel* gaussian = nullptr,
-                          int64_t memory_limit = 0);
+                          int64_t memory_limit = 0, const float* compat = nullptr, float* saved = nullptr);
+
+// Bytes the backward pass (DenseCrfGradImage over a batch) allocates besides its inputs: its outputs, the
+// marginals when it has to recompute them (saved == false), and one image's lattices and buffers.
+int64_t EstimateGradBytes(int64_t batch, int64_t height, int64_t width, int64_t num_labels,
+                          const CrfParams& params, bool saved);
+
+// The backward pass of DenseCrfImage for one image: given the forward's inputs, its per-iteration marginals
+// `saved` ([iterations, H*W, C]: Q_0 .. Q_{T-1}), its output `q` and the upstream gradient `grad_q` (finite),
+// writes the gradient w.r.t. `in` into grad_in [H*W, C] and adds the gradients w.r.t. the kernel weights to
+// *grad_wb, *grad_wg and w.r.t. compat (when given) to grad_compat [C*C]. The filters are applied transposed
+// (splat, blur directions in reverse order, slice) on the forward's lattices (the Gaussian one always as a
+// lattice; `gaussian_lattice`: a prebuilt one or null). A kernel of weight 0 is not filtered (its gradient is 0).
+std::string DenseCrfGradImage(const float* in, InputType input_type, const uint8_t* image, int64_t height,
+                              int64_t width, int num_labels, const CrfParams& params, const float* compat,
+                              const float* saved, const float* q, const float* grad_q, int num_threads,
+                              const ParallelFor& pfor, const Lattice* gaussian_lattice, int64_t memory_limit,
+                              float* grad_in, double* grad_wb, double* grad_wg, double* grad_compat);
+
+// The Gaussian (x, y) kernel's lattice for height x width images (normalised), as the backward pass uses it.
+void BuildGaussianLattice(int64_t height, int64_t width, float xy_std, int num_threads, const ParallelFor& pfor,
+                          Lattice* lattice);
 
 }  // namespace dkcrf
 

@@ -292,7 +292,7 @@ class SeparableKernel:
             tf.constant(taps[None, :, None, None]), [1] * 4, "SAME")
         # (A [1, 1, 1, 1] epsilon: tf2onnx's transpose optimiser trips over 0-d constants after a Conv.)
         self.norm = tf.math.rsqrt(response + np.full((1, 1, 1, 1), 1e-20, np.float32))  # [N, H, W, 1]
-        self.weight = np.float32(weight)
+        self.weight = weight if tf.is_tensor(weight) else np.float32(weight)
         self.flat_shape = tf.stack([-1, num_channels])
 
     def __call__(self, q_flat, q_image):

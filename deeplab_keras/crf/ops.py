@@ -17,7 +17,8 @@ MAX_MEMORY_ENV = "DEEPLAB_KERAS_CRF_MAX_MEMORY"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def dense_crf(probs, images, params=None, *, input_type="probs", max_memory=None, name=None, **overrides):
+def dense_crf(probs, images, params=None, *, input_type="probs", compatibility=None, max_memory=None, name=None,
+              save_marginals=False, **overrides):
     """Mean-field inference in a fully connected CRF (Kraehenbuehl & Koltun, NIPS 2011).
 
     Same semantics and parameters as pydensecrf (``DenseCRF2D``): unary ``U = -log(clip(p, 1e-5, 1))``
@@ -28,10 +29,20 @@ def dense_crf(probs, images, params=None, *, input_type="probs", max_memory=None
     normalisation, i.e. ``addPairwiseBilateral(sxy, srgb, rgbim, compat)`` + ``addPairwiseGaussian(sxy,
     compat)``. The parameters are a :class:`CRFParams` (defaults: DeepLab v2 ResNet-101's). Runs on CPU, batched
     and parallel over TensorFlow's intra-op thread pool (``tf.config.threading``); the result does not depend on
-    the number of threads. For a
+    the number of threads. With a ``compatibility`` matrix ``mu`` the update is
+    ``Q <- softmax(-U - mu (bilateral_weight * Kb(Q) + gaussian_weight * Kg(Q)))`` (Potts is ``mu = 1 - I``, up
+    to float rounding; without it the Potts update runs bit for bit as before). For a
     power-of-two ``gaussian_xy_std <= 1`` (the default 1) the Gaussian kernel's lattice filter is applied as its
     exact per-column pixel stencil (equal up to float rounding); that kernel depends only on the image size and
-    is built once per batch and cached for later calls. Not differentiable.
+    is built once per batch and cached for later calls.
+
+    Differentiable (a registered C++ gradient, ``DenseCrfGrad``) w.r.t. ``probs`` (for every ``input_type``),
+    ``bilateral_weight`` and ``gaussian_weight`` when they are tensors, and ``compatibility``; not w.r.t. the
+    Gaussian widths or ``iterations``. The backward pass filters with the transposed lattice filters (same
+    lattices, blur directions reversed) through every iteration; it needs each iteration's marginals:
+    ``save_marginals=True`` keeps them from the forward pass (``4 * N*H*W*C * iterations`` bytes more, counted
+    in the memory check), otherwise the gradient recomputes the forward pass first (about one forward more).
+    A kernel of weight 0 is left out, so its weight's gradient is 0.
 
     Memory: before allocating, the op estimates what it needs (``memory_estimate``: the output plus one image's
     lattices and mean-field buffers; 0.7 KB per pixel at 21 labels, for 0.35 - 0.4 KB measured on photos) and
@@ -51,7 +62,9 @@ def dense_crf(probs, images, params=None, *, input_type="probs", max_memory=None
         max_memory: bytes the op may allocate: an int, a string such as ``"32G"`` or ``"500M"``, or
             ``"unlimited"``; None reads ``$DEEPLAB_KERAS_CRF_MAX_MEMORY`` (same forms) and otherwise uses 80 % of
             the memory available when the op runs (``MemAvailable``, or the cgroup's allowance when lower).
+        compatibility: None (Potts) or a float [C, C] label compatibility ``mu`` (|values| <= 1e6).
         name: optional op name.
+        save_marginals: keep every iteration's marginals for a fast gradient (see above).
         **overrides: :class:`CRFParams` fields replacing those of ``params`` (``iterations=5``). A value may also
             be a scalar tensor (e.g. a ``tf.Variable`` weight); the kernel checks it when it runs.
 
@@ -89,9 +102,12 @@ def dense_crf(probs, images, params=None, *, input_type="probs", max_memory=None
             f"dense_crf: `images` must be uint8 [N, H, W, 3] (RGB 0..255), got dtype {images.dtype.name}; convert "
             "with tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)")
     limit = memory_limit(max_memory)
+    compat = tf.zeros([0], tf.float32) if compatibility is None else tf.cast(compatibility, tf.float32)
     # Every parameter and attribute is passed: CRFParams is the one source of the values (the op has no defaults).
-    return load_library().dense_crf(tf.cast(probs, tf.float32), images, **values, input_type=input_type,
-                                    max_memory=limit, name=name)
+    refined, _ = load_library().dense_crf(tf.cast(probs, tf.float32), images, **values, compatibility=compat,
+                                          input_type=input_type, max_memory=limit,
+                                          save_marginals=bool(save_marginals), name=name)
+    return refined
 
 
 def _op_params(params, overrides):
@@ -175,13 +191,16 @@ def memory_estimate(shape, params=None, *, bilateral_points=None, **overrides):
     return int(estimate), int(limit)
 
 
-def _no_gradient(op, grad):  # noqa: ARG001
-    raise LookupError(
-        "dense_crf (DenseCrf op) is not differentiable: it is an inference-time post-processing step. Apply it "
-        "outside tf.GradientTape / model training, or to tf.stop_gradient(probs).")
+def _dense_crf_grad(op, grad, grad_marginals):  # noqa: ARG001 (the marginals are an internal output)
+    """The registered gradient of the DenseCrf op: the C++ DenseCrfGrad (see ``dense_crf``)."""
+    grads = load_library().dense_crf_grad(
+        *op.inputs, op.outputs[0], op.outputs[1], grad, input_type=op.get_attr("input_type"),
+        max_memory=op.get_attr("max_memory"))
+    d_probs, d_bilateral, d_gaussian, d_compat = grads
+    return [d_probs, None, None, d_bilateral, None, None, d_gaussian, None, d_compat]
 
 
 try:
-    tf.RegisterGradient("DenseCrf")(_no_gradient)
+    tf.RegisterGradient("DenseCrf")(_dense_crf_grad)
 except KeyError:  # already registered (module reloaded)
     pass

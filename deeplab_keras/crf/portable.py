@@ -47,7 +47,7 @@ def _check_args(gaussian_filter, runtime, splat):
 
 
 def dense_crf_portable(probs, images, params=None, *, gaussian_filter="lattice", runtime=None, splat=None,
-                       **overrides):
+                       compatibility=None, **overrides):
     """Fully connected CRF mean-field inference built only from stock TF ops.
 
     Works eagerly and inside ``tf.function``; graphs that contain it convert to LiteRT with
@@ -70,7 +70,13 @@ def dense_crf_portable(probs, images, params=None, *, gaussian_filter="lattice",
             "litert" one does not convert to ONNX in reasonable memory. Trace once per target format.
         splat: override the splat form: "cumsum" (exact everywhere), "scatter" (TF, LiteRT) or
             "segment_sum" (TF, LiteRT); None picks ``RUNTIME_SPLAT[runtime]``.
+        compatibility: None (Potts) or a float32 [C, C] label compatibility ``mu``: the update is then
+            ``softmax(-U - mu (sum_k w_k n_k K_k(n_k Q)))``, as the C++ op's ``compatibility``.
         **overrides: :class:`CRFParams` fields replacing those of ``params`` (``iterations=5``).
+            ``bilateral_weight`` and ``gaussian_weight`` may be tensors (e.g. learned weights under
+            ``tf.GradientTape``: the graph is differentiable w.r.t. them, ``probs`` and ``compatibility`` with
+            ``splat="scatter"`` or ``"segment_sum"``; the "cumsum" splat rounds to integers); a tensor weight's
+            kernel is always included.
 
     Returns:
         float32 tensor shaped like ``probs``: the refined marginals (sum to 1 over C).
@@ -80,12 +86,21 @@ def dense_crf_portable(probs, images, params=None, *, gaussian_filter="lattice",
         tf.errors.InvalidArgumentError: non-finite, negative or unnormalised ``probs`` (eagerly at the call; in
             a graph when it runs in TensorFlow).
     """
+    tensors = {key: overrides.pop(key) for key in ("bilateral_weight", "gaussian_weight")
+               if key in overrides and not isinstance(overrides[key], (int, float))}
     params = CRFParams.resolve(params, **overrides)
+    weights = {"bilateral_weight": params.bilateral_weight, "gaussian_weight": params.gaussian_weight}
+    weights.update({key: tf.cast(value, tf.float32) for key, value in tensors.items()})
     _check_args(gaussian_filter, runtime, splat)
     probs, images, squeeze = _checked_inputs(probs, images, gaussian_filter)
     probs = _validated(probs)
+    if compatibility is not None:
+        compatibility = tf.cast(compatibility, tf.float32)
+        if compatibility.shape.rank != 2 or not compatibility.shape.is_compatible_with([probs.shape[-1]] * 2):
+            raise ValueError(f"`compatibility` must be [C, C] with C = {probs.shape[-1]} (the classes of `probs`); "
+                             f"got shape {compatibility.shape}.")
     out = _mean_field(probs, images, params, gaussian_filter, splat or RUNTIME_SPLAT[runtime],
-                      runtime in ("tf", "litert"))
+                      runtime in ("tf", "litert"), weights, compatibility)
     return out[0] if squeeze else out
 
 
@@ -148,8 +163,9 @@ def _validated(probs):
         return tf.identity(probs)
 
 
-def _mean_field(probs, images, params, gaussian_filter, splat, native_sort):
-    """The refined marginals [N, H, W, C]: ``params.iterations`` unrolled mean-field updates of checked inputs."""
+def _mean_field(probs, images, params, gaussian_filter, splat, native_sort, weights, compatibility):
+    """The refined marginals [N, H, W, C]: ``params.iterations`` unrolled mean-field updates of checked inputs
+    (kernel ``weights`` by name: numbers or tensors; ``compatibility``: None for Potts or [C, C])."""
     shape = tf.shape(probs)
     n, h, w, c = shape[0], shape[1], shape[2], shape[3]
     num_points = n * h * w
@@ -157,18 +173,21 @@ def _mean_field(probs, images, params, gaussian_filter, splat, native_sort):
     unary_neg = tf.math.log(tf.clip_by_value(tf.reshape(probs, tf.stack([num_points, c])), 1e-5, 1.0))
     x_grid, y_grid, group, rgb = _pixel_features(images, n, h, w)
 
+    def used(weight):
+        return tf.is_tensor(weight) or weight > 0
+
     kernels = []
-    if params.bilateral_weight > 0:
+    if used(weights["bilateral_weight"]):
         feats = _bilateral_features(x_grid, y_grid, rgb, params)
-        kernels.append(LatticeKernel(feats, group, params.bilateral_weight, splat, native_sort))
-    if params.gaussian_weight > 0:
+        kernels.append(LatticeKernel(feats, group, weights["bilateral_weight"], splat, native_sort))
+    if used(weights["gaussian_weight"]):
         sxy = np.float32(params.gaussian_xy_std)
         if gaussian_filter == "lattice":
             feats = tf.stack([x_grid / sxy, y_grid / sxy], axis=1)
-            kernels.append(LatticeKernel(feats, group, params.gaussian_weight, splat, native_sort))
+            kernels.append(LatticeKernel(feats, group, weights["gaussian_weight"], splat, native_sort))
         else:
             kernels.append(SeparableKernel(params.gaussian_xy_std, int(probs.shape[-1]), shape,
-                                           params.gaussian_weight))
+                                           weights["gaussian_weight"]))
 
     q = tf.nn.softmax(unary_neg, axis=-1)
     for _ in range(params.iterations):
@@ -176,6 +195,9 @@ def _mean_field(probs, images, params, gaussian_filter, splat, native_sort):
         terms = [unary_neg]
         for kernel in kernels:
             terms += kernel(q, q_image)
+        if compatibility is not None:  # x = -U - mu m, m the weighted kernel terms (m = 0 without kernels)
+            message = tf.add_n(terms[1:]) if len(terms) > 1 else tf.zeros_like(unary_neg)
+            terms = [unary_neg, -tf.matmul(message, compatibility, transpose_b=True)]
         q = tf.nn.softmax(tf.add_n(terms), axis=-1)
     return tf.reshape(q, shape)
 

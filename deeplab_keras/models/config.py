@@ -73,6 +73,62 @@ def _is_int(value):
 
 
 @dataclasses.dataclass(frozen=True)
+class CRFConfig:
+    """The ``crf`` section of a :class:`ModelConfig`: a dense CRF on top of the network (``model.crf: {trainable:
+    true, iterations: 5}``). The model's output becomes the CRF's log-probabilities at the image size (the logits
+    upsampled, ``Q0 = softmax(logits)``, mean field, ``log Q``), so the training loss is on the CRF output.
+
+    Args:
+        trainable: learn the kernel weights and (``compatibility``) a label compatibility (CRF-as-RNN).
+        compatibility: with ``trainable``, also learn a symmetric C x C compatibility (initially Potts).
+        freeze_network: train only the CRF (the network's weights frozen); False trains both jointly.
+        iterations, bilateral_weight, bilateral_xy_std, bilateral_rgb_std, gaussian_weight, gaussian_xy_std: the
+            CRF parameters (``deeplab_keras.crf.CRFParams``; None: its default; ``iterations`` defaults to 5 here);
+            the weights are the initial values when trainable.
+
+    Example:
+        >>> CRFConfig(iterations=3).params().iterations
+        3
+    """
+
+    trainable: bool = True
+    compatibility: bool = True
+    freeze_network: bool = False
+    iterations: int = 5
+    bilateral_weight: Optional[float] = None
+    bilateral_xy_std: Optional[float] = None
+    bilateral_rgb_std: Optional[float] = None
+    gaussian_weight: Optional[float] = None
+    gaussian_xy_std: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("trainable", "compatibility", "freeze_network"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"crf.{name}={getattr(self, name)!r} must be true or false")
+        self.params()  # checks the values (CRFParams' message)
+
+    def params(self):
+        """The :class:`deeplab_keras.crf.CRFParams` (imported here: the CRF package imports Keras)."""
+        from deeplab_keras.crf.params import CRFParams
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name in CRFParams.keys() and getattr(self, f.name) is not None}
+        try:
+            return CRFParams(**values)
+        except ValueError as err:
+            raise ValueError(f"crf: {err}") from None
+
+    @classmethod
+    def from_dict(cls, values):
+        """A section from a mapping (unknown keys: ValueError listing the valid ones)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in values if k not in names)
+        if unknown:
+            raise ValueError(f"unknown model.crf key(s) {unknown}; valid keys: {names}")
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that defines a DeepLab v2 network (not its weights): what ``DeepLabV2.get_config()`` saves,
     what training configs and presets build from. Checked when created (ValueError naming the field).
@@ -90,6 +146,7 @@ class ModelConfig:
         bn_epsilon: ResNet batch-norm epsilon (Caffe's 1e-5).
         pool5a: VGG-16 only: DeepLab-LargeFOV's AVE 3x3/1 pooling after pool5; None: True for aspp="largefov"
             (see :attr:`use_pool5a`).
+        crf: None, or a :class:`CRFConfig` (or a dict of its fields): a dense CRF on top, trainable end to end.
 
     Example:
         >>> config = ModelConfig(num_classes=3, backbone="resnet50", msc_scales=[1.0, 0.5])
@@ -109,8 +166,22 @@ class ModelConfig:
     dropout: float = 0.5
     bn_epsilon: float = CAFFE_BN_EPSILON
     pool5a: Optional[bool] = None
+    crf: Optional[CRFConfig] = None
 
     def __post_init__(self):
+        if isinstance(self.crf, str):  # a command-line override: model.crf="{trainable: true, iterations: 5}"
+            import yaml  # (a dependency of the package; only this form needs it)
+
+            try:
+                parsed = yaml.safe_load(self.crf)
+            except yaml.YAMLError:
+                parsed = self.crf
+            object.__setattr__(self, "crf", {} if parsed is True else None if parsed in (False, None) else parsed)
+        if isinstance(self.crf, dict):
+            object.__setattr__(self, "crf", CRFConfig.from_dict(self.crf))
+        elif self.crf is not None and not isinstance(self.crf, CRFConfig):
+            raise ValueError(f"crf={self.crf!r} must be None or a mapping of CRFConfig fields, e.g. "
+                             "{trainable: true, iterations: 5}")
         self.validate()
         # canonical forms: tuples (hashable, frozen), floats
         if not isinstance(self.aspp, str):
@@ -185,6 +256,8 @@ class ModelConfig:
         for name in ("aspp", "msc_scales", "stage_blocks"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
+        if out["crf"] is None:  # configs without a CRF read as they always have
+            del out["crf"]
         return out
 
     @classmethod

@@ -65,11 +65,13 @@ class DeepLabV2(keras.Model):
 
     Input: float32 [N, H, W, 3] RGB in 0..255 (any H, W >= 33; preprocessing is inside the model).
     Output: float32 logits [N, h, w, num_classes], ``(h, w) = model.logits_size(H, W)`` (513x513 at OS 8 -> 65x65,
-    375x500 -> 48x63); upsample them corner-aligned to the image size for a prediction.
+    375x500 -> 48x63); upsample them corner-aligned to the image size for a prediction. With a CRF on top
+    (``crf={"trainable": True, "iterations": 5}``, :class:`~deeplab_keras.models.config.CRFConfig`): the CRF's
+    log-probabilities [N, H, W, num_classes] at the image size (``model.crf_head``; trainable end to end).
 
     Args:
         num_classes, backbone, output_stride, aspp, msc_scales, width_multiplier, stage_blocks, dropout,
-            bn_epsilon, pool5a: the :class:`~deeplab_keras.models.config.ModelConfig` fields (see there).
+            bn_epsilon, pool5a, crf: the :class:`~deeplab_keras.models.config.ModelConfig` fields (see there).
         config: a ModelConfig instead of those keyword arguments (giving both is an error).
         weights: None (random init), "imagenet" (keras.applications ImageNet backbone weights), a released
             DeepLab v2 ``.caffemodel`` / deeplab-pytorch ``.pth``, or a ``.keras`` / ``.weights.h5`` file or a
@@ -89,11 +91,11 @@ class DeepLabV2(keras.Model):
 
     def __init__(self, num_classes=None, backbone=None, output_stride=None, aspp=None, msc_scales=None,
                  weights=None, width_multiplier=None, stage_blocks=None, dropout=None, bn_epsilon=None,
-                 pool5a=None, *, config=None, **kwargs):
+                 pool5a=None, crf=None, *, config=None, **kwargs):
         given = {k: v for k, v in dict(num_classes=num_classes, backbone=backbone, output_stride=output_stride,
                                        aspp=aspp, msc_scales=msc_scales, width_multiplier=width_multiplier,
                                        stage_blocks=stage_blocks, dropout=dropout, bn_epsilon=bn_epsilon,
-                                       pool5a=pool5a).items() if v is not None}
+                                       pool5a=pool5a, crf=crf).items() if v is not None}
         if config is None:
             config = ModelConfig(**given)
         elif given:
@@ -104,11 +106,21 @@ class DeepLabV2(keras.Model):
         network = build_network(config)
         msc = MSC(network, config.scales)
         images = keras.Input((None, None, 3), name="image")
-        super().__init__(inputs=images, outputs=msc(images)["fused"], name=kwargs.pop("name", "deeplab_v2"),
-                         **kwargs)
+        outputs = msc(images)["fused"]
+        crf_head = None
+        if config.crf is not None:  # the CRF on top: log-probabilities at the image size
+            from deeplab_keras.crf.layer import CRFHead
+
+            if config.crf.freeze_network:
+                network.trainable = False
+            crf_head = CRFHead(config.crf.params(), trainable=config.crf.trainable,
+                               learn_compatibility=config.crf.compatibility, name="crf")
+            outputs = crf_head([outputs, images])
+        super().__init__(inputs=images, outputs=outputs, name=kwargs.pop("name", "deeplab_v2"), **kwargs)
         self.config = config
         self.network = network
         self._msc = msc
+        self.crf_head = crf_head
         if weights is not None:
             load_weights_into(self, weights)
 
@@ -147,9 +159,21 @@ class DeepLabV2(keras.Model):
             training: forwarded to the layers (dropout, batch norm).
 
         Returns:
-            dict ``{"scale_1.0": ..., "scale_0.75": ..., "fused": ...}`` of float32 [N, h, w, C] tensors.
+            dict ``{"scale_1.0": ..., "scale_0.75": ..., "fused": ...}`` of float32 [N, h, w, C] tensors; with a
+            CRF on top (``config.crf``), "fused" is the CRF's output (log-probabilities at the image size).
         """
-        return self._msc(images, training=training)
+        outputs = self._msc(images, training=training)
+        if self.crf_head is not None:
+            outputs = dict(outputs)
+            outputs["fused"] = self.crf_head([outputs["fused"], images], training=training)
+        return outputs
+
+    def without_crf(self):
+        """This model without its CRF on top (``config.crf`` removed; the network's weights shared by value):
+        logits at output stride, for exports that add the CRF back from stock ops (see ``crf_head.portable``)."""
+        plain = DeepLabV2(config=self.config.replace(crf=None), name=self.name)
+        plain.network.set_weights(self.network.get_weights())
+        return plain
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self.config.to_dict()}
