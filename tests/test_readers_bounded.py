@@ -223,3 +223,16 @@ def test_c1_classifier_of_too_few_dimensions(tmp_path):
     encoded = [cw.layer(x.name, x.type, x.blobs) for x in layers if x.name != "fc"]
     path = _caffemodel(tmp_path, *encoded, cw.layer("fc1000", "InnerProduct", [np.ones(5, np.float32)]))
     assert "layer fc1000 has weights of shape (5,)" in _refused(CaffeModelError, path, caffemodel_config)
+
+
+def test_c1_zip_member_with_a_wrong_compression_method(tmp_path):
+    """Stored members marked deflated (a flipped bit found by the fuzz run): zlib.error escaped the reader."""
+    data = bytearray(pw.zip_pth({"w": pw.tensor("0", (6,), (1,))}, {"0": F32}))
+    for signature, field in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local headers, central directory
+        at = data.find(signature)
+        while at >= 0:
+            data[at + field] = zipfile.ZIP_DEFLATED
+            at = data.find(signature, at + 4)
+    path = tmp_path / "deflated.pth"
+    path.write_bytes(bytes(data))
+    assert "is a damaged .pth (error: Error -3" in _refused(PthError, path, read_pth)

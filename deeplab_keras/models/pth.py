@@ -26,6 +26,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -49,6 +50,11 @@ _MAX_DIMS = 16                   # dimensions of one tensor
 _MAX_DEPTH = 32                  # nesting of dicts / lists / tuples around the tensors
 _MAX_INFLATE = 64                # a compressed storage member may inflate at most this much (torch stores them)
 _CHUNK = 1 << 24                 # storages are read in chunks of this many bytes
+try:  # a zip member may name LZMA compression (bz2's errors are OSError)
+    from lzma import LZMAError
+    _DECOMPRESS_ERRORS = (LZMAError,)
+except ImportError:  # pragma: no cover (Python built without lzma)
+    _DECOMPRESS_ERRORS = ()
 
 
 class _StorageType:
@@ -347,7 +353,7 @@ def read_pth(path):
     except OSError as e:
         raise PthError(f"{path} cannot be read ({e.strerror or e}); check the file and its permissions") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, ValueError,
-            OverflowError, struct.error, KeyError) as e:
+            OverflowError, struct.error, KeyError, zlib.error, *_DECOMPRESS_ERRORS) as e:
         raise PthError(f"{path} is a damaged .pth ({type(e).__name__}: {str(e)[:80]}); download the file again") \
             from None
     missing = [k for k, s in storages.items() if s.array is None]
