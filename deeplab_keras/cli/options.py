@@ -316,6 +316,11 @@ def _takes_list(annotation):
     return any(typing.get_origin(a) is tuple for a in (annotation,) + typing.get_args(annotation))
 
 
+# ModelConfig fields without a flag: the trainable CRF on top (model.crf) comes from training (--set model.crf=...);
+# deeplab-export's --crf appends the portable CRF with the CRF parameters instead.
+MODEL_FIELDS_NOT_FLAGS = ("crf",)
+
+
 def model_config_options():
     """One option per :class:`deeplab_keras.models.config.ModelConfig` field (``--backbone``, ``--num-classes``,
     ``--aspp``, ``--msc-scales``, ...; help from its docstring): the one description of a model on the command
@@ -330,6 +335,8 @@ def model_config_options():
 
     docs, out = _field_docs(ModelConfig), []
     for field in dataclasses.fields(ModelConfig):
+        if field.name in MODEL_FIELDS_NOT_FLAGS:
+            continue
         default = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else str(field.default)
         out.append(("--" + field.name.replace("_", "-"), dict(
             dest=f"model_{field.name}", nargs="+" if _takes_list(field_types(ModelConfig)[field.name]) else None,
