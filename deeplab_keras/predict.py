@@ -248,7 +248,7 @@ def _probability_fn(model, scales, flip, precision=None):
                              "runs in float32")
         return model
     from deeplab_keras.inference import Predictor
-    predictor = Predictor(model, scales, flip, precision=precision)  # one traced function for every image size and batch
+    predictor = Predictor(model, scales, flip, precision=precision)  # one traced function for every size
 
     def run(images, scales, flip):
         return predictor(images).numpy()
