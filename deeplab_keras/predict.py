@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
-from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, voc_palette
+from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, voc_palette, write_error_text
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 AREAS_FILES = ("areas.json", "areas.csv")
@@ -303,8 +303,7 @@ def _write_outputs(out_dir, stem, image, labels, overlay_images, overwrite, pale
     except FileExistsError:
         raise
     except OSError as err:  # a full disk, a read-only folder: stop (the next image would fail as well)
-        raise RuntimeError(f"cannot write {target}: {err.strerror or err}; free some space or choose "
-                           "another --out") from err
+        raise RuntimeError(f"cannot write {target}: {write_error_text(err, out_dir)}") from err
 
 
 def _class_areas(labels, num_classes, class_names):

@@ -125,3 +125,42 @@ def test_write_error_text_tells_a_full_disk_from_a_permission_error():
         "no space left on device in /d; free some space or choose another path")
     assert utils.write_error_text(OSError(errno.EROFS, "Read-only file system"), "/d") == (
         "/d is not writable (Read-only file system); choose another path or change its permissions")
+
+
+def test_predict_write_error_mid_run_tells_permission_from_full_disk(tmp_path, monkeypatch):
+    """K1: a permission error partway through deeplab-predict said "free some space"."""
+    from deeplab_keras import predict
+
+    labels, image = np.zeros((2, 2), np.int64), np.zeros((2, 2, 3), np.uint8)
+    for code, words in ((errno.EACCES, "is not writable (Permission denied)"), (errno.ENOSPC, "no space left")):
+        def fail(*args, code=code, **kwargs):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(predict, "atomic_write_bytes", fail)
+        with pytest.raises(RuntimeError) as e:
+            predict._write_outputs(str(tmp_path), "a", image, labels, False, False)
+        assert str(e.value).startswith(f"cannot write {tmp_path / 'a.png'}: ") and words in str(e.value)
+        assert ("free some space" in str(e.value)) == (code == errno.ENOSPC)
+
+
+def test_export_backbone_with_preset_sha256_is_a_usage_error(tmp_path, capsys):
+    """K2: --preset-sha256 beside --backbone (a fresh model, nothing downloaded) was silently accepted."""
+    line = _usage(capsys, lambda: cli.export_main(["--backbone", "vgg16", "--preset-sha256", "0" * 64, "--format",
+                                                   "onnx", "--out", str(tmp_path / "m.onnx")]))
+    assert "--preset-sha256 applies only to --preset" in line and os.listdir(tmp_path) == []
+
+
+def test_from_preset_passes_timeout_and_progress(monkeypatch):
+    """DeepLabV2.from_preset forwards timeout= / progress= to the preset download."""
+    from deeplab_keras.models import deeplab, presets
+
+    calls = []
+    monkeypatch.setattr(presets, "from_preset", lambda *a, **k: calls.append((a, k)) or "model")
+    assert deeplab.DeepLabV2.from_preset("p", "/c", sha256="ab", timeout=5.0, progress=False) == "model"
+    assert calls == [(("p", "/c"), dict(sha256="ab", timeout=5.0, progress=False))]
+
+
+def test_readme_pins_the_first_download_that_converts():
+    """The README's preset "Hashes" paragraph: a download is pinned once it converted (models/presets.py)."""
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
+        hashes = f.read().split("**Hashes.**", 1)[1].split("\n\n", 1)[0]
+    assert "The first download of a file is *pinned*" not in hashes and "converts successfully" in hashes

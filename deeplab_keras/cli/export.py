@@ -43,6 +43,8 @@ _CONDITIONAL = (
      "--format tflite --quantize int8"),
     ("weights", "--weights", None, lambda a: a.model_backbone, "--backbone"),
     ("seed", "--seed", 0, lambda a: a.model_backbone, "--backbone"),
+    ("preset_sha256", "--preset-sha256", None, lambda a: a.preset,
+     "--preset (a --checkpoint or a fresh --backbone model is not downloaded)"),
 )
 
 

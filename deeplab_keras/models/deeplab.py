@@ -199,14 +199,22 @@ class DeepLabV2(keras.Model):
         return model
 
     @classmethod
-    def from_preset(cls, name, cache_dir=None, *, sha256=None):
+    def from_preset(cls, name, cache_dir=None, *, sha256=None, timeout=None, progress=True):
         """A released DeepLab v2 model by name (downloaded, checked, converted and cached on first use); see
         :mod:`deeplab_keras.models.presets` for the names and the cache.
+
+        Args:
+            name: a preset name (a key of ``deeplab_keras.models.presets.PRESETS``).
+            cache_dir: cache root (default: the Keras cache, ``$KERAS_HOME`` or ``~/.keras``).
+            sha256: the sha256 you trust for the downloaded file; overrides the registry's and the pinned one.
+            timeout: seconds to wait for the connection and for each read of the download (default
+                ``$DEEPLAB_DOWNLOAD_TIMEOUT`` or ``presets.DOWNLOAD_TIMEOUT_S``).
+            progress: show the download bar and the "downloading" / "converting" lines on stderr.
 
         Example:
             >>> model = DeepLabV2.from_preset("deeplabv2_resnet101_msc_voc")   # doctest: +SKIP
         """
-        return presets.from_preset(name, cache_dir, sha256=sha256)
+        return presets.from_preset(name, cache_dir, sha256=sha256, timeout=timeout, progress=progress)
 
 
 def _check_input_shape(inputs):
