@@ -22,7 +22,7 @@ on the cropped probabilities and the original image with ``CRFParams()`` (the pa
 Example:
     >>> from deeplab_keras.evaluate import evaluate, format_table
     >>> results = evaluate("runs/tiny", dataset, crf=True)          # doctest: +SKIP
-    >>> results = evaluate(model, dataset, pad_to=513, crf=True)     # doctest: +SKIP  (the paper's protocol)
+    >>> results = evaluate(model, dataset, pad_to=513, crf=True)     # doctest: +SKIP
     >>> print(format_table(results))                                 # doctest: +SKIP
 """
 import os

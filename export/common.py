@@ -78,7 +78,7 @@ def serving_archive(model, endpoints, outputs="full", crf=None, rewrite=None):
         ``{name: tf.function}`` of its endpoints (what tf2onnx converts).
 
     Example:
-        >>> archive, fns = serving_archive(model, {"serve": (tf.TensorSpec([None, None, None, 3]), None)})
+        >>> archive, fns = serving_archive(model, {"serve": (tf.TensorSpec([None, None, None, 3]), None)})  # doctest: +SKIP
         >>> archive.write_out("/tmp/sm", verbose=False)              # doctest: +SKIP
     """
     import keras
@@ -310,6 +310,7 @@ def portable_crf(iterations=None, params=None, **crf_kwargs):
         ValueError: a bad or unknown parameter (``CRFParams``' message).
 
     Example:
+        >>> from deeplab_keras.crf.params import CRFParams
         >>> portable_crf(params=CRFParams(bilateral_weight=5), iterations=5).params.iterations
         5
     """

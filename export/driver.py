@@ -10,7 +10,7 @@ the destination, the conversion, the verification runners and its report fields.
 Example:
     >>> from deeplab_keras.export import export_model
     >>> report = export_model(model, "onnx", "deeplab.onnx", input_size=(513, 513))      # doctest: +SKIP
-    >>> report["verification"]["passed"]
+    >>> report["verification"]["passed"]                                                # doctest: +SKIP
     True
 """
 from deeplab_keras.export import common, graph, staging

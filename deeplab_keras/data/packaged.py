@@ -1,11 +1,12 @@
-"""The sample data packaged with deeplab_keras: 3 real PASCAL VOC 2012 image/label pairs (``samples/VOC2012``;
+"""The sample data packaged with deeplab_keras: 7 real PASCAL VOC 2012 image/label pairs (``samples/VOC2012``;
 provenance and licence note in ``samples/README.txt``), the default data of ``deeplab-demo``.
 
 Example:
     >>> import os
     >>> from deeplab_keras.data import sample_data_dir
     >>> sorted(os.listdir(os.path.join(sample_data_dir(), "VOC2012", "SegmentationClass")))
-    ['2007_000032.png', '2007_000033.png', '2007_000063.png']
+    ['2007_000032.png', '2007_000033.png', '2007_000063.png', '2008_000009.png', '2009_000006.png',
+     '2010_000002.png', '2011_000003.png']
 """
 import importlib.resources
 import os

@@ -332,8 +332,8 @@ def distributed_pipeline(strategy, make_ds_fn, global_batch_size, *, seed=None, 
         a ``tf.distribute.DistributedDataset`` for ``model.fit`` or a custom loop.
 
     Example:
-        >>> strategy = tf.distribute.MirroredStrategy()
-        >>> train = distributed_pipeline(strategy, lambda: load_voc("train_aug", data_dir=d), 20,
+        >>> strategy = tf.distribute.MirroredStrategy()                              # doctest: +SKIP
+        >>> train = distributed_pipeline(strategy, lambda: load_voc("train_aug", data_dir=d), 20,  # doctest: +SKIP
         ...                              training=True, num_classes=21, seed=0)
     """
     takes_context = len(inspect.signature(make_ds_fn).parameters) > 0

@@ -96,7 +96,7 @@ class Preset:
             :func:`deeplab_keras.models.caffe.convert_caffemodel`).
         member: the ``.caffemodel`` inside the archive when the official file is a zip, else None.
         sha256: the sha256 of the downloaded file (the archive when ``member`` is set); None when unknown
-            (then the first download is pinned, see the module docstring).
+            (then the first download that converts is pinned, see the module docstring).
         filename: the download's name in the cache (default: ``<parent folder>-<base name>`` of the URL).
         model_kwargs: further :class:`~deeplab_keras.models.config.ModelConfig` fields, e.g. ``{"aspp": "largefov"}``.
 
