@@ -62,7 +62,7 @@ def voc_crf_study(data, out_dir, crf_params=None):
         3
     """
     from deeplab_keras import crf
-    from deeplab_keras.data._common import read_image_rgb, read_index_png
+    from deeplab_keras.data.reader import read_image_rgb, read_index_png
     from deeplab_keras.evaluate import confusion_matrix, scores
     from deeplab_keras.predict import png_bytes
     from deeplab_keras.utils import atomic_write_bytes
@@ -190,7 +190,7 @@ def _sample_folder(out, cfg):
 def _export_all(model, export_dir, sample_dir):
     """Step 4: SavedModel, TFLite and ONNX exports into ``export_dir``, each verified; their reports."""
     from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
-    from deeplab_keras.export.common import Progress
+    from deeplab_keras.export.report import Progress
     progress = Progress(True)
     return {
         "saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"), version=1,

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
+from deeplab_keras.data.reader import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
 from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, voc_palette, write_error_text
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
@@ -25,7 +25,7 @@ AREAS_FILES = ("areas.json", "areas.csv")
 
 
 def read_image(path, max_pixels=MAX_PIXELS):
-    """Read an image file as uint8 RGB [H, W, 3] (:func:`deeplab_keras.data._common.read_image_rgb` with
+    """Read an image file as uint8 RGB [H, W, 3] (:func:`deeplab_keras.data.reader.read_image_rgb` with
     predict's pixel limit).
 
     Raises:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from deeplab_keras.data._common import IGNORE_LABEL, atomic_write_bytes, voc_palette
+from deeplab_keras.data.reader import IGNORE_LABEL, atomic_write_bytes, voc_palette
 
 
 def _class_colour(c, num_classes):

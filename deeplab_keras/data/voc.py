@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_keras.data._common import (BadDataError, atomic_write_bytes, check_label, logger, read_image_rgb,
+from deeplab_keras.data.reader import (BadDataError, atomic_write_bytes, check_label, logger, read_image_rgb,
                                         read_index_png)
 
 NUM_CLASSES = 21
