@@ -265,7 +265,7 @@ def test_model_config_is_the_models_description():
     assert plain == config.to_dict() and plain["aspp"] == [3, 5] and dk.ModelConfig.from_dict(plain) == config
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_classes = 4
-    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
         dk.ModelConfig.from_dict({"classes": 3})
     assert config.replace(num_classes=5).num_classes == 5
     with pytest.raises(ValueError, match="num_classes"):

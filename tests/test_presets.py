@@ -227,7 +227,7 @@ def test_registry_entries_are_well_formed():
     with pytest.raises(presets.PresetError, match=r"preset bad: aspp='largefov' is the VGG-16 head"):
         presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21,
                        model_kwargs={"aspp": "largefov"})
-    with pytest.raises(presets.PresetError, match=r"preset bad: unknown model config key\(s\) \['rates'\]"):
+    with pytest.raises(presets.PresetError, match=r"preset bad: unknown model key\(s\) \['rates'\]"):
         presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21, model_kwargs={"rates": 6})
 
 
