@@ -71,7 +71,8 @@ Run directory layout::
     run_dir/.lock                       while a process trains in it
 
 Modules (one per concern): :mod:`~deeplab_keras.training.config` (TrainConfig, load_config; sections in
-:mod:`~deeplab_keras.training.config_sections`, typed values in :mod:`~deeplab_keras.training.config_values`),
+:mod:`~deeplab_keras.training.config_sections` on :class:`~deeplab_keras.config_base.ConfigBase`, typed values in
+:mod:`~deeplab_keras.training.config_values`),
 :mod:`~deeplab_keras.training.losses` (loss, mIoU), :mod:`~deeplab_keras.training.optimizer` (ScaledSGD),
 :mod:`~deeplab_keras.training.trainer` (build_model, SegmentationTrainer), :mod:`~deeplab_keras.training.callbacks`
 (backup, checkpoints, Ctrl-C), :mod:`~deeplab_keras.training.history` (history CSV and plot),
