@@ -311,7 +311,7 @@ def test_a_silent_server_times_out_and_the_lock_wait_is_announced_and_bounded(mo
 
     folder = presets.cache_folder(tmp_path)
     monkeypatch.setattr(presets, "LOCK_TIMEOUT_S", 0.3)
-    from deeplab_keras.utils import LockedError, exclusive_lock
+    from deeplab_keras.locks import LockedError, exclusive_lock
     with exclusive_lock(os.path.join(folder, ".presets.lock")):  # another holder (a second flock conflicts)
         capsys.readouterr()
         done, err = _in_thread(lambda: presets.preset_path("tiny_silent", tmp_path))
