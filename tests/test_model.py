@@ -267,7 +267,7 @@ def test_model_config_is_the_models_description():
     assert plain == config.to_dict() and plain["aspp"] == [3, 5] and dk.ModelConfig.from_dict(plain) == config
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_classes = 4
-    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
         dk.ModelConfig.from_dict({"classes": 3})
     assert config.replace(num_classes=5).num_classes == 5
     with pytest.raises(ValueError, match="num_classes"):
@@ -287,14 +287,21 @@ def test_model_config_is_the_models_description():
 
 
 def test_model_config_imports_no_keras():
-    """models/config.py is standard library only: training configs and CLIs read it on any backend."""
-    path = REPO / "deeplab_keras" / "models" / "config.py"
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('c', %r); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+    """models/config.py and its base (config_base.py) are standard library only: training configs and CLIs read
+    them on any backend. Each file is loaded alone (importing the package would import Keras)."""
+    base, path = REPO / "deeplab_keras" / "config_base.py", REPO / "deeplab_keras" / "models" / "config.py"
+    code = ("import importlib.util, sys\n"
+            "def load(name, path):\n"
+            "    spec = importlib.util.spec_from_file_location(name, path)\n"
+            "    sys.modules[name] = module = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(module)\n"
+            "    return module\n"
+            "load('deeplab_keras.config_base', %r)\n"
+            "m = load('c', %r)\n"
             "print(m.ModelConfig(backbone='vgg16').rates, sorted(k for k in sys.modules "
-            "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))") % str(path)
+            "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))") % (str(base), str(path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "(6, 12, 18, 24) []"
+    assert out.strip() == "(6, 12, 18, 24) ['deeplab_keras.config_base']"
 
 
 def test_keras_file_saved_before_model_config_loads():

@@ -5,7 +5,7 @@ Modules, lowest first (each imports only those above it): ``config`` (ModelConfi
 :meth:`ModelConfig.build`) -> ``weights`` (checkpoints, ImageNet) -> ``presets`` -> ``msc``, ``deeplab`` (the model).
 The names below load on first use, so ``deeplab_keras.models.config`` imports no Keras.
 """
-from deeplab_keras.utils import lazy_exports
+from deeplab_keras.lazy import lazy_exports
 
 _HOMES = {
     "ModelConfig": "config",

@@ -20,7 +20,7 @@ from deeplab_keras.models import pth
 from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan, read_caffemodel, scan_caffemodel
 from deeplab_keras.models.config import ModelConfig
 from deeplab_keras.models.importer import analyse, config_of, describe_head, load_scan
-from deeplab_keras.utils import atomic_path
+from deeplab_keras.files import atomic_path
 
 __all__ = ["CaffeLayer", "CaffeModelError", "Scan", "read_caffemodel", "scan_weights", "caffemodel_config",
            "load_caffemodel", "load_scan", "convert", "convert_caffemodel"]
