@@ -26,7 +26,7 @@ def _examples_synthetic(count, offset, size, classes):
 
 def _examples_voc():
     from deeplab_keras.data import sample_data_dir
-    from deeplab_keras.data._common import read_image_rgb, read_index_png
+    from deeplab_keras.data.reader import read_image_rgb, read_index_png
 
     root = os.path.join(sample_data_dir(), "VOC2012")
     ids = sorted(n[:-4] for n in os.listdir(os.path.join(root, "SegmentationClass")) if n.endswith(".png"))

@@ -1,6 +1,6 @@
 """Latency per image of the exported DeepLab graph in each runtime, side by side in one run, with file sizes.
 
-Same model, same 513x513 images, same computation in every runtime (``deeplab_keras.export.common.serving_outputs``:
+Same model, same 513x513 images, same computation in every runtime (``deeplab_keras.export.serving.serving_outputs``:
 logits -> bilinear resize to the input size -> softmax + argmax): Keras/TF (a ``tf.function`` over the Keras
 model), the SavedModel (``tf.saved_model.load``), TFLite through the LiteRT interpreter with XNNPACK (float32 static
 and dynamic input size, float16, full int8) and onnxruntime (static and dynamic input size, int8 QDQ). The exports
@@ -69,14 +69,15 @@ def main(argv=None):
     import keras
 
     import deeplab_keras as dk
-    from deeplab_keras.export import common, onnx as onnx_export, saved_model, tflite, verify
+    from deeplab_keras.export import onnx as onnx_export, saved_model, serving, tflite, verify
+    from deeplab_keras.export.report import Progress
     from flops import forward_flops
     from network import matmul_rates
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-export-bench-")
     size = tuple(args.size)
     images = verify.synthetic_images(size, 2, seed=0).astype(np.float32)
-    progress = common.Progress(True)
+    progress = Progress(True)
     results = {"size": list(size), "threads": args.threads, "rounds": args.rounds, "configs": {}}
     print(f"# {os.cpu_count()} CPUs, {args.threads} threads per runtime, {size[0]}x{size[1]} input, "
           f"TF {tf.__version__}, workdir {workdir}", flush=True)
@@ -90,7 +91,7 @@ def main(argv=None):
         progress.info(f"== {name}: {model.count_params() / 1e6:.1f} M parameters")
 
         if "keras_tf" in args.runtimes:
-            serve = tf.function(lambda x: common.serving_outputs(model, x))  # traced for the benchmark's shape
+            serve = tf.function(lambda x: serving.serving_outputs(model, x))  # traced for the benchmark's shape
             runners["keras_tf"] = lambda x, f=serve: f(tf.constant(x))["labels"].numpy()
             keras_path = os.path.join(base, "model.keras")
             model.save(keras_path)

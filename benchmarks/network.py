@@ -1,7 +1,7 @@
 """The whole DeepLab v2 network on this machine, every path side by side in one run: time, GFLOP/s, the ratio to
 the machine's float32 matmul rate, and peak memory.
 
-Inference paths (batch 1, ``--size``, the exported computation ``export.common.serving_outputs``: logits ->
+Inference paths (batch 1, ``--size``, the exported computation ``export.serving.serving_outputs``: logits ->
 corner-aligned resize -> softmax + argmax):
 
 - ``tf``: the Keras model in a ``tf.function`` traced for the input shape (no eager), the package's default;
@@ -222,9 +222,9 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
 
 def _tf_runner(model, tf, jit=False):
     """``run(uint8 images) -> labels`` through the exported computation in one traced ``tf.function``."""
-    from deeplab_keras.export import common
+    from deeplab_keras.export import serving
 
-    fn = tf.function(lambda x: common.serving_outputs(model, x), jit_compile=jit, autograph=False)
+    fn = tf.function(lambda x: serving.serving_outputs(model, x), jit_compile=jit, autograph=False)
     return lambda x: fn(tf.constant(x, tf.float32))["labels"].numpy()
 
 

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from deeplab_keras.crf import CRFParams, dense_crf  # noqa: E402
 from deeplab_keras.data import BadDataError  # noqa: E402
-from deeplab_keras.data._common import tf_error_line  # noqa: E402
+from deeplab_keras.data.reader import tf_error_line  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
 from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.precision import check_precision  # noqa: E402

@@ -3,7 +3,7 @@
 Every place that turns logits at output stride into a full-resolution map goes through :func:`upsample_logits`:
 the training loss and metric (``deeplab_keras.train``), ``deeplab-eval`` (``deeplab_keras.evaluate``),
 ``deeplab-predict`` (:func:`predict_probabilities`) and the graphs ``deeplab-export`` writes
-(``deeplab_keras.export.common.serving_outputs``). It is a **corner-aligned** bilinear resize
+(``deeplab_keras.export.serving.serving_outputs``). It is a **corner-aligned** bilinear resize
 (``align_corners=True``, the geometry of Caffe's Interp layer that DeepLab v2 used): with output stride 8 a
 513 px input gives 65 logits and logit ``i`` sits on pixel ``8 * i`` ((65 - 1) * 8 = 512), so the first and last
 logits land exactly on the first and last pixels. The half-pixel resize of ``tf.image.resize`` shifts the map

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
 from deeplab_keras.data.classes import VOC_CLASSES, voc_palette
+from deeplab_keras.data.reader import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
 from deeplab_keras.files import atomic_write_bytes, write_error_text
 from deeplab_keras.locks import exclusive_lock
 
@@ -27,7 +27,7 @@ AREAS_FILES = ("areas.json", "areas.csv")
 
 
 def read_image(path, max_pixels=MAX_PIXELS):
-    """Read an image file as uint8 RGB [H, W, 3] (:func:`deeplab_keras.data._common.read_image_rgb` with
+    """Read an image file as uint8 RGB [H, W, 3] (:func:`deeplab_keras.data.reader.read_image_rgb` with
     predict's pixel limit).
 
     Raises:

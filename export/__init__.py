@@ -12,7 +12,8 @@ Example:
     >>> report = export_model(model, "tflite", "deeplab.tflite", input_size=(513, 513))  # doctest: +SKIP
     >>> report = export_model(model, "onnx", "crf.onnx", crf=portable_crf(iterations=5))  # doctest: +SKIP
 """
-from deeplab_keras.export.common import ExportError, portable_crf, serving_outputs
+from deeplab_keras.export.errors import ExportError
+from deeplab_keras.export.serving import portable_crf, serving_outputs
 from deeplab_keras.export.driver import FORMATS, export_model
 from deeplab_keras.export.onnx import export_onnx
 from deeplab_keras.export.saved_model import export_saved_model

@@ -13,7 +13,9 @@ Example:
     >>> report["verification"]["passed"]                                                # doctest: +SKIP
     True
 """
-from deeplab_keras.export import common, graph, staging
+from deeplab_keras.export import graph, serving, staging
+from deeplab_keras.export.errors import ExportError
+from deeplab_keras.export.report import Progress, base_report
 from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.models import as_float32
 
@@ -33,7 +35,7 @@ class Format:
     Class attributes:
         name: the format's name (``export_model``'s ``format``, the report's ``format``).
         options: the format's own options and their defaults (``export_model`` refuses others).
-        crf_runtime: runtime the CRF hook is traced for (``common.crf_for``).
+        crf_runtime: runtime the CRF hook is traced for (``serving.crf_for``).
         convert_step: ``(timing key, progress message)`` of the conversion step.
         verify_message: progress message of the verification step.
 
@@ -50,7 +52,7 @@ class Format:
         self.opts = {**type(self).options, **options}
         self.crf = None  # the CRF hook traced for ``crf_runtime`` (set by ``export_model``)
         self.rewrite = None  # the model's ``graph.GraphRewrite`` (set by ``export_model``)
-        self.progress = common.Progress(False)  # set by ``export_model``
+        self.progress = Progress(False)  # set by ``export_model``
 
     @property
     def precision(self):
@@ -59,13 +61,13 @@ class Format:
 
     @property
     def outputs(self):
-        """The exported outputs (``"full"`` or ``"logits"``, see ``common.serving_outputs``)."""
+        """The exported outputs (``"full"`` or ``"logits"``, see ``serving.serving_outputs``)."""
         return self.opts.get("outputs", "full")
 
     def check(self):
-        """Raises ``common.ExportError`` for options of this format that cannot work (before anything slow)."""
+        """Raises ``errors.ExportError`` for options of this format that cannot work (before anything slow)."""
         if self.opts.get("aspp_head", "plain") not in graph.ASPP_HEADS:
-            raise common.ExportError(f"aspp_head must be one of {graph.ASPP_HEADS}, got {self.opts['aspp_head']!r}")
+            raise ExportError(f"aspp_head must be one of {graph.ASPP_HEADS}, got {self.opts['aspp_head']!r}")
 
     def graph_rewrite(self, model):
         """The serving form of ``model`` (``graph.GraphRewrite``): native dilation, batch norm folded unless the
@@ -74,7 +76,7 @@ class Format:
                                   aspp_head=self.opts.get("aspp_head", "plain"))
 
     def destination(self, out, overwrite):
-        """The absolute final path of the artifact for ``out``, checked (``common.ExportError``)."""
+        """The absolute final path of the artifact for ``out``, checked (``errors.ExportError``)."""
         raise NotImplementedError
 
     def sample_size(self, verify_size):
@@ -123,7 +125,7 @@ class FileFormat(Format):
 
     def check(self):
         super().check()
-        common.check_outputs(self.outputs)
+        serving.check_outputs(self.outputs)
 
     def destination(self, out, overwrite):
         return staging.file_destination(out, overwrite, self.what, self.suffix)
@@ -140,7 +142,7 @@ class FileFormat(Format):
     def prepare(self, size):
         self.calibration = None
         if self.int8:
-            self.calibration = common.load_samples(size, self.opts["representative"], self.opts["num_calibration"],
+            self.calibration = verify_lib.load_samples(size, self.opts["representative"], self.opts["num_calibration"],
                                                    seed=1234, what="--data")
 
     def warnings(self, verification):
@@ -167,32 +169,32 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
         out: destination (see the format's ``export_*`` function).
         overwrite: replace an existing artifact.
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``
-            (``common.portable_crf``).
+            (``serving.portable_crf``).
         sample_dir: folder of verification images (default synthetic images).
         num_samples: number of verification images.
         verify_size: ``(H, W)`` of the verification images when the format has no fixed ``input_size``.
         tolerance: ``verify.Tolerance`` (default ``verify.TOLERANCES[precision]``; float32 derives its max |diff|
             from the model's measured float32 sensitivity and the CRF's measured amplification).
         report_path: JSON report path (default ``<artifact>.report.json``).
-        progress: ``common.Progress`` for progress lines (default silent).
+        progress: ``report.Progress`` for progress lines (default silent).
         **options: the format's own options (``FORMATS[format].options``).
     Returns:
         the report dict (also written as JSON next to the artifact).
     Raises:
-        common.ExportError: unknown format or option, bad option value or destination;
+        ExportError: unknown format or option, bad option value or destination;
         verify.VerificationError: outputs out of tolerance (only the report is written).
     """
     if format not in FORMATS:
-        raise common.ExportError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        raise ExportError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     cls = FORMATS[format]
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
-        raise common.ExportError(f"option {unknown[0]!r} does not apply to format {format!r} (its options: "
+        raise ExportError(f"option {unknown[0]!r} does not apply to format {format!r} (its options: "
                                  f"{', '.join(sorted(cls.options)) or 'none'})")
     fmt = cls(**options)
-    fmt.progress = progress = progress or common.Progress(False)
-    model, crf = common.split_crf_head(model, crf)  # a model's own (learned) CRF exports from stock ops
-    fmt.crf = crf = common.crf_for(crf, cls.crf_runtime) if crf is not None else None
+    fmt.progress = progress = progress or Progress(False)
+    model, crf = serving.split_crf_head(model, crf)  # a model's own (learned) CRF exports from stock ops
+    fmt.crf = crf = serving.crf_for(crf, cls.crf_runtime) if crf is not None else None
     fmt.check()
     final = fmt.destination(out, overwrite)
     model = as_float32(model)
@@ -200,7 +202,7 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
     tolerance = tolerance or verify_lib.TOLERANCES[fmt.precision]
     size = fmt.sample_size(verify_size)
     fmt.prepare(size)
-    images = common.load_samples(size, sample_dir, num_samples)
+    images = verify_lib.load_samples(size, sample_dir, num_samples)
     with staging.staging(final, progress) as stage:
         with progress.step(*fmt.convert_step):
             with staging.disk_errors(final):
@@ -208,15 +210,15 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
         try:
             with progress.step("verify_s", fmt.verify_message):
                 runners = fmt.runners(staged)
-                reference = common.reference_outputs(model, images, fmt.outputs, crf)
-                tolerance, derivation = common.verification_tolerance(tolerance, model, images, crf, fmt.outputs,
+                reference = serving.reference_outputs(model, images, fmt.outputs, crf)
+                tolerance, derivation = verify_lib.verification_tolerance(tolerance, model, images, crf, fmt.outputs,
                                                                       reference)
                 checks = [(name, reference, run(images)) for name, run in runners.items()]
                 result = verify_lib.run_checks(checks, tolerance, progress, derivation)
             warnings = fmt.warnings(result)
             for warning in warnings:
                 progress.warn(warning)
-            report = common.base_report(
+            report = base_report(
                 cls.name, model, final, staging.path_size(staged), **fmt.report_fields(staged),
                 precision=fmt.precision, graph_rewrites=fmt.rewrite.stats, with_crf=crf is not None,
                 crf=getattr(crf, "config", None),

@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from deeplab_keras import _keras_compat
-from deeplab_keras.export import common, driver
+from deeplab_keras.export import driver, serving
+from deeplab_keras.export.errors import ExportError
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -45,11 +46,11 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
     import tf2onnx
 
     if int(opset) < MIN_OPSET:
-        raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+        raise ExportError(f"--opset must be >= {MIN_OPSET}, got {opset}")
     _keras_compat.patch_tf2onnx()  # tf2onnx 1.17 still uses np.object / np.cast (removed in numpy 2)
     height, width = input_size if input_size else (None, None)
     spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="image")
-    _, functions = common.serving_archive(model, {"serve": (spec, None)}, outputs, crf, rewrite)
+    _, functions = serving.serving_archive(model, {"serve": (spec, None)}, outputs, crf, rewrite)
     proto, _ = tf2onnx.convert.from_function(functions["serve"], input_signature=[spec], opset=int(opset))
     softmax_on_last_axis(proto)
     return proto
@@ -86,7 +87,7 @@ def quantize_int8(proto, representative, workdir):
     from onnxruntime import quantization
 
     if representative is None or not len(representative):
-        raise common.ExportError("int8 quantization needs representative images")
+        raise ExportError("int8 quantization needs representative images")
     source, target = os.path.join(workdir, "float.onnx"), os.path.join(workdir, "int8.onnx")
     onnx.save(proto, source)
     try:
@@ -241,9 +242,9 @@ class ONNXFormat(driver.FileFormat):
     def check(self):
         super().check()
         if int(self.opts["opset"]) < MIN_OPSET:
-            raise common.ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
+            raise ExportError(f"--opset must be >= {MIN_OPSET}, got {self.opts['opset']}")
         if self.opts["quantize"] not in QUANTIZE_MODES:
-            raise common.ExportError(f"--quantize for --format onnx must be one of {QUANTIZE_MODES}, got "
+            raise ExportError(f"--quantize for --format onnx must be one of {QUANTIZE_MODES}, got "
                                      f"{self.opts['quantize']!r} (float16 / dynamic: --format tflite)")
 
     def convert(self, model, stage_dir, final):
@@ -298,7 +299,7 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
             model's measured float32 sensitivity, times the CRF's measured amplification with ``crf``; 99.9 %
             labels).
         report_path: JSON report path (default ``<out>.report.json``).
-        progress: ``common.Progress`` (default silent).
+        progress: ``report.Progress`` (default silent).
         quantize: ``"none"`` or ``"int8"`` (static QDQ, see ``quantize_int8``; verified by label agreement only).
         representative: folder of int8 calibration images (default synthetic, with a warning).
         num_calibration: number of calibration images.
@@ -306,7 +307,7 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
     Returns:
         the report dict.
     Raises:
-        common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
+        ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
     return driver.export_model(model, "onnx", out, opset=opset, input_size=input_size, outputs=outputs, crf=crf,
                                overwrite=overwrite, sample_dir=sample_dir, num_samples=num_samples,

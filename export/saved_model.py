@@ -20,7 +20,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common, driver, staging
+from deeplab_keras.export import driver, serving, staging
+from deeplab_keras.export.errors import ExportError
 
 SIGNATURE_IMAGE = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
@@ -42,7 +43,7 @@ def _decode_batch(encoded):
 
 
 def build_archive(model, crf=None, rewrite=None):
-    """The ``keras.export.ExportArchive`` (``common.serving_archive``) with the two serving signatures of the
+    """The ``keras.export.ExportArchive`` (``serving.serving_archive``) with the two serving signatures of the
     module docstring.
 
     Args:
@@ -50,7 +51,7 @@ def build_archive(model, crf=None, rewrite=None):
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
         rewrite: optional ``graph.GraphRewrite`` of ``model`` (the serving form of its layers).
     """
-    archive, _ = common.serving_archive(model, {
+    archive, _ = serving.serving_archive(model, {
         SIGNATURE_IMAGE: (tf.TensorSpec([None, None, None, 3], tf.uint8, name="image"), None),
         SIGNATURE_BYTES: (tf.TensorSpec([None], tf.string, name="image_bytes"), _decode_batch)}, "full", crf,
         rewrite)
@@ -83,18 +84,18 @@ def load_signature(path, signature=SIGNATURE_IMAGE):
     function: it owns the variables).
 
     Raises:
-        common.ExportError: ``path`` is not a SavedModel directory, or has no such signature (one line naming the
+        ExportError: ``path`` is not a SavedModel directory, or has no such signature (one line naming the
             signatures it has and how to make a servable one).
 
     Example:
         >>> loaded, fn = load_signature("serving/deeplab/1")            # doctest: +SKIP
     """
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise common.ExportError(f"{path} is not a SavedModel directory (no saved_model.pb); give a version "
+        raise ExportError(f"{path} is not a SavedModel directory (no saved_model.pb); give a version "
                                  "directory written by deeplab-export --format saved_model, e.g. serving/deeplab/1")
     loaded = tf.saved_model.load(path)
     if signature not in loaded.signatures:
-        raise common.ExportError(
+        raise ExportError(
             f"SavedModel {path} has no {signature!r} signature (it has {sorted(loaded.signatures) or 'none'}); "
             "export the model with deeplab-export --format saved_model")
     return loaded, loaded.signatures[signature]
@@ -126,7 +127,7 @@ class SavedModelFormat(driver.Format):
     def destination(self, out, overwrite):
         version = next_version(out) if self.opts["version"] is None else int(self.opts["version"])
         if version < 0:
-            raise common.ExportError(f"--version must be a non-negative integer, got {version}")
+            raise ExportError(f"--version must be a non-negative integer, got {version}")
         self.version = version
         final = os.path.join(os.path.abspath(out), str(version))
         staging.check_destination(final, overwrite, "SavedModel version directory")
@@ -140,7 +141,7 @@ class SavedModelFormat(driver.Format):
         build_archive(model, self.crf, self.rewrite).write_out(staged, verbose=False)
         custom = non_stock_ops(staged)
         if custom:
-            raise common.ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
+            raise ExportError(f"the SavedModel uses non-stock ops {custom}; TF Serving cannot run them "
                                      "(export without the custom CRF op)")
         return staged
 
@@ -177,12 +178,12 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
             model's measured float32 sensitivity, times the CRF's measured amplification with ``crf``; 99.9 %
             labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
-        progress: ``common.Progress`` for progress lines (default silent).
+        progress: ``report.Progress`` for progress lines (default silent).
         **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph.GraphRewrite``).
     Returns:
         the report dict (also written as JSON).
     Raises:
-        common.ExportError: bad destination; verify.VerificationError: outputs out of tolerance.
+        ExportError: bad destination; verify.VerificationError: outputs out of tolerance.
     """
     return driver.export_model(model, "saved_model", out, version=version, overwrite=overwrite, crf=crf,
                                sample_dir=sample_dir, num_samples=num_samples, verify_size=verify_size,

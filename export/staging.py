@@ -21,7 +21,7 @@ import tempfile
 import tensorflow as tf
 
 from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.export.common import ExportError
+from deeplab_keras.export.errors import ExportError
 from deeplab_keras.files import UnwritableError, atomic_write_json, check_writable
 
 

@@ -14,7 +14,7 @@ head) gives every atrous convolution as one dilated ``CONV_2D`` with batch norm 
 Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
 dynamic-range activations), ``"int8"`` (full integer, calibrated on ``representative`` images or a synthetic set).
 
-The conversion goes ExportArchive (``common.serving_archive``) -> SavedModel ->
+The conversion goes ExportArchive (``serving.serving_archive``) -> SavedModel ->
 ``TFLiteConverter.from_saved_model``: a SavedModel written by ``tf.saved_model.save`` of a Keras 3 model converts
 to a ``.tflite`` whose weights read as garbage (NaN, no error).
 
@@ -27,7 +27,8 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from deeplab_keras.export import common, driver
+from deeplab_keras.export import driver, serving
+from deeplab_keras.export.errors import ExportError
 
 QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
 SIGNATURE = "serving_default"
@@ -37,16 +38,16 @@ _PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "in
 def _write_float_saved_model(model, path, input_size, outputs, crf, rewrite=None):
     # Static: batch 1 too, else the converter keeps SPACE_TO_BATCH_ND around every atrous convolution.
     shape = [1, *input_size, 3] if input_size else [None, None, None, 3]
-    archive, _ = common.serving_archive(model, {SIGNATURE: (tf.TensorSpec(shape, tf.float32, name="image"), None)},
+    archive, _ = serving.serving_archive(model, {SIGNATURE: (tf.TensorSpec(shape, tf.float32, name="image"), None)},
                                         outputs, crf, rewrite)
     archive.write_out(path, verbose=False)
 
 
 def _check_quantize(quantize, int8_io):
     if quantize not in QUANTIZE_MODES:
-        raise common.ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+        raise ExportError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     if int8_io and quantize != "int8":
-        raise common.ExportError("int8 I/O (--int8-io) needs --quantize int8")
+        raise ExportError("int8 I/O (--int8-io) needs --quantize int8")
 
 
 def convert(model, input_size=None, outputs="full", quantize="none", representative=None, int8_io=False, crf=None,
@@ -56,7 +57,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
     Args:
         model: float32 Keras model.
         input_size: ``(H, W)`` for a static spatial size, None for dynamic.
-        outputs: ``"full"`` or ``"logits"`` (see ``common.serving_outputs``).
+        outputs: ``"full"`` or ``"logits"`` (see ``serving.serving_outputs``).
         quantize: one of ``QUANTIZE_MODES``.
         representative: float32 images ``[N, H, W, 3]`` for int8 calibration.
         int8_io: with ``quantize="int8"``, uint8 input image and quantized (uint8) float outputs.
@@ -84,7 +85,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
                 converter.target_spec.supported_types = [tf.float16]
             if quantize == "int8":
                 if representative is None or not len(representative):
-                    raise common.ExportError("int8 quantization needs representative images")
+                    raise ExportError("int8 quantization needs representative images")
                 converter.representative_dataset = lambda: ([np.asarray(im[None], np.float32)]
                                                             for im in representative)
                 if int8_io:
@@ -98,7 +99,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
             return make([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]), True
         except Exception as strict_error:  # some op has no int8 kernel: keep it in float
             if int8_io:
-                raise common.ExportError(f"full-integer conversion failed, so int8 I/O is impossible: {strict_error}")
+                raise ExportError(f"full-integer conversion failed, so int8 I/O is impossible: {strict_error}")
             return make([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]), False
     finally:
         if own:
@@ -229,12 +230,12 @@ def export_tflite(model, out, quantize="none", input_size=None, outputs="full", 
         verify_size: ``(H, W)`` of verification (and calibration) images when ``input_size`` is None.
         tolerance: ``verify.Tolerance`` (default by precision, see ``verify.TOLERANCES``).
         report_path: JSON report path (default ``<out>.report.json``).
-        progress: ``common.Progress`` (default silent).
+        progress: ``report.Progress`` (default silent).
         num_threads: LiteRT threads for verification.
     Returns:
         the report dict.
     Raises:
-        common.ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
+        ExportError: bad arguments or destination; verify.VerificationError: out of tolerance.
     """
     return driver.export_model(model, "tflite", out, quantize=quantize, input_size=input_size, outputs=outputs,
                                crf=crf, representative=representative, num_calibration=num_calibration,

@@ -2,17 +2,22 @@
 
 Each exporter runs its artifact in its own runtime (TensorFlow for SavedModel, LiteRT for TFLite, onnxruntime for
 ONNX) on sample images, and compares with the Keras model run through the same post-processing
-(``common.reference_outputs``): max |diff| of probabilities (or logits), label agreement, and mIoU of the artifact's
+(``serving.reference_outputs``): max |diff| of probabilities (or logits), label agreement, and mIoU of the artifact's
 labels against the Keras labels. Non-finite outputs always fail, so a silently broken artifact (NaN weights, as
-happens with ``tf.saved_model.save`` of a Keras 3 model converted to TFLite) cannot pass.
+happens with ``tf.saved_model.save`` of a Keras 3 model converted to TFLite) cannot pass. The tolerances live
+here too, with what derives them (the model's ``float32_sensitivity``, the CRF's ``crf_amplification``), and the
+verification images (``sample_images``, ``load_samples``).
 """
 import dataclasses
 import glob
 import os
 
 import numpy as np
+import tensorflow as tf
 
-from deeplab_keras.data._common import IMAGE_EXTENSIONS
+from deeplab_keras.data.reader import IMAGE_EXTENSIONS
+from deeplab_keras.export.errors import ExportError
+from deeplab_keras.export.serving import postprocess, reference_outputs
 from deeplab_keras.data.synthetic import synthetic_images  # noqa: F401  (verification images: the one generator)
 
 
@@ -28,7 +33,7 @@ class VerificationError(Exception):
 AUTO = "auto"
 #: max |diff| of probabilities allowed for a float32 graph without a CRF (softmax of float32 logits).
 FLOAT32_MAX_DIFF = 1e-4
-#: The model's own float32 sensitivity (``common.float32_sensitivity``: the change of its outputs when every weight
+#: The model's own float32 sensitivity (``float32_sensitivity``: the change of its outputs when every weight
 #: moves by float32 rounding) times this margin raises the base above ``FLOAT32_MAX_DIFF`` for deep, wide networks
 #: at large sizes. Measured: ResNet-101 at 513x513 (random weights) has sensitivity 0.97e-4 .. 1.45e-4 (two draws)
 #: and LiteRT differs from Keras by 1.2e-4 there, above the fixed 1e-4; the margin covers two runtimes' rounding
@@ -68,7 +73,7 @@ def resolve_tolerance(tolerance, amplification=1.0, sensitivity=0.0):
     other kernels, summation orders and fused ops make of the model: ``FLOAT32_MAX_DIFF``, or
     ``SENSITIVITY_MARGIN`` x the model's measured float32 ``sensitivity`` when that is larger (deep, wide networks
     at large sizes). Mean-field iterations amplify such differences: ``amplification`` is that factor, measured on
-    the verification images (``common.crf_amplification``; 1 without a CRF). The derived max |diff| is
+    the verification images (``crf_amplification``; 1 without a CRF). The derived max |diff| is
     ``max(FLOAT32_MAX_DIFF, SENSITIVITY_MARGIN * sensitivity) * amplification``, capped at ``MAX_DERIVED_DIFF``.
 
     Args:
@@ -95,6 +100,97 @@ def resolve_tolerance(tolerance, amplification=1.0, sensitivity=0.0):
                   "sensitivity_margin": SENSITIVITY_MARGIN, "amplification": round(amplification, 3),
                   "cap": MAX_DERIVED_DIFF, "max_abs_diff": value}
     return dataclasses.replace(tolerance, max_abs_diff=value), derivation
+
+
+def crf_amplification(model, images, crf, scales=(1e-6, 1e-5), seed=0):
+    """How much ``crf`` amplifies differences of its input probabilities on these images.
+
+    Each image's logits are perturbed at float32-rounding level (uniform noise of ``scale`` x max |logits|, the
+    kind of difference another runtime's kernels make); the amplification is the largest ratio
+    max |change of the refined probabilities| / max |change of the probabilities before the CRF|.
+
+    Args:
+        model: the float32 Keras model.
+        images: uint8 or float array ``[N, H, W, 3]`` (the verification images).
+        crf: the CRF hook (see ``serving_outputs``); None gives 1.0.
+        scales: relative perturbation sizes, one draw each.
+        seed: noise seed.
+    Returns:
+        float >= 1.
+
+    Example:
+        >>> crf_amplification(model, images, portable_crf(iterations=10))      # doctest: +SKIP
+        14.2
+    """
+    if crf is None:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    worst = 1.0
+    for image in np.asarray(images, np.float32):
+        x = tf.constant(image[None])
+        logits = tf.cast(model(x, training=False), tf.float32)
+        before = postprocess(logits, x)["probabilities"].numpy()
+        after = postprocess(logits, x, crf=crf)["probabilities"].numpy()
+        magnitude = float(tf.reduce_max(tf.abs(logits)))
+        for scale in scales:
+            noise = (scale * magnitude * rng.uniform(-1.0, 1.0, logits.shape)).astype(np.float32)
+            moved = logits + noise
+            change_in = np.abs(postprocess(moved, x)["probabilities"].numpy() - before).max()
+            change_out = np.abs(postprocess(moved, x, crf=crf)["probabilities"].numpy() - after).max()
+            if change_in > 0:
+                worst = max(worst, float(change_out / change_in))
+    return worst
+
+
+def float32_sensitivity(model, images, outputs="full", count=1, seed=0, before=None):
+    """How much ``model``'s outputs move when its float32 arithmetic rounds differently.
+
+    Another runtime's kernels sum in another order; by backward error analysis their result is the exact one of
+    weights moved by about ``sqrt(fan_in)`` x float32's unit roundoff (2^-24) relative. Every floating weight is
+    moved by that much (uniform noise, relative, ``fan_in`` = the product of all but its last dimension, 1 for
+    vectors) for one forward pass, and restored exactly afterwards.
+
+    Args:
+        model: the float32 Keras model (its weights are restored before this returns, also on errors).
+        images: uint8 or float array ``[N, H, W, 3]`` (the verification images; the first ``count`` are used).
+        outputs: ``"full"`` (the change of the probabilities before any CRF) or ``"logits"``.
+        count: images measured (one forward pass each).
+        seed: noise seed.
+        before: the unperturbed ``reference_outputs`` of these images without a CRF (computed when None).
+    Returns:
+        float: max |change| of the probabilities (or logits).
+
+    Example:
+        >>> float32_sensitivity(model, images)                                      # doctest: +SKIP
+        1.45e-04
+    """
+    rng = np.random.default_rng(seed)
+    images = np.asarray(images[:count], np.float32)
+    before = reference_outputs(model, images, outputs) if before is None else before
+    key = "logits" if outputs == "logits" else "probabilities"
+    variables = [v for v in model.weights if np.dtype(v.dtype).kind == "f"]
+    saved = [v.numpy() for v in variables]
+    try:
+        for variable, value in zip(variables, saved):
+            fan_in = int(np.prod(value.shape[:-1])) if value.ndim >= 2 else 1
+            relative = 2.0 ** -24 * np.sqrt(fan_in) * rng.uniform(-1.0, 1.0, value.shape)
+            variable.assign((value * (1.0 + relative)).astype(value.dtype))
+        after = reference_outputs(model, images, outputs)
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+    return float(np.max(np.abs(after[key] - before[key][:count])))
+
+
+def verification_tolerance(tolerance, model, images, crf, outputs="full", reference=None):
+    """``tolerance`` (a ``Tolerance``) made concrete for this graph: an ``AUTO`` max |diff| from the model's
+    measured float32 sensitivity (``float32_sensitivity``) and the CRF's measured amplification
+    (``resolve_tolerance``); ``reference``: the ``reference_outputs`` of ``images`` (reused without a CRF).
+    Returns ``(tolerance, derivation or None)``."""
+    if tolerance.max_abs_diff != AUTO:
+        return tolerance, None
+    return resolve_tolerance(tolerance, crf_amplification(model, images, crf) if crf is not None else 1.0,
+                             float32_sensitivity(model, images, outputs, before=reference if crf is None else None))
 
 
 def list_images(folder):
@@ -148,6 +244,14 @@ def sample_images(size, sample_dir=None, count=4, seed=0):
     if sample_dir:
         return load_images(sample_dir, size, count)
     return synthetic_images(size, count, seed)
+
+
+def load_samples(size, folder=None, count=4, seed=0, what="--data"):
+    """``verify.sample_images``, with an unusable folder as ``ExportError`` (one line naming ``what``)."""
+    try:
+        return sample_images(size, folder, count, seed)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{what} {folder}: {' '.join(str(e).split())}") from None
 
 
 def miou_against(reference_labels, labels):
@@ -228,7 +332,7 @@ def run_checks(checks, tolerance, progress=None, derivation=None):
     Args:
         checks: list of ``(name, reference_dict, artifact_dict)``.
         tolerance: a ``Tolerance``.
-        progress: optional ``common.Progress`` for the printed lines.
+        progress: optional ``report.Progress`` for the printed lines.
         derivation: how the max |diff| was derived (``resolve_tolerance``), for the report and the progress line.
     Returns:
         dict ``{"passed", "tolerance", "tolerance_derivation", "checks": {name: metrics}, "failures": [...]}``.

@@ -103,7 +103,7 @@ def test_learned_crf_goes_into_exports_through_the_portable_crf(tmp_path):
     """Every export format starts from ``split_crf_head``: the network without the CRF plus the same CRF as stock
     ops with the learned weights and compatibility, equal to the Keras model's CRF (the op). (The three formats
     were exported and verified from a trained CRF for the README; too slow for the suite.)"""
-    from deeplab_keras.export import common
+    from deeplab_keras.export import ExportError, serving
 
     net = tiny_model(crf={"iterations": 2})
     head = net.crf_head
@@ -112,11 +112,11 @@ def test_learned_crf_goes_into_exports_through_the_portable_crf(tmp_path):
     path = tmp_path / "trained.keras"
     net.save(path)
     net = keras.models.load_model(path, compile=False, safe_mode=True)
-    plain, hook = common.split_crf_head(net, None)
+    plain, hook = serving.split_crf_head(net, None)
     assert plain.crf_head is None and hook.params.bilateral_weight == 5.5 and hook.params.iterations == 2
     assert hook.config["compatibility"] == net.crf_head.learned_compatibility.tolist()
     images = np.random.default_rng(2).uniform(0, 255, (1, 33, 41, 3)).astype("float32").round()
-    served = common.serving_outputs(plain, tf.constant(images), crf=hook.for_runtime("tf"))
+    served = serving.serving_outputs(plain, tf.constant(images), crf=hook.for_runtime("tf"))
     np.testing.assert_allclose(served["probabilities"].numpy(), np.exp(net(images).numpy()), atol=1e-5)
-    with pytest.raises(common.ExportError, match="own CRF"):
-        common.split_crf_head(net, hook)
+    with pytest.raises(ExportError, match="own CRF"):
+        serving.split_crf_head(net, hook)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from deeplab_keras import data
 from deeplab_keras.data import classes as C
-from deeplab_keras.data._common import tf_error_line
+from deeplab_keras.data.reader import tf_error_line
 
 H, W = 6, 8
 

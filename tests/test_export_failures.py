@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab_keras.export import common, onnx as onnx_export
+from deeplab_keras.export import ExportError, onnx as onnx_export
 from deeplab_keras.export import saved_model as sm_export
 from deeplab_keras.export import staging
 from deeplab_keras.cli import export_main as main
@@ -253,11 +253,11 @@ def test_saved_model_without_serving_default_is_one_line(tmp_path):
     module = tf.Module()
     module.f = tf.function(lambda x: {"y": x + 1}, input_signature=[tf.TensorSpec([None], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "other"), signatures={"predict": module.f})
-    with pytest.raises(common.ExportError) as info:
+    with pytest.raises(ExportError) as info:
         sm_export.run_saved_model(str(tmp_path / "other"), np.zeros((1, 8, 8, 3), np.uint8))
     message = str(info.value)
     assert "no 'serving_default' signature" in message and "['predict']" in message and "\n" not in message
-    with pytest.raises(common.ExportError, match="not a SavedModel directory"):
+    with pytest.raises(ExportError, match="not a SavedModel directory"):
         sm_export.load_signature(str(tmp_path))
 
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from deeplab_keras import _keras_compat
 from deeplab_keras.cli import export_main
-from deeplab_keras.export import common, graph, onnx as onnx_export
+from deeplab_keras.export import graph, onnx as onnx_export, serving, verify
 from deeplab_keras.export.verify import (FLOAT32_MAX_DIFF, SENSITIVITY_MARGIN, Tolerance, run_checks,
                                         synthetic_images)
 from tests.conftest import tiny_model
@@ -62,9 +62,9 @@ def test_tolerance_derived_from_the_models_float32_sensitivity(tmp_path):
             layer.bias.assign(100 * layer.bias.numpy())
     images = synthetic_images(SIZE, 2, seed=0)
     weights = [w.numpy() for w in net.weights]
-    sensitivity = common.float32_sensitivity(net, images, "logits")
+    sensitivity = verify.float32_sensitivity(net, images, "logits")
     assert all(np.array_equal(w, v.numpy()) for w, v in zip(weights, net.weights))  # restored exactly
-    assert sensitivity == common.float32_sensitivity(net, images, "logits")  # seeded
+    assert sensitivity == verify.float32_sensitivity(net, images, "logits")  # seeded
 
     report = onnx_export.export_onnx(net, str(tmp_path / "m.onnx"), input_size=SIZE, outputs="logits",
                                      num_samples=2)
@@ -75,8 +75,8 @@ def test_tolerance_derived_from_the_models_float32_sensitivity(tmp_path):
     assert derivation["max_abs_diff"] > FLOAT32_MAX_DIFF
     assert verification["checks"]["onnxruntime"]["max_abs_diff"] > FLOAT32_MAX_DIFF  # the fixed 1e-4 refused it
 
-    reference = common.reference_outputs(net, images, "logits")
-    shifted = common.reference_outputs(net, np.roll(images, 1, axis=2), "logits")
+    reference = serving.reference_outputs(net, images, "logits")
+    shifted = serving.reference_outputs(net, np.roll(images, 1, axis=2), "logits")
     result = run_checks([("shifted", reference, shifted)], Tolerance(max_abs_diff=derivation["max_abs_diff"]))
     assert not result["passed"] and "max |diff|" in result["failures"][0]
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from deeplab_keras import _keras_compat
-from deeplab_keras.export import common
+from deeplab_keras.export import ExportError, serving
 from deeplab_keras.export import onnx as onnx_export
 from deeplab_keras.export.verify import VerificationError, synthetic_images
 from deeplab_keras.models import is_float32
@@ -48,7 +48,7 @@ def test_dynamic_export_runs_any_batch_and_size(model, tmp_path, voc_samples_dir
         [True, True, True]  # N, H, W symbolic
     for batch, size in [(3, (50, 70)), (1, (33, 97))]:
         images = synthetic_images(size, batch, seed=batch)
-        got, ref = onnx_export.run_onnx(session, images), common.reference_outputs(model, images)
+        got, ref = onnx_export.run_onnx(session, images), serving.reference_outputs(model, images)
         assert got["labels"].dtype == np.int32 and got["labels"].shape == (batch,) + size
         np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-4)
     # Dynamic H, W: the serving graph traces native dilated convolutions (export.graph), so the atrous convs are
@@ -71,7 +71,7 @@ def test_static_size_gives_single_dilated_conv_nodes(model, static):
     session = onnx_export.make_session(str(path))
     for batch in (1, 2):  # batch stays dynamic
         images = synthetic_images((65, 81), batch, seed=10 + batch)
-        got, ref = onnx_export.run_onnx(session, images), common.reference_outputs(model, images)
+        got, ref = onnx_export.run_onnx(session, images), serving.reference_outputs(model, images)
         np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-4)
 
 
@@ -93,7 +93,7 @@ def test_opset_13_and_logits(model, tmp_path):
     assert [o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")] == [13]
     out = onnx_export.run_onnx(onnx_export.make_session(str(path)), synthetic_images((33, 41), 1))
     assert out["logits"].shape == (1, 5, 6, 3)
-    with pytest.raises(common.ExportError, match="opset"):
+    with pytest.raises(ExportError, match="opset"):
         onnx_export.export_onnx(model, str(tmp_path / "o12.onnx"), opset=12)
 
 
@@ -123,5 +123,5 @@ def test_mixed_precision_model_exports_as_float32(tmp_path):
     assert float_types == {onnx.TensorProto.FLOAT}  # no float16/bfloat16 weights
     images = synthetic_images((33, 41), 1)
     got = onnx_export.run_onnx(onnx_export.make_session(str(path)), images)
-    np.testing.assert_allclose(got["probabilities"], common.reference_outputs(mixed, images)["probabilities"],
+    np.testing.assert_allclose(got["probabilities"], serving.reference_outputs(mixed, images)["probabilities"],
                                atol=2e-2)  # the mixed model computes in float16

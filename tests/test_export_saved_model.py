@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deeplab_keras.export import common, saved_model, staging
+from deeplab_keras.export import ExportError, saved_model, serving, staging
 from deeplab_keras.export.verify import load_images
 from tests.conftest import tiny_model
 
@@ -102,7 +102,7 @@ def test_fresh_process_without_deeplab_keras(exported, model, tmp_path, voc_samp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FRESH-OK ['serving_bytes', 'serving_default']" in proc.stdout
     out = np.load(tmp_path / "out.npz")
-    reference = common.reference_outputs(model, images)
+    reference = serving.reference_outputs(model, images)
     np.testing.assert_allclose(out["probabilities"], reference["probabilities"], atol=1e-4)
     assert np.mean(out["labels"] == reference["labels"]) >= 0.999
     np.testing.assert_array_equal(out["png_labels"], out["labels"])  # PNG is lossless: same pixels, same labels
@@ -127,7 +127,7 @@ def test_saved_model_cli_lists_signatures(exported):
 @pytest.mark.slow
 def test_versions_overwrite_and_atomicity(exported, model):
     base, _ = exported
-    with pytest.raises(common.ExportError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         saved_model.export_saved_model(model, str(base), version=1)
     assert saved_model.next_version(str(base)) == 2
     before = (base / "1" / "saved_model.pb").stat().st_mtime_ns

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from deeplab_keras import _keras_compat
-from deeplab_keras.export import common, tflite
+from deeplab_keras.export import ExportError, serving, tflite
 from deeplab_keras.export.verify import TOLERANCES, run_checks, synthetic_images
 from tests.conftest import tiny_model
 
@@ -40,7 +40,7 @@ def train_tiny(num_classes, size, steps, batch_size=8, seed=0, data_seed=5, num_
     @tf.function
     def step(images, labels):
         with tf.GradientTape() as tape:
-            logits = common.upsample_logits(net(images, training=True), tf.shape(images)[1:3])
+            logits = serving.upsample_logits(net(images, training=True), tf.shape(images)[1:3])
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
         grads = tape.gradient(loss, net.trainable_variables)
         optimizer.apply_gradients(zip(grads, net.trainable_variables))
@@ -68,7 +68,7 @@ def trained(tmp_path_factory):
 
     net, _ = train_tiny(3, (65, 65), steps=100)
     held = [generate_example(i, (65, 65), 3, seed=11) for i in range(6)]
-    predicted = common.reference_outputs(net, np.stack([e[0] for e in held]))["labels"]
+    predicted = serving.reference_outputs(net, np.stack([e[0] for e in held]))["labels"]
     accuracy = np.mean(predicted == np.stack([e[1] for e in held]))
     assert accuracy > 0.9, f"the tiny model did not train (held-out pixel accuracy {accuracy:.3f})"
     calibration = write_synthetic_folder(tmp_path_factory.mktemp("calib") / "data", 16, (65, 65), 3, seed=7)
@@ -97,7 +97,7 @@ def test_fp32_dynamic_size(model, tmp_path, voc_samples_dir):
     assert runner.input_details["dtype"] == np.float32
     for size in [(50, 70), (33, 97)]:  # other sizes than the verification one
         images = synthetic_images(size, 2, seed=3)
-        got, ref = runner(images), common.reference_outputs(model, images)
+        got, ref = runner(images), serving.reference_outputs(model, images)
         assert got["labels"].shape == (2,) + size and got["probabilities"].shape == (2,) + size + (3,)
         np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-4)
 
@@ -173,26 +173,26 @@ def test_verification_catches_the_tf_saved_model_save_pitfall(model, tmp_path):
     (NaN outputs, no error). The exporters never take that path, and verification flags its result."""
     module = tf.Module()
     module.model = model
-    module.serve = tf.function(lambda image: common.serving_outputs(model, image),
+    module.serve = tf.function(lambda image: serving.serving_outputs(model, image),
                                input_signature=[tf.TensorSpec([1, 33, 33, 3], tf.float32, name="image")])
     tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
     converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     images = synthetic_images((33, 33), 1)
     got = tflite.TFLiteRunner(converter.convert())(images)
-    result = run_checks([("pitfall", common.reference_outputs(model, images), got)], TOLERANCES["float32"])
+    result = run_checks([("pitfall", serving.reference_outputs(model, images), got)], TOLERANCES["float32"])
     assert not result["passed"] and "NaN" in result["failures"][0]
 
 
 def test_bad_requests(model, tmp_path, fp32_static):
     path, _ = fp32_static
-    with pytest.raises(common.ExportError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         tflite.export_tflite(model, str(path))
-    with pytest.raises(common.ExportError, match="int8"):
+    with pytest.raises(ExportError, match="int8"):
         tflite.export_tflite(model, str(tmp_path / "x.tflite"), int8_io=True)
-    with pytest.raises(common.ExportError, match="quantize"):
+    with pytest.raises(ExportError, match="quantize"):
         tflite.export_tflite(model, str(tmp_path / "x.tflite"), quantize="int4")
-    with pytest.raises(common.ExportError, match="directory"):
+    with pytest.raises(ExportError, match="directory"):
         tflite.export_tflite(model, str(tmp_path))
     assert not list(tmp_path.iterdir())
 

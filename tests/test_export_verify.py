@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from deeplab_keras.export import common, staging, verify
+from deeplab_keras.export import ExportError, staging, verify
 from deeplab_keras.files import atomic_write_json
 
 
@@ -71,7 +71,7 @@ def test_publish_is_atomic_and_respects_overwrite(tmp_path):
     assert final.read_bytes() == b"new"
     staged = os.path.join(stage, "again")
     open(staged, "wb").write(b"newer")
-    with pytest.raises(common.ExportError, match="--overwrite"):
+    with pytest.raises(ExportError, match="--overwrite"):
         staging.publish(staged, str(final), overwrite=False)
     staging.publish(staged, str(final), overwrite=True)
     assert final.read_bytes() == b"newer"
@@ -82,10 +82,10 @@ def test_publish_is_atomic_and_respects_overwrite(tmp_path):
 def test_check_destination(tmp_path):
     staging.check_destination(str(tmp_path / "new" / "deep" / "m.tflite"), overwrite=False)  # parents created later
     (tmp_path / "m.tflite").write_bytes(b"x")
-    with pytest.raises(common.ExportError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         staging.check_destination(str(tmp_path / "m.tflite"), overwrite=False)
     staging.check_destination(str(tmp_path / "m.tflite"), overwrite=True)
-    with pytest.raises(common.ExportError, match="not a directory"):
+    with pytest.raises(ExportError, match="not a directory"):
         staging.check_destination(str(tmp_path / "m.tflite" / "x.onnx"), overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ["m.tflite"]  # the write probe left nothing behind
 

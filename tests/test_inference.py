@@ -8,7 +8,7 @@ from PIL import Image
 from deeplab_keras import evaluate as E
 from deeplab_keras import inference
 from deeplab_keras import train as T
-from deeplab_keras.export import common
+from deeplab_keras.export import serving
 from tests.conftest import tiny_model
 
 
@@ -41,7 +41,7 @@ def test_scale_images_uses_the_same_resize():
 
 def test_one_resize_everywhere():
     assert T.resize_logits is inference.upsample_logits  # training loss and metric
-    assert common.upsample_logits is inference.upsample_logits  # exported graphs
+    assert serving.upsample_logits is inference.upsample_logits  # exported graphs
     assert E.predict_probabilities is inference.predict_probabilities  # deeplab-eval
     assert E.Predictor is inference.Predictor
 

@@ -23,11 +23,11 @@ import tensorflow as tf
 
 from deeplab_keras import crf
 from deeplab_keras.data import sample_data_dir
-from deeplab_keras.data._common import read_image_rgb, read_index_png
+from deeplab_keras.data.reader import read_image_rgb, read_index_png
 from deeplab_keras.data.synthetic import write_synthetic_folder
 from deeplab_keras.evaluate import confusion_matrix, evaluate, format_table, scores
 from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
-from deeplab_keras.export.common import Progress
+from deeplab_keras.export.report import Progress
 from deeplab_keras.files import atomic_write_bytes
 from deeplab_keras.inference import predict_probabilities
 from deeplab_keras.predict import overlay, png_bytes, predict_files, read_image

@@ -9,7 +9,7 @@ ImageNet network. Batch norm epsilon defaults to Caffe's 1e-5 (keras.application
 """
 import keras
 
-from deeplab_keras.backbones.common import (caffe_max_pool, caffe_pool_size, scaled, strided_conv_size,
+from deeplab_keras.backbones.atrous import (caffe_max_pool, caffe_pool_size, scaled, strided_conv_size,
                                             strides_and_dilations)
 from deeplab_keras.models.config import CAFFE_BN_EPSILON, RESNET_BLOCKS
 

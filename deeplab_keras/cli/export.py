@@ -165,12 +165,13 @@ def run(parser, a):
     """Runs ``deeplab export``; returns the exit code (0 ok, 1 verification failed / full disk, 2 arguments)."""
     _check(parser, a)
     crf_params = options.crf_params(parser, a)
-    from deeplab_keras.export import common, export_model, staging
+    from deeplab_keras.export import ExportError, export_model, serving, staging
+    from deeplab_keras.export.report import Progress
     from deeplab_keras.export.driver import FORMATS as HOOKS
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
     from deeplab_keras.models import is_float32
 
-    progress = common.Progress(not a.quiet)
+    progress = Progress(not a.quiet)
     try:
         final, version = _final_path(a)
         staging.check_destination(final, a.overwrite, "artifact")
@@ -182,7 +183,7 @@ def run(parser, a):
             usage_error(parser, err)
         if not is_float32(model):
             progress.info("the model uses mixed precision; exporting a float32 copy with the same weights")
-        crf = common.portable_crf(params=crf_params) if a.crf else None
+        crf = serving.portable_crf(params=crf_params) if a.crf else None
         precision = {"none": "float32"}.get(a.quantize, a.quantize)
         tolerance = TOLERANCES[precision]
         if a.max_diff is not None or a.min_agreement is not None:
@@ -193,7 +194,7 @@ def run(parser, a):
                               num_samples=a.num_samples, verify_size=tuple(a.verify_size), tolerance=tolerance,
                               report_path=a.report, progress=progress,
                               **{key: values[key] for key in HOOKS[a.format].options if key in values})
-    except common.ExportError as err:
+    except ExportError as err:
         usage_error(parser, err)
     except VerificationError as err:
         print(f"{parser.prog}: verification failed: {err}", file=sys.stderr)

@@ -43,7 +43,7 @@ def configure(parser):
 
 def run(parser, args):
     """Runs ``deeplab predict``; returns the exit code (usage errors exit 2 from inside)."""
-    from deeplab_keras.data._common import IMAGE_EXTENSIONS
+    from deeplab_keras.data.reader import IMAGE_EXTENSIONS
     from deeplab_keras.predict import collect_inputs, output_names, predict_files, read_areas
 
     if args.batch_size < 1:

@@ -112,7 +112,7 @@ def _train(parser, args, config):
     config errors are usage errors (exit 2)."""
     import tensorflow as tf
 
-    from deeplab_keras.data._common import tf_error_line
+    from deeplab_keras.data.reader import tf_error_line
     from deeplab_keras.training import TrainingInterrupted, train
     from deeplab_keras.locks import LockedError
 

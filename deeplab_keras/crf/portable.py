@@ -253,8 +253,8 @@ def crf_postprocess(probabilities, image, params=None, runtime=None, **crf_kwarg
         params: a :class:`CRFParams`, a dict of some of its fields, or None (the defaults).
         runtime: the runtime that will execute the traced graph: "tf" (SavedModel / TF Serving),
             "litert" (TFLite builtins), "onnx" (onnxruntime), or None (exact in any of them).
-        **crf_kwargs: other ``dense_crf_portable`` arguments (``gaussian_filter``, ``splat``) and
-            :class:`CRFParams` overrides (``iterations=5``).
+        **crf_kwargs: other ``dense_crf_portable`` arguments (``gaussian_filter``, ``splat``, a learned
+            ``compatibility``) and :class:`CRFParams` overrides (``iterations=5``; learned kernel weights).
 
     Returns:
         dict with "labels" (int32 [N, H, W]) and "probabilities" (float32 [N, H, W, C]).

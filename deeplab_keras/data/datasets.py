@@ -35,7 +35,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from deeplab_keras.data import classes as C
-from deeplab_keras.data._common import (IGNORE_LABEL, BadDataError, check_label, decoded_dataset, read_image_rgb,
+from deeplab_keras.data.reader import (IGNORE_LABEL, BadDataError, check_label, decoded_dataset, read_image_rgb,
                                         read_index_png)
 
 

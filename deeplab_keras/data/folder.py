@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from deeplab_keras.data._common import (IGNORE_LABEL, IMAGE_EXTENSIONS, BadDataError, check_label,
+from deeplab_keras.data.reader import (IGNORE_LABEL, IMAGE_EXTENSIONS, BadDataError, check_label,
                                         decoded_dataset, read_image_rgb, read_index_png)
 
 CLASS_FILE = "classes.txt"

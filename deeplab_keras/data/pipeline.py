@@ -16,7 +16,7 @@ import inspect
 
 import tensorflow as tf
 
-from deeplab_keras.data._common import IGNORE_LABEL, SkipCounter
+from deeplab_keras.data.reader import IGNORE_LABEL, SkipCounter
 from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB as MEAN_RGB  # crops are padded with it
 
 

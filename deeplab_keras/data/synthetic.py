@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from deeplab_keras.data._common import IGNORE_LABEL
 from deeplab_keras.data.classes import voc_palette
+from deeplab_keras.data.reader import IGNORE_LABEL
 from deeplab_keras.files import atomic_write_bytes
 
 

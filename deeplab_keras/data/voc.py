@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_keras.data._common import BadDataError, check_label, logger, read_image_rgb, read_index_png
+from deeplab_keras.data.reader import BadDataError, check_label, logger, read_image_rgb, read_index_png
 from deeplab_keras.files import atomic_write_bytes
 
 NUM_CLASSES = 21

@@ -42,7 +42,7 @@ def read_image_rgb(path, max_pixels=None):
             undecodable, truncated, too large or of an unsupported mode.
 
     Example:
-        >>> from deeplab_keras.data._common import read_image_rgb
+        >>> from deeplab_keras.data.reader import read_image_rgb
         >>> image = read_image_rgb("photo.png", max_pixels=50_000_000)   # doctest: +SKIP
     """
     from PIL import Image
@@ -270,4 +270,4 @@ def tf_error_line(error):
     line = lines[-1] if lines else type(error).__name__
     line = re.sub(r"\{\{[^}]*\}\}\s*", "", line)
     line = re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
-    return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data._common.BadDataError: ..." -> "..."
+    return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data.reader.BadDataError: ..." -> "..."
