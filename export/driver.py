@@ -15,7 +15,7 @@ Example:
 """
 from deeplab_keras.export import common, graph, staging
 from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.models import as_float32
+from deeplab_keras.weights import as_float32
 
 #: name -> ``Format`` subclass (filled by ``register`` when ``deeplab_keras.export`` is imported).
 FORMATS = {}

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from deeplab_keras.models import caffe
-from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
-from deeplab_keras.models.presets import _sha256_file
+from deeplab_keras.weights import caffe
+from deeplab_keras.weights.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
+from deeplab_keras.weights.download import _sha256_file
 from tests import caffe_writer as cw
 from tests.conftest import REPO, shared_path, tiny_model
 
@@ -408,7 +408,7 @@ def test_converted_model_exports_and_verifies(tmp_path, voc_samples_dir):
     from deeplab_keras.export.onnx import export_onnx
     from deeplab_keras.export.saved_model import export_saved_model
     from deeplab_keras.export.tflite import export_tflite
-    from deeplab_keras.models import load_model
+    from deeplab_keras.weights import load_model
 
     source = cw.randomize(tiny_model(3, "resnet50", stage_blocks=(1, 1, 1, 1)), seed=11)
     path = _write(tmp_path / "r.caffemodel", cw.keras_to_caffe(source, bn_scale=4.0))
@@ -457,7 +457,7 @@ def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemode
     the model bit for bit as the .caffemodel does, and the logits match the reference (the file format itself
     is tested on the torch-written fixtures below)."""
     import deeplab_keras as dk
-    from deeplab_keras.models import pth
+    from deeplab_keras.weights import pth
 
     state = cw.kazuto_state_dict(read_caffemodel(caffemodels["resnet101"]))
     assert "base.layer4.block23.conv3x3.bn.running_var" in state and len(state) == 104 * 6 + 8
@@ -473,7 +473,7 @@ def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemode
 def test_pth_kazuto_release_names_load_bit_for_bit():
     """A torch.save'd state dict in kazuto's release names (base. prefix, numbered res4b1 blocks) fills the model
     exactly as the randomized source it was written from."""
-    from deeplab_keras.models.pth import load_pth
+    from deeplab_keras.weights.pth import load_pth
 
     source = _fixture_source("kazuto_aspp")
     target = tiny_model(3, "resnet101", width_multiplier=1 / 32)
@@ -494,7 +494,7 @@ def _expected_tensors():
 @pytest.mark.parametrize("name", ["tensors.pth", "tensors_legacy.pth"])
 def test_read_pth_tensors_without_torch(name):
     """Zip (torch >= 1.6) and legacy pickle files: dtypes, strided views, shared storages, parameters."""
-    from deeplab_keras.models.pth import read_pth
+    from deeplab_keras.weights.pth import read_pth
 
     got, expected = read_pth(PTH / name), _expected_tensors()
     assert list(got) == list(expected)
@@ -505,7 +505,7 @@ def test_read_pth_tensors_without_torch(name):
 
 
 def test_pth_reader_refuses_code(tmp_path, monkeypatch):
-    from deeplab_keras.models.pth import PthError, read_pth
+    from deeplab_keras.weights.pth import PthError, read_pth
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PthError, match="refers to posix.mkdir.*refusing") as e:
@@ -514,7 +514,7 @@ def test_pth_reader_refuses_code(tmp_path, monkeypatch):
 
 
 def test_pth_bad_files(tmp_path):
-    from deeplab_keras.models.pth import PthError, read_pth
+    from deeplab_keras.weights.pth import PthError, read_pth
 
     for name in ("tensors.pth", "tensors_legacy.pth"):
         data = (PTH / name).read_bytes()
@@ -532,7 +532,7 @@ def test_pth_bad_files(tmp_path):
 
 def test_pth_coco_init_backbone_only_and_unknown_tensors():
     """kazuto's DeepLabV1 COCO init (no 'base.' prefix, a 1x1 'fc' head): backbone only; foreign keys listed."""
-    from deeplab_keras.models.pth import PthError, load_pth, read_pth
+    from deeplab_keras.weights.pth import PthError, load_pth, read_pth
 
     assert read_pth(PTH / "kazuto_coco.pth")["fc.weight"].shape[0] == 91
     target = tiny_model(21, "resnet50", width_multiplier=1 / 32)

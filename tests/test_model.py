@@ -18,8 +18,8 @@ from deeplab_keras.layers.preprocessing import (DEEPLAB_MEAN_BGR, CaffeInterp, C
                                                  interp_size, resize_aligned)
 from deeplab_keras.models.deeplab import CLASSIFIER_PATTERN, logits_size
 from deeplab_keras.models.msc import MSC
-from deeplab_keras.models import as_float32, load_model, transfer_backbone_weights
-from deeplab_keras.models.weights import imagenet_reference
+from deeplab_keras.weights import as_float32, load_model, transfer_backbone_weights
+from deeplab_keras.weights.checkpoints import imagenet_reference
 from tests.conftest import REPO, TINY, tiny_model
 
 RNG = np.random.RandomState(0)

@@ -2,7 +2,7 @@
 
 Sources: a Caffe ``.caffemodel`` (the released DeepLab v2 ResNet-101 / VGG-16 models, the COCO init, Kaiming
 He's ImageNet ResNets with ``--backbone-only``) or a kazuto1011/deeplab-pytorch ``.pth`` state dict; the reading
-and loading is :func:`deeplab_keras.models.caffe.convert`.
+and loading is :func:`deeplab_keras.weights.convert.convert`.
 
 Examples:
     deeplab convert train2_iter_20000.caffemodel --backbone resnet101 --num-classes 21 \\
@@ -84,7 +84,7 @@ def run(parser, args):
         usage_error(parser, "--aspp applies to --backbone-only (a full import takes the file's head)")
     if not os.path.isfile(args.src):
         usage_error(parser, f"{args.src}: no such file")
-    from deeplab_keras.models.caffe import check_output, convert, save_keras
+    from deeplab_keras.weights.convert import check_output, convert, save_keras
 
     try:  # unreadable / mismatching weights and bad arguments: one line, exit 2, nothing written
         out = check_output(args.out, args.overwrite)

@@ -168,7 +168,7 @@ def run(parser, a):
     from deeplab_keras.export import common, export_model, staging
     from deeplab_keras.export.driver import FORMATS as HOOKS
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
-    from deeplab_keras.models import is_float32
+    from deeplab_keras.weights import is_float32
 
     progress = common.Progress(not a.quiet)
     try:

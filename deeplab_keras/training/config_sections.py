@@ -18,7 +18,7 @@ import os
 import re
 from typing import ClassVar, Optional, Tuple, Union
 
-from deeplab_keras.models.config import MIN_INPUT_SIZE
+from deeplab_keras.architecture import MIN_INPUT_SIZE
 from deeplab_keras.training.config_values import Section, _is_int, _is_number, _is_size
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
