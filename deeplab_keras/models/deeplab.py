@@ -200,7 +200,7 @@ class DeepLabV2(keras.Model):
     @classmethod
     def from_preset(cls, name, cache_dir=None, *, sha256=None, timeout=None, progress=True):
         """A released DeepLab v2 model by name (downloaded, checked, converted and cached on first use); see
-        :mod:`deeplab_keras.weights.presets` for the names and the cache.
+        :mod:`deeplab_keras.weights.presets` for the names, :mod:`deeplab_keras.weights.download` for the cache.
 
         Args:
             name: a preset name (a key of ``deeplab_keras.weights.presets.PRESETS``).
