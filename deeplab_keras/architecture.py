@@ -11,6 +11,7 @@ CAFFE_BN_EPSILON = 1e-5
 ASPP_RATES = {"S": (2, 4, 8, 12), "L": (6, 12, 18, 24), "LARGEFOV": (12,)}
 MIN_INPUT_SIZE = 33
 
+
 def check_output_stride(output_stride):
     """Raise ValueError unless ``output_stride`` is 8, 16 or 32."""
     if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):

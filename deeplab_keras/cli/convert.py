@@ -16,6 +16,7 @@ Exit codes: 0 written; 2 bad input (unreadable or mismatching weights, bad argum
 import argparse
 import os
 
+from deeplab_keras.architecture import BACKBONES
 from deeplab_keras.cli import options
 from deeplab_keras.cli.options import usage_error
 
@@ -24,7 +25,6 @@ DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
 EPILOG = __doc__.split("\n\n", 2)[2]
 RAW_EPILOG = True
 INTERRUPTED = "interrupted; nothing was written"
-BACKBONES = ("resnet50", "resnet101", "vgg16")
 
 
 def _aspp(text):
