@@ -30,7 +30,8 @@ def network_flops(network, height, width):
     total = sum(_kernel_flops(conv, spec.shape[1], spec.shape[2]) for conv, spec in zip(convs, specs[:-1]))
     head = specs[-1].shape  # every head conv keeps the feature map's size ("same" padding, stride 1)
     for branch in aspp.branches:
-        total += sum(_kernel_flops(layer, head[1], head[2]) for layer in branch if isinstance(layer, keras.layers.Conv2D))
+        total += sum(_kernel_flops(layer, head[1], head[2])
+                     for layer in branch if isinstance(layer, keras.layers.Conv2D))
     return int(total)
 
 

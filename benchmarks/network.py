@@ -32,8 +32,9 @@ process's CPU time per call (all threads: on a loaded machine the wall time wait
 so, though spinning worker threads count in it); ``peak RSS`` the process's resident memory at its highest during
 the path's calls and ``+MB`` that peak minus the resident memory just before the call (the path's working
 memory). Notes: ``load_mb`` the resident memory the path added when it was loaded and first run (the exports
-are written by a child process, so their conversions do not count), ``x_tf`` the median over rounds of the path's time over ``tf``'s in the same round, ``x_tf_min``
-the ratio of the best times, ``size_vs_weights`` the SavedModel's size over the model's weight bytes.
+are written by a child process, so their conversions do not count), ``x_tf`` the median over rounds of the
+path's time over ``tf``'s in the same round, ``x_tf_min`` the ratio of the best times, ``size_vs_weights`` the
+SavedModel's size over the model's weight bytes.
 
 Usage:
     python benchmarks/network.py                          # ResNet-101 ASPP-L, 513x513, training at 321x321
@@ -334,7 +335,8 @@ def train_setting(model_kwargs, args, path, msc, batch, out):
     median = float(np.median(times))
     atomic_write_json(out, {
         "median_s": median, "min_s": min(times), "cpu_s": float(np.median(cpus)), "gflop": flops / 1e9,
-        "gflop_per_s": flops / median / 1e9, "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
+        "gflop_per_s": flops / median / 1e9,
+        "x_matmul": float(np.median([flops / t / m for t, m in zip(times, rates)])),
         "images_per_s": batch / median, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
         "extra_mb": float("nan")})
 

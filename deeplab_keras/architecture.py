@@ -40,7 +40,8 @@ def resolve_rates(aspp):
     except (TypeError, ValueError):
         raise ValueError(f"aspp={aspp!r} must be 'L', 'S', 'largefov' or a tuple of positive ints") from None
     if not rates or any(r < 1 for r in rates) or any(isinstance(a, bool) or r != float(a) for r, a in zip(rates, aspp)):
-        raise ValueError(f"aspp={aspp!r}: give a non-empty tuple of positive integer dilation rates, e.g. (6, 12, 18, 24)")
+        raise ValueError(f"aspp={aspp!r}: give a non-empty tuple of positive integer dilation rates, "
+                         "e.g. (6, 12, 18, 24)")
     return rates
 
 

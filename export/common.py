@@ -78,7 +78,8 @@ def serving_archive(model, endpoints, outputs="full", crf=None, rewrite=None):
         ``{name: tf.function}`` of its endpoints (what tf2onnx converts).
 
     Example:
-        >>> archive, fns = serving_archive(model, {"serve": (tf.TensorSpec([None, None, None, 3]), None)})  # doctest: +SKIP
+        >>> archive, fns = serving_archive(
+        ...     model, {"serve": (tf.TensorSpec([None, None, None, 3]), None)})  # doctest: +SKIP
         >>> archive.write_out("/tmp/sm", verbose=False)              # doctest: +SKIP
     """
     import keras

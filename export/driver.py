@@ -218,7 +218,8 @@ def export_model(model, format, out, overwrite=False, crf=None, sample_dir=None,
                 progress.warn(warning)
             report = common.base_report(
                 cls.name, model, final, staging.path_size(staged), **fmt.report_fields(staged),
-                precision=fmt.precision, graph_rewrites=fmt.rewrite.stats, with_crf=crf is not None, crf=getattr(crf, "config", None),
+                precision=fmt.precision, graph_rewrites=fmt.rewrite.stats, with_crf=crf is not None,
+                crf=getattr(crf, "config", None),
                 warnings=warnings, created_dirs=stage.created, verification=result, timings=dict(progress.timings),
                 samples=sample_dir or "synthetic")
         finally:

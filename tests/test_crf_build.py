@@ -78,8 +78,9 @@ def test_build_failure_is_reported_with_the_command(isolated_paths, monkeypatch,
 def test_stale_library_is_rebuilt_into_the_cache_when_the_package_is_read_only(isolated_paths, monkeypatch):
     isolated_paths.write_bytes(b"DKCRF_STAMP[tf=2.0.0;git=old;src=0000]")
     real_access = os.access
-    monkeypatch.setattr(_loader.os, "access",
-                        lambda p, mode: False if os.path.abspath(p) == str(isolated_paths.parent) else real_access(p, mode))
+    monkeypatch.setattr(
+        _loader.os, "access",
+        lambda p, mode: False if os.path.abspath(p) == str(isolated_paths.parent) else real_access(p, mode))
     path = _loader.ensure_library(verbose=False)
     assert path != str(isolated_paths) and path.startswith(os.environ["XDG_CACHE_HOME"])
     assert build_op.read_stamp(path) == build_op.expected_stamp()
@@ -88,8 +89,8 @@ def test_stale_library_is_rebuilt_into_the_cache_when_the_package_is_read_only(i
     result = run_python(
         "import sys, numpy as np, tensorflow as tf\n"
         "lib = tf.load_op_library(sys.argv[1])\n"
-        "out, _ = lib.dense_crf(np.full((1, 4, 4, 2), 0.5, np.float32), np.zeros((1, 4, 4, 3), np.uint8), 3, 4., 67., 3., 3., 1.,\n"
-        "                       np.zeros([0], np.float32))\n"
+        "out, _ = lib.dense_crf(np.full((1, 4, 4, 2), 0.5, np.float32), np.zeros((1, 4, 4, 3), np.uint8),\n"
+        "                       3, 4., 67., 3., 3., 1., np.zeros([0], np.float32))\n"
         "assert np.allclose(out.numpy(), 0.5)\n"
         "print('ok')\n", path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -1,5 +1,4 @@
 """folder_dataset (images/ + masks/ index PNGs) and the synthetic data that feeds it."""
-import io
 import logging
 import os
 
@@ -39,7 +38,9 @@ def test_folder_layout_and_exact_labels(shapes):
 
 
 def test_folder_shuffle_is_seeded_and_grayscale_masks_work(shapes):
-    names = lambda s: [ex["file_name"] for ex in _examples(data.folder_dataset(shapes, shuffle=True, seed=s))]
+    def names(s):
+        return [ex["file_name"] for ex in _examples(data.folder_dataset(shapes, shuffle=True, seed=s))]
+
     assert names(1) == names(1) and sorted(names(1)) == sorted(names(2))
     path = os.path.join(shapes, "masks", "synthetic_00002.png")
     values = np.array(Image.open(path))

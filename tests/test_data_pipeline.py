@@ -33,7 +33,7 @@ def _ds(examples, first=0):
         return tf.data.Dataset.from_tensor_slices({"image": np.stack(images), "label": np.stack(labels),
                                                    "file_name": names})
     return tf.data.Dataset.from_generator(
-        lambda: ({"image": i, "label": l, "file_name": n} for i, l, n in zip(images, labels, names)),
+        lambda: ({"image": i, "label": lab, "file_name": n} for i, lab, n in zip(images, labels, names)),
         output_signature={"image": tf.TensorSpec([None, None, 3], tf.uint8),
                           "label": tf.TensorSpec([None, None], tf.uint8),
                           "file_name": tf.TensorSpec([], tf.string)})

@@ -143,7 +143,8 @@ def test_pascal_context_mat_release_maps_names(tmp_path):
         f.write("".join(f"{k}: {n}\n" for k, n in sorted(names.items())))
     index = C.PASCAL_CONTEXT_CLASSES.index
     label_map = _labels([1, 2, 3, 4, 5, 6, 7, 0])
-    expected = _labels([0, index("aeroplane"), index("table"), index("bedclothes"), index("cloth"), index("wood"), 0, 0])
+    expected = _labels([0, index("aeroplane"), index("table"), index("bedclothes"), index("cloth"), index("wood"),
+                        0, 0])
     image = _image(os.path.join(root, "VOC2010", "JPEGImages", "2008_000002.jpg"), 0)
     _mkdir(os.path.join(root, "trainval"))
     scipy.io.savemat(os.path.join(root, "trainval", "2008_000002.mat"), {"LabelMap": label_map.astype(np.uint16)})

@@ -102,7 +102,8 @@ def test_resnet_matches_keras_applications_at_os32(backbone):
     dense = dk.DeepLabV2(num_classes=21, backbone=backbone, output_stride=8)
     transfer_backbone_weights(dense, reference)
     for layer in reference.layers:
-        for a, b in zip(layer.get_weights(), dense.network.get_layer(layer.name).get_weights() if layer.weights else []):
+        for a, b in zip(layer.get_weights(),
+                        dense.network.get_layer(layer.name).get_weights() if layer.weights else []):
             np.testing.assert_array_equal(a, b)
     assert dense.network.get_layer("conv5_block1_2_conv").dilation_rate == (4, 4)
     assert dense.network.get_layer("conv4_block1_2_conv").dilation_rate == (2, 2)
@@ -121,7 +122,8 @@ def test_vgg16_transfer_and_largefov_decimation():
         x[..., ::-1] - np.float32(DEEPLAB_MEAN_BGR))
     assert np.abs(np.asarray(first) - np.asarray(expected)).max() <= 1e-4
     fc6 = model.network.get_layer("aspp").branches[0][0].get_weights()[0]
-    np.testing.assert_array_equal(fc6, reference.get_layer("fc1").get_weights()[0].reshape(7, 7, 512, 4096)[::3, ::3, :, ::4])
+    np.testing.assert_array_equal(
+        fc6, reference.get_layer("fc1").get_weights()[0].reshape(7, 7, 512, 4096)[::3, ::3, :, ::4])
     assert model.network.get_layer("aspp").branches[0][0].dilation_rate == (12, 12)
     assert model.network.get_layer("block5_conv1").dilation_rate == (2, 2)
     assert model.network.get_layer("block4_pool").strides == (1, 1)

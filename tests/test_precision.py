@@ -27,7 +27,8 @@ def checkpoint(tmp_path_factory):
 
 def test_cpu_flags_and_the_check(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu amx_tile\n")
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t: fpu amx_tile\n")
     flags = P.cpu_flags(str(info))
     assert {"avx512_bf16", "amx_tile", "fpu"} <= flags and "processor" not in flags
     assert P.cpu_flags(str(tmp_path / "missing")) == frozenset()

@@ -2,7 +2,6 @@
 split with the packaged tiny_cpu config, and overfits the 7 shared VOC samples; the CRF's effect on both is
 measured by evaluate() with the CRF on and off. Run with ``-s`` to see the numbers."""
 import json
-import os
 import time
 
 import pytest

@@ -129,7 +129,7 @@ def test_one_fit_step_is_the_caffe_update(tmp_path):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     w0 = [v.numpy().copy() for v in net.trainable_variables]
-    bns = [l for l in flatten_layers(net) if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in flatten_layers(net) if isinstance(layer, keras.layers.BatchNormalization)]
     bn0 = [[np.asarray(w).copy() for w in b.weights] for b in bns]
     images, labels = next(iter(T.make_train_stream(data, cfg)))
     # reference gradient of the CE (mean over valid pixels) at w0

@@ -1,6 +1,6 @@
-"""``deeplab demo`` (alias ``deeplab-demo``): the whole story on a CPU in a few minutes (:func:`deeplab_keras.demo.run`):
-train a tiny model on synthetic data, evaluate with / without the CRF, run the CRF on the VOC samples, export and
-verify SavedModel / TFLite / ONNX, predict, write a report.
+"""``deeplab demo`` (alias ``deeplab-demo``): the whole story on a CPU in a few minutes
+(:func:`deeplab_keras.demo.run`): train a tiny model on synthetic data, evaluate with / without the CRF, run the CRF
+on the VOC samples, export and verify SavedModel / TFLite / ONNX, predict, write a report.
 
 Example:
     deeplab demo --out deeplab_report

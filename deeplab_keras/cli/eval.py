@@ -15,9 +15,9 @@ DESCRIPTION = ("Evaluate a DeepLab checkpoint at full resolution: confusion-matr
                "and pixel accuracy, optionally with multi-scale + flip inference and with the dense CRF (both results "
                "from one run). Prints the table and writes JSON.")
 EPILOG = ("The paper's test protocol on VOC 2012 val: deeplab eval --preset deeplabv2_resnet101_msc_voc --data "
-          "~/data/VOCdevkit --protocol deeplab-v2. Exit codes: 0 success; 2 bad arguments, missing files, a class-count "
-          "mismatch; 1 runtime failures (a bad data file, a failed download). Errors are one line; --debug shows the "
-          "traceback.")
+          "~/data/VOCdevkit --protocol deeplab-v2. Exit codes: 0 success; 2 bad arguments, missing files, a "
+          "class-count mismatch; 1 runtime failures (a bad data file, a failed download). Errors are one line; "
+          "--debug shows the traceback.")
 INTERRUPTED = "interrupted; nothing was written"
 PROTOCOLS = ("deeplab-v2",)
 

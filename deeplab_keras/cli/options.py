@@ -94,7 +94,8 @@ def add_model_source(parser, *, saved_model=False, extra=()):
         which.add_argument(flag, **kwargs)
     group.add_argument("--preset-sha256", metavar="HEX",
                        help="the sha256 you trust for the preset's download (the official files have no published "
-                            "hash: without this the first download that converts is pinned and later ones must match it)")
+                            "hash: without this the first download that converts is pinned and later ones must "
+                            "match it)")
     return group
 
 

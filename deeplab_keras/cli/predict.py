@@ -36,8 +36,8 @@ def configure(parser):
     out.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     options.add_dataset(out, "the dataset the model was trained on: its class names (areas) and colours (masks)")
     out.add_argument("--label-ids", action="store_true",
-                     help="with --dataset cityscapes: write the Cityscapes labelIds (grayscale PNGs, what the benchmark "
-                          "server reads) instead of coloured train ids")
+                     help="with --dataset cityscapes: write the Cityscapes labelIds (grayscale PNGs, what the "
+                          "benchmark server reads) instead of coloured train ids")
     options.add_common(parser)
 
 

@@ -34,8 +34,9 @@ def configure(parser):
                         help=f"override one config value (repeatable; lists as 321,321; null for None). Keys: {keys}")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     data = options.add_data(parser, help="'synthetic' or a dataset root: VOC2012/ (+ benchmark_RELEASE/ for the aug "
-                                         "set), Cityscapes, PASCAL-Context, Person-Part, COCO-Stuff or a folder dataset "
-                                         "with images/ and masks/, the layout detected (sets the config's data section)")
+                                         "set), Cityscapes, PASCAL-Context, Person-Part, COCO-Stuff or a folder "
+                                         "dataset with images/ and masks/, the layout detected (sets the config's "
+                                         "data section)")
     options.add_dataset(data, "the dataset --data holds (its layout is checked, not detected); without --data, sets "
                               "data.dataset")
     options.add_output(parser, overwrite=False,

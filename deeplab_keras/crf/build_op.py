@@ -32,7 +32,7 @@ def default_out_path():
 
 
 def _tf_sysconfig():
-    from tensorflow import sysconfig as tf_sysconfig  # noqa: WPS433 (heavy import only when building)
+    from tensorflow import sysconfig as tf_sysconfig  # heavy import only when building
     from tensorflow import version as tf_version
     return tf_sysconfig, tf_version
 

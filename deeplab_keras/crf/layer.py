@@ -156,8 +156,9 @@ class DenseCRF(keras.layers.Layer):
         """:class:`CRFParams` with the current (learned) kernel weights; ``params`` when nothing is learned."""
         if not self.learned:
             return self.params
-        return CRFParams.resolve(self.params, **{name: float(keras.ops.convert_to_numpy(getattr(self, f"{name}_variable")))
-                                      for name in ("bilateral_weight", "gaussian_weight")})
+        return CRFParams.resolve(
+            self.params, **{name: float(keras.ops.convert_to_numpy(getattr(self, f"{name}_variable")))
+                            for name in ("bilateral_weight", "gaussian_weight")})
 
     @property
     def learned_compatibility(self):

@@ -162,7 +162,8 @@ def decoded_dataset(items, decode, *, file_names=None, shuffle=False, seed=None,
         num_parallel_calls: decode parallelism (default ``tf.data.AUTOTUNE``).
 
     Example:
-        >>> ds = decoded_dataset([("a.jpg", "a.png")], lambda i, m: (read_image_rgb(i), read_index_png(m)))  # doctest: +SKIP
+        >>> ds = decoded_dataset([("a.jpg", "a.png")],
+        ...                      lambda i, m: (read_image_rgb(i), read_index_png(m)))  # doctest: +SKIP
     """
     import tensorflow as tf
 

@@ -10,12 +10,14 @@ indices with 255 = ignore, ``file_name``), un-augmented, read from the official 
 ``cityscapes``    ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` + ``gtFine/{split}/{city}/*_gtFine_labelIds.png``
                   (labelIds -> the 19 train ids, others 255), or ``leftImg8bit_trainvaltest.zip`` +
                   ``gtFine_trainvaltest.zip`` through TFDS ``cityscapes/semantic_segmentation`` (same mapping)
-``pascal_context`` ``VOC2010/SegmentationClassContext/<id>.png`` + ``VOC2010/ImageSets/SegmentationContext/{split}.txt``,
-                  or the original ``trainval/<id>.mat`` (``LabelMap`` into ``labels.txt``) + ``VOC2010/ImageSets/Main``
+``pascal_context`` ``VOC2010/SegmentationClassContext/<id>.png`` +
+                  ``VOC2010/ImageSets/SegmentationContext/{split}.txt``, or the original ``trainval/<id>.mat``
+                  (``LabelMap`` into ``labels.txt``) + ``VOC2010/ImageSets/Main``
 ``person_part``   ``pascal_person_part_gt/<id>.png`` + ``pascal_person_part_trainval_list/{train,val}_id.txt`` +
                   ``VOC2012/JPEGImages``
 ``cocostuff164k`` ``images/{train2017,val2017}/*.jpg`` + ``annotations/{train2017,val2017}/*.png``
-``cocostuff10k``  ``images/*.jpg`` + ``annotations/*.mat`` (``S``, 1-based, 0 = unlabeled) + ``imageLists/{train,test}.txt``
+``cocostuff10k``  ``images/*.jpg`` + ``annotations/*.mat`` (``S``, 1-based, 0 = unlabeled) +
+                  ``imageLists/{train,test}.txt``
 ``folder``        ``images/`` + ``masks/`` (index PNGs, or RGB masks with ``classes.csv``)
 ``synthetic``     generated shapes (no root)
 ================  ==============================================================================================
@@ -333,8 +335,10 @@ _REGISTRY = {
               layout="pascal_person_part_gt/ + pascal_person_part_trainval_list/ + VOC2012/JPEGImages"),
         (("pascal_person_part_gt", "pascal_person_part_trainval_list", "VOC2012/JPEGImages"),), _load_person_part),
     "cocostuff164k": _Entry(
-        _info("cocostuff164k", C.COCO_STUFF_CLASSES, layout="images/{train2017,val2017} + annotations/{train2017,val2017}"),
-        (("images/train2017", "annotations/train2017"), ("images/val2017", "annotations/val2017")), _load_cocostuff164k),
+        _info("cocostuff164k", C.COCO_STUFF_CLASSES,
+              layout="images/{train2017,val2017} + annotations/{train2017,val2017}"),
+        (("images/train2017", "annotations/train2017"), ("images/val2017", "annotations/val2017")),
+        _load_cocostuff164k),
     "cocostuff10k": _Entry(
         _info("cocostuff10k", C.COCO_STUFF_CLASSES, splits=("train", "test", "val"),
               layout="images/*.jpg + annotations/*.mat + imageLists/{train,test}.txt"),

@@ -54,7 +54,8 @@ def read_colour_table(root, colour_file=None):
     with open(path, encoding="utf-8", newline="") as f:
         rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
     if not rows or [c.strip().lower() for c in rows[0]] != ["name", "r", "g", "b"]:
-        raise ValueError(f"{path}: the first line must be the header name,r,g,b (got {','.join(rows[0]) if rows else 'an empty file'})")
+        got = ",".join(rows[0]) if rows else "an empty file"
+        raise ValueError(f"{path}: the first line must be the header name,r,g,b (got {got})")
     names, colours = [], {}
     for number, row in enumerate(rows[1:], start=2):
         try:

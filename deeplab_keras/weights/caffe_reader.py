@@ -364,7 +364,8 @@ def _read_layers(path):
 
 
 class Scan(NamedTuple):
-    """What an importer knows about a weights file before loading it (see :func:`deeplab_keras.weights.importer.load_scan`)."""
+    """What an importer knows about a weights file before loading it
+    (see :func:`deeplab_keras.weights.importer.load_scan`)."""
     path: str
     layers: list          # CaffeLayer with blobs replaced by their shapes (tuples), file order
     digests: dict         # layer name -> digest of its blobs (to check the MSC copies)
