@@ -35,7 +35,7 @@ def _examples_voc():
 
 
 def _with_probs(examples, classes, seed, **coarse):
-    from deeplab_keras.demo import coarse_probabilities
+    from deeplab_keras.apps.demo import coarse_probabilities
 
     return [(image, label, coarse_probabilities(label, classes, seed=seed + i, **coarse).astype("float32"))
             for i, (image, label) in enumerate(examples)]

@@ -221,7 +221,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import keras
 
-    from deeplab_keras.utils import atomic_write_json
+    from deeplab_keras.files import atomic_write_json
 
     if args.float32_precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")

@@ -153,7 +153,7 @@ def export_artifacts(model_kwargs, weights, args, workdir):
     measurements."""
     import deeplab_keras as dk
     from deeplab_keras.export import onnx as onnx_export, saved_model, tflite
-    from deeplab_keras.utils import atomic_write_json
+    from deeplab_keras.files import atomic_write_json
 
     model = dk.DeepLabV2(**model_kwargs)
     model.load_weights(weights)
@@ -312,7 +312,7 @@ def train_setting(model_kwargs, args, path, msc, batch, out):
     import tensorflow as tf
 
     import deeplab_keras as dk
-    from deeplab_keras.utils import atomic_write_json
+    from deeplab_keras.files import atomic_write_json
     from flops import TRAIN_STEP_FACTOR, forward_flops
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -423,7 +423,7 @@ def start(args, name):
 
 def finish(args, result):
     """A benchmark's end: the load average recorded and printed, ``result`` written to ``args.json`` when given."""
-    from deeplab_keras.utils import atomic_write_json
+    from deeplab_keras.files import atomic_write_json
 
     result["load_at_end"] = os.getloadavg()
     print(f"# load average {result['load_at_end'][0]:.2f} at the end", flush=True)

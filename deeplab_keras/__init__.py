@@ -14,7 +14,7 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if _os.environ["KERAS_BACKEND"] == "tensorflow":  # import TF now without its CUDA/oneDNN start-up noise
-    from deeplab_keras.utils import quiet_tensorflow as _quiet_tensorflow
+    from deeplab_keras.tf_startup import quiet_tensorflow as _quiet_tensorflow
 
     _quiet_tensorflow(python_logs=False)
 

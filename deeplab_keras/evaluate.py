@@ -39,7 +39,7 @@ from deeplab_keras.data._common import tf_error_line  # noqa: E402
 from deeplab_keras.inference import Predictor, predict_probabilities  # noqa: E402,F401  (re-exported)
 from deeplab_keras.layers.preprocessing import DEEPLAB_MEAN_RGB  # noqa: E402
 from deeplab_keras.precision import check_precision  # noqa: E402
-from deeplab_keras.utils import atomic_write_json  # noqa: E402
+from deeplab_keras.files import atomic_write_json  # noqa: E402
 
 __all__ = ["confusion_matrix", "scores", "predict_probabilities", "evaluate", "format_table", "write_json",
            "pad_image", "padded_probabilities", "model_mean_rgb", "data_error", "PAPER_PAD_SIZE"]

@@ -29,6 +29,8 @@ probabilities.
 import numpy as np
 import tensorflow as tf
 
+from deeplab_keras.config_base import is_int
+
 __all__ = ["upsample_logits", "scale_images", "Predictor", "predict_probabilities", "tiled_probabilities",
            "check_tiling", "tile_starts", "DEFAULT_TILE_OVERLAP"]
 
@@ -97,14 +99,10 @@ def check_tiling(tile_size, tile_overlap=DEFAULT_TILE_OVERLAP):
     if tile_size is None:
         return None, float(overlap)
     size = (tile_size, tile_size) if np.ndim(tile_size) == 0 else tuple(np.ravel(tile_size))
-    if len(size) != 2 or not all(_is_int(v) and v >= MIN_INPUT_SIZE for v in size):
+    if len(size) != 2 or not all(is_int(v) and v >= MIN_INPUT_SIZE for v in size):
         raise ValueError(f"tile_size={tile_size!r} must be an int or (height, width), each >= {MIN_INPUT_SIZE} px "
                          "(e.g. 513 or (513, 1025))")
     return (int(size[0]), int(size[1])), float(overlap)
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def tile_starts(length, tile, overlap):

@@ -18,7 +18,9 @@ import numpy as np
 from PIL import Image
 
 from deeplab_keras.data._common import IMAGE_EXTENSIONS, BadDataError, read_image_rgb
-from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, exclusive_lock, voc_palette, write_error_text
+from deeplab_keras.data.classes import VOC_CLASSES, voc_palette
+from deeplab_keras.files import atomic_write_bytes, write_error_text
+from deeplab_keras.locks import exclusive_lock
 
 MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs); --max-pixels changes it
 AREAS_FILES = ("areas.json", "areas.csv")

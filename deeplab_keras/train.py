@@ -9,5 +9,3 @@ Example:
 """
 from deeplab_keras.training import *  # noqa: F401,F403  (the public names, __all__)
 from deeplab_keras.training import __all__  # noqa: F401
-from deeplab_keras.training.callbacks import _stop_on_sigint  # noqa: F401  (private names the tests use)
-from deeplab_keras.training.trainer import _policy_scope  # noqa: F401

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from deeplab_keras.export import verify as verify_lib
 from deeplab_keras.export.common import ExportError
-from deeplab_keras.utils import UnwritableError, atomic_write_json, check_writable
+from deeplab_keras.files import UnwritableError, atomic_write_json, check_writable
 
 
 def check_destination(path, overwrite, what="artifact"):
@@ -38,7 +38,7 @@ def check_destination(path, overwrite, what="artifact"):
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise ExportError(f"{what} {path} already exists; pass --overwrite (overwrite=True) to replace it")
-    try:  # the one writability check (deeplab_keras.utils): a dangling link, a read-only folder, a full disk
+    try:  # the one writability check (deeplab_keras.files): a dangling link, a read-only folder, a full disk
         check_writable(path, what)
     except UnwritableError as err:
         raise ExportError(str(err)) from None

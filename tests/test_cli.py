@@ -237,7 +237,7 @@ def test_python_m_deeplab_keras_is_the_deeplab_command():
 @pytest.mark.parametrize("extra, message", [
     (["--crf-iterations", "3"], "--crf-iterations applies only to --crf"),
     (["--crf", "--crf-params", "foo=1"], "'foo=1': expected KEY=NUMBER"),
-    (["--crf", "--crf-iterations", "-1"], "iterations must be in 0..10000"),
+    (["--crf", "--crf-iterations", "-1"], "crf.iterations must be an integer in 0..10000"),
 ])
 def test_crf_options_are_one_crfparams_with_one_line_errors(command, extra, message, capsys):
     from deeplab_keras.cli.options import crf_params

@@ -1,5 +1,6 @@
-"""The demo's library part: packaged sample data (found with importlib.resources from any working directory, in a
-built package too), the VOC CRF study on it or on another folder, and run() end to end (global dtype policy kept)."""
+"""The demo application (deeplab_keras.apps.demo): packaged sample data (found with importlib.resources from any
+working directory, in a built package too), the VOC CRF study on it or on another folder, and run() end to end
+(global dtype policy kept)."""
 import json
 import os
 import pathlib
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deeplab_keras import demo
+from deeplab_keras.apps import demo
 from deeplab_keras.data import sample_data_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

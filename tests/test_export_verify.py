@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deeplab_keras.export import common, staging, verify
-from deeplab_keras.utils import atomic_write_json
+from deeplab_keras.files import atomic_write_json
 
 
 def test_sample_images(voc_samples_dir, tmp_path):

@@ -267,7 +267,7 @@ def test_model_config_is_the_models_description():
     assert plain == config.to_dict() and plain["aspp"] == [3, 5] and dk.ModelConfig.from_dict(plain) == config
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_classes = 4
-    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['classes'\]; valid keys: .*'num_classes'"):
         dk.ModelConfig.from_dict({"classes": 3})
     assert config.replace(num_classes=5).num_classes == 5
     with pytest.raises(ValueError, match="num_classes"):
@@ -287,8 +287,8 @@ def test_model_config_is_the_models_description():
 
 
 def test_model_config_imports_no_keras():
-    """models/config.py and architecture.py are standard library only: training configs and CLIs read them on any
-    backend (the packages stubbed, so that only these two modules run)."""
+    """models/config.py, config_base.py and architecture.py are standard library only: training configs and CLIs
+    read them on any backend (the packages stubbed, so that only these modules run)."""
     code = ("import sys, types\n"
             "for name, folder in (('deeplab_keras', %r), ('deeplab_keras.models', %r)):\n"
             "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [folder]\n"
@@ -297,8 +297,8 @@ def test_model_config_imports_no_keras():
             "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))"
             ) % (str(REPO / "deeplab_keras"), str(REPO / "deeplab_keras" / "models"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ("(6, 12, 18, 24) ['deeplab_keras', 'deeplab_keras.architecture', 'deeplab_keras.models', "
-                           "'deeplab_keras.models.config']")
+    assert out.strip() == ("(6, 12, 18, 24) ['deeplab_keras', 'deeplab_keras.architecture', "
+                           "'deeplab_keras.config_base', 'deeplab_keras.models', 'deeplab_keras.models.config']")
 
 
 def test_keras_file_saved_before_model_config_loads():

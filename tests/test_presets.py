@@ -224,10 +224,10 @@ def test_registry_entries_are_well_formed():
     assert voc.config == dk.ModelConfig(21, "resnet101", msc_scales=(1.0, 0.75, 0.5))
     assert presets.get_preset("deeplab_largefov_vgg16_voc").config.aspp == "largefov"
     # the model description is checked when the preset is made, not after a download
-    with pytest.raises(presets.PresetError, match=r"preset bad: aspp='largefov' is the VGG-16 head"):
+    with pytest.raises(presets.PresetError, match=r"preset bad: model.aspp must be .*'largefov' is the VGG-16 head"):
         presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21,
                        model_kwargs={"aspp": "largefov"})
-    with pytest.raises(presets.PresetError, match=r"preset bad: unknown model config key\(s\) \['rates'\]"):
+    with pytest.raises(presets.PresetError, match=r"preset bad: unknown model key\(s\) \['rates'\]"):
         presets.Preset("bad", "https://example.org/x.caffemodel", "bad", "resnet101", 21, model_kwargs={"rates": 6})
 
 
@@ -311,7 +311,7 @@ def test_a_silent_server_times_out_and_the_lock_wait_is_announced_and_bounded(mo
 
     folder = download.cache_folder(tmp_path)
     monkeypatch.setattr(download, "LOCK_TIMEOUT_S", 0.3)
-    from deeplab_keras.utils import LockedError, exclusive_lock
+    from deeplab_keras.locks import LockedError, exclusive_lock
     with exclusive_lock(os.path.join(folder, ".presets.lock")):  # another holder (a second flock conflicts)
         capsys.readouterr()
         done, err = _in_thread(lambda: download.preset_path("tiny_silent", tmp_path))

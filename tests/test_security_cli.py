@@ -3,7 +3,7 @@ dangling-link ``--out`` of convert / eval / predict / train is one line and exit
 permission error and a full disk say different things); ``deeplab-train`` without ``--out`` does not invent
 ``./runs/deeplab``; ``--preset-sha256`` without ``--preset`` is a usage error.
 
-A read-only folder is simulated for root too: the probe of :func:`deeplab_keras.utils.check_writable` fails
+A read-only folder is simulated for root too: the probe of :func:`deeplab_keras.files.check_writable` fails
 as the kernel would (EACCES / ENOSPC) for paths under the folder, which is also ``chmod 555``."""
 import errno
 import os
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_model
-from deeplab_keras import cli, utils
+from deeplab_keras import cli, files
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def failing_folder(tmp_path, monkeypatch):
             if dir is not None and os.path.abspath(dir).startswith(folder):
                 raise OSError(code, os.strerror(code), dir)
         return real(*args, dir=dir, **kwargs)
-    monkeypatch.setattr(utils.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp)
 
     def make(name, code=errno.EACCES):
         folder = tmp_path / name
@@ -121,9 +121,9 @@ def test_preset_sha256_needs_preset(checkpoint, capsys):
 
 
 def test_write_error_text_tells_a_full_disk_from_a_permission_error():
-    assert utils.write_error_text(OSError(errno.EDQUOT, "Disk quota exceeded"), "/d") == (
+    assert files.write_error_text(OSError(errno.EDQUOT, "Disk quota exceeded"), "/d") == (
         "no space left on device in /d; free some space or choose another path")
-    assert utils.write_error_text(OSError(errno.EROFS, "Read-only file system"), "/d") == (
+    assert files.write_error_text(OSError(errno.EROFS, "Read-only file system"), "/d") == (
         "/d is not writable (Read-only file system); choose another path or change its permissions")
 
 

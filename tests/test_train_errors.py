@@ -10,7 +10,7 @@ import yaml
 
 from deeplab_keras import cli
 from deeplab_keras import train as T
-from deeplab_keras.utils import exclusive_lock
+from deeplab_keras.locks import exclusive_lock
 
 def _sets(*items):
     return [token for item in items for token in ("--set", item)]

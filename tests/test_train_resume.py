@@ -15,6 +15,7 @@ import yaml
 import deeplab_keras as dk
 from deeplab_keras import cli
 from deeplab_keras import train as T
+from deeplab_keras.training.callbacks import _stop_on_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +116,7 @@ def test_second_ctrl_c_stops_at_once():
         requested = False
 
     handler = signal.getsignal(signal.SIGINT)
-    with T._stop_on_sigint(Stopper):
+    with _stop_on_sigint(Stopper):
         os.kill(os.getpid(), signal.SIGINT)  # the first one only asks to stop after the step
         assert Stopper.requested
         with pytest.raises(KeyboardInterrupt):

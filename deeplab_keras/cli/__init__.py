@@ -90,12 +90,40 @@ def main(argv=None, command=None):
     """
     parser, args = parse(sys.argv[1:] if argv is None else argv, command)
     module = command_module(args._command)
-    from deeplab_keras.utils import quiet_tensorflow, run_command
+    from deeplab_keras.tf_startup import quiet_tensorflow
 
     quiet_tensorflow(args.debug)  # TensorFlow's CUDA/oneDNN start-up lines only with --debug
     return run_command(parser.prog, lambda: module.run(parser, args), debug=args.debug,
                        interrupted=getattr(module, "INTERRUPTED", "interrupted"),
                        expected=getattr(module, "EXPECTED", (ValueError, RuntimeError, OSError)))
+
+
+def run_command(prog, body, *, debug=False, interrupted="interrupted", expected=(ValueError, RuntimeError, OSError)):
+    """Run a command line's ``body()`` (returns the exit code), turning failures into one line on stderr.
+
+    Ctrl-C prints ``<prog>: <interrupted>`` (or the ``KeyboardInterrupt``'s own message, e.g. a download's) and
+    returns 130; any other exception prints
+    ``<prog>: error: <message>`` (with the exception's type and a ``--debug`` hint unless it is ``expected``)
+    and returns 1. With ``debug`` both are re-raised, traceback included. ``SystemExit`` (usage errors) passes.
+
+    Example:
+        >>> run_command("deeplab-x", lambda: 0)
+        0
+    """
+    try:
+        return body()
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        said = str(err) if type(err) is KeyboardInterrupt else ""  # a step may say what it stopped (a download)
+        print(f"{prog}: {said or interrupted}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
+        if debug:
+            raise
+        hint = "" if isinstance(err, expected) else f" ({type(err).__name__}; rerun with --debug for the traceback)"
+        print(f"{prog}: error: {' '.join(str(err).split()) or type(err).__name__}{hint}", file=sys.stderr)
+        return 1
 
 
 def _alias(command):

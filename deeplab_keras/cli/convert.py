@@ -102,7 +102,7 @@ def run(parser, args):
     except FileExistsError:
         raise
     except OSError as err:  # the disk filled up during the conversion: a full disk is not a permission error
-        from deeplab_keras.utils import write_error_text
+        from deeplab_keras.files import write_error_text
 
         raise RuntimeError(f"cannot write {out}: {write_error_text(err, os.path.dirname(os.path.abspath(out)))}; "
                            "nothing was written") from None

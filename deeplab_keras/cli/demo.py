@@ -1,6 +1,6 @@
 """``deeplab demo`` (alias ``deeplab-demo``): the whole story on a CPU in a few minutes
-(:func:`deeplab_keras.demo.run`): train a tiny model on synthetic data, evaluate with / without the CRF, run the CRF
-on the VOC samples, export and verify SavedModel / TFLite / ONNX, predict, write a report.
+(:func:`deeplab_keras.apps.demo.run`): train a tiny model on synthetic data, evaluate with / without the CRF, run
+the CRF on the VOC samples, export and verify SavedModel / TFLite / ONNX, predict, write a report.
 
 Example:
     deeplab demo --out deeplab_report
@@ -34,7 +34,7 @@ def run(parser, args):
     if args.data is not None and not os.path.isdir(os.path.join(args.data, "VOC2012", "SegmentationClass")):
         usage_error(parser, f"--data {args.data} holds no VOC2012/SegmentationClass/ folder; give the folder that "
                     "holds VOC2012/")
-    from deeplab_keras.demo import run as run_demo
+    from deeplab_keras.apps.demo import run as run_demo
 
     try:
         run_demo(args.out, args.steps, args.data, args.overwrite, log=(lambda *_: None) if args.quiet else print)

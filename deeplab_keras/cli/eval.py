@@ -160,7 +160,7 @@ def run(parser, args):
     try:
         print(f"{parser.prog}: wrote {write_json(results, out)}")
     except OSError as err:  # the disk filled up (or the folder changed) during the run: say which
-        from deeplab_keras.utils import write_error_text
+        from deeplab_keras.files import write_error_text
 
         raise RuntimeError(f"cannot write {out}: {write_error_text(err, os.path.dirname(out))} (the table above "
                            "holds the results)") from None

@@ -211,8 +211,8 @@ def add_output(parser, help, *, required=False, default=None, overwrite=True):
 
 def check_out(parser, path, *, folder=False, what="--out"):
     """Usage error (exit 2, one line) unless ``path`` can be written, checked before the work
-    (:func:`deeplab_keras.utils.check_writable`: a dangling link, a read-only folder, a full disk)."""
-    from deeplab_keras.utils import UnwritableError, check_writable
+    (:func:`deeplab_keras.files.check_writable`: a dangling link, a read-only folder, a full disk)."""
+    from deeplab_keras.files import UnwritableError, check_writable
 
     try:
         return check_writable(path, what, folder=folder)

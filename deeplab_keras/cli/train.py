@@ -114,7 +114,7 @@ def _train(parser, args, config):
 
     from deeplab_keras.data._common import tf_error_line
     from deeplab_keras.training import TrainingInterrupted, train
-    from deeplab_keras.utils import LockedError
+    from deeplab_keras.locks import LockedError
 
     try:
         result = train(config)

@@ -20,7 +20,7 @@ Example:
 from deeplab_keras.crf._loader import OpLibraryError, ensure_library, load_library
 from deeplab_keras.crf.layer import CRFHead, DenseCRF  # registers its Keras name, so that saved models holding it load
 from deeplab_keras.crf.params import CRFParams
-from deeplab_keras.utils import lazy_exports
+from deeplab_keras.lazy import lazy_exports
 
 # Names that import TensorFlow, by the submodule that defines them (loaded on first access).
 _LAZY = {"dense_crf": "ops", "memory_estimate": "ops", "INPUT_TYPES": "ops", "MAX_MEMORY_ENV": "ops",

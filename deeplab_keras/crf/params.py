@@ -14,8 +14,9 @@ Example:
     5
 """
 import dataclasses
-import math
-import numbers
+from typing import ClassVar
+
+from deeplab_keras.config_base import ConfigBase
 
 __all__ = ["CRFParams", "MAX_ITERATIONS", "MAX_WEIGHT"]
 
@@ -24,7 +25,7 @@ MAX_WEIGHT = 1e6  # the op's limit on a kernel weight
 
 
 @dataclasses.dataclass(frozen=True)
-class CRFParams:
+class CRFParams(ConfigBase):
     """Fully connected CRF parameters (pydensecrf meaning); defaults are DeepLab v2 ResNet-101's.
 
     Args:
@@ -36,13 +37,14 @@ class CRFParams:
         gaussian_xy_std: its spatial standard deviation in pixels, > 0.
 
     Raises:
-        ValueError: a value of the wrong type or out of range (one line naming the field).
+        ValueError: a value of the wrong type or out of range (one line: ``crf.<key> must be ..., got ...``).
 
     Example:
         >>> CRFParams(iterations=5, bilateral_weight=5).bilateral_weight
         5.0
     """
 
+    SECTION: ClassVar[str] = "crf"
     iterations: int = 10
     bilateral_weight: float = 4.0
     bilateral_xy_std: float = 67.0
@@ -51,46 +53,14 @@ class CRFParams:
     gaussian_xy_std: float = 1.0
 
     def __post_init__(self):
-        iterations = self.iterations
-        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
-            raise ValueError(f"CRFParams: iterations must be an int in 0..{MAX_ITERATIONS}, got {iterations!r}")
-        if not 0 <= iterations <= MAX_ITERATIONS:
-            raise ValueError(f"CRFParams: iterations must be in 0..{MAX_ITERATIONS}, got {iterations}")
-        object.__setattr__(self, "iterations", int(iterations))
-        for field in dataclasses.fields(self)[1:]:
-            value = getattr(self, field.name)
-            weight = field.name.endswith("_weight")
-            rule = f"in 0..{MAX_WEIGHT:g}" if weight else "> 0"
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"CRFParams: {field.name} must be a number {rule}, got {value!r}")
-            value = float(value)
-            if not math.isfinite(value) or not (0 <= value <= MAX_WEIGHT if weight else value > 0):
-                raise ValueError(f"CRFParams: {field.name} must be a finite number {rule}, got {value!r}")
-            object.__setattr__(self, field.name, value)
+        super().__post_init__()
+        for name in self.keys()[1:]:  # the weights and deviations as floats
+            object.__setattr__(self, name, float(getattr(self, name)))
 
-    @classmethod
-    def keys(cls):
-        """The field names, in order."""
-        return tuple(field.name for field in dataclasses.fields(cls))
-
-    def to_dict(self):
-        """``{field: value}`` (JSON / YAML-safe: an int and floats)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values):
-        """A CRFParams from a (possibly partial) dict; missing fields keep their defaults.
-
-        Raises:
-            ValueError: an unknown key (the message lists the valid ones) or a bad value.
-        """
-        if not isinstance(values, dict):
-            raise ValueError(f"CRFParams: expected a dict of parameters, got {type(values).__name__}")
-        unknown = sorted(str(key) for key in values if key not in cls.keys())
-        if unknown:
-            raise ValueError(f"CRFParams: unknown parameter {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(cls.keys())}")
-        return cls(**values)
+    def validate(self):
+        self._ints(0, "iterations", high=MAX_ITERATIONS)
+        self._numbers(0, "bilateral_weight", "gaussian_weight", high=MAX_WEIGHT)
+        self._numbers(0, "bilateral_xy_std", "bilateral_rgb_std", "gaussian_xy_std", strict=True)
 
     @classmethod
     def resolve(cls, params=None, **overrides):

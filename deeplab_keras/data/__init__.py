@@ -15,7 +15,8 @@ Example:
     >>> batches = data.make_pipeline(ds, training=True, batch_size=2, crop_size=(49, 49), seed=0)
 """
 import deeplab_keras.data.synthetic as synthetic  # public as data.synthetic (not a self-import of the package)
-from deeplab_keras.data._common import VOC_CLASSES, BadDataError, voc_palette
+from deeplab_keras.data._common import BadDataError
+from deeplab_keras.data.classes import VOC_CLASSES, voc_palette
 from deeplab_keras.data.datasets import DATASET_NAMES, DatasetInfo, dataset_info, detect_dataset, load_dataset
 from deeplab_keras.data.folder import folder_dataset, read_class_names, read_colour_table
 from deeplab_keras.data.packaged import sample_data_dir

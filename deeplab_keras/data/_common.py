@@ -1,5 +1,5 @@
-"""Shared helpers of deeplab_keras.data: the VOC palette, the package's one image reader (PIL, errors that name
-the file), atomic writes and the counter behind ``skip_bad``."""
+"""Shared helpers of deeplab_keras.data: the package's one image reader (PIL, errors that name the file), label
+checks and the counter behind ``skip_bad``."""
 import errno
 import logging
 import os
@@ -7,8 +7,6 @@ import stat
 import threading
 
 import numpy as np
-
-from deeplab_keras.utils import VOC_CLASSES, atomic_write_bytes, voc_palette  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("deeplab_keras.data")
 

@@ -7,6 +7,11 @@ Example:
 """
 import numpy as np
 
+# PASCAL VOC 2012: background and the 20 object classes.
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
 # Cityscapes: the 19 evaluated classes (train ids 0..18) and their labelIds; every other labelId is ignored.
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -71,4 +76,20 @@ def cityscapes_palette():
     """[256, 3] uint8: the official colours of the 19 train ids, black elsewhere."""
     palette = np.zeros((256, 3), np.uint8)
     palette[:len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
+    return palette
+
+
+def voc_palette():
+    """The PASCAL VOC colour map (the palette of VOC's own SegmentationClass PNGs) as [256, 3] uint8.
+
+    Colour bits are the class index's bits interleaved: bit 3j+c of the index is bit 7-j of channel c.
+    """
+    palette = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        code, rgb = index, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
+            code >>= 3
+        palette[index] = rgb
     return palette

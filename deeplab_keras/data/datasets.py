@@ -37,7 +37,6 @@ import numpy as np
 from deeplab_keras.data import classes as C
 from deeplab_keras.data._common import (IGNORE_LABEL, BadDataError, check_label, decoded_dataset, read_image_rgb,
                                         read_index_png)
-from deeplab_keras.utils import VOC_CLASSES, voc_palette
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,14 +310,14 @@ def _load_synthetic(root, split, *, num_images=50, size=(65, 65), num_classes=4,
 
 
 def _info(name, class_names, palette=None, splits=("train", "val"), layout=""):
-    return DatasetInfo(name, _tuple(class_names), voc_palette() if palette is None else palette,
+    return DatasetInfo(name, _tuple(class_names), C.voc_palette() if palette is None else palette,
                        paper=PAPER.get(name, {}), splits=splits, layout=layout)
 
 
 _REGISTRY = {
-    "voc": _Entry(_info("voc", VOC_CLASSES, layout="VOC2012/JPEGImages + VOC2012/SegmentationClass"),
+    "voc": _Entry(_info("voc", C.VOC_CLASSES, layout="VOC2012/JPEGImages + VOC2012/SegmentationClass"),
                   (("VOC2012",),), _load_voc("voc")),  # the TFDS builder names what is missing inside
-    "voc_aug": _Entry(_info("voc_aug", VOC_CLASSES, layout="VOC2012/ + benchmark_RELEASE/dataset/cls"),
+    "voc_aug": _Entry(_info("voc_aug", C.VOC_CLASSES, layout="VOC2012/ + benchmark_RELEASE/dataset/cls"),
                       (("VOC2012", "benchmark_RELEASE"),), _load_voc("aug")),
     "cityscapes": _Entry(
         _info("cityscapes", C.CITYSCAPES_CLASSES, C.cityscapes_palette(), ("train", "val", "test"),

@@ -16,7 +16,9 @@ import os
 
 import numpy as np
 
-from deeplab_keras.data._common import IGNORE_LABEL, atomic_write_bytes, voc_palette
+from deeplab_keras.data._common import IGNORE_LABEL
+from deeplab_keras.data.classes import voc_palette
+from deeplab_keras.files import atomic_write_bytes
 
 
 def _class_colour(c, num_classes):

@@ -21,8 +21,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_keras.data._common import (BadDataError, atomic_write_bytes, check_label, logger, read_image_rgb,
-                                        read_index_png)
+from deeplab_keras.data._common import BadDataError, check_label, logger, read_image_rgb, read_index_png
+from deeplab_keras.files import atomic_write_bytes
 
 NUM_CLASSES = 21
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"

@@ -2,7 +2,7 @@
 ``deeplab`` (:class:`DeepLabV2`). Weights files, checkpoints and presets are :mod:`deeplab_keras.weights`'.
 The names below load on first use, so ``deeplab_keras.models.config`` imports no Keras.
 """
-from deeplab_keras.utils import lazy_exports
+from deeplab_keras.lazy import lazy_exports
 
 _HOMES = {
     "ModelConfig": "config",

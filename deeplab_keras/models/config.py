@@ -1,23 +1,26 @@
 """The one description of a DeepLab v2 model (:class:`ModelConfig`), checked against the constants of
 :mod:`deeplab_keras.architecture`. Standard library only: it imports no Keras and no TensorFlow, so configs can be
 read, checked and written on any backend (or none)."""
+import collections.abc
 import dataclasses
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
-from deeplab_keras.architecture import (BACKBONES, CAFFE_BN_EPSILON, RESNET_BLOCKS, check_output_stride,
-                                        interp_factors, resolve_rates)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from deeplab_keras.architecture import (ASPP_RATES, BACKBONES, CAFFE_BN_EPSILON, OUTPUT_STRIDES, RESNET_BLOCKS,
+                                        check_output_stride, interp_factors, resolve_rates)
+from deeplab_keras.config_base import ConfigBase, is_int, is_number
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+def _checks(check, value):
+    """True when ``check(value)`` raises no ValueError."""
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
-class CRFConfig:
+class CRFConfig(ConfigBase):
     """The ``crf`` section of a :class:`ModelConfig`: a dense CRF on top of the network (``model.crf: {trainable:
     true, iterations: 5}``). The model's output becomes the CRF's log-probabilities at the image size (the logits
     upsampled, ``Q0 = softmax(logits)``, mean field, ``log Q``), so the training loss is on the CRF output.
@@ -35,6 +38,7 @@ class CRFConfig:
         3
     """
 
+    SECTION: ClassVar[str] = "model.crf"
     trainable: bool = True
     compatibility: bool = True
     freeze_network: bool = False
@@ -45,11 +49,9 @@ class CRFConfig:
     gaussian_weight: Optional[float] = None
     gaussian_xy_std: Optional[float] = None
 
-    def __post_init__(self):
-        for name in ("trainable", "compatibility", "freeze_network"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"crf.{name}={getattr(self, name)!r} must be true or false")
-        self.params()  # checks the values (CRFParams' message)
+    def validate(self):
+        self._bools("trainable", "compatibility", "freeze_network")
+        self.params()  # checks the CRF parameters (CRFParams' message)
 
     def params(self):
         """The :class:`deeplab_keras.crf.CRFParams` (imported here: the CRF package imports Keras)."""
@@ -59,21 +61,12 @@ class CRFConfig:
                   if f.name in CRFParams.keys() and getattr(self, f.name) is not None}
         try:
             return CRFParams(**values)
-        except ValueError as err:
-            raise ValueError(f"crf: {err}") from None
-
-    @classmethod
-    def from_dict(cls, values):
-        """A section from a mapping (unknown keys: ValueError listing the valid ones)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in values if k not in names)
-        if unknown:
-            raise ValueError(f"unknown model.crf key(s) {unknown}; valid keys: {names}")
-        return cls(**values)
+        except ValueError as err:  # "crf.<key> must be ..." -> "model.crf.<key> must be ..."
+            raise ValueError(f"model.{err}") from None
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """Everything that defines a DeepLab v2 network (not its weights): what ``DeepLabV2.get_config()`` saves,
     what training configs and presets build from. Checked when created (ValueError naming the field).
 
@@ -100,6 +93,7 @@ class ModelConfig:
         True
     """
 
+    SECTION: ClassVar[str] = "model"
     num_classes: int = 21
     backbone: str = "resnet101"
     output_stride: int = 8
@@ -121,12 +115,15 @@ class ModelConfig:
             except yaml.YAMLError:
                 parsed = self.crf
             object.__setattr__(self, "crf", {} if parsed is True else None if parsed in (False, None) else parsed)
-        if isinstance(self.crf, dict):
+        if isinstance(self.crf, collections.abc.Mapping):
             object.__setattr__(self, "crf", CRFConfig.from_dict(self.crf))
-        elif self.crf is not None and not isinstance(self.crf, CRFConfig):
-            raise ValueError(f"crf={self.crf!r} must be None or a mapping of CRFConfig fields, e.g. "
-                             "{trainable: true, iterations: 5}")
-        self.validate()
+        self._need(self.crf is None or isinstance(self.crf, CRFConfig), "crf",
+                   "null or a mapping of CRFConfig keys (e.g. {trainable: true, iterations: 5})")
+        for name in ("aspp", "msc_scales", "stage_blocks"):  # any sequence (a numpy array too) as a tuple
+            value = getattr(self, name)
+            if not isinstance(value, (str, bytes, dict)) and hasattr(value, "__iter__"):
+                object.__setattr__(self, name, tuple(value))
+        super().__post_init__()  # numpy scalars -> Python, validate()
         # canonical forms: tuples (hashable, frozen), floats
         if not isinstance(self.aspp, str):
             object.__setattr__(self, "aspp", resolve_rates(self.aspp))
@@ -138,44 +135,33 @@ class ModelConfig:
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def validate(self):
-        """Raise ValueError naming the first bad field and what to use instead."""
-        if not _is_int(self.num_classes) or self.num_classes < 1:
-            raise ValueError(f"num_classes={self.num_classes!r} must be a positive int (21 for PASCAL VOC)")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is not known; use one of {BACKBONES}")
-        check_output_stride(self.output_stride)
-        rates = resolve_rates(self.aspp)
-        if isinstance(self.aspp, str) and self.aspp.upper() == "LARGEFOV" and self.backbone != "vgg16":
-            raise ValueError("aspp='largefov' is the VGG-16 head; with a ResNet backbone use 'L', 'S' or a tuple "
-                             "of rates")
-        if self.msc_scales is not None:
-            scales = self.msc_scales
-            if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__") \
-                    or not all(_is_number(s) for s in scales) or not scales or any(s <= 0 for s in scales) \
-                    or 1.0 not in scales:
-                raise ValueError(f"msc_scales={scales!r} must be None or positive scales that include 1.0, "
-                                 "e.g. (1.0, 0.75, 0.5)")
-            for s in scales:
-                interp_factors(s)
-        if not _is_number(self.width_multiplier) or not self.width_multiplier > 0:
-            raise ValueError(f"width_multiplier={self.width_multiplier!r} must be > 0 (1.0 = the paper's widths)")
-        if self.stage_blocks is not None:
-            if self.backbone == "vgg16":
-                raise ValueError("stage_blocks applies to ResNet backbones only; leave it None for vgg16")
-            blocks = self.stage_blocks
-            if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__len__") or len(blocks) != 4 \
-                    or not all(_is_int(b) and b >= 1 for b in blocks):
-                raise ValueError(f"stage_blocks={blocks!r} must be 4 positive block counts (conv2..conv5), "
-                                 f"e.g. {RESNET_BLOCKS['resnet50']}")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not _is_number(self.bn_epsilon) or not self.bn_epsilon > 0:
-            raise ValueError(f"bn_epsilon={self.bn_epsilon!r} must be > 0 (Caffe's {CAFFE_BN_EPSILON})")
-        if self.pool5a is not None and not isinstance(self.pool5a, bool):
-            raise ValueError(f"pool5a={self.pool5a!r} must be None, True or False")
-        if self.pool5a and self.backbone != "vgg16":
-            raise ValueError("pool5a=True is a VGG-16 (DeepLab-LargeFOV) layer; leave it None for ResNet backbones")
-        return rates
+        """Raise ValueError naming the first bad field (``model.<key> must be ..., got ...``)."""
+        self._need(is_int(self.num_classes) and self.num_classes >= 1, "num_classes",
+                   "a positive integer (21 for PASCAL VOC)")
+        self._need(self.backbone in BACKBONES, "backbone", f"one of {BACKBONES}")
+        self._need(_checks(check_output_stride, self.output_stride), "output_stride",
+                   f"one of {OUTPUT_STRIDES} (8 = the paper's dense setting, 32 = the plain ImageNet network)")
+        self._need(_checks(resolve_rates, self.aspp), "aspp", f"'L' {ASPP_RATES['L']}, 'S' {ASPP_RATES['S']}, "
+                   "'largefov' (VGG-16 only) or a tuple of positive integer dilation rates")
+        self._need(not (isinstance(self.aspp, str) and self.aspp.upper() == "LARGEFOV") or self.backbone == "vgg16",
+                   "aspp", "'L', 'S' or a tuple of rates with a ResNet backbone ('largefov' is the VGG-16 head)")
+        scales = self.msc_scales
+        self._need(scales is None or isinstance(scales, tuple) and scales and 1.0 in scales and all(
+            is_number(s) and s > 0 and _checks(interp_factors, s) for s in scales), "msc_scales",
+            "null or positive scales that include 1.0, each a ratio of small integers (e.g. [1.0, 0.75, 0.5])")
+        self._numbers(0, "width_multiplier", strict=True)
+        blocks = self.stage_blocks
+        self._need(blocks is None or self.backbone != "vgg16", "stage_blocks",
+                   "null with vgg16 (it applies to ResNet backbones only)")
+        self._need(blocks is None or isinstance(blocks, tuple) and len(blocks) == 4 and all(
+            is_int(b) and b >= 1 for b in blocks), "stage_blocks",
+            f"4 positive block counts (conv2..conv5), e.g. {list(RESNET_BLOCKS['resnet50'])}")
+        self._need(is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        self._numbers(0, "bn_epsilon", strict=True)
+        self._need(self.pool5a is None or isinstance(self.pool5a, bool), "pool5a", "null, true or false")
+        self._need(not self.pool5a or self.backbone == "vgg16", "pool5a",
+                   "null with a ResNet backbone (True is the VGG-16 DeepLab-LargeFOV layer)")
+        return resolve_rates(self.aspp)
 
     @property
     def rates(self):
@@ -195,31 +181,11 @@ class ModelConfig:
         return self.pool5a
 
     def to_dict(self):
-        """The fields as plain JSON / YAML types (lists, not tuples)."""
-        out = dataclasses.asdict(self)
-        for name in ("aspp", "msc_scales", "stage_blocks"):
-            if isinstance(out[name], tuple):
-                out[name] = list(out[name])
+        """The fields as plain JSON / YAML types (lists, not tuples; no ``crf`` key without a CRF)."""
+        out = super().to_dict()
         if out["crf"] is None:  # configs without a CRF read as they always have
             del out["crf"]
         return out
-
-    @classmethod
-    def from_dict(cls, values):
-        """A config from a mapping (e.g. :meth:`to_dict`'s or a YAML section); missing keys take the defaults.
-
-        Raises:
-            ValueError: an unknown key (the message lists the valid ones), or a bad value (naming the field).
-        """
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in values if k not in names)
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {names}")
-        return cls(**values)
-
-    def replace(self, **changes):
-        """A copy with some fields changed (checked again)."""
-        return dataclasses.replace(self, **changes)
 
     def build(self, weights=None):
         """The :class:`deeplab_keras.DeepLabV2` this config describes.

@@ -50,11 +50,11 @@ weights too (a second Ctrl-C stops at once, keeping the last saved state). Re-ru
 final state and trains nothing.
 
 Failure behaviour: one process writes a run directory at a time (``run_dir/.lock`` holds its pid; a second ``train``
-on it raises ``utils.LockedError`` at once; the lock goes with its process, however it ends). Before writing
+on it raises ``locks.LockedError`` at once; the lock goes with its process, however it ends). Before writing
 anything, ``train`` checks that the run directory's config.yaml agrees on the fields its model and state depend on
 (the ``model`` section and ``schedule.steps_per_epoch``; a 0.1 flat config.yaml is read too) and that its saved
 state loads into the model (ValueError otherwise), so a run directory never contradicts its model. Every file is
-written through ``utils.atomic_path`` / ``atomic_write_bytes`` (temporary file, fsync, rename, normal permissions):
+written through ``files.atomic_path`` / ``atomic_write_bytes`` (temporary file, fsync, rename, normal permissions):
 a kill or a full disk leaves the previous complete files, and the next run removes the temporary files a killed one
 left.
 
@@ -71,7 +71,8 @@ Run directory layout::
     run_dir/.lock                       while a process trains in it
 
 Modules (one per concern): :mod:`~deeplab_keras.training.config` (TrainConfig, load_config; sections in
-:mod:`~deeplab_keras.training.config_sections`, typed values in :mod:`~deeplab_keras.training.config_values`),
+:mod:`~deeplab_keras.training.config_sections` on :class:`~deeplab_keras.config_base.ConfigBase`, typed values in
+:mod:`~deeplab_keras.training.config_values`),
 :mod:`~deeplab_keras.training.losses` (loss, mIoU), :mod:`~deeplab_keras.training.optimizer` (ScaledSGD),
 :mod:`~deeplab_keras.training.trainer` (build_model, SegmentationTrainer), :mod:`~deeplab_keras.training.callbacks`
 (backup, checkpoints, Ctrl-C), :mod:`~deeplab_keras.training.history` (history CSV and plot),

@@ -10,7 +10,7 @@ import keras
 
 from deeplab_keras import _keras_compat
 from deeplab_keras.training.history import HistoryPlot
-from deeplab_keras.utils import atomic_path
+from deeplab_keras.files import atomic_path
 
 _STATE_RE = re.compile(r"^state-(\d+)(?:-(\d+))?\.weights\.h5$")
 
@@ -46,7 +46,7 @@ class ResumableBackup(_keras_compat.BackupAndRestore):
     Each backup is ``backup_dir/state-<epoch>.weights.h5`` (weights + optimizer state after ``epoch`` epochs)
     or, when training stopped inside an epoch (Ctrl-C, :meth:`save_state`), ``state-<epoch>-<batch>.weights.h5``
     (``batch`` batches of epoch ``epoch`` done). Each is written under a temporary name and renamed
-    (``utils.atomic_path``), so a SIGKILL at any moment leaves the previous complete state; the position is in
+    (``files.atomic_path``), so a SIGKILL at any moment leaves the previous complete state; the position is in
     the file name, so weights and position can never disagree. Older states are deleted after a new one is in
     place. The state is restored once, by :meth:`restore` or at the start of ``fit``.
 
@@ -132,7 +132,7 @@ class ResumableBackup(_keras_compat.BackupAndRestore):
 
 
 def _atomic_save_keras(model, path):
-    """``model.save(path)`` through ``utils.atomic_path`` (creates the folder)."""
+    """``model.save(path)`` through ``files.atomic_path`` (creates the folder)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         model.save(tmp)

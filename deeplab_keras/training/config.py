@@ -167,10 +167,7 @@ class TrainConfig:
         for section, keys in _nested(values, source).items():
             types = field_types(SECTIONS[section])
             typed = {k: coerce(v, types[k], f"{section}.{k}") for k, v in keys.items()}
-            try:
-                sections[section] = SECTIONS[section](**typed)
-            except ValueError as e:
-                raise ValueError(f"model.{e}" if section == "model" else str(e)) from None
+            sections[section] = SECTIONS[section].from_dict(typed)
         return cls(**sections)
 
     def with_overrides(self, overrides=None, data=None):

@@ -19,7 +19,7 @@ import re
 from typing import ClassVar, Optional, Tuple, Union
 
 from deeplab_keras.architecture import MIN_INPUT_SIZE
-from deeplab_keras.training.config_values import Section, _is_int, _is_number, _is_size
+from deeplab_keras.config_base import ConfigBase, is_int, is_number
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")
@@ -29,6 +29,11 @@ CLASS_WEIGHTINGS = ("none", "inverse_frequency", "median_frequency")
 DATASETS = ("voc", "cityscapes", "pascal_context", "person_part", "cocostuff164k", "cocostuff10k", "folder",
             "synthetic")
 ROOT_DATASETS = DATASETS[1:6]  # the registry datasets read from data.root
+
+
+def _is_size(value, low):
+    """[height, width]: two integers >= ``low``."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) and v >= low for v in value)
 
 
 def data_source(path, dataset=None):
@@ -56,7 +61,7 @@ def data_source(path, dataset=None):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig(Section):
+class DataConfig(ConfigBase):
     """The training and validation data and the input pipeline.
 
     Args:
@@ -105,7 +110,7 @@ class DataConfig(Section):
         self._ints(1, "synthetic_images", "batch_size", "shuffle_buffer", "val_batch_size")
         self._ints(0, "synthetic_val_images")
         self._bools("flip")
-        self._need(_is_int(self.ignore_label) and 0 <= self.ignore_label <= 255, "ignore_label", "in 0..255")
+        self._ints(0, "ignore_label", high=255)
         self._need(_is_size(self.crop_size, MIN_INPUT_SIZE), "crop_size", f"two integers [height, width], each >= "
                    f"{MIN_INPUT_SIZE} (e.g. data.crop_size=321,321)")
         self._need(self.val_crop_size is None or _is_size(self.val_crop_size, MIN_INPUT_SIZE), "val_crop_size",
@@ -113,7 +118,7 @@ class DataConfig(Section):
         self._need(_is_size(self.synthetic_size, 1), "synthetic_size",
                    "two positive integers [height, width] (e.g. data.synthetic_size=97,97)")
         s = self.scale_range
-        self._need(s is None or isinstance(s, tuple) and len(s) == 2 and all(_is_number(v) and v > 0 for v in s)
+        self._need(s is None or isinstance(s, tuple) and len(s) == 2 and all(is_number(v) and v > 0 for v in s)
                    and s[0] <= s[1], "scale_range", "null or [min, max] with 0 < min <= max (e.g. 0.5,1.5)")
 
     @staticmethod
@@ -158,7 +163,7 @@ class DataConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleConfig(Section):
+class ScheduleConfig(ConfigBase):
     """How long to train, and when to checkpoint and validate.
 
     Args:
@@ -180,7 +185,7 @@ class ScheduleConfig(Section):
     validation_steps: Optional[int] = None
 
     def __post_init__(self):
-        if _is_int(self.steps) and _is_int(self.steps_per_epoch) and 0 < self.steps < self.steps_per_epoch:
+        if is_int(self.steps) and is_int(self.steps_per_epoch) and 0 < self.steps < self.steps_per_epoch:
             object.__setattr__(self, "steps_per_epoch", self.steps)  # a short run is one epoch
         super().__post_init__()
 
@@ -189,7 +194,7 @@ class ScheduleConfig(Section):
         self._ints(0, "checkpoint_every", "keep_checkpoints", "validation_every")
         self._need(self.steps % self.steps_per_epoch == 0, "steps",
                    f"a multiple of schedule.steps_per_epoch ({self.steps_per_epoch})")
-        self._need(self.validation_steps is None or _is_int(self.validation_steps) and self.validation_steps >= 1,
+        self._need(self.validation_steps is None or is_int(self.validation_steps) and self.validation_steps >= 1,
                    "validation_steps", "a positive integer or null")
 
     @property
@@ -198,7 +203,7 @@ class ScheduleConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig(Section):
+class OptimizerConfig(ConfigBase):
     """The recipe: initial weights, SGD on the poly schedule, LR multipliers, weight decay, batch norm, loss.
 
     Args:
@@ -241,15 +246,15 @@ class OptimizerConfig(Section):
     def validate(self):
         self._strings(True, "init_weights", "classifier_pattern")
         self._numbers(0, "lr_power", "end_lr", "momentum", "weight_decay", "classifier_lr_mult", "bias_lr_mult")
-        self._need(self.base_lr is None or _is_number(self.base_lr) and math.isfinite(self.base_lr) and
+        self._need(self.base_lr is None or is_number(self.base_lr) and math.isfinite(self.base_lr) and
                    self.base_lr > 0, "base_lr", "> 0 or null")
-        self._need(self.bn_momentum is None or _is_number(self.bn_momentum) and 0 <= self.bn_momentum < 1,
+        self._need(self.bn_momentum is None or is_number(self.bn_momentum) and 0 <= self.bn_momentum < 1,
                    "bn_momentum", "in [0, 1) or null")
         self._bools("train_bn", "upsample_logits")
         self._ints(1, "accumulation_steps")
         w = self.class_weights
         self._need(w is None or w in CLASS_WEIGHTINGS or isinstance(w, tuple) and len(w) > 0 and all(
-            _is_number(v) and math.isfinite(v) and v >= 0 for v in w) and any(v > 0 for v in w), "class_weights",
+            is_number(v) and math.isfinite(v) and v >= 0 for v in w) and any(v > 0 for v in w), "class_weights",
             f"one of {CLASS_WEIGHTINGS} or a list of num_classes weights >= 0 (e.g. [1, 2.5, 1])")
         if self.classifier_pattern is not None:
             try:
@@ -265,7 +270,7 @@ class OptimizerConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class RuntimeConfig(Section):
+class RuntimeConfig(ConfigBase):
     """Where and how the run executes: run directory, seed, precision, distribution, logging.
 
     Args:

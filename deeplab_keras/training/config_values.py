@@ -3,8 +3,7 @@ where a YAML file or a dict gives text for a typed field (YAML 1.1 reads ``1e-3`
 both: a string becomes the field's type (int, float, bool, str, Optional[...], Union[...], tuples / lists
 written ``321,321`` or ``[321, 321]``); nothing is guessed from the text alone.
 
-:class:`Section` is the base of the config sections: ``to_dict`` and the checks their
-``validate`` uses (each ValueError names ``section.key`` and what is allowed).
+:class:`deeplab_keras.config_base.ConfigBase` holds the sections' checks, ``from_dict`` and ``to_dict``.
 
 Example:
     >>> from typing import Optional, Tuple
@@ -14,7 +13,6 @@ Example:
     0.001
 """
 import dataclasses
-import math
 import types
 import typing
 
@@ -120,65 +118,3 @@ def coerce(value, tp, key):
     if isinstance(value, (list, tuple)) and element not in (None, str, typing.Any):
         return [parse_value(v, element, key) if isinstance(v, str) else v for v in value]
     return value
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) or type(value).__name__.startswith(("int", "uint"))
-
-
-def _is_number(value):
-    return (isinstance(value, (int, float)) or type(value).__name__.startswith("float") or _is_int(value)) \
-        and not isinstance(value, bool)
-
-
-def _is_size(value, low):
-    """[height, width]: two integers >= ``low``."""
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= low for v in value)
-
-
-class Section:
-    """Shared by the sections: ``to_dict`` and the checks of ``validate`` (``TrainConfig.from_dict`` builds them
-    from mappings)."""
-
-    SECTION: typing.ClassVar[str] = ""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):  # lists from YAML / overrides become tuples (the dataclass is frozen)
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                object.__setattr__(self, f.name, tuple(value))
-        self.validate()
-
-    def _need(self, cond, key, allowed):
-        if not cond:
-            raise ValueError(f"{self.SECTION}.{key} must be {allowed}, got {getattr(self, key)!r}")
-
-    def _ints(self, low, *keys):
-        for key in keys:
-            self._need(_is_int(getattr(self, key)) and getattr(self, key) >= low, key, f"an integer >= {low}")
-
-    def _numbers(self, low, *keys):
-        for key in keys:
-            value = getattr(self, key)
-            self._need(_is_number(value) and math.isfinite(value) and value >= low, key, f"a number >= {low}")
-
-    def _bools(self, *keys):
-        for key in keys:
-            self._need(isinstance(getattr(self, key), bool), key, "true or false")
-
-    def _strings(self, optional, *keys):
-        for key in keys:
-            value = getattr(self, key)
-            self._need(isinstance(value, str) or optional and value is None, key,
-                       "a string" + (" or null" if optional else ""))
-
-    def validate(self):
-        """Raises ValueError naming ``section.key`` and what is allowed (called when the section is built)."""
-
-    def to_dict(self):
-        """The fields as plain YAML/JSON values (lists, not tuples)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def _plain(value):
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

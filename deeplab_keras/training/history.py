@@ -4,7 +4,7 @@ import os
 
 import keras
 
-from deeplab_keras.utils import atomic_path
+from deeplab_keras.files import atomic_path
 
 
 def read_history(csv_path):

@@ -124,7 +124,7 @@ def class_frequencies(run_dir, dataset, num_classes, ignore_label=255, progress=
         >>> counts = class_frequencies("runs/x", train_dataset, 21)   # doctest: +SKIP
         >>> weights = class_weights_from("median_frequency", counts)  # doctest: +SKIP
     """
-    from deeplab_keras.utils import atomic_write_json
+    from deeplab_keras.files import atomic_write_json
 
     path = os.path.join(run_dir, FREQUENCIES_FILE)
     try:

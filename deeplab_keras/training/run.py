@@ -16,7 +16,8 @@ from deeplab_keras.training.distribute import (_is_chief, _raw_datasets, _task_i
                                                make_train_stream, make_val_stream)
 from deeplab_keras.training.losses import FREQUENCIES_FILE, class_frequencies, class_weights_from
 from deeplab_keras.training.trainer import _float32_copy, build_trainer
-from deeplab_keras.utils import atomic_write_bytes, atomic_write_json, exclusive_lock, remove_temp_files
+from deeplab_keras.files import atomic_write_bytes, atomic_write_json, remove_temp_files
+from deeplab_keras.locks import exclusive_lock
 
 
 @dataclasses.dataclass
@@ -105,7 +106,7 @@ def train(config, *, model=None, train_data=None, val_data=None, callbacks=None,
 
     Raises:
         ValueError: a bad config, or a run directory that holds a run of another model.
-        deeplab_keras.utils.LockedError: another process trains in ``run_dir``.
+        deeplab_keras.locks.LockedError: another process trains in ``run_dir``.
         TrainingInterrupted: Ctrl-C, after saving the state (a KeyboardInterrupt).
 
     Example:

@@ -8,7 +8,7 @@ Modules, lowest first (each imports only those above it, and :mod:`deeplab_keras
 registry table) -> ``download`` (fetch, verify, convert and cache a preset). No module here imports the model
 module at import time. The names below load on first use.
 """
-from deeplab_keras.utils import lazy_exports
+from deeplab_keras.lazy import lazy_exports
 
 _HOMES = {
     "as_float32": "checkpoints", "is_float32": "checkpoints", "load_model": "checkpoints",

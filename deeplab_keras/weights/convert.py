@@ -7,8 +7,8 @@ arguments checked against it) by :meth:`ModelConfig.build` or the ``model_class`
 """
 import os
 
+from deeplab_keras.files import atomic_path
 from deeplab_keras.models.config import ModelConfig
-from deeplab_keras.utils import atomic_path
 from deeplab_keras.weights import pth
 from deeplab_keras.weights.caffe_reader import CaffeModelError, scan_caffemodel
 from deeplab_keras.weights.importer import analyse, config_of, describe_head, load_scan

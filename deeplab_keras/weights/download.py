@@ -42,7 +42,8 @@ import os
 import sys
 import zipfile
 
-from deeplab_keras.utils import TEMP_PREFIX, LockedError, atomic_write_json, exclusive_lock, remove_temp_files
+from deeplab_keras.files import TEMP_PREFIX, atomic_write_json, remove_temp_files
+from deeplab_keras.locks import LockedError, exclusive_lock
 from deeplab_keras.weights.caffe import convert_caffemodel
 from deeplab_keras.weights.checkpoints import load_model
 from deeplab_keras.weights.presets import _SHA256, PresetError, _check_sha256, get_preset
@@ -97,7 +98,7 @@ def preset_path(name, cache_dir=None, *, sha256=None, timeout=None, progress=Tru
         PresetFetchError: (RuntimeError) failed or timed-out download, archive without the member, a member over
             :data:`MAX_MEMBER_BYTES`; :class:`PresetHashError` when the download does not match the expected
             sha256 (it was deleted); :class:`PresetCacheError` for an unreadable or malformed ``pins.json``.
-        deeplab_keras.utils.LockedError: another process held the cache longer than the lock time-out.
+        deeplab_keras.locks.LockedError: another process held the cache longer than the lock time-out.
         deeplab_keras.weights.caffe.CaffeModelError: the file does not convert.
 
     Example:

@@ -1,4 +1,5 @@
-"""The main job (``deeplab-demo``): the whole story on an embedded default, on a CPU, in a few minutes.
+"""The demo application behind ``deeplab demo`` (:mod:`deeplab_keras.cli.demo`): the whole story on an embedded
+default, on a CPU, in a few minutes.
 
 1. train a tiny DeepLab (packaged ``tiny_cpu`` config) on the synthetic dataset;
 2. evaluate mIoU on its held-out split with and without the dense CRF;
@@ -18,6 +19,19 @@ import shutil
 import time
 
 import numpy as np
+import tensorflow as tf
+
+from deeplab_keras import crf
+from deeplab_keras.data import sample_data_dir
+from deeplab_keras.data._common import read_image_rgb, read_index_png
+from deeplab_keras.data.synthetic import write_synthetic_folder
+from deeplab_keras.evaluate import confusion_matrix, evaluate, format_table, scores
+from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
+from deeplab_keras.export.common import Progress
+from deeplab_keras.files import atomic_write_bytes
+from deeplab_keras.inference import predict_probabilities
+from deeplab_keras.predict import overlay, png_bytes, predict_files, read_image
+from deeplab_keras.train import load_config, load_datasets, train
 
 
 def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.0, seed=0):
@@ -35,7 +49,6 @@ def coarse_probabilities(label, num_classes, stride=8, temperature=2.0, noise=1.
     Returns:
         float32 [H, W, C] probabilities.
     """
-    import tensorflow as tf
     h, w = label.shape
     onehot = np.eye(num_classes, dtype=np.float32)[np.where(label == 255, 0, label)]
     coarse = tf.image.resize(onehot[None], ((h + stride - 1) // stride, (w + stride - 1) // stride), method="area")
@@ -57,15 +70,9 @@ def voc_crf_study(data, out_dir, crf_params=None):
         ``{"no_crf": mIoU, "crf": mIoU, "images": count}``.
 
     Example:
-        >>> from deeplab_keras.data import sample_data_dir
         >>> voc_crf_study(sample_data_dir(), "/tmp/demo")["images"]     # doctest: +SKIP
         3
     """
-    from deeplab_keras import crf
-    from deeplab_keras.data._common import read_image_rgb, read_index_png
-    from deeplab_keras.evaluate import confusion_matrix, scores
-    from deeplab_keras.predict import png_bytes
-    from deeplab_keras.utils import atomic_write_bytes
     root = _voc_root(data)
     os.makedirs(out_dir, exist_ok=True)
     ids = sorted(n[:-4] for n in os.listdir(os.path.join(root, "SegmentationClass")) if n.endswith(".png"))
@@ -138,7 +145,6 @@ def run(out="deeplab_report", steps=None, data=None, overwrite=False, log=print)
 
 def _checked_destination(data, out, overwrite):
     """(data, out) as absolute paths, refusing a data folder without VOC2012/ and an existing report; creates out."""
-    from deeplab_keras.data import sample_data_dir
     data = os.path.abspath(data if data is not None else sample_data_dir())
     _voc_root(data)  # refused now, not after training
     out = os.path.abspath(out)
@@ -150,7 +156,6 @@ def _checked_destination(data, out, overwrite):
 
 def _train_tiny(out, steps, overwrite, start):
     """Step 1: trains the packaged ``tiny_cpu`` config into ``out/run``; returns (config, model, report section)."""
-    from deeplab_keras.train import load_config, train
     overrides = {"runtime": {"run_dir": os.path.join(out, "run"), "verbose": 2, "tensorboard": False}}
     if overwrite and os.path.isdir(overrides["runtime"]["run_dir"]):  # a fresh run: --steps may differ
         shutil.rmtree(overrides["runtime"]["run_dir"])
@@ -166,8 +171,6 @@ def _train_tiny(out, steps, overwrite, start):
 
 def _evaluate_synthetic(model, cfg, log):
     """Step 2: mIoU on the held-out synthetic split without and with the CRF (the table goes to ``log``)."""
-    from deeplab_keras.evaluate import evaluate, format_table
-    from deeplab_keras.train import load_datasets
     _, val = load_datasets(cfg)
     t = time.time()
     results = evaluate(model, val, cfg.model.num_classes, crf=True, progress=False)
@@ -179,7 +182,6 @@ def _evaluate_synthetic(model, cfg, log):
 
 def _sample_folder(out, cfg):
     """``out/samples``: 6 held-out synthetic images and labels (written unless the folder exists)."""
-    from deeplab_keras.data.synthetic import write_synthetic_folder
     folder = os.path.join(out, "samples")
     if os.path.isdir(folder):
         return folder
@@ -189,8 +191,6 @@ def _sample_folder(out, cfg):
 
 def _export_all(model, export_dir, sample_dir):
     """Step 4: SavedModel, TFLite and ONNX exports into ``export_dir``, each verified; their reports."""
-    from deeplab_keras.export import export_onnx, export_saved_model, export_tflite
-    from deeplab_keras.export.common import Progress
     progress = Progress(True)
     return {
         "saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"), version=1,
@@ -204,10 +204,6 @@ def _export_all(model, export_dir, sample_dir):
 
 def _predict_samples(model, image_dir, out):
     """Step 5: masks and overlays in ``out/predictions``, and before/after-CRF pictures of the first 3 images."""
-    from deeplab_keras import crf
-    from deeplab_keras.inference import predict_probabilities
-    from deeplab_keras.predict import png_bytes, predict_files, read_image
-    from deeplab_keras.utils import atomic_write_bytes
     images = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir))
     summary = predict_files(model, images, os.path.join(out, "predictions"), overlay_images=True, overwrite=True,
                             progress=False)
@@ -223,13 +219,11 @@ def _predict_samples(model, image_dir, out):
 
 def _before_after(image, before, after):
     """The image, its overlay with ``before`` and its overlay with ``after``, side by side."""
-    from deeplab_keras.predict import overlay
     return np.concatenate([overlay(image, before), overlay(image, after)[:, image.shape[1]:]], axis=1)
 
 
 def _write_report(out, cfg, report, start):
     """Step 6: copies the training curve and writes ``out/report.json`` (with the total seconds)."""
-    from deeplab_keras.utils import atomic_write_bytes
     history_png = os.path.join(cfg.runtime.run_dir, "history.png")
     if os.path.exists(history_png):
         atomic_write_bytes(os.path.join(out, "training_curve.png"), open(history_png, "rb").read(), True)
