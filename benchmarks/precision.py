@@ -74,7 +74,7 @@ def trained_part(args, workdir):
     import numpy as np
 
     from deeplab_keras.evaluate import evaluate
-    from deeplab_keras.models import load_model
+    from deeplab_keras.weights import load_model
     from deeplab_keras.train import load_config, load_datasets, train
 
     overrides = {"runtime": {"run_dir": os.path.join(workdir, "tiny_run"), "verbose": 0, "tensorboard": False,
@@ -125,7 +125,7 @@ def converted_part(args, workdir):
     import deeplab_keras as dk
     from deeplab_keras.evaluate import pad_image
     from deeplab_keras.inference import Predictor, upsample_logits
-    from deeplab_keras.models.caffe import caffemodel_config, load_caffemodel
+    from deeplab_keras.weights.caffe import caffemodel_config, load_caffemodel
 
     path = os.path.join(workdir, "resnet101.caffemodel")
     if not os.path.exists(path):

@@ -14,7 +14,7 @@ Private uses, by caller:
   ``BackupAndRestore`` sets), ``SampleBatchBuild`` (``TensorFlowTrainer._maybe_symbolic_build``),
   ``BackupAndRestore`` (its ``_save_model`` hook and ``_current_epoch``), ``optimizer_variables``
   (``BaseOptimizer._trainable_variables``);
-* models (``models/weights.py``): ``flatten_layers``;
+* models (``weights/checkpoints.py``): ``flatten_layers``;
 * export (``export/onnx.py``): ``patch_tf2onnx`` (``keras.src.export.tf2onnx_lib``).
 
 Example:

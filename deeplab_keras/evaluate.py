@@ -203,7 +203,7 @@ def data_error(err):
 
 def _load(model):
     if isinstance(model, (str, os.PathLike)):
-        from deeplab_keras.models import load_model
+        from deeplab_keras.weights import load_model
 
         return load_model(model)
     return model

@@ -81,7 +81,7 @@ def check_tiling(tile_size, tile_overlap=DEFAULT_TILE_OVERLAP):
 
     Args:
         tile_size: None, an int (square tiles) or ``(h, w)``; each side >= 33 px
-            (``deeplab_keras.models.config.MIN_INPUT_SIZE``).
+            (``deeplab_keras.architecture.MIN_INPUT_SIZE``).
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 1); None: :data:`DEFAULT_TILE_OVERLAP`.
 
     Raises:
@@ -91,7 +91,7 @@ def check_tiling(tile_size, tile_overlap=DEFAULT_TILE_OVERLAP):
         >>> check_tiling(321, 0.5)
         ((321, 321), 0.5)
     """
-    from deeplab_keras.models.config import MIN_INPUT_SIZE
+    from deeplab_keras.architecture import MIN_INPUT_SIZE
 
     overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.number)) or not 0.0 <= overlap < 1.0:

@@ -17,7 +17,7 @@ from deeplab_keras.export import graph, serving, staging
 from deeplab_keras.export.errors import ExportError
 from deeplab_keras.export.report import Progress, base_report
 from deeplab_keras.export import verify as verify_lib
-from deeplab_keras.models import as_float32
+from deeplab_keras.weights import as_float32
 
 #: name -> ``Format`` subclass (filled by ``register`` when ``deeplab_keras.export`` is imported).
 FORMATS = {}

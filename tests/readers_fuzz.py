@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from deeplab_keras.models.pth import pth_layers
+from deeplab_keras.weights.pth import pth_layers
 from tests import caffe_writer as cw
 
 SECONDS = 20.0    # CPU seconds per case: a bounded reader takes < 0.1 s on these seeds (20: margin for a loaded CI)
@@ -142,8 +142,8 @@ def bounded(seconds=SECONDS, megabytes=MEGABYTES):
 def run_case(path, fmt):
     """Read ``path`` as the importer does (every layer, then the network it implies); return "parsed" or
     "refused" (the reader's own one-line error naming the file); anything else propagates."""
-    from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, read_caffemodel
-    from deeplab_keras.models.pth import PthError, read_pth
+    from deeplab_keras.weights.caffe import CaffeModelError, caffemodel_config, read_caffemodel
+    from deeplab_keras.weights.pth import PthError, read_pth
 
     try:
         with bounded():

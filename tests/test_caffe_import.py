@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from deeplab_keras.models import caffe
-from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
-from deeplab_keras.models.presets import _sha256_file
+from deeplab_keras.weights import caffe, convert
+from deeplab_keras.weights.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
+from deeplab_keras.weights.download import _sha256_file
 from tests import caffe_writer as cw
 from tests.conftest import REPO, shared_path, tiny_model
 
@@ -82,12 +82,12 @@ def _assert_matches(got, expected, rel=1e-3, agreement=0.999):
 @pytest.fixture(scope="session")
 def resnet(caffemodels):
     """The generated ResNet-101 converted once, as the released MSC model (scales 1, 0.75, 0.5)."""
-    return caffe.convert(caffemodels["resnet101"], backbone="resnet101", num_classes=21, msc_scales=(1.0, 0.75, 0.5))
+    return convert.convert(caffemodels["resnet101"], backbone="resnet101", num_classes=21, msc_scales=(1.0, 0.75, 0.5))
 
 
 @pytest.fixture(scope="session")
 def vgg(caffemodels):
-    return caffe.convert(caffemodels["vgg16"])
+    return convert.convert(caffemodels["vgg16"])
 
 
 # === The released formats against the reference logits ===
@@ -144,7 +144,7 @@ def test_vgg16_largefov_matches_reference_with_and_without_pool5a(vgg, caffemode
                         reference[f"vgg16_largefov/single/2007_000033/{kind}"])
     assert caffemodel_config(caffemodels["vgg16_nopool5a"]) == {
         "backbone": "vgg16", "num_classes": 21, "aspp": "largefov", "pool5a": False}
-    no_pool, report = caffe.convert(caffemodels["vgg16_nopool5a"])
+    no_pool, report = convert.convert(caffemodels["vgg16_nopool5a"])
     assert report["pool5a"] is False and not any(layer.name == "pool5a" for layer in no_pool.network.layers)
     _assert_matches(no_pool(_input(reference, "2007_000033", "pad513")),
                     reference["vgg16_largefov_nopool5a/single/2007_000033/pad513"])
@@ -154,7 +154,7 @@ def test_vgg16_largefov_matches_reference_with_and_without_pool5a(vgg, caffemode
 
 @pytest.mark.slow
 def test_msc_branch_copies_are_checked_and_skipped(vgg, caffemodels):
-    model, report = caffe.convert(caffemodels["vgg16_msc"], msc_scales=(1.0, 0.75, 0.5))
+    model, report = convert.convert(caffemodels["vgg16_msc"], msc_scales=(1.0, 0.75, 0.5))
     assert len(report["msc_copies"]) == 2 * 16 and "fc8_voc12_res075" in report["msc_copies"]
     assert report["loaded"] == vgg[1]["loaded"]
     for a, b in zip(model.network.get_weights(), vgg[0].network.get_weights()):
@@ -193,7 +193,7 @@ def test_resnet50_letters_and_blob_styles_round_trip(tmp_path, style):
     config = caffemodel_config(path)
     assert config == {"backbone": "resnet101", "num_classes": 3, "aspp": "L", "bn_epsilon": pytest.approx(1e-5),
                       "stage_blocks": (1, 1, 3, 1), "width_multiplier": 0.125}
-    model, report = caffe.convert(path, stage_blocks=(1, 1, 3, 1))
+    model, report = convert.convert(path, stage_blocks=(1, 1, 3, 1))
     _equal_networks(model, source)
     assert len(report["zero_bias"]) == 1 + 3 * (1 + 1 + 3 + 1) + 4  # every backbone conv: stem, blocks, shortcuts
 
@@ -204,7 +204,7 @@ def test_v1_layers_file(tmp_path):
     path = _write(tmp_path / "v1.caffemodel", cw.keras_to_caffe(source, v1=True), v1=True)
     layers = {layer.name: layer for layer in read_caffemodel(path)}
     assert layers["conv1_1"].type == "Convolution" and layers["pool5a"].pooling["pool"] == "AVE"
-    model, report = caffe.convert(path)
+    model, report = convert.convert(path)
     assert report["pool5a"] is True
     _equal_networks(model, source)
 
@@ -245,12 +245,12 @@ def test_vgg_aspp_and_largefov_heads(tmp_path):
     path = _write(tmp_path / "aspp.caffemodel", cw.keras_to_caffe(source))
     config = caffemodel_config(path)
     assert config == {"backbone": "vgg16", "num_classes": 5, "aspp": "L", "pool5a": False, "width_multiplier": 0.0625}
-    model, report = caffe.convert(path)
+    model, report = convert.convert(path)
     assert "fc8_voc12_4" in report["loaded"] and report["aspp"] == "L"
     _equal_networks(model, source)
     shuffled = cw.keras_to_caffe(source)
     shuffled.insert(len(shuffled) - 12, shuffled.pop())  # fc8_voc12_4 before the fc6_1 branch: order does not matter
-    model, _ = caffe.convert(_write(tmp_path / "shuffled.caffemodel", shuffled))
+    model, _ = convert.convert(_write(tmp_path / "shuffled.caffemodel", shuffled))
     _equal_networks(model, source)
     with pytest.raises(CaffeModelError, match=r"rates \(6, 12, 18, 24\).*aspp='L'"):
         load_caffemodel(tiny_model(5, "vgg16", aspp="S"), path)
@@ -276,10 +276,10 @@ def test_backbone_only_inits_coco_and_imagenet(tmp_path):
             if layer.weights and layer.name != "aspp":
                 for a, b in zip(layer.get_weights(), target.network.get_layer(layer.name).get_weights()):
                     np.testing.assert_array_equal(a, b)
-    model, report = caffe.convert(coco, num_classes=21, backbone_only=True, stage_blocks=(1, 1, 1, 1))
+    model, report = convert.convert(coco, num_classes=21, backbone_only=True, stage_blocks=(1, 1, 1, 1))
     assert model.num_classes == 21 and report["ignored"] == ["fc1_coco"]
     with pytest.raises(CaffeModelError, match="91-class head"):
-        caffe.convert(coco, num_classes=21, stage_blocks=(1, 1, 1, 1))
+        convert.convert(coco, num_classes=21, stage_blocks=(1, 1, 1, 1))
 
 
 def test_batchnorm_scale_factor_zero_and_eps(tmp_path):
@@ -350,10 +350,10 @@ def test_layer_that_does_not_fit_names_both_shapes(tmp_path):
 
 def test_class_count_that_differs_says_what_the_file_holds(caffemodels):
     with pytest.raises(CaffeModelError) as e:
-        caffe.convert(caffemodels["vgg16"], num_classes=5)
+        convert.convert(caffemodels["vgg16"], num_classes=5)
     assert "holds a 21-class head (fc6, fc7, fc8_voc12)" in _one_line(e) and "--num-classes 21" in str(e.value)
     with pytest.raises(CaffeModelError, match="resnet101 backbone, not resnet50"):
-        caffe.convert(caffemodels["resnet101"], backbone="resnet50")
+        convert.convert(caffemodels["resnet101"], backbone="resnet50")
 
 
 def test_unknown_layers_are_listed(tmp_path):
@@ -408,7 +408,7 @@ def test_converted_model_exports_and_verifies(tmp_path, voc_samples_dir):
     from deeplab_keras.export.onnx import export_onnx
     from deeplab_keras.export.saved_model import export_saved_model
     from deeplab_keras.export.tflite import export_tflite
-    from deeplab_keras.models import load_model
+    from deeplab_keras.weights import load_model
 
     source = cw.randomize(tiny_model(3, "resnet50", stage_blocks=(1, 1, 1, 1)), seed=11)
     path = _write(tmp_path / "r.caffemodel", cw.keras_to_caffe(source, bn_scale=4.0))
@@ -457,13 +457,13 @@ def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemode
     the model bit for bit as the .caffemodel does, and the logits match the reference (the file format itself
     is tested on the torch-written fixtures below)."""
     import deeplab_keras as dk
-    from deeplab_keras.models import pth
+    from deeplab_keras.weights import pth
 
     state = cw.kazuto_state_dict(read_caffemodel(caffemodels["resnet101"]))
     assert "base.layer4.block23.conv3x3.bn.running_var" in state and len(state) == 104 * 6 + 8
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     model = dk.DeepLabV2(21, "resnet101")
-    report = caffe.load_scan(model, pth.state_scan(*pth.state_layers(state, "mem.pth"), "mem.pth"))
+    report = convert.load_scan(model, pth.state_scan(*pth.state_layers(state, "mem.pth"), "mem.pth"))
     assert len(report["loaded"]) == len(resnet[1]["loaded"]) and report["num_classes"] == 21
     for a, b in zip(model.network.get_weights(), resnet[0].network.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -473,7 +473,7 @@ def test_pth_of_the_generated_caffemodel_matches_the_reference(resnet, caffemode
 def test_pth_kazuto_release_names_load_bit_for_bit():
     """A torch.save'd state dict in kazuto's release names (base. prefix, numbered res4b1 blocks) fills the model
     exactly as the randomized source it was written from."""
-    from deeplab_keras.models.pth import load_pth
+    from deeplab_keras.weights.pth import load_pth
 
     source = _fixture_source("kazuto_aspp")
     target = tiny_model(3, "resnet101", width_multiplier=1 / 32)
@@ -494,7 +494,7 @@ def _expected_tensors():
 @pytest.mark.parametrize("name", ["tensors.pth", "tensors_legacy.pth"])
 def test_read_pth_tensors_without_torch(name):
     """Zip (torch >= 1.6) and legacy pickle files: dtypes, strided views, shared storages, parameters."""
-    from deeplab_keras.models.pth import read_pth
+    from deeplab_keras.weights.pth import read_pth
 
     got, expected = read_pth(PTH / name), _expected_tensors()
     assert list(got) == list(expected)
@@ -505,7 +505,7 @@ def test_read_pth_tensors_without_torch(name):
 
 
 def test_pth_reader_refuses_code(tmp_path, monkeypatch):
-    from deeplab_keras.models.pth import PthError, read_pth
+    from deeplab_keras.weights.pth import PthError, read_pth
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PthError, match="refers to posix.mkdir.*refusing") as e:
@@ -514,7 +514,7 @@ def test_pth_reader_refuses_code(tmp_path, monkeypatch):
 
 
 def test_pth_bad_files(tmp_path):
-    from deeplab_keras.models.pth import PthError, read_pth
+    from deeplab_keras.weights.pth import PthError, read_pth
 
     for name in ("tensors.pth", "tensors_legacy.pth"):
         data = (PTH / name).read_bytes()
@@ -532,7 +532,7 @@ def test_pth_bad_files(tmp_path):
 
 def test_pth_coco_init_backbone_only_and_unknown_tensors():
     """kazuto's DeepLabV1 COCO init (no 'base.' prefix, a 1x1 'fc' head): backbone only; foreign keys listed."""
-    from deeplab_keras.models.pth import PthError, load_pth, read_pth
+    from deeplab_keras.weights.pth import PthError, load_pth, read_pth
 
     assert read_pth(PTH / "kazuto_coco.pth")["fc.weight"].shape[0] == 91
     target = tiny_model(21, "resnet50", width_multiplier=1 / 32)

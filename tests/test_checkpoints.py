@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
-from deeplab_keras.models import load_model, resolve_checkpoint
+from deeplab_keras.weights import load_model, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")

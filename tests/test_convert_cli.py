@@ -43,7 +43,7 @@ def test_help(capsys):
 
 
 def test_converts_and_prints_what_was_loaded(files, capsys, tmp_path):
-    from deeplab_keras.models import load_model
+    from deeplab_keras.weights import load_model
 
     folder, resnet, _ = files
     out = tmp_path / "r.keras"

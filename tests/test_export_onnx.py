@@ -11,7 +11,7 @@ from deeplab_keras import _keras_compat
 from deeplab_keras.export import ExportError, serving
 from deeplab_keras.export import onnx as onnx_export
 from deeplab_keras.export.verify import VerificationError, synthetic_images
-from deeplab_keras.models import is_float32
+from deeplab_keras.weights import is_float32
 from tests.conftest import tiny_model
 
 

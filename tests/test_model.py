@@ -18,8 +18,8 @@ from deeplab_keras.layers.preprocessing import (DEEPLAB_MEAN_BGR, CaffeInterp, C
                                                  interp_size, resize_aligned)
 from deeplab_keras.models.deeplab import CLASSIFIER_PATTERN, logits_size
 from deeplab_keras.models.msc import MSC
-from deeplab_keras.models import as_float32, load_model, transfer_backbone_weights
-from deeplab_keras.models.weights import imagenet_reference
+from deeplab_keras.weights import as_float32, load_model, transfer_backbone_weights
+from deeplab_keras.weights.checkpoints import imagenet_reference
 from tests.conftest import REPO, TINY, tiny_model
 
 RNG = np.random.RandomState(0)
@@ -287,21 +287,18 @@ def test_model_config_is_the_models_description():
 
 
 def test_model_config_imports_no_keras():
-    """models/config.py and its base (config_base.py) are standard library only: training configs and CLIs read
-    them on any backend. Each file is loaded alone (importing the package would import Keras)."""
-    base, path = REPO / "deeplab_keras" / "config_base.py", REPO / "deeplab_keras" / "models" / "config.py"
-    code = ("import importlib.util, sys\n"
-            "def load(name, path):\n"
-            "    spec = importlib.util.spec_from_file_location(name, path)\n"
-            "    sys.modules[name] = module = importlib.util.module_from_spec(spec)\n"
-            "    spec.loader.exec_module(module)\n"
-            "    return module\n"
-            "load('deeplab_keras.config_base', %r)\n"
-            "m = load('c', %r)\n"
-            "print(m.ModelConfig(backbone='vgg16').rates, sorted(k for k in sys.modules "
-            "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))") % (str(base), str(path))
+    """models/config.py, config_base.py and architecture.py are standard library only: training configs and CLIs
+    read them on any backend (the packages stubbed, so that only these modules run)."""
+    code = ("import sys, types\n"
+            "for name, folder in (('deeplab_keras', %r), ('deeplab_keras.models', %r)):\n"
+            "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = [folder]\n"
+            "from deeplab_keras.models.config import ModelConfig\n"
+            "print(ModelConfig(backbone='vgg16').rates, sorted(k for k in sys.modules "
+            "if k.split('.')[0] in ('keras', 'tensorflow', 'jax', 'numpy', 'deeplab_keras')))"
+            ) % (str(REPO / "deeplab_keras"), str(REPO / "deeplab_keras" / "models"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "(6, 12, 18, 24) ['deeplab_keras.config_base']"
+    assert out.strip() == ("(6, 12, 18, 24) ['deeplab_keras', 'deeplab_keras.architecture', "
+                           "'deeplab_keras.config_base', 'deeplab_keras.models', 'deeplab_keras.models.config']")
 
 
 def test_keras_file_saved_before_model_config_loads():

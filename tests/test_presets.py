@@ -21,7 +21,7 @@ from PIL import Image
 import deeplab_keras as dk
 from conftest import REPO, shared_path
 from deeplab_keras import cli
-from deeplab_keras.models import presets
+from deeplab_keras.weights import download, presets
 
 TOOL = REPO.parent / "shared" / "tools" / "make_caffemodel.py"
 WIDTH = 1 / 16
@@ -123,7 +123,7 @@ def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch
     _preset(monkeypatch, server, "tiny_vgg", sha256=_sha(data))
     model = dk.DeepLabV2.from_preset("tiny_vgg", cache_dir=tmp_path)
     assert requests == ["/released/tiny.caffemodel"]
-    folder = presets.cache_folder(tmp_path)
+    folder = download.cache_folder(tmp_path)
     assert folder == str(tmp_path / "models" / "deeplab_keras")
     assert _files(folder) == ["released-tiny.caffemodel", "tiny_vgg.keras", "tiny_vgg.keras.json"]
     assert isinstance(model, dk.DeepLabV2)   # the preset's config, with the file's pool5a (LargeFOV: True) stated
@@ -134,7 +134,7 @@ def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch
     meta = json.loads((tmp_path / "models" / "deeplab_keras" / "tiny_vgg.keras.json").read_text())
     assert meta["source_sha256"] == _sha(data) and meta["conversion"]["backbone"] == "vgg16"
 
-    again = presets.from_preset("tiny_vgg", cache_dir=tmp_path)
+    again = download.from_preset("tiny_vgg", cache_dir=tmp_path)
     assert requests == ["/released/tiny.caffemodel"]  # no second request: the cached .keras was loaded
     image = np.random.default_rng(0).uniform(0, 255, (1, 65, 65, 3)).astype("float32")
     np.testing.assert_array_equal(model.predict(image, verbose=0), again.predict(image, verbose=0))
@@ -142,22 +142,22 @@ def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch
 
 def test_wrong_hash_is_an_error_and_leaves_no_file(monkeypatch, server, requests, tmp_path):
     _preset(monkeypatch, server, "tiny_bad", sha256="0" * 64)
-    with pytest.raises(presets.PresetHashError, match=r"tiny\.caffemodel has sha256 [0-9a-f]{64}, expected 0{64} "
+    with pytest.raises(download.PresetHashError, match=r"tiny\.caffemodel has sha256 [0-9a-f]{64}, expected 0{64} "
                                                       r"\(from the registry\); the download was deleted"):
-        presets.from_preset("tiny_bad", cache_dir=tmp_path)
+        download.from_preset("tiny_bad", cache_dir=tmp_path)
     assert requests == ["/released/tiny.caffemodel"]
-    assert _files(presets.cache_folder(tmp_path)) == []  # no download, no partial file, no .keras, no lock
+    assert _files(download.cache_folder(tmp_path)) == []  # no download, no partial file, no .keras, no lock
 
 
 def test_user_hash_overrides_and_is_checked(monkeypatch, server, caffemodel, tmp_path):
     data, _ = caffemodel
     _preset(monkeypatch, server, "tiny_user")
-    with pytest.raises(presets.PresetHashError, match=r"from --preset-sha256 / sha256="):
-        presets.preset_path("tiny_user", tmp_path, sha256="1" * 64)
-    assert _files(presets.cache_folder(tmp_path)) == []
+    with pytest.raises(download.PresetHashError, match=r"from --preset-sha256 / sha256="):
+        download.preset_path("tiny_user", tmp_path, sha256="1" * 64)
+    assert _files(download.cache_folder(tmp_path)) == []
     with pytest.raises(presets.PresetError, match="is not a sha256"):
-        presets.preset_path("tiny_user", tmp_path, sha256="abc")
-    path = presets.preset_path("tiny_user", tmp_path, sha256=_sha(data).upper())
+        download.preset_path("tiny_user", tmp_path, sha256="abc")
+    path = download.preset_path("tiny_user", tmp_path, sha256=_sha(data).upper())
     assert path.endswith("tiny_user.keras") and os.path.isfile(path)
 
 
@@ -167,20 +167,20 @@ def test_unknown_hash_is_pinned_on_first_download_and_enforced_after(monkeypatch
     _preset(monkeypatch, server, "tiny_zip", path="/released/prototxt_and_model.zip",
             member="tiny_iter_1.caffemodel")
     archive = _Files.files["/released/prototxt_and_model.zip"]
-    path = presets.preset_path("tiny_zip", tmp_path)
-    folder = presets.cache_folder(tmp_path)
-    pins = json.loads(open(os.path.join(folder, presets.PINS_FILE)).read())
+    path = download.preset_path("tiny_zip", tmp_path)
+    folder = download.cache_folder(tmp_path)
+    pins = json.loads(open(os.path.join(folder, download.PINS_FILE)).read())
     assert pins["released-prototxt_and_model.zip"]["sha256"] == _sha(archive)
     assert f"no published sha256; pinned {_sha(archive)}" in capsys.readouterr().err
     assert _files(folder) == ["pins.json", "released-prototxt_and_model.zip", "tiny_zip.keras",
                               "tiny_zip.keras.json"]  # the extracted member is gone
-    assert dk.models.load_model(path).num_classes == NUM_CLASSES
+    assert dk.weights.load_model(path).num_classes == NUM_CLASSES
     # the server now serves another file under that URL: after the cache is cleared, the pin refuses it
     for name in ("released-prototxt_and_model.zip", "tiny_zip.keras", "tiny_zip.keras.json"):
         os.remove(os.path.join(folder, name))
     monkeypatch.setitem(_Files.files, "/released/prototxt_and_model.zip", archive + b"changed")
-    with pytest.raises(presets.PresetHashError, match=r"\(from the hash pinned in .*pins\.json\)"):
-        presets.preset_path("tiny_zip", tmp_path)
+    with pytest.raises(download.PresetHashError, match=r"\(from the hash pinned in .*pins\.json\)"):
+        download.preset_path("tiny_zip", tmp_path)
     assert _files(folder) == ["pins.json"]
     assert requests == ["/released/prototxt_and_model.zip"] * 2
 
@@ -188,18 +188,18 @@ def test_unknown_hash_is_pinned_on_first_download_and_enforced_after(monkeypatch
 def test_archive_without_the_member_names_what_it_holds(monkeypatch, server, tmp_path):
     _preset(monkeypatch, server, "tiny_member", path="/released/prototxt_and_model.zip",
             member="train_iter_20000.caffemodel")
-    with pytest.raises(presets.PresetFetchError, match=r"holds no member\(s\) named 'train_iter_20000.caffemodel'; "
+    with pytest.raises(download.PresetFetchError, match=r"holds no member\(s\) named 'train_iter_20000.caffemodel'; "
                                                        r"its \.caffemodel members: \['tiny_iter_1.caffemodel'\]"):
-        presets.preset_path("tiny_member", tmp_path)
+        download.preset_path("tiny_member", tmp_path)
     assert not any(name.endswith(".keras") or name.startswith(".")
-                   for name in _files(presets.cache_folder(tmp_path)))
+                   for name in _files(download.cache_folder(tmp_path)))
 
 
 def test_failed_download_is_one_error_and_leaves_nothing(monkeypatch, server, tmp_path):
     _preset(monkeypatch, server, "tiny_missing", path="/released/missing.caffemodel")
-    with pytest.raises(presets.PresetFetchError, match=r"download of .*/released/missing.caffemodel failed .*404"):
-        presets.preset_path("tiny_missing", tmp_path)
-    assert _files(presets.cache_folder(tmp_path)) == []
+    with pytest.raises(download.PresetFetchError, match=r"download of .*/released/missing.caffemodel failed .*404"):
+        download.preset_path("tiny_missing", tmp_path)
+    assert _files(download.cache_folder(tmp_path)) == []
 
 
 def test_unknown_preset_lists_the_names(monkeypatch, server, tmp_path):
@@ -207,7 +207,7 @@ def test_unknown_preset_lists_the_names(monkeypatch, server, tmp_path):
     with pytest.raises(presets.PresetError, match=r"unknown preset 'nope'; known presets: .*"
                                                   r"deeplabv2_resnet101_msc_voc, .*tiny_listed"):
         dk.DeepLabV2.from_preset("nope", cache_dir=tmp_path)
-    assert not os.path.exists(presets.cache_folder(tmp_path))
+    assert not os.path.exists(download.cache_folder(tmp_path))
 
 
 def test_registry_entries_are_well_formed():
@@ -267,7 +267,7 @@ def test_eval_preset_hash_mismatch_is_a_runtime_error(monkeypatch, server, tmp_p
     assert code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deeplab-eval")]
     assert len(err) == 1 and "expected " + "2" * 64 in err[0] and "nothing was cached" in err[0]
-    assert _files(presets.cache_folder(tmp_path)) == []
+    assert _files(download.cache_folder(tmp_path)) == []
 
 
 # --- failing closed (issue 22: rows S5, S6, S7, W2, C2, K2) ---------------------------------------------------------
@@ -297,24 +297,24 @@ def test_a_silent_server_times_out_and_the_lock_wait_is_announced_and_bounded(mo
     silent.listen(4)  # the kernel accepts the connection; nothing ever answers
     try:
         _preset(monkeypatch, f"http://127.0.0.1:{silent.getsockname()[1]}", "tiny_silent")
-        monkeypatch.setenv(presets.TIMEOUT_ENV, "0.5")
-        done, err = _in_thread(lambda: presets.preset_path("tiny_silent", tmp_path))
+        monkeypatch.setenv(download.TIMEOUT_ENV, "0.5")
+        done, err = _in_thread(lambda: download.preset_path("tiny_silent", tmp_path))
     finally:
         silent.close()
     assert done, "the download hung on a server that never answers"
-    assert isinstance(err, presets.PresetFetchError) and "no answer within 0.5 s" in str(err), err
-    assert _files(presets.cache_folder(tmp_path)) == []
-    monkeypatch.setenv(presets.TIMEOUT_ENV, "soon")
+    assert isinstance(err, download.PresetFetchError) and "no answer within 0.5 s" in str(err), err
+    assert _files(download.cache_folder(tmp_path)) == []
+    monkeypatch.setenv(download.TIMEOUT_ENV, "soon")
     with pytest.raises(presets.PresetError, match=r"\$DEEPLAB_DOWNLOAD_TIMEOUT='soon': give a positive number"):
-        presets.preset_path("tiny_silent", tmp_path)
-    monkeypatch.delenv(presets.TIMEOUT_ENV)
+        download.preset_path("tiny_silent", tmp_path)
+    monkeypatch.delenv(download.TIMEOUT_ENV)
 
-    folder = presets.cache_folder(tmp_path)
-    monkeypatch.setattr(presets, "LOCK_TIMEOUT_S", 0.3)
+    folder = download.cache_folder(tmp_path)
+    monkeypatch.setattr(download, "LOCK_TIMEOUT_S", 0.3)
     from deeplab_keras.locks import LockedError, exclusive_lock
     with exclusive_lock(os.path.join(folder, ".presets.lock")):  # another holder (a second flock conflicts)
         capsys.readouterr()
-        done, err = _in_thread(lambda: presets.preset_path("tiny_silent", tmp_path))
+        done, err = _in_thread(lambda: download.preset_path("tiny_silent", tmp_path))
     assert done and isinstance(err, LockedError) and "gave up after 0.3 s" in str(err), err
     assert f"waiting up to 0.3 s for process {os.getpid()} to finish with the preset cache" in capsys.readouterr().err
 
@@ -325,12 +325,12 @@ def test_a_zip_member_over_the_cap_is_not_extracted(monkeypatch, server, tmp_pat
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("big.caffemodel", bytes(2 << 20))  # 2 MB of zeros: a 2 KB member
     monkeypatch.setitem(_Files.files, "/released/bomb.zip", archive.getvalue())
-    monkeypatch.setattr(presets, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 1 << 20)
     _preset(monkeypatch, server, "tiny_bomb", path="/released/bomb.zip", member="big.caffemodel")
-    with pytest.raises(presets.PresetFetchError, match=r"member big.caffemodel of .*bomb.zip declares 2097152 bytes, "
+    with pytest.raises(download.PresetFetchError, match=r"member big.caffemodel of .*bomb.zip declares 2097152 bytes, "
                                                        r"over the cap of 1048576; not extracted"):
-        presets.preset_path("tiny_bomb", tmp_path)
-    assert _files(presets.cache_folder(tmp_path)) == []  # no extracted member, no pin, no unverified download
+        download.preset_path("tiny_bomb", tmp_path)
+    assert _files(download.cache_folder(tmp_path)) == []  # no extracted member, no pin, no unverified download
 
 
 @pytest.mark.parametrize("pins", [b'{"released-tiny.caffemodel": {"sha2', b'{"released-tiny.caffemodel": '
@@ -338,14 +338,14 @@ def test_a_zip_member_over_the_cap_is_not_extracted(monkeypatch, server, tmp_pat
 def test_a_malformed_pins_file_stops_and_is_kept(monkeypatch, server, requests, tmp_path, pins):
     """S7: a cut-short or malformed pins.json is never taken as 'no pins' (that would accept a tampered file)."""
     _preset(monkeypatch, server, "tiny_pins")
-    folder = presets.cache_folder(tmp_path)
+    folder = download.cache_folder(tmp_path)
     os.makedirs(folder)
-    with open(os.path.join(folder, presets.PINS_FILE), "wb") as f:
+    with open(os.path.join(folder, download.PINS_FILE), "wb") as f:
         f.write(pins)
-    with pytest.raises(presets.PresetCacheError, match=r"the pins file .*pins\.json (is not|has a malformed)"):
-        presets.preset_path("tiny_pins", tmp_path)
+    with pytest.raises(download.PresetCacheError, match=r"the pins file .*pins\.json (is not|has a malformed)"):
+        download.preset_path("tiny_pins", tmp_path)
     assert requests == [] and _files(folder) == ["pins.json"]
-    assert open(os.path.join(folder, presets.PINS_FILE), "rb").read() == pins  # not rewritten
+    assert open(os.path.join(folder, download.PINS_FILE), "rb").read() == pins  # not rewritten
 
 
 def test_a_truncated_first_download_is_not_pinned(monkeypatch, server, caffemodel, requests, tmp_path):
@@ -353,19 +353,19 @@ def test_a_truncated_first_download_is_not_pinned(monkeypatch, server, caffemode
     announced length is an error; once the server is fixed, the good file converts and is pinned."""
     data, _ = caffemodel
     _preset(monkeypatch, server, "tiny_cut")
-    folder = presets.cache_folder(tmp_path)
+    folder = download.cache_folder(tmp_path)
     monkeypatch.setitem(_Files.files, "/released/tiny.caffemodel", data[: len(data) // 2])
     monkeypatch.setitem(_Files.lengths, "/released/tiny.caffemodel", None)
     with pytest.raises(ValueError, match="truncated|not a .caffemodel"):  # CaffeModelError
-        presets.preset_path("tiny_cut", tmp_path)
+        download.preset_path("tiny_cut", tmp_path)
     assert _files(folder) == []
     monkeypatch.setitem(_Files.lengths, "/released/tiny.caffemodel", len(data))  # announces more than it sends
-    with pytest.raises(presets.PresetFetchError, match=rf"received {len(data) // 2} of the {len(data)} bytes"):
-        presets.preset_path("tiny_cut", tmp_path)
+    with pytest.raises(download.PresetFetchError, match=rf"received {len(data) // 2} of the {len(data)} bytes"):
+        download.preset_path("tiny_cut", tmp_path)
     assert _files(folder) == []
     monkeypatch.setitem(_Files.files, "/released/tiny.caffemodel", data)
-    presets.preset_path("tiny_cut", tmp_path)
-    pins = json.loads(open(os.path.join(folder, presets.PINS_FILE)).read())
+    download.preset_path("tiny_cut", tmp_path)
+    pins = json.loads(open(os.path.join(folder, download.PINS_FILE)).read())
     assert pins["released-tiny.caffemodel"]["sha256"] == _sha(data) and len(requests) == 3
 
 
@@ -375,41 +375,41 @@ def test_a_complete_read_only_cache_is_usable_and_a_corrupt_model_is_named(monke
     K2: progress=False hides the download bar and lines; a corrupt cached .keras names the file to delete."""
     data, _ = caffemodel
     _preset(monkeypatch, server, "tiny_ro")
-    presets.preset_path("tiny_ro", tmp_path, progress=False)
+    download.preset_path("tiny_ro", tmp_path, progress=False)
     err = capsys.readouterr().err
     assert "pinned" in err and "downloading" not in err and "B/s" not in err and "converting" not in err
-    folder = presets.cache_folder(tmp_path)
+    folder = download.cache_folder(tmp_path)
 
     def read_only(*args, **kwargs):  # what exclusive_lock meets on a read-only folder (also for root)
         raise OSError(30, "Read-only file system", os.path.join(folder, ".presets.lock"))
-    monkeypatch.setattr(presets, "exclusive_lock", read_only)
+    monkeypatch.setattr(download, "exclusive_lock", read_only)
     os.chmod(folder, 0o555)
     try:
-        assert presets.preset_path("tiny_ro", tmp_path) == os.path.join(folder, "tiny_ro.keras")
+        assert download.preset_path("tiny_ro", tmp_path) == os.path.join(folder, "tiny_ro.keras")
         assert requests == ["/released/tiny.caffemodel"]
         other = _preset(monkeypatch, server, "tiny_ro_other")  # not cached: needs the lock
         with pytest.raises(presets.PresetError, match=r"cannot write the preset cache .* \(Read-only file system\)"):
-            presets.preset_path(other, tmp_path)
+            download.preset_path(other, tmp_path)
     finally:
         os.chmod(folder, 0o755)
     with open(os.path.join(folder, "tiny_ro.keras"), "r+b") as f:
         f.write(b"garbage!")
-    with pytest.raises(presets.PresetCacheError, match=r"the cached preset model .*tiny_ro\.keras does not load .*; "
+    with pytest.raises(download.PresetCacheError, match=r"the cached preset model .*tiny_ro\.keras does not load .*; "
                                                        r"delete it \(and tiny_ro\.keras\.json\)"):
-        presets.from_preset("tiny_ro", tmp_path)
+        download.from_preset("tiny_ro", tmp_path)
 
 
 def test_ctrl_c_during_a_download_says_so(monkeypatch, server, tmp_path, capsys):
     """K2: deeplab-predict interrupted while downloading a preset says what happened (not 'masks written')."""
     _preset(monkeypatch, server, "tiny_ctrl_c")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    folder = presets.cache_folder(tmp_path)
+    folder = download.cache_folder(tmp_path)
 
     def interrupted(preset, dest, timeout, progress):
         with open(dest, "wb") as f:
             f.write(b"part")
         raise KeyboardInterrupt
-    monkeypatch.setattr(presets, "_fetch", interrupted, raising=False)
+    monkeypatch.setattr(download, "_fetch", interrupted, raising=False)
     image = tmp_path / "photo.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     assert cli.predict_main([str(image), "--preset", "tiny_ctrl_c", "--out", str(tmp_path / "masks")]) == 130

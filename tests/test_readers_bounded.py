@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from deeplab_keras.models import caffe_reader
-from deeplab_keras.models.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
-from deeplab_keras.models.pth import PthError, load_pth, read_pth, state_layers, state_scan
+from deeplab_keras.weights import caffe_reader
+from deeplab_keras.weights.caffe import CaffeModelError, caffemodel_config, load_caffemodel, read_caffemodel
+from deeplab_keras.weights.pth import PthError, load_pth, read_pth, state_layers, state_scan
 from tests import caffe_writer as cw
 from tests import pth_writer as pw
 from tests.conftest import REPO, tiny_model
@@ -217,7 +217,7 @@ def test_d1_every_copy_of_a_repeated_name_is_checked_first(tmp_path, source):
 
 def test_c1_classifier_of_too_few_dimensions(tmp_path):
     """An InnerProduct classifier with a 1-D weight blob (analyse read its dimension -2: IndexError)."""
-    from deeplab_keras.models.pth import pth_layers
+    from deeplab_keras.weights.pth import pth_layers
 
     layers, _ = pth_layers(REPO / "tests" / "data" / "pth" / "kazuto_coco.pth")
     encoded = [cw.layer(x.name, x.type, x.blobs) for x in layers if x.name != "fc"]

@@ -37,8 +37,8 @@ def test_mutated_files_parse_or_are_refused_within_bounds(folder, name, kinds, s
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_seed_files_parse(folder, name):
     """The unmutated seeds parse (so the mutations start from valid files)."""
-    from deeplab_keras.models.caffe import read_caffemodel
-    from deeplab_keras.models.pth import read_pth
+    from deeplab_keras.weights.caffe import read_caffemodel
+    from deeplab_keras.weights.pth import read_pth
 
     fmt = "pth" if name.endswith(".pth") else "caffemodel"
     path = folder / f"seed.{fmt}"

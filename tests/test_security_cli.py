@@ -69,8 +69,8 @@ def _usage(capsys, call):
 def test_unwritable_out_is_refused_before_the_work(failing_folder, checkpoint, image, tmp_path, capsys,
                                                    monkeypatch):
     """K1: convert / eval / predict / train; permission and full disk are told apart."""
-    import deeplab_keras.models
-    monkeypatch.setattr(deeplab_keras.models, "load_model",
+    import deeplab_keras.weights
+    monkeypatch.setattr(deeplab_keras.weights, "load_model",
                         lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
     locked, full = failing_folder("locked"), failing_folder("full", errno.ENOSPC)
     line = _usage(capsys, lambda: cli.predict_main([image, "--checkpoint", checkpoint, "--out", str(locked / "m")]))
@@ -151,16 +151,17 @@ def test_export_backbone_with_preset_sha256_is_a_usage_error(tmp_path, capsys):
 
 def test_from_preset_passes_timeout_and_progress(monkeypatch):
     """DeepLabV2.from_preset forwards timeout= / progress= to the preset download."""
-    from deeplab_keras.models import deeplab, presets
+    from deeplab_keras.models import deeplab
+    from deeplab_keras.weights import download
 
     calls = []
-    monkeypatch.setattr(presets, "from_preset", lambda *a, **k: calls.append((a, k)) or "model")
+    monkeypatch.setattr(download, "from_preset", lambda *a, **k: calls.append((a, k)) or "model")
     assert deeplab.DeepLabV2.from_preset("p", "/c", sha256="ab", timeout=5.0, progress=False) == "model"
     assert calls == [(("p", "/c"), dict(sha256="ab", timeout=5.0, progress=False))]
 
 
 def test_readme_pins_the_first_download_that_converts():
-    """The README's preset "Hashes" paragraph: a download is pinned once it converted (models/presets.py)."""
+    """The README's preset "Hashes" paragraph: a download is pinned once it converted (weights/download.py)."""
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         hashes = f.read().split("**Hashes.**", 1)[1].split("\n\n", 1)[0]
     assert "The first download of a file is *pinned*" not in hashes and "converts successfully" in hashes

@@ -203,12 +203,12 @@ def test_mixed_precision_trains_and_exports_float32(tmp_path, policy):
     assert net(np.zeros((1, 33, 33, 3), "float32")).dtype == "float32"  # final logits in float32
     assert np.isfinite(result.history["loss"]).all()
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
-    final = dk.models.load_model(result.model_path)
+    final = dk.weights.load_model(result.model_path)
     assert final.dtype_policy.name == "float32"
     assert all(w.dtype == "float32" for w in final.weights)
     for a, b in zip(final.weights, net.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ckpt = dk.models.load_model(os.path.join(result.run_dir, "checkpoints", "ckpt-4.keras"))
+    ckpt = dk.weights.load_model(os.path.join(result.run_dir, "checkpoints", "ckpt-4.keras"))
     for a, b in zip(ckpt.weights, net.weights):  # the step-4 checkpoint holds the final weights
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     x = np.random.default_rng(0).uniform(0, 255, (1, 33, 33, 3)).astype("float32")

@@ -140,7 +140,7 @@ def test_run_dir_artifacts(tmp_path):
     saved = yaml.safe_load(open(run / "config.yaml"))
     assert saved["runtime"]["seed"] == 11 and saved["data"]["val_crop_size"] == [41, 41]
     assert T.load_config(str(run / "config.yaml")) == cfg  # the nested config.yaml reads back as the same config
-    model = dk.models.load_model(str(run))  # the run dir resolves to model.keras
+    model = dk.weights.load_model(str(run))  # the run dir resolves to model.keras
     x = np.random.default_rng(0).uniform(0, 255, (1, 41, 41, 3)).astype("float32")
     np.testing.assert_allclose(model(x).numpy(), result.model(x).numpy(), rtol=1e-5, atol=1e-5)
     # TensorBoard event files when the tensorboard package is installed (a requirement)
@@ -219,8 +219,8 @@ def test_sigkill_mid_epoch_and_rerun_same_command_gives_same_weights(tmp_path):
     out2, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out2[-3000:]
     assert "resuming" in out2 and "from epoch" in out2
-    a = dk.models.load_model(str(tmp_path / "full" / "model.keras"))
-    b = dk.models.load_model(str(run / "model.keras"))
+    a = dk.weights.load_model(str(tmp_path / "full" / "model.keras"))
+    b = dk.weights.load_model(str(run / "model.keras"))
     for x, y in zip(_weights(a), _weights(b)):
         np.testing.assert_array_equal(x, y)
     rows = T.read_history(str(run / "history.csv"))

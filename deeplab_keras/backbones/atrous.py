@@ -1,7 +1,7 @@
 """Helpers shared by the backbones: stride -> dilation, widths, Caffe's ceil-mode pooling and its size rule."""
 import keras
 
-from deeplab_keras.models.config import check_output_stride
+from deeplab_keras.architecture import check_output_stride
 
 
 def strides_and_dilations(output_stride, num_stages):

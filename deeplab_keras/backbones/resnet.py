@@ -9,9 +9,9 @@ ImageNet network. Batch norm epsilon defaults to Caffe's 1e-5 (keras.application
 """
 import keras
 
+from deeplab_keras.architecture import CAFFE_BN_EPSILON, RESNET_BLOCKS
 from deeplab_keras.backbones.atrous import (caffe_max_pool, caffe_pool_size, scaled, strided_conv_size,
                                             strides_and_dilations)
-from deeplab_keras.models.config import CAFFE_BN_EPSILON, RESNET_BLOCKS
 
 
 def bottleneck(x, filters, stride=1, dilation=1, conv_shortcut=False, bn_epsilon=CAFFE_BN_EPSILON, name=""):

@@ -4,7 +4,8 @@ pool4/5 MAX 3x3/1 pad 1 and conv5 dilated by 2 at output stride 8, then (LargeFO
 ImageNet weights transfer; the fc6/fc7/fc8 head lives in :class:`deeplab_keras.layers.aspp.ASPP`."""
 import keras
 
-from deeplab_keras.backbones.atrous import caffe_max_pool, caffe_pool_size, check_output_stride, scaled
+from deeplab_keras.architecture import check_output_stride
+from deeplab_keras.backbones.atrous import caffe_max_pool, caffe_pool_size, scaled
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 _STRIDED_POOLS = {8: 3, 16: 4, 32: 5}

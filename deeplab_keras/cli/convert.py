@@ -2,7 +2,7 @@
 
 Sources: a Caffe ``.caffemodel`` (the released DeepLab v2 ResNet-101 / VGG-16 models, the COCO init, Kaiming
 He's ImageNet ResNets with ``--backbone-only``) or a kazuto1011/deeplab-pytorch ``.pth`` state dict; the reading
-and loading is :func:`deeplab_keras.models.caffe.convert`.
+and loading is :func:`deeplab_keras.weights.convert.convert`.
 
 Examples:
     deeplab convert train2_iter_20000.caffemodel --backbone resnet101 --num-classes 21 \\
@@ -16,6 +16,7 @@ Exit codes: 0 written; 2 bad input (unreadable or mismatching weights, bad argum
 import argparse
 import os
 
+from deeplab_keras.architecture import BACKBONES
 from deeplab_keras.cli import options
 from deeplab_keras.cli.options import usage_error
 
@@ -24,7 +25,6 @@ DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
 EPILOG = __doc__.split("\n\n", 2)[2]
 RAW_EPILOG = True
 INTERRUPTED = "interrupted; nothing was written"
-BACKBONES = ("resnet50", "resnet101", "vgg16")
 
 
 def _aspp(text):
@@ -84,7 +84,7 @@ def run(parser, args):
         usage_error(parser, "--aspp applies to --backbone-only (a full import takes the file's head)")
     if not os.path.isfile(args.src):
         usage_error(parser, f"{args.src}: no such file")
-    from deeplab_keras.models.caffe import check_output, convert, save_keras
+    from deeplab_keras.weights.convert import check_output, convert, save_keras
 
     try:  # unreadable / mismatching weights and bad arguments: one line, exit 2, nothing written
         out = check_output(args.out, args.overwrite)

@@ -169,7 +169,7 @@ def run(parser, a):
     from deeplab_keras.export.report import Progress
     from deeplab_keras.export.driver import FORMATS as HOOKS
     from deeplab_keras.export.verify import TOLERANCES, Tolerance, VerificationError
-    from deeplab_keras.models import is_float32
+    from deeplab_keras.weights import is_float32
 
     progress = Progress(not a.quiet)
     try:

@@ -78,7 +78,7 @@ def add_model_source(parser, *, saved_model=False, extra=()):
     Returns:
         the argument group (for further options about the model).
     """
-    from deeplab_keras.models.presets import PRESETS
+    from deeplab_keras.weights.presets import PRESETS
 
     group = parser.add_argument_group("model (one of)")
     which = group.add_mutually_exclusive_group(required=True)
@@ -227,8 +227,9 @@ def load_model_source(parser, args):
     line; the exception itself with ``--debug``); a failed or mismatching preset download is a runtime error
     (raised: exit 1). ``--preset-sha256`` without ``--preset`` is a usage error; ``--quiet`` hides the download bar.
     """
-    from deeplab_keras.models import load_model, resolve_checkpoint
-    from deeplab_keras.models.presets import PresetError, load_cached, preset_path
+    from deeplab_keras.weights import load_model, resolve_checkpoint
+    from deeplab_keras.weights.download import load_cached, preset_path
+    from deeplab_keras.weights.presets import PresetError
 
     if getattr(args, "preset_sha256", None) and not args.preset:
         usage_error(parser, "--preset-sha256 applies only to --preset (a --checkpoint or --saved-model is not "

@@ -3,7 +3,7 @@ load with ``safe_mode=True``). Every op here is a Keras op: the layers run on an
 import keras
 from keras import ops
 
-from deeplab_keras.models.config import interp_factors
+from deeplab_keras.architecture import interp_factors
 
 # DeepLab v2's mean colour (the released Caffe models and every port): B, G, R subtracted after RGB -> BGR.
 DEEPLAB_MEAN_BGR = (104.008, 116.669, 122.675)

@@ -8,10 +8,10 @@ from deeplab_keras.backbones.resnet import resnet_features, resnet_output_size
 from deeplab_keras.backbones.vgg import vgg16_features, vgg16_output_size
 from deeplab_keras.layers.aspp import ASPP
 from deeplab_keras.layers.preprocessing import CaffePreprocess
-from deeplab_keras.models import caffe, presets
-from deeplab_keras.models.config import ModelConfig, register_builder
+from deeplab_keras.models.config import ModelConfig
 from deeplab_keras.models.msc import MSC
-from deeplab_keras.models.weights import load_weights_into
+from deeplab_keras.weights import convert, download
+from deeplab_keras.weights.checkpoints import load_weights_into
 
 # The classifier layers (lr_mult 10 in the released solvers), by ``variable.path``: each ResNet ASPP branch's
 # conv (``aspp/aspp_r6_conv/kernel``) and each VGG-16 branch's fc8 (``aspp/fc8_r12/bias``); fc6 / fc7 are not.
@@ -55,7 +55,6 @@ def logits_size(height, width, backbone="resnet101", output_stride=8):
     return size(int(height), output_stride), size(int(width), output_stride)
 
 
-@register_builder
 @keras.saving.register_keras_serializable(package="deeplab_keras")
 class DeepLabV2(keras.Model):
     """DeepLab v2 semantic segmentation model: :func:`build_network` wrapped in :class:`MSC`.
@@ -75,7 +74,7 @@ class DeepLabV2(keras.Model):
         config: a ModelConfig instead of those keyword arguments (giving both is an error).
         weights: None (random init), "imagenet" (keras.applications ImageNet backbone weights), a released
             DeepLab v2 ``.caffemodel`` / deeplab-pytorch ``.pth``, or a ``.keras`` / ``.weights.h5`` file or a
-            training run directory (see :func:`deeplab_keras.models.weights.load_weights_into`).
+            training run directory (see :func:`deeplab_keras.weights.checkpoints.load_weights_into`).
 
     ``model.config`` is the ModelConfig; ``model.network`` the single-scale network shared by every scale. For MSC
     training, ``model.multi_scale_logits(images, training=True)`` returns every scale's logits (resized to the
@@ -188,33 +187,33 @@ class DeepLabV2(keras.Model):
     def from_weights(cls, path, *, backbone=None, num_classes=None, msc_scales=None, backbone_only=False,
                      **config):
         """The model a released DeepLab v2 ``.caffemodel`` (or deeplab-pytorch ``.pth``) implies, loaded; the given
-        arguments are checked against the file (see :func:`deeplab_keras.models.caffe.convert`).
+        arguments are checked against the file (see :func:`deeplab_keras.weights.convert.convert`).
 
         Example:
             >>> model = DeepLabV2.from_weights("train2_iter_20000.caffemodel",
             ...                                msc_scales=(1.0, 0.75, 0.5))        # doctest: +SKIP
         """
-        model, _ = caffe.convert(path, backbone=backbone, num_classes=num_classes, msc_scales=msc_scales,
+        model, _ = convert.convert(path, backbone=backbone, num_classes=num_classes, msc_scales=msc_scales,
                                  backbone_only=backbone_only, model_class=cls, **config)
         return model
 
     @classmethod
     def from_preset(cls, name, cache_dir=None, *, sha256=None, timeout=None, progress=True):
         """A released DeepLab v2 model by name (downloaded, checked, converted and cached on first use); see
-        :mod:`deeplab_keras.models.presets` for the names and the cache.
+        :mod:`deeplab_keras.weights.presets` for the names, :mod:`deeplab_keras.weights.download` for the cache.
 
         Args:
-            name: a preset name (a key of ``deeplab_keras.models.presets.PRESETS``).
+            name: a preset name (a key of ``deeplab_keras.weights.presets.PRESETS``).
             cache_dir: cache root (default: the Keras cache, ``$KERAS_HOME`` or ``~/.keras``).
             sha256: the sha256 you trust for the downloaded file; overrides the registry's and the pinned one.
             timeout: seconds to wait for the connection and for each read of the download (default
-                ``$DEEPLAB_DOWNLOAD_TIMEOUT`` or ``presets.DOWNLOAD_TIMEOUT_S``).
+                ``$DEEPLAB_DOWNLOAD_TIMEOUT`` or ``deeplab_keras.weights.download.DOWNLOAD_TIMEOUT_S``).
             progress: show the download bar and the "downloading" / "converting" lines on stderr.
 
         Example:
             >>> model = DeepLabV2.from_preset("deeplabv2_resnet101_msc_voc")   # doctest: +SKIP
         """
-        return presets.from_preset(name, cache_dir, sha256=sha256, timeout=timeout, progress=progress)
+        return download.from_preset(name, cache_dir, sha256=sha256, timeout=timeout, progress=progress)
 
 
 def _check_input_shape(inputs):

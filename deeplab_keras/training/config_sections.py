@@ -18,8 +18,8 @@ import os
 import re
 from typing import ClassVar, Optional, Tuple, Union
 
+from deeplab_keras.architecture import MIN_INPUT_SIZE
 from deeplab_keras.config_base import ConfigBase, is_int, is_number
-from deeplab_keras.models.config import MIN_INPUT_SIZE
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = (None, "float32", "mixed_float16", "mixed_bfloat16")

@@ -169,7 +169,7 @@ def _float32_copy(net, cfg):
     """A float32 copy of a mixed-precision model (``models.as_float32``); ``net`` itself otherwise."""
     if not cfg.runtime.mixed:
         return net
-    from deeplab_keras.models import as_float32
+    from deeplab_keras.weights import as_float32
 
     return as_float32(net)
 

@@ -28,7 +28,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from deeplab_keras.models.caffe_reader import CaffeLayer  # noqa: E402
+from deeplab_keras.weights.caffe_reader import CaffeLayer  # noqa: E402
 from tests import caffe_writer as cw  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
@@ -67,7 +67,7 @@ def kazuto_state(name):
 
 
 def _decode(encoded_layer):
-    from deeplab_keras.models.caffe_reader import _decode_layer
+    from deeplab_keras.weights.caffe_reader import _decode_layer
 
     layer = _decode_layer(encoded_layer, v1=False)
     return [CaffeLayer(layer.name, layer.type, [np.array(b) for b in layer.blobs])]

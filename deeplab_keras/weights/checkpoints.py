@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from deeplab_keras import _keras_compat
-from deeplab_keras.models.caffe import load_scan, scan_weights
+from deeplab_keras.weights.convert import load_scan, scan_weights
 
 _APPLICATIONS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "vgg16": "VGG16"}
 
@@ -169,7 +169,7 @@ def load_model(path, compile=False):
 
 def load_weights_into(model, weights):
     """Fill ``model`` from ``weights``: "imagenet", a released DeepLab v2 ``.caffemodel`` or deeplab-pytorch
-    ``.pth`` (see :mod:`deeplab_keras.models.caffe`), or a checkpoint path (see :func:`resolve_checkpoint`)."""
+    ``.pth`` (see :mod:`deeplab_keras.weights.caffe`), or a checkpoint path (see :func:`resolve_checkpoint`)."""
     if isinstance(weights, str) and weights == "imagenet":
         transfer_backbone_weights(model, imagenet_reference(model.backbone))
         return model

@@ -1,6 +1,6 @@
 """Map the layers of a released DeepLab v2 ``.caffemodel`` (or deeplab-pytorch ``.pth``) onto a :class:`DeepLabV2`.
 
-The layers (read by :mod:`~deeplab_keras.models.caffe_reader`, or :mod:`~deeplab_keras.models.pth` with Caffe
+The layers (read by :mod:`~deeplab_keras.weights.caffe_reader`, or :mod:`~deeplab_keras.weights.pth` with Caffe
 names) map onto the model by name:
 
 =====================================  =====================================================================
@@ -18,15 +18,15 @@ Convolution blobs are OIHW (Keras: HWIO); BatchNorm blobs are (mean * s, var * s
 Caffe does (s == 0 gives 0); Scale blobs are gamma and beta. Shared-weight copies of the MSC branches
 (``<layer>_res075``, ``<layer>_res05``) are checked to equal their shared layer and skipped.
 
-The weights file comes in as a :class:`~deeplab_keras.models.caffe_reader.Scan` (from
-:func:`deeplab_keras.models.caffe.scan_weights`); the model is passed in, never built here.
+The weights file comes in as a :class:`~deeplab_keras.weights.caffe_reader.Scan` (from
+:func:`deeplab_keras.weights.convert.scan_weights`); the model is passed in, never built here.
 """
 import re
 
 import numpy as np
 
-from deeplab_keras.models.caffe_reader import CaffeModelError, bn_statistics
-from deeplab_keras.models.config import ASPP_RATES, RESNET_BLOCKS
+from deeplab_keras.architecture import ASPP_RATES, RESNET_BLOCKS
+from deeplab_keras.weights.caffe_reader import CaffeModelError, bn_statistics
 
 # ----------------------------------------------------------------------------------------------------------
 # What the file holds (names -> roles), checked against the model before anything is assigned

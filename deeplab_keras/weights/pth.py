@@ -6,14 +6,14 @@ A ``.pth`` written by ``torch.save`` is a zip (``<name>/data.pkl`` + raw little-
 by a restricted unpickler that builds only ordered dicts and tensors (as numpy arrays) and refuses every other
 global, so a ``.pth`` cannot run code here.
 
-kazuto's names map onto Caffe's, and from there onto the model exactly as :mod:`deeplab_keras.models.importer`
+kazuto's names map onto Caffe's, and from there onto the model exactly as :mod:`deeplab_keras.weights.importer`
 does: ``[base.]layer1.conv1.{conv,bn}`` = conv1 / bn_conv1 + scale_conv1, ``layer{s}.block{i}.{shortcut,
 reduce,conv3x3,increase}.{conv,bn}`` = res{s}{block}_branch{1,2a,2b,2c} (+ bn / scale), ``aspp.c{k}`` = the k-th
 ASPP branch in the model's rate order (a state dict does not store the rates: DeepLabV2S files need aspp="S"),
 ``fc`` = the COCO init's 1x1 classifier (backbone only). BatchNorm eps is kazuto's 1e-5.
 
 Example:
-    >>> from deeplab_keras.models.pth import read_pth
+    >>> from deeplab_keras.weights.pth import read_pth
     >>> state = read_pth("deeplabv2_resnet101_msc-vocaug-20000.pth")          # doctest: +SKIP
     >>> state["base.aspp.c0.weight"].shape                                    # doctest: +SKIP
     (21, 2048, 3, 3)
@@ -30,8 +30,8 @@ import zlib
 
 import numpy as np
 
-from deeplab_keras.models.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count, printable
-from deeplab_keras.models.importer import load_scan
+from deeplab_keras.weights.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count, printable
+from deeplab_keras.weights.importer import load_scan
 
 
 class PthError(CaffeModelError):
@@ -250,7 +250,7 @@ def _read_zip(path):
         pkl = [n for n in infos if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
             raise PthError(f"{path} is a zip without <name>/data.pkl: not a torch.save file "
-                           "(a .keras model? load it with deeplab_keras.models.load_model)")
+                           "(a .keras model? load it with deeplab_keras.weights.load_model)")
         prefix = pkl[0][:-len("data.pkl")]
         if infos[pkl[0]].file_size > _MAX_PICKLE_BYTES:
             raise PthError(f"{path}: its {pkl[0]} has {infos[pkl[0]].file_size:,} bytes, over the reader's cap of "
@@ -453,13 +453,13 @@ def state_layers(state, path):
 
 
 def pth_scan(path):
-    """The :class:`deeplab_keras.models.caffe_reader.Scan` of a ``.pth`` (for the importer's checks and loading)."""
+    """The :class:`deeplab_keras.weights.caffe_reader.Scan` of a ``.pth`` (for the importer's checks and loading)."""
     path = os.fspath(path)
     return state_scan(*pth_layers(path), path)
 
 
 def state_scan(layers, names, path):
-    """The :class:`~deeplab_keras.models.caffe_reader.Scan` of :func:`state_layers`' result."""
+    """The :class:`~deeplab_keras.weights.caffe_reader.Scan` of :func:`state_layers`' result."""
     nonfinite = {layer.name: nonfinite_count(layer) for layer in layers}
     return Scan(path, [layer._replace(blobs=[b.shape for b in layer.blobs]) for layer in layers], {},
                 lambda: iter(layers), names, {name: n for name, n in nonfinite.items() if n})
@@ -467,7 +467,7 @@ def state_scan(layers, names, path):
 
 def load_pth(model, path, backbone_only=False):
     """Fill a :class:`DeepLabV2` (ResNet) from a deeplab-pytorch ``.pth`` state dict; see
-    :func:`deeplab_keras.models.caffe.load_caffemodel` for the checks, arguments and report.
+    :func:`deeplab_keras.weights.caffe.load_caffemodel` for the checks, arguments and report.
 
     Example:
         >>> model = dk.DeepLabV2(21, "resnet101")                                 # doctest: +SKIP

@@ -2,14 +2,14 @@
 
 The file is a flat sequence of ``layer`` fields (100; the old ``layers`` field 2 of V1 files is read too). This
 module decodes the wire format itself, one layer at a time (the file is streamed, never held whole in memory).
-It knows nothing of the Keras model: :mod:`deeplab_keras.models.importer` maps the layers onto one.
+It knows nothing of the Keras model: :mod:`deeplab_keras.weights.importer` maps the layers onto one.
 
 The file is untrusted input: the reader only moves forward (time linear in the file size), checks every length,
 count, wire type and blob shape against the bytes that remain and its caps before allocating, and turns every
 malformed input into a one-line :class:`CaffeModelError` naming the file (``tests/test_readers_fuzz.py`` fuzzes it).
 
 Example:
-    >>> from deeplab_keras.models.caffe_reader import read_caffemodel
+    >>> from deeplab_keras.weights.caffe_reader import read_caffemodel
     >>> [layer.name for layer in read_caffemodel("train2_iter_20000.caffemodel")][:2]   # doctest: +SKIP
     ['data', 'conv1']
 """
@@ -365,7 +365,7 @@ def _read_layers(path):
 
 class Scan(NamedTuple):
     """What an importer knows about a weights file before loading it
-    (see :func:`deeplab_keras.models.importer.load_scan`)."""
+    (see :func:`deeplab_keras.weights.importer.load_scan`)."""
     path: str
     layers: list          # CaffeLayer with blobs replaced by their shapes (tuples), file order
     digests: dict         # layer name -> digest of its blobs (to check the MSC copies)
