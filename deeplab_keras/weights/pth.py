@@ -30,6 +30,7 @@ import zlib
 
 import numpy as np
 
+from deeplab_keras.config_base import is_int
 from deeplab_keras.weights.caffe_reader import CaffeLayer, CaffeModelError, Scan, nonfinite_count, printable
 from deeplab_keras.weights.importer import load_scan
 
@@ -111,7 +112,7 @@ class _Unpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python one: its m
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and _is_int(pid[4]) and pid[4] >= 0):
+                and isinstance(pid[1], _StorageType) and is_int(pid[4]) and pid[4] >= 0):
             raise PthError(f"{self.path}: unsupported storage reference {printable(pid, 80)}")
         key = str(pid[2])
         if key not in self.storages:
@@ -155,10 +156,6 @@ def _load_pickle(unpickler, path):
         raise PthError(f"{path} is not a readable .pth state dict ({type(e).__name__}: {str(e)[:80]})") from None
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _dtype(code, byteorder):
     if code == "bf16":
         return np.dtype(byteorder + "u2")
@@ -196,7 +193,7 @@ def _check_tensor(t, path):
         raise PthError(f"{where} has no storage of its own")
     size, stride, offset = t.size, t.stride, t.offset
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= _MAX_DIMS
-            and all(map(_is_int, size + stride)) and _is_int(offset)):
+            and all(map(is_int, size + stride)) and is_int(offset)):
         raise PthError(f"{where} has malformed sizes / strides / offset (integers expected, at most {_MAX_DIMS} "
                        "dimensions)")
     numel = t.storage.array.size
@@ -295,7 +292,7 @@ def _read_legacy(path):
         raw.seek(0)
         f = _Bounded(raw, size)
         magic = _load_pickle(_Unpickler(f, path), path)
-        if not _is_int(magic) or magic != _LEGACY_MAGIC:
+        if not is_int(magic) or magic != _LEGACY_MAGIC:
             raise PthError(f"{path} is a pickle but not a torch.save file")
         _load_pickle(_Unpickler(f, path), path)  # protocol version
         sys_info = _load_pickle(_Unpickler(f, path), path)
