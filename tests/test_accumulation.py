@@ -36,7 +36,7 @@ def test_k_batches_of_b_equal_one_batch_of_k_times_b(tmp_path):
     accumulated = _train(tmp_path, "accumulated", 2, 2, w0)
     assert max(np.abs(a - b).max() for a, b in zip(whole, w0)) > 1e-3  # two updates did move the weights
     for a, b in zip(accumulated, whole):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_accumulation_steps_are_checked():
