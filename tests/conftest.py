@@ -2,11 +2,18 @@
 :func:`shared_path` for the fixtures that only ``../shared`` holds (tests that need them skip without it)."""
 import os
 import pathlib
+import signal
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored (and passes that on to the
+# commands it runs), which would make the Ctrl-C tests meaningless: give this process (and so its children) the
+# normal Ctrl-C behaviour back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
