@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deeplab_keras.crf.portable import dense_crf_portable  # noqa: E402
 
-VOC = REPO.parent / "shared" / "data" / "voc2012-samples" / "VOC2012"
+VOC = REPO / "deeplab_keras" / "data" / "samples" / "VOC2012"  # the VOC 2012 pairs packaged with deeplab_keras
 
 
 def load_inputs(name, num_classes, seed=0):

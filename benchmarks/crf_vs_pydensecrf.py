@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VOC = REPO.parent / "shared" / "data" / "voc2012-samples" / "VOC2012"
+VOC = REPO / "deeplab_keras" / "data" / "samples" / "VOC2012"  # the VOC 2012 pairs packaged with deeplab_keras
 SAMPLE = "2007_000063"  # 500 x 375
 PARAMS = dict(bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0, gaussian_weight=3.0,
               gaussian_xy_std=1.0)
