@@ -34,6 +34,14 @@ def tiny_model(num_classes=3, backbone="resnet50", **overrides):
     return dk.DeepLabV2(num_classes=num_classes, **{**TINY[backbone], **overrides})
 
 
+def saved_tiny_model(tmp_path_factory, num_classes, folder="ckpt"):
+    """(model, path of it saved as ``tiny.keras``) for a tiny ResNet-50 DeepLabV2 in a fresh temporary folder."""
+    model = tiny_model(num_classes, "resnet50")
+    path = tmp_path_factory.mktemp(folder) / "tiny.keras"
+    model.save(path)
+    return model, str(path)
+
+
 def shared_path(*parts):
     """``../shared/<parts>`` (the caffemodel generator, the PyTorch-port reference logits); skips the calling test
     with one reason naming the folder when the repository was cloned without ``../shared`` beside it."""

@@ -11,7 +11,7 @@ from deeplab_keras import precision as P
 from deeplab_keras.cli import eval_main, predict_main
 from deeplab_keras.evaluate import evaluate
 from deeplab_keras.inference import predict_probabilities
-from tests.conftest import tiny_model
+from tests.conftest import saved_tiny_model
 
 needs_bf16 = pytest.mark.skipif(not P.bf16_supported(), reason="this CPU has no avx512_bf16 / AMX")
 NO_BF16 = frozenset({"fpu", "avx2", "avx512f"})
@@ -19,10 +19,7 @@ NO_BF16 = frozenset({"fpu", "avx2", "avx512f"})
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = tiny_model(3, "resnet50")
-    path = tmp_path_factory.mktemp("precision") / "tiny.keras"
-    model.save(path)
-    return model, str(path)
+    return saved_tiny_model(tmp_path_factory, 3, "precision")
 
 
 def test_cpu_flags_and_the_check(tmp_path):

@@ -11,15 +11,12 @@ from deeplab_keras.inference import predict_probabilities
 from deeplab_keras.data import BadDataError
 from deeplab_keras.cli import predict_main as main
 from deeplab_keras.predict import MAX_PIXELS, predict_files, read_image, voc_palette
-from tests.conftest import tiny_model
+from tests.conftest import saved_tiny_model
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = tiny_model(21, "resnet50")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.keras"
-    model.save(path)
-    return model, str(path)
+    return saved_tiny_model(tmp_path_factory, 21, "ckpt")
 
 
 def good_images(folder, voc_samples_dir):
