@@ -36,7 +36,7 @@ import numpy as np
 
 from deeplab_keras.data import classes as C
 from deeplab_keras.data.reader import (IGNORE_LABEL, BadDataError, check_label, decoded_dataset, read_image_rgb,
-                                        read_index_png)
+                                       read_index_png, read_split_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +86,6 @@ PAPER = {
     "person_part": {"ResNet-101": 58.90, "+ MSC": 63.10, "+ COCO": 64.40, "+ CRF": 64.94},
     "cityscapes": {"ResNet-101 ASPP-L, full resolution, + CRF, val": 71.4, "the same, test": 70.4},
 }
-
-
-def _split_ids(path):
-    with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
 
 
 def _need_split(entry, split):
@@ -222,7 +217,7 @@ def _load_pascal_context(root, split, **options):
     images = os.path.join(voc, "JPEGImages")
     converted = os.path.join(voc, "SegmentationClassContext")
     if os.path.isdir(converted):
-        ids = _split_ids(os.path.join(voc, "ImageSets", "SegmentationContext", split + ".txt"))
+        ids = read_split_ids(os.path.join(voc, "ImageSets", "SegmentationContext", split + ".txt"))
         items = [(os.path.join(images, i + ".jpg"), os.path.join(converted, i + ".png")) for i in ids]
         decode = lambda image, label: _checked(image, read_index_png(label), label, 60)  # noqa: E731
     else:
@@ -232,7 +227,7 @@ def _load_pascal_context(root, split, **options):
         if not os.path.exists(split_file):
             split_file = os.path.join(voc, "ImageSets", "Main", split + ".txt")
         available = {n[:-4] for n in os.listdir(mats) if n.endswith(".mat")}
-        ids = [i for i in _split_ids(split_file) if i in available]
+        ids = [i for i in read_split_ids(split_file) if i in available]
         items = [(os.path.join(images, i + ".jpg"), os.path.join(mats, i + ".mat")) for i in ids]
         decode = lambda image, label: _checked(image, read_context_mat(label, lut), label, 60)  # noqa: E731
     return decoded_dataset(_existing(items), decode, **options)
@@ -250,7 +245,7 @@ def _existing(items):
 
 # ------------------------------------------------------------------------------------------- Person-Part
 def _load_person_part(root, split, **options):
-    ids = _split_ids(os.path.join(root, "pascal_person_part_trainval_list", f"{split}_id.txt"))
+    ids = read_split_ids(os.path.join(root, "pascal_person_part_trainval_list", f"{split}_id.txt"))
     items = [(os.path.join(root, "VOC2012", "JPEGImages", i + ".jpg"), os.path.join(root, "pascal_person_part_gt",
                                                                                     i + ".png")) for i in ids]
     return decoded_dataset(_existing(items), lambda image, label: _checked(image, read_index_png(label), label, 7),
@@ -280,7 +275,7 @@ def read_cocostuff10k_mat(path):
 
 
 def _load_cocostuff10k(root, split, **options):
-    ids = _split_ids(os.path.join(root, "imageLists", ("test" if split == "val" else split) + ".txt"))
+    ids = read_split_ids(os.path.join(root, "imageLists", ("test" if split == "val" else split) + ".txt"))
     items = [(os.path.join(root, "images", i + ".jpg"), os.path.join(root, "annotations", i + ".mat")) for i in ids]
     return decoded_dataset(_existing(items), lambda image, label: _checked(image, read_cocostuff10k_mat(label), label,
                                                                            182), **options)

@@ -271,3 +271,17 @@ def tf_error_line(error):
     line = re.sub(r"\{\{[^}]*\}\}\s*", "", line)
     line = re.sub(r"^Error in user-defined function .*? transformation with iterator: \S+: ", "", line)
     return re.sub(r"^[\w.]+\.(\w+Error): ", "", line)  # "deeplab_keras.data.reader.BadDataError: ..." -> "..."
+
+
+def read_split_ids(path):
+    """The image ids of a split list (``train.txt``: one id per line, extra columns and blank lines ignored).
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "val.txt")
+        >>> _ = open(path, "w").write("2007_000033\\n\\n2007_000042 1\\n")
+        >>> read_split_ids(path)
+        ['2007_000033', '2007_000042']
+    """
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip()]

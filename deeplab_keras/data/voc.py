@@ -21,7 +21,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_keras.data.reader import BadDataError, check_label, logger, read_image_rgb, read_index_png
+from deeplab_keras.data.reader import (BadDataError, check_label, logger, read_image_rgb, read_index_png,
+                                       read_split_ids)
 from deeplab_keras.files import atomic_write_bytes
 
 NUM_CLASSES = 21
@@ -41,11 +42,6 @@ Put the data in `manual_dir` (nothing is downloaded):
 """
 
 _SOURCE_FILE = "deeplab_keras_source.json"
-
-
-def _split_ids(path):
-    with open(path) as f:
-        return [line.split()[0] for line in f if line.strip()]
 
 
 def check_manual_dir(manual_dir, config="voc"):
@@ -140,7 +136,7 @@ class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder):
         root = check_manual_dir(root, self.builder_config.name)
         voc = os.path.join(root, "VOC2012")
         lists = os.path.join(voc, "ImageSets", "Segmentation")
-        train, val = _split_ids(os.path.join(lists, "train.txt")), _split_ids(os.path.join(lists, "val.txt"))
+        train, val = read_split_ids(os.path.join(lists, "train.txt")), read_split_ids(os.path.join(lists, "val.txt"))
         if self.builder_config.use_sbd:
             cls_dir = os.path.join(root, "benchmark_RELEASE", "dataset", "cls")
             sbd = sorted(f[:-4] for f in os.listdir(cls_dir) if f.endswith(".mat"))
@@ -235,7 +231,7 @@ def load_voc(split="train", config="voc", manual_dir=None, data_dir=None, *, shu
 def voc_split_ids(manual_dir, split):
     """The ids of an official VOC split list (``train``/``val``/``trainval``) under ``manual_dir``."""
     root = check_manual_dir(manual_dir, "voc")
-    return _split_ids(os.path.join(root, "VOC2012", "ImageSets", "Segmentation", split + ".txt"))
+    return read_split_ids(os.path.join(root, "VOC2012", "ImageSets", "Segmentation", split + ".txt"))
 
 
 __all__ = ["Voc2012Segmentation", "load_voc", "check_manual_dir", "read_sbd_mat", "voc_split_ids", "NUM_CLASSES"]
