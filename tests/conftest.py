@@ -28,15 +28,21 @@ TINY = {
 }
 
 
-def tiny_model(num_classes=3, backbone="resnet50", **overrides):
-    """A tiny DeepLabV2 for tests (see TINY)."""
+def tiny_model(num_classes=3, backbone="resnet50", seed=None, **overrides):
+    """A tiny DeepLabV2 for tests (see TINY); with ``seed``, the same initial weights whatever ran before in this
+    process (pytest-xdist hands tests to workers in a different order each run)."""
+    import keras
+
     import deeplab_keras as dk
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     return dk.DeepLabV2(num_classes=num_classes, **{**TINY[backbone], **overrides})
 
 
-def saved_tiny_model(tmp_path_factory, num_classes, folder="ckpt"):
-    """(model, path of it saved as ``tiny.keras``) for a tiny ResNet-50 DeepLabV2 in a fresh temporary folder."""
-    model = tiny_model(num_classes, "resnet50")
+def saved_tiny_model(tmp_path_factory, num_classes, folder="ckpt", seed=0):
+    """(model, path of it saved as ``tiny.keras``) for a tiny ResNet-50 DeepLabV2 (weights from ``seed``) in a fresh
+    temporary folder."""
+    model = tiny_model(num_classes, "resnet50", seed=seed)
     path = tmp_path_factory.mktemp(folder) / "tiny.keras"
     model.save(path)
     return model, str(path)
