@@ -1,7 +1,8 @@
 """Test helper: write small ``.caffemodel`` files (protobuf wire format encoded by hand) from a tiny Keras
-DeepLabV2, with the layer names of the released Caffe models, for the variants that
-``../shared/tools/make_caffemodel.py`` does not write (ResNet-50 letters, VGG-ASPP, COCO / ImageNet heads, V1
-files, unpacked floats, BatchNorm s = 0, bad files). The full-size reference comparisons use the shared tool.
+DeepLabV2, with the layer names of the released Caffe models: the tiny files of the import and preset tests (so
+they run in a clone without ``../shared``) and the variants that ``../shared/tools/make_caffemodel.py`` does not
+write (ResNet-50 letters, VGG-ASPP, COCO / ImageNet heads, V1 files, unpacked floats, BatchNorm s = 0, bad files).
+The full-size reference comparisons (the PyTorch-port logits) use the shared tool.
 """
 import struct
 
@@ -90,7 +91,7 @@ def _oihw(kernel):
 
 
 def keras_to_caffe(model, head="aspp", numbered_stages=(), bn_scale=2.5, exp="voc12", style="shape",
-                   with_pool5a=None, bn_eps=None, v1=False):
+                   with_pool5a=None, bn_eps=None, v1=False, record=None):
     """Encoded layers of a Caffe net holding the weights of ``model.network`` under Caffe's names.
 
     Args:
@@ -99,6 +100,8 @@ def keras_to_caffe(model, head="aspp", numbered_stages=(), bn_scale=2.5, exp="vo
         numbered_stages: ResNet stages whose blocks are named a, b1, b2, ... (ResNet-101) instead of a, b, c.
         bn_scale: Caffe's BatchNorm scale factor s written as the third blob (statistics multiplied by it).
         with_pool5a: VGG: write the pool5a AVE pooling layer (default: when the model has one).
+        record: a dict that receives {Caffe layer name: [its blobs as written (Caffe layout, e.g. OIHW kernels)]},
+            to check an importer against the file's own arrays.
     """
     net_ = model.network
     get = net_.get_layer
@@ -106,6 +109,8 @@ def keras_to_caffe(model, head="aspp", numbered_stages=(), bn_scale=2.5, exp="vo
     types = {"Convolution": 4, "Pooling": 17, "InnerProduct": 14} if v1 else {}
 
     def emit(name, type_, blobs=(), **kw):
+        if record is not None:
+            record[name] = [np.asarray(b, np.float32) for b in blobs]
         out.append(layer(name, types.get(type_, type_) if v1 else type_, blobs, style=style, v1=v1, **kw))
 
     def conv(caffe, keras_layer, bias=True, dilation=1):

@@ -2,12 +2,12 @@
 checks, converts and caches; later calls use the cache without a request; a wrong or changed hash is an error
 that leaves no file behind; zip members; unknown names; deeplab-predict / deeplab-eval --preset.
 
-The served files are real ``.caffemodel`` s written by ``../shared/tools/make_caffemodel.py``: its VGG-16
-LargeFOV layer list with every width divided by 16 (a 0.3 MB file that converts into
-``DeepLabV2(backbone="vgg16", aspp="largefov", width_multiplier=1/16)`` in about a second)."""
+The served files are real ``.caffemodel`` s written by ``tests/caffe_writer.py`` from a seeded tiny
+``DeepLabV2(backbone="vgg16", aspp="largefov", width_multiplier=1/16)`` (``conftest.TINY["vgg16"]``: the VGG-16
+LargeFOV layer names, pool5a included, every width divided by 16; a 0.3 MB file that converts back into that
+model in about a second), so the file runs in a clone without ``../shared``."""
 import hashlib
 import http.server
-import importlib.util
 import io
 import json
 import os
@@ -19,37 +19,21 @@ import pytest
 from PIL import Image
 
 import deeplab_keras as dk
-from conftest import REPO, shared_path
+from conftest import TINY, tiny_model
 from deeplab_keras import cli
 from deeplab_keras.weights import download, presets
+from tests import caffe_writer as cw
 
-TOOL = REPO.parent / "shared" / "tools" / "make_caffemodel.py"
-WIDTH = 1 / 16
+WIDTH = TINY["vgg16"]["width_multiplier"]
 NUM_CLASSES = 3
 
 
-def _tool():
-    shared_path("tools", "make_caffemodel.py")  # skips without ../shared
-    spec = importlib.util.spec_from_file_location("make_caffemodel", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_vgg_caffemodel(seed=0):
-    """(bytes of a width/16 VGG-16 LargeFOV .caffemodel, {layer: blobs}) from the shared generator."""
-    tool = _tool()
-    layers = tool.vgg16_largefov_layers(NUM_CLASSES)
-    for layer in layers:
-        if "conv" in layer:
-            conv = layer["conv"]
-            if layer["name"] != "conv1_1":
-                conv["cin"] = max(1, round(conv["cin"] * WIDTH))
-            if layer["name"] != "fc8_voc12":
-                conv["num_output"] = max(1, round(conv["num_output"] * WIDTH))
-    blobs = {layer["name"]: tool.layer_blobs(layer, seed, None) for layer in layers}
-    data = tool.f_string(1, "tiny") + b"".join(
-        tool.f_bytes(100, tool.encode_layer(layer, blobs[layer["name"]])) for layer in layers)
+    """(bytes of a width/16 VGG-16 LargeFOV .caffemodel with pool5a, {Caffe layer: its blobs as written})."""
+    source = cw.randomize(tiny_model(NUM_CLASSES, "vgg16"), seed=seed)
+    assert source.config.aspp == "largefov" and source.config.width_multiplier == WIDTH
+    blobs = {}
+    data = cw.net(cw.keras_to_caffe(source, with_pool5a=True, record=blobs))
     return data, blobs
 
 
@@ -128,7 +112,7 @@ def test_first_call_downloads_and_converts_later_calls_use_the_cache(monkeypatch
     assert _files(folder) == ["released-tiny.caffemodel", "tiny_vgg.keras", "tiny_vgg.keras.json"]
     assert isinstance(model, dk.DeepLabV2)   # the preset's config, with the file's pool5a (LargeFOV: True) stated
     assert model.config == presets.PRESETS["tiny_vgg"].config.replace(pool5a=True)
-    # the weights are the file's (Caffe OIHW -> Keras HWIO), checked against the generator's own arrays
+    # the weights are the file's (Caffe OIHW -> Keras HWIO), checked against the arrays the writer put in it
     kernel = model.network.get_layer("block1_conv1").kernel.numpy()
     np.testing.assert_array_equal(kernel, blobs["conv1_1"][0].transpose(2, 3, 1, 0))
     meta = json.loads((tmp_path / "models" / "deeplab_keras" / "tiny_vgg.keras.json").read_text())
