@@ -26,6 +26,8 @@ where it lies far from an edge. A tile that covers the image is one call on the 
 result. Test scales, flips and a model's own MSC apply inside each tile; the CRF runs afterwards on the stitched
 probabilities.
 """
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -35,6 +37,8 @@ __all__ = ["upsample_logits", "scale_images", "Predictor", "predict_probabilitie
            "check_tiling", "tile_starts", "DEFAULT_TILE_OVERLAP"]
 
 DEFAULT_TILE_OVERLAP = 0.25  # the fraction of a tile that overlaps its neighbour when tile_overlap is not given
+GRAPHS = ("rewritten", "plain")  # Predictor(graph=...)
+PREDICTOR_ASPP_HEAD = "fused"  # the ResNet ASPP head of Predictor's rewritten graph (measured: benchmarks/network.py)
 
 
 def upsample_logits(logits, size):
@@ -175,6 +179,13 @@ class Predictor:
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
         precision: "float32" (None) or "bf16": run a bfloat16 copy of the model on a CPU with native bfloat16
             (``deeplab_keras.precision.with_precision``; refused with a ValueError elsewhere).
+        graph: ``"rewritten"`` (default): run the inference graph of ``deeplab_keras.graph_rewrite`` (native dilated
+            convolutions, batch norm folded from the model's current weights at every call, ResNet ASPP head
+            fused; a bf16 copy reads the model's current float32 weights too); ``"plain"``: Keras' own graph of the
+            model, e.g. to debug or to compare with it exactly. A model that is not a Keras layer runs plainly.
+
+    Attributes:
+        rewrite: the ``GraphRewrite`` entered around the model's calls, or None (``graph="plain"``).
 
     Example:
         >>> predictor = Predictor(model, scales=(0.75, 1.0, 1.25), flip=True)   # doctest: +SKIP
@@ -183,10 +194,19 @@ class Predictor:
     """
 
     def __init__(self, model, scales=(1.0,), flip=False, tile_size=None, tile_overlap=DEFAULT_TILE_OVERLAP, *,
-                 precision=None):
+                 precision=None, graph="rewritten"):
+        import keras
+
+        from deeplab_keras.graph_rewrite import GraphRewrite
         from deeplab_keras.precision import with_precision
 
+        if graph not in GRAPHS:
+            raise ValueError(f"graph={graph!r} must be one of {', '.join(GRAPHS)}")
         self.model = with_precision(model, precision)
+        self.rewrite = None
+        if graph == "rewritten" and isinstance(model, keras.layers.Layer):
+            self.rewrite = GraphRewrite(self.model, aspp_head=PREDICTOR_ASPP_HEAD, weights="live",
+                                        source=None if self.model is model else model)
         self.scales = _check_scales(scales)
         self.flip = bool(flip)
         self.tile_size, self.tile_overlap = check_tiling(tile_size, tile_overlap)
@@ -204,15 +224,16 @@ class Predictor:
             tf.cast(images, tf.float32), "images hold NaN or Inf pixel values: give RGB values in 0..255")
         size = tf.shape(images)[1:3]
         total = None
-        for scale in self.scales:
-            x = scale_images(images, scale)
-            for flipped in ((False, True) if self.flip else (False,)):
-                inp = tf.reverse(x, [2]) if flipped else x
-                logits = tf.cast(self.model(inp, training=False), tf.float32)
-                if flipped:
-                    logits = tf.reverse(logits, [2])
-                probs = tf.nn.softmax(upsample_logits(logits, size), axis=-1)
-                total = probs if total is None else total + probs
+        with self.rewrite or contextlib.nullcontext():  # the folded weights are computed once per call
+            for scale in self.scales:
+                x = scale_images(images, scale)
+                for flipped in ((False, True) if self.flip else (False,)):
+                    inp = tf.reverse(x, [2]) if flipped else x
+                    logits = tf.cast(self.model(inp, training=False), tf.float32)
+                    if flipped:
+                        logits = tf.reverse(logits, [2])
+                    probs = tf.nn.softmax(upsample_logits(logits, size), axis=-1)
+                    total = probs if total is None else total + probs
         return total / float(len(self.scales) * (2 if self.flip else 1))
 
     def __call__(self, images):
@@ -228,7 +249,7 @@ class Predictor:
 
 
 def predict_probabilities(model, images, scales=(1.0,), flip=False, tile_size=None,
-                          tile_overlap=DEFAULT_TILE_OVERLAP, *, precision=None):
+                          tile_overlap=DEFAULT_TILE_OVERLAP, *, precision=None, graph="rewritten"):
     """Softmax probabilities at the input size, averaged over test scales (and horizontal flips).
 
     Logits are upsampled with :func:`upsample_logits`; scaled inputs come from :func:`scale_images`.
@@ -243,6 +264,7 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False, tile_size=No
             result.
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
         precision: "float32" (None) or "bf16" (see :class:`Predictor`).
+        graph: "rewritten" (default) or "plain" (see :class:`Predictor`).
 
     Returns:
         float32 numpy array [N, H, W, C].
@@ -258,7 +280,7 @@ def predict_probabilities(model, images, scales=(1.0,), flip=False, tile_size=No
     images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
         images = images[None]
-    predictor = Predictor(model, scales, flip, tile_size, tile_overlap, precision=precision)
+    predictor = Predictor(model, scales, flip, tile_size, tile_overlap, precision=precision, graph=graph)
     if predictor.tile_size is None:
         return predictor.probabilities(images).numpy()  # eager: no tracing for a one-off call
     return tiled_probabilities(lambda tile: predictor.probabilities(tile).numpy(), images.numpy(),
