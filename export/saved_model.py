@@ -179,7 +179,8 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
             labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
         progress: ``report.Progress`` for progress lines (default silent).
-        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph_rewrite.GraphRewrite``).
+        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm``
+            (``graph_rewrite.GraphRewrite``).
     Returns:
         the report dict (also written as JSON).
     Raises:

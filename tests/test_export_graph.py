@@ -1,5 +1,5 @@
-"""The serving graph (deeplab_keras/graph_rewrite.py: native dilation, folded batch norm, fused ASPP head), the float32 tolerance
-derived from the model's own sensitivity, and int8 onnxruntime exports."""
+"""The serving graph (deeplab_keras/graph_rewrite.py: native dilation, folded batch norm, fused ASPP head), the
+float32 tolerance derived from the model's own sensitivity, and int8 onnxruntime exports."""
 import json
 
 import keras
