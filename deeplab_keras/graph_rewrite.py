@@ -61,7 +61,7 @@ WEIGHTS = ("snapshot", "live")
 
 _local = threading.local()  # .frames: the rewrites this thread is inside, innermost last
 _lock = threading.Lock()
-_installed = {}  # layer -> how many entered rewrites (all threads) patch it
+_installed = {}  # layer -> [how many entered rewrites (all threads) patch it, the instance's own ``call`` or None]
 
 
 def _single_consumer_producer(layer):
@@ -85,7 +85,8 @@ def _single_consumer_producer(layer):
 def _plain_conv(conv):
     import keras
 
-    return type(conv) is keras.layers.Conv2D and conv.data_format == "channels_last" and conv.groups == 1
+    return (type(conv) is keras.layers.Conv2D and conv.data_format == "channels_last" and conv.groups == 1
+            and not getattr(conv.dtype_policy, "quantization_mode", None))
 
 
 def _foldable(conv, bn):
@@ -209,16 +210,16 @@ def _frames():
     return _local.frames
 
 
-def _dispatcher(layer):
+def _dispatcher(layer, own):
     """The ``call`` installed on a patched layer: the innermost rewrite of this thread that patches it, else the
-    layer's own ``call``."""
-    own = type(layer).call
+    layer's own ``call`` (``own``: an instance attribute that was there before, else the class's)."""
+    own = own or type(layer).call.__get__(layer)
 
     def call(*args, **kwargs):
         for frame in reversed(_frames()):
             if layer in frame.rewrite.patches:
                 return frame.call(layer, args, kwargs)
-        return own(layer, *args, **kwargs)
+        return own(*args, **kwargs)
     return call
 
 
@@ -296,9 +297,10 @@ class GraphRewrite:
     def __enter__(self):
         with _lock:
             for layer in self.patches:
-                if not _installed.get(layer):
-                    object.__setattr__(layer, "call", _dispatcher(layer))
-                _installed[layer] = _installed.get(layer, 0) + 1
+                if layer not in _installed:
+                    _installed[layer] = [0, layer.__dict__.get("call")]
+                    object.__setattr__(layer, "call", _dispatcher(layer, _installed[layer][1]))
+                _installed[layer][0] += 1
         _frames().append(_Frame(self))
         for variable, value in self._sync:
             variable.assign(tf.cast(value, variable.dtype))
@@ -309,10 +311,13 @@ class GraphRewrite:
         del frames[max(i for i, frame in enumerate(frames) if frame.rewrite is self)]
         with _lock:
             for layer in self.patches:
-                _installed[layer] -= 1
-                if not _installed[layer]:
-                    del _installed[layer]
-                    layer.__dict__.pop("call", None)
+                _installed[layer][0] -= 1
+                if not _installed[layer][0]:
+                    own = _installed.pop(layer)[1]
+                    if own is None:
+                        layer.__dict__.pop("call", None)
+                    else:
+                        object.__setattr__(layer, "call", own)
         return False
 
 
