@@ -79,7 +79,7 @@ def test_a_reused_predictor_follows_the_current_weights(tmp_path):
     net.load_weights(tmp_path / "other.weights.h5")
     np.testing.assert_allclose(predictor(images).numpy(), Predictor(other, graph="plain")(images).numpy(),
                                rtol=0, atol=1e-5)
-    assert len(predictor._fn._list_all_concrete_functions()) == 1  # one trace served every call
+    assert predictor._fn.experimental_get_tracing_count() == 1  # one trace served every call
 
 
 def test_msc_model(tmp_path):
