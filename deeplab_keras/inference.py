@@ -33,8 +33,9 @@ head as one matmul and shifted sums. The folded weights are computed in the grap
 every call, so a Predictor (and its traced function) reused after the weights changed computes with the new ones;
 a bf16 Predictor reads them from the float32 model too. Probabilities differ from Keras' own graph
 (``graph="plain"``) by rounding only (max |diff| 5e-5 on the random-weight ResNet-101 at 513x513, labels equal);
-measured on 2 cores, ResNet-101 at 513x513, it runs at 0.86x of the plain graph's time in float32 and about 0.85x
-in bf16 (``benchmarks/network.py``'s ``tf`` / ``tf_plain`` and ``tf_bf16`` / ``tf_bf16_plain`` rows).
+measured on the shared 2 cores, ResNet-101 at 513x513, it takes 0.85x of the plain graph's time in float32 and
+0.80x in bf16 with one thread per runtime (0.7-0.95x in loaded 2-thread runs; ``benchmarks/network.py``'s ``tf`` /
+``tf_plain`` and ``tf_bf16`` / ``tf_bf16_plain`` rows, README).
 """
 import contextlib
 
