@@ -4,11 +4,11 @@ Same model, same 513x513 images, same computation in every runtime (``deeplab_ke
 logits -> bilinear resize to the input size -> softmax + argmax): Keras/TF (a ``tf.function`` over the Keras
 model), the SavedModel (``tf.saved_model.load``), TFLite through the LiteRT interpreter with XNNPACK (float32 static
 and dynamic input size, float16, full int8) and onnxruntime (static and dynamic input size, int8 QDQ). The exports
-use the serving graph (``export/graph.py``: native dilated convolutions, batch norm folded, plain ASPP head); the
-``_fused`` rows use the fused ASPP head, ``saved_model_unfolded`` keeps batch norm unfolded, ``keras_tf`` is the
-Keras model as trained (SpaceToBatch around each atrous convolution). Runtimes are timed in interleaved rounds (one
-image each per round, each round also timing an n x n float32 matmul) so that load changes on a shared machine hit
-all of them alike; the table reports the median per image, the ratio to Keras/TF and ``x matmul``: the runtime's
+use the serving graph (``deeplab_keras/graph_rewrite.py``: native dilated convolutions, batch norm folded, plain ASPP
+head); the ``_fused`` rows use the fused ASPP head, ``saved_model_unfolded`` keeps batch norm unfolded, ``keras_tf``
+is the Keras model as trained (SpaceToBatch around each atrous convolution). Runtimes are timed in interleaved rounds
+(one image each per round, each round also timing an n x n float32 matmul) so that load changes on a shared machine
+hit all of them alike; the table reports the median per image, the ratio to Keras/TF and ``x matmul``: the runtime's
 FLOP rate (``flops.forward_flops``) over the best float32 matmul rate of the same round (median over rounds).
 Targets: TFLite fp32 and onnxruntime <= 1.0x TF; SavedModel >= 0.85x matmul.
 

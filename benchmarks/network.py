@@ -4,13 +4,18 @@ the machine's float32 matmul rate, and peak memory.
 Inference paths (batch 1, ``--size``, the exported computation ``export.serving.serving_outputs``: logits ->
 corner-aligned resize -> softmax + argmax):
 
-- ``tf``: the Keras model in a ``tf.function`` traced for the input shape (no eager), the package's default;
-- ``tf_xla``: the same with ``jit_compile=True`` (XLA);
+- ``tf``: what ``deeplab eval`` / ``deeplab predict`` run: ``deeplab_keras.inference.Predictor`` (its
+  ``tf.function``, the rewritten graph of ``deeplab_keras.graph_rewrite``: native dilated convolutions, batch norm
+  folded from the current weights in every call, fused ResNet ASPP head), labels the argmax of its probabilities;
+- ``tf_plain``: the same with ``graph="plain"`` (Keras' own graph of the model: SpaceToBatchND + Conv2D +
+  BatchToSpaceND per dilated convolution, batch norm not folded);
+- ``tf_xla``: the exported computation on Keras' own graph in a ``tf.function`` with ``jit_compile=True`` (XLA);
 - ``saved_model``: the SavedModel ``deeplab-export`` writes, through ``tf.saved_model.load`` (uint8 input);
 - ``litert``: the float32 ``.tflite`` (static input size) in the LiteRT interpreter (XNNPACK);
 - ``onnxruntime``: the ``.onnx`` (static input size) in onnxruntime (``export.onnx.make_session``);
-- ``tf_bf16``: ``tf`` on the bfloat16 copy of the model (``deeplab_keras.precision``, ``--precision bf16``: oneDNN
-  with the CPU's ``avx512_bf16`` / AMX; left out with a note on a CPU without them);
+- ``tf_bf16`` / ``tf_bf16_plain``: ``tf`` / ``tf_plain`` with ``precision="bf16"`` (the bfloat16 copy of the model,
+  ``deeplab_keras.precision``, ``--precision bf16``: oneDNN with the CPU's ``avx512_bf16`` / AMX; left out with a
+  note on a CPU without them);
 - ``torch`` / ``torch_bf16``: the PyTorch peer (``benchmarks/torch_deeplab.py``: the same network, the Keras
   model's weights copied in, the same outputs), float32 and under CPU bfloat16 autocast. Every path's ``x_torch``
   is its time over ``torch``'s (float32) in the same round (median over rounds). Without torch
@@ -53,10 +58,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-INFERENCE_PATHS = ("tf", "tf_xla", "tf_bf16", "saved_model", "litert", "onnxruntime", "torch", "torch_bf16")
+INFERENCE_PATHS = ("tf", "tf_plain", "tf_xla", "tf_bf16", "tf_bf16_plain", "saved_model", "litert", "onnxruntime",
+                   "torch", "torch_bf16")
 TRAIN_PATHS = ("train", "train_xla", "train_bf16", "torch_train")
 TORCH_PATHS = ("torch", "torch_bf16", "torch_train")
-BF16_PATHS = ("tf_bf16", "train_bf16")
+BF16_PATHS = ("tf_bf16", "tf_bf16_plain", "train_bf16")
 MSC_OFF_ONLY = ("train_bf16", "torch_train")
 MSC_SCALES = (1.0, 0.75, 0.5)
 TINY = dict(backbone="resnet50", width_multiplier=0.125, stage_blocks=(1, 1, 1, 1))
@@ -178,7 +184,6 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
     import numpy as np
 
     from deeplab_keras.export import onnx as onnx_export, saved_model, tflite
-    from deeplab_keras.precision import with_precision
 
     weights = os.path.join(workdir, "model.weights.h5")
     model.save_weights(weights)
@@ -191,9 +196,10 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
     with open(os.path.join(workdir, "sizes.json")) as f:
         sizes = json.load(f)
     weight_bytes = sum(np.asarray(w).nbytes for w in model.weights)
-    makers = {}
-    for path, jit in (("tf", False), ("tf_xla", True)):
-        makers[path] = lambda jit=jit: _tf_runner(model, tf, jit)
+    makers = {"tf_xla": lambda: _tf_runner(model, tf, jit=True)}
+    for path, precision, graph in (("tf", None, "rewritten"), ("tf_plain", None, "plain"),
+                                   ("tf_bf16", "bf16", "rewritten"), ("tf_bf16_plain", "bf16", "plain")):
+        makers[path] = lambda precision=precision, graph=graph: _predictor_runner(model, tf, precision, graph)
     makers["saved_model"] = lambda: (lambda x, f=tf.saved_model.load(os.path.join(workdir, "sm", "1")).signatures[
         saved_model.SIGNATURE_IMAGE]: f(image=tf.constant(x))["labels"].numpy())
     makers["litert"] = lambda: (lambda x, r=tflite.TFLiteRunner(os.path.join(workdir, "model.tflite"),
@@ -202,7 +208,6 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
     makers["onnxruntime"] = lambda: (lambda x, s=onnx_export.make_session(os.path.join(workdir, "model.onnx"),
                                                                           num_threads=args.threads):
                                      onnx_export.run_onnx(s, x)["labels"])
-    makers["tf_bf16"] = lambda: _tf_runner(with_precision(model, "bf16"), tf)
     for path in ("torch", "torch_bf16"):
         makers[path] = lambda path=path: _torch_runner(model, model_kwargs, args, path == "torch_bf16")
     probe = np.zeros((1, args.size, args.size, 3), np.uint8)
@@ -218,6 +223,14 @@ def inference_runners(model, model_kwargs, args, workdir, tf):
             notes["size_vs_weights"] = round(sizes[path] / weight_bytes, 3)
         runners[path] = (run, notes)
     return runners
+
+
+def _predictor_runner(model, tf, precision, graph):
+    """``run(uint8 images) -> labels`` through ``deeplab_keras.inference.Predictor`` (its traced function)."""
+    from deeplab_keras.inference import Predictor
+
+    predictor = Predictor(model, precision=precision, graph=graph)
+    return lambda x: tf.argmax(predictor(tf.constant(x, tf.float32)), axis=-1, output_type=tf.int32).numpy()
 
 
 def _tf_runner(model, tf, jit=False):

@@ -5,7 +5,9 @@
 :func:`deeplab_keras.evaluate.evaluate` and :func:`deeplab_keras.predict.predict_files`) runs a copy of the model
 built under Keras's ``"bfloat16"`` dtype policy: weights stored and every layer computed in bfloat16, which
 TensorFlow's oneDNN kernels run with the CPU's ``avx512_bf16`` (``VDPBF16PS``) or AMX instructions. The logits are
-cast back to float32 before the resize and softmax, so probabilities and labels come out as with float32. A CPU
+cast back to float32 before the resize and softmax, so probabilities and labels come out as with float32 (in
+:class:`~deeplab_keras.inference.Predictor`'s rewritten graph the copy's convolutions read the float32 model's
+current weights, batch norm folded in float32 and rounded to bfloat16 once: the copy's own weights are not used). A CPU
 without those instructions would emulate bfloat16 slower than float32, so ``bf16`` is refused there with one line
 (:func:`check_precision` reads the flags of ``/proc/cpuinfo``).
 

@@ -13,7 +13,8 @@ Example:
     >>> report["verification"]["passed"]                                                # doctest: +SKIP
     True
 """
-from deeplab_keras.export import graph, serving, staging
+from deeplab_keras import graph_rewrite
+from deeplab_keras.export import serving, staging
 from deeplab_keras.export.errors import ExportError
 from deeplab_keras.export.report import Progress, base_report
 from deeplab_keras.export import verify as verify_lib
@@ -51,7 +52,7 @@ class Format:
     def __init__(self, **options):
         self.opts = {**type(self).options, **options}
         self.crf = None  # the CRF hook traced for ``crf_runtime`` (set by ``export_model``)
-        self.rewrite = None  # the model's ``graph.GraphRewrite`` (set by ``export_model``)
+        self.rewrite = None  # the model's ``graph_rewrite.GraphRewrite`` (set by ``export_model``)
         self.progress = Progress(False)  # set by ``export_model``
 
     @property
@@ -66,13 +67,13 @@ class Format:
 
     def check(self):
         """Raises ``errors.ExportError`` for options of this format that cannot work (before anything slow)."""
-        if self.opts.get("aspp_head", "plain") not in graph.ASPP_HEADS:
-            raise ExportError(f"aspp_head must be one of {graph.ASPP_HEADS}, got {self.opts['aspp_head']!r}")
+        if self.opts.get("aspp_head", "plain") not in graph_rewrite.ASPP_HEADS:
+            raise ExportError(f"aspp_head must be one of {graph_rewrite.ASPP_HEADS}, got {self.opts['aspp_head']!r}")
 
     def graph_rewrite(self, model):
-        """The serving form of ``model`` (``graph.GraphRewrite``): native dilation, batch norm folded unless the
+        """The serving form of ``model`` (``graph_rewrite.GraphRewrite``): native dilation, batch norm folded unless the
         ``fold_batch_norm`` option is False, the ``aspp_head`` option's head (plain where the format has none)."""
-        return graph.GraphRewrite(model, fold_batch_norm=self.opts.get("fold_batch_norm", True),
+        return graph_rewrite.GraphRewrite(model, fold_batch_norm=self.opts.get("fold_batch_norm", True),
                                   aspp_head=self.opts.get("aspp_head", "plain"))
 
     def destination(self, out, overwrite):

@@ -5,9 +5,9 @@ transposes to the graph edges) with a dynamic batch, and gives ``labels`` int32 
 float32 ``[N, H, W, C]`` (or ``logits``). ``input_size=(H, W)`` fixes H and W: TensorFlow then traces each atrous
 convolution as one ``Conv2D`` with dilations, which becomes a single ONNX ``Conv`` with ``dilations``; with dynamic
 H, W it is traced as SpaceToBatchND/Conv2D/BatchToSpaceND and tf2onnx emits a much larger graph (pads,
-SpaceToDepth, DepthToSpace and shape arithmetic); the serving graph (``graph.GraphRewrite``) traces native dilated
-convolutions instead, so every atrous convolution is one dilated ``Conv`` at any size, with batch norm folded in.
-``node_stats`` reports the counts.
+SpaceToDepth, DepthToSpace and shape arithmetic); the serving graph (``graph_rewrite.GraphRewrite``) traces native
+dilated convolutions instead, so every atrous convolution is one dilated ``Conv`` at any size, with batch norm folded
+in. ``node_stats`` reports the counts.
 
 ``quantize="int8"``: static QDQ quantization with ``onnxruntime.quantization`` (per-channel int8 weights, uint8
 activations, MinMax calibration on ``representative`` images or a synthetic set) of the ``Conv`` and ``MatMul``
@@ -41,7 +41,7 @@ def convert(model, input_size=None, outputs="full", opset=DEFAULT_OPSET, crf=Non
         outputs: ``"full"`` or ``"logits"``.
         opset: ONNX opset (>= 13).
         crf: optional stock-TF-op refinement.
-        rewrite: optional ``graph.GraphRewrite`` of ``model`` (native dilated ``Conv`` also at a dynamic size).
+        rewrite: optional ``graph_rewrite.GraphRewrite`` of ``model`` (native dilated ``Conv`` also at a dynamic size).
     """
     import tf2onnx
 
@@ -303,7 +303,8 @@ def export_onnx(model, out, opset=DEFAULT_OPSET, input_size=None, outputs="full"
         quantize: ``"none"`` or ``"int8"`` (static QDQ, see ``quantize_int8``; verified by label agreement only).
         representative: folder of int8 calibration images (default synthetic, with a warning).
         num_calibration: number of calibration images.
-        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph.GraphRewrite``).
+        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm``
+            (``graph_rewrite.GraphRewrite``).
     Returns:
         the report dict.
     Raises:

@@ -49,7 +49,7 @@ def build_archive(model, crf=None, rewrite=None):
     Args:
         model: float32 Keras model (RGB 0..255 in, logits out).
         crf: optional stock-TF-op refinement ``crf(probabilities, images) -> probabilities``.
-        rewrite: optional ``graph.GraphRewrite`` of ``model`` (the serving form of its layers).
+        rewrite: optional ``graph_rewrite.GraphRewrite`` of ``model`` (the serving form of its layers).
     """
     archive, _ = serving.serving_archive(model, {
         SIGNATURE_IMAGE: (tf.TensorSpec([None, None, None, 3], tf.uint8, name="image"), None),
@@ -179,7 +179,8 @@ def export_saved_model(model, out, version=None, overwrite=False, crf=None, samp
             labels).
         report_path: JSON report path (default ``out/<version>.report.json``).
         progress: ``report.Progress`` for progress lines (default silent).
-        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm`` (``graph.GraphRewrite``).
+        **graph_options: ``aspp_head`` (``"plain"`` or ``"fused"``), ``fold_batch_norm``
+            (``graph_rewrite.GraphRewrite``).
     Returns:
         the report dict (also written as JSON).
     Raises:

@@ -51,8 +51,8 @@ def serving_archive(model, endpoints, outputs="full", crf=None, rewrite=None):
     """The ``keras.export.ExportArchive`` of every format (the one place that builds one).
 
     Each endpoint computes ``serving_outputs`` of its input, after an optional ``to_images`` (e.g. decoding
-    bytes); the input is cast to float32; with ``rewrite`` (a ``graph.GraphRewrite``) the model's layers are traced
-    in the serving form (native dilated convolutions, folded batch norm, optionally the fused ASPP head). The
+    bytes); the input is cast to float32; with ``rewrite`` (a ``graph_rewrite.GraphRewrite``) the model's layers are
+    traced in the serving form (native dilated convolutions, folded batch norm, optionally the fused ASPP head). The
     model is not ``track()``-ed: that would add its ``keras.Variable``
     wrappers beside the ``tf.Variable``s the endpoints capture, and TF's checkpoint writes both (every weight
     twice, keras-team/keras#23553); the endpoints alone carry every variable they use (the model has no lookup
@@ -64,7 +64,7 @@ def serving_archive(model, endpoints, outputs="full", crf=None, rewrite=None):
             when no endpoint has that name.
         outputs: see ``serving_outputs``.
         crf: see ``serving_outputs``.
-        rewrite: optional ``graph.GraphRewrite`` of ``model``, entered while the endpoints are traced.
+        rewrite: optional ``graph_rewrite.GraphRewrite`` of ``model``, entered while the endpoints are traced.
     Returns:
         ``(archive, functions)``: the archive (``archive.write_out(path)`` writes a SavedModel) and
         ``{name: tf.function}`` of its endpoints (what tf2onnx converts).

@@ -8,7 +8,7 @@ Only LiteRT builtin ops are allowed (no Flex / SELECT_TF_OPS: the LiteRT interpr
 conversion fails otherwise.
 
 ``input_size=(H, W)`` fixes the input shape to ``[1, H, W, 3]``; without it, N, H and W are dynamic (slower in
-LiteRT; see ``benchmarks/export_runtimes.py``). Either way the serving graph (``graph.GraphRewrite``, plain ASPP
+LiteRT; see ``benchmarks/export_runtimes.py``). Either way the serving graph (``graph_rewrite.GraphRewrite``, plain ASPP
 head) gives every atrous convolution as one dilated ``CONV_2D`` with batch norm folded in.
 
 Quantization (``quantize``): ``"none"`` (float32), ``"float16"`` (float16 weights), ``"dynamic"`` (int8 weights,
@@ -63,7 +63,7 @@ def convert(model, input_size=None, outputs="full", quantize="none", representat
         int8_io: with ``quantize="int8"``, uint8 input image and quantized (uint8) float outputs.
         crf: optional stock-TF-op refinement.
         workdir: directory for the intermediate SavedModel (default a temporary one).
-        rewrite: optional ``graph.GraphRewrite`` of ``model`` (LiteRT gets the plain ASPP head).
+        rewrite: optional ``graph_rewrite.GraphRewrite`` of ``model`` (LiteRT gets the plain ASPP head).
     Returns:
         ``(tflite_bytes, full_integer)``: ``full_integer`` is False when int8 had to keep some float kernels.
     """

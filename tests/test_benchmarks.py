@@ -27,8 +27,8 @@ def test_network_benchmark_tiny(tmp_path):
     result = json.loads(out.read_text())
     inference = {r["path"]: r for r in result["inference"]}
     bf16, torch = bf16_supported(), HAS_TORCH
-    assert set(inference) == {"tf", "tf_xla", "saved_model", "litert", "onnxruntime"} | (
-        {"tf_bf16"} if bf16 else set()) | ({"torch", "torch_bf16"} if torch else set())
+    assert set(inference) == {"tf", "tf_plain", "tf_xla", "saved_model", "litert", "onnxruntime"} | (
+        {"tf_bf16", "tf_bf16_plain"} if bf16 else set()) | ({"torch", "torch_bf16"} if torch else set())
     train = {r["path"] for r in result["train"]}
     assert train == {f"train{jit} b2 msc off" for jit in ("", "_xla")} | (
         {"train_bf16 b2 msc off"} if bf16 else set()) | ({"torch_train b2 msc off"} if torch else set())

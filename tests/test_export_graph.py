@@ -1,5 +1,5 @@
-"""The serving graph (export/graph.py: native dilation, folded batch norm, fused ASPP head), the float32 tolerance
-derived from the model's own sensitivity, and int8 onnxruntime exports."""
+"""The serving graph (deeplab_keras/graph_rewrite.py: native dilation, folded batch norm, fused ASPP head), the
+float32 tolerance derived from the model's own sensitivity, and int8 onnxruntime exports."""
 import json
 
 import keras
@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from deeplab_keras import _keras_compat
 from deeplab_keras.cli import export_main
-from deeplab_keras.export import graph, onnx as onnx_export, serving, verify
+from deeplab_keras import graph_rewrite as graph
+from deeplab_keras.export import onnx as onnx_export, serving, verify
 from deeplab_keras.export.verify import (FLOAT32_MAX_DIFF, SENSITIVITY_MARGIN, Tolerance, run_checks,
                                         synthetic_images)
 from tests.conftest import tiny_model

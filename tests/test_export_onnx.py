@@ -51,8 +51,9 @@ def test_dynamic_export_runs_any_batch_and_size(model, tmp_path, voc_samples_dir
         got, ref = onnx_export.run_onnx(session, images), serving.reference_outputs(model, images)
         assert got["labels"].dtype == np.int32 and got["labels"].shape == (batch,) + size
         np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-4)
-    # Dynamic H, W: the serving graph traces native dilated convolutions (export.graph), so the atrous convs are
-    # single dilated Conv nodes as at a static size (no SpaceToDepth/DepthToSpace), with batch norm folded into them.
+    # Dynamic H, W: the serving graph traces native dilated convolutions (deeplab_keras.graph_rewrite), so the atrous
+    # convs are single dilated Conv nodes as at a static size (no SpaceToDepth/DepthToSpace), with batch norm folded
+    # into them.
     stats, static_stats = report["graph"], static[1]["graph"]
     assert stats["dilated_convs_single_node"] and stats["dilated_conv_nodes"] == _dilated_keras_convs(model) > 0
     assert report["graph_rewrites"]["folded_batch_norms"] == stats["conv_nodes"] - 4  # all but the ASPP's 4 convs

@@ -91,7 +91,8 @@ def test_fp32_dynamic_size(model, tmp_path, voc_samples_dir):
     assert check["max_abs_diff"] <= 1e-4 and check["label_agreement"] >= 0.999
     assert sorted(os.listdir(tmp_path)) == ["m.tflite", "m.tflite.report.json"]
     _builtin_only(report["ops"])
-    # dynamic H, W: the serving graph's native dilated convolutions (export/graph.py) stay single CONV_2D ops
+    # dynamic H, W: the serving graph's native dilated convolutions (deeplab_keras/graph_rewrite.py) stay single
+    # CONV_2D ops
     assert "SPACE_TO_BATCH_ND" not in report["ops"] and report["graph_rewrites"]["native_dilated_convs"] > 0
     runner = tflite.TFLiteRunner(str(path))
     assert runner.input_details["dtype"] == np.float32
