@@ -29,16 +29,19 @@ PARAMS = dict(bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0
 ITERATIONS = 10
 
 
-def make_inputs(width, height, classes=21, seed=0, noise=False):
-    """VOC image resized to width x height and DeepLab-like probabilities from its (blurred, coarse, noisy) labels;
-    with ``noise`` the image is replaced by uniform noise (the bilateral lattice's worst case)."""
+def make_inputs(width, height, classes=21, seed=0, noise=False, sample=SAMPLE):
+    """VOC image ``sample`` resized to width x height (None: its own size) and DeepLab-like probabilities from its
+    (blurred, coarse, noisy) labels; with ``noise`` the image is replaced by uniform noise (the bilateral lattice's
+    worst case)."""
     import tensorflow as tf
     from PIL import Image
     from scipy import ndimage
 
-    image = np.array(Image.open(VOC / "JPEGImages" / f"{SAMPLE}.jpg").convert("RGB").resize((width, height),
-                                                                                            Image.BILINEAR))
-    label = np.array(Image.open(VOC / "SegmentationClass" / f"{SAMPLE}.png").resize((width, height),
+    photo = Image.open(VOC / "JPEGImages" / f"{sample}.jpg").convert("RGB")
+    if width is None:
+        width, height = photo.size
+    image = np.array(photo.resize((width, height), Image.BILINEAR))
+    label = np.array(Image.open(VOC / "SegmentationClass" / f"{sample}.png").resize((width, height),
                                                                                      Image.NEAREST))
     nearest = ndimage.distance_transform_edt(label == 255, return_distances=False, return_indices=True)
     filled = np.minimum(label[tuple(nearest)], classes - 1)

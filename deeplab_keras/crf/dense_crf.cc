@@ -206,19 +206,17 @@ DKCRF_INLINE void SoftmaxT(const float* neg_u, int C, int nb_rt, int64_t begin, 
 template <int NB>
 DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int64_t m0, int64_t m1, f8* V) {
   const int nb = NB > 0 ? NB : nb_rt;
-  const int d1 = L.d + 1;
-  const int32_t* entries = L.point_entry.data();
+  const int32_t* pixel = L.point_pixel.data();
   const int32_t* start = L.point_start.data();
-  const float* weight = L.weight.data();
+  const float* weight = L.point_weight.data();
   f8 acc[NB > 0 ? NB : kMaxBlocks];
   const int64_t k_last = start[m1];
   for (int64_t m = m0; m < m1; ++m) {
     for (int b = 0; b < nb; ++b) acc[b] = f8{};
     for (int64_t k = start[m], k_end = start[m + 1]; k < k_end; ++k) {
-      if (k + kPrefetchAhead < k_last) PrefetchRow(q + static_cast<int64_t>(entries[k + kPrefetchAhead] / d1) * nb, nb);
-      const int32_t e = entries[k];
-      const f8* src = q + static_cast<int64_t>(e / d1) * nb;
-      const float w = weight[e];
+      if (k + kPrefetchAhead < k_last) PrefetchRow(q + static_cast<int64_t>(pixel[k + kPrefetchAhead]) * nb, nb);
+      const f8* src = q + static_cast<int64_t>(pixel[k]) * nb;
+      const float w = weight[k];
       for (int b = 0; b < nb; ++b) acc[b] += w * src[b];
     }
     for (int b = 0; b < nb; ++b) V[m * nb + b] = acc[b];
@@ -444,6 +442,9 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
     }
     for (int64_t e = begin * d1; e < end * d1; ++e) L->weight[e] *= norm[e / d1];
   });
+  pfor(static_cast<int64_t>(L->point_pixel.size()), 2, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) L->point_weight[k] *= norm[L->point_pixel[k]];
+  });
 }
 
 // 64-byte aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment).
@@ -518,11 +519,12 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
 
 namespace {
 
-// Bytes of a built lattice over N pixels with d features and M points: offsets, weights and vertex lists
-// (E = (d+1) N entries each), the point index and the blur chains (at most d+1 chain entries per point).
+// Bytes of a built lattice over N pixels with d features and M points: offsets, weights and the vertex lists
+// pixels and weights (E = (d+1) N entries each), the point index and the blur chains (at most d+1 chain
+// entries per point).
 int64_t LatticeBytes(int d, int64_t N, int64_t M) {
   const int64_t E = (d + 1) * N;
-  return 12 * E + 4 * (M + 1) + 12 * (d + 1) * M;
+  return 16 * E + 4 * (M + 1) + 12 * (d + 1) * M;
 }
 
 // Peak bytes while a lattice is built (BuildLattice): offsets and weights, every entry's key and hash, the hash
@@ -633,7 +635,7 @@ std::string MemoryProblem(int64_t needed, int64_t limit, int64_t height, int64_t
 
 int64_t GaussianKernel::Bytes() const {
   return static_cast<int64_t>(lattice.offset.size() * 4 + lattice.weight.size() * 4 + lattice.chain_point.size() * 4 +
-                              lattice.chain_start.size() * 8 + lattice.point_entry.size() * 4 +
+                              lattice.chain_start.size() * 8 + lattice.point_pixel.size() * 8 +
                               lattice.point_start.size() * 4 + start.size() * 4 +
                               offset.size() * 4 + weight.size() * 4);
 }
@@ -709,12 +711,12 @@ void BuildStencil(int64_t height, int64_t width, float xy_std, const ParallelFor
     cols.clear();
     for (int32_t m : touched) {
       for (int32_t k = L.point_start[m]; k < L.point_start[m + 1]; ++k) {  // the point's vertices
-        const int32_t e = L.point_entry[k], j = e / 3;
+        const int32_t j = L.point_pixel[k];
         if (!in_row[j]) {
           in_row[j] = 1;
           cols.push_back(j);
         }
-        row[j] += u[m] * L.weight[e];
+        row[j] += u[m] * L.point_weight[k];
       }
       u[m] = 0.f;
     }

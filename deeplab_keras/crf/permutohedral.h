@@ -89,11 +89,13 @@ struct Lattice {
   RawVector<int32_t> chain_point;   // points of all chains (of >= 2 points), direction by direction
   std::vector<int64_t> chain_start;  // chain c is chain_point[chain_start[c] .. chain_start[c + 1])
   std::vector<int64_t> dir_chain;    // [d + 2] chains of direction j: [dir_chain[j], dir_chain[j + 1])
-  // Splat as a gather: the vertices (pixel entries) of point m are point_entry[point_start[m] ..
-  // point_start[m + 1]), in ascending (pixel) order, so each point sums its contributions in the reference's
-  // order and points can be splatted in parallel without write conflicts.
+  // Splat as a gather: the vertices of point m are k in [point_start[m], point_start[m + 1]), in ascending
+  // pixel order, so each point sums its contributions in the reference's order and points can be splatted in
+  // parallel without write conflicts. The pixel and the weight of each vertex are stored in that order (two
+  // sequential streams per splat instead of an entry index to divide by d+1 and a scattered weight read).
   RawVector<int32_t> point_start;     // [M + 1]
-  RawVector<int32_t> point_entry;     // [N * (d+1)]
+  RawVector<int32_t> point_pixel;     // [N * (d+1)] pixel of vertex k
+  RawVector<float> point_weight;      // [N * (d+1)] its weight (= weight[entry], kept equal by Normalize)
 };
 
 namespace internal {
@@ -427,10 +429,15 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   lat->point_start.assign(M + 1, 0);
   for (int64_t e = 0; e < E; ++e) ++lat->point_start[lat->offset[e] + 1];
   for (int64_t m = 0; m < M; ++m) lat->point_start[m + 1] += lat->point_start[m];
-  lat->point_entry.resize(E);
+  lat->point_pixel.resize(E);
+  lat->point_weight.resize(E);
   {
     RawVector<int32_t> fill(lat->point_start.begin(), lat->point_start.end() - 1);
-    for (int64_t e = 0; e < E; ++e) lat->point_entry[fill[lat->offset[e]]++] = static_cast<int32_t>(e);
+    for (int64_t e = 0; e < E; ++e) {
+      const int32_t k = fill[lat->offset[e]]++;
+      lat->point_pixel[k] = static_cast<int32_t>(e / D1);
+      lat->point_weight[k] = lat->weight[e];
+    }
   }
   DKCRF_TOC(groups);
 }
