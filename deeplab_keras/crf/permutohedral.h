@@ -279,40 +279,35 @@ struct Elevator {
 };
 
 // Elevates pixels [p0, p1) and inserts their vertices into table t (sets lat->offset / weight of their
-// entries). Pixels go in batches: elevate a batch, prefetch its vertices' slots, insert. A vertex equal to the
-// same vertex of the previous pixel (most of them: neighbouring pixels mostly share a simplex) takes its id
-// without a table look-up.
+// entries). Pixels are elevated kAhead pixels before their insertion, their vertices' slots prefetched
+// meanwhile. A vertex equal to the same vertex of the previous pixel (most of them: neighbouring pixels mostly
+// share a simplex) takes its id without a table look-up.
 template <int D, typename FeatureFn>
 void InsertRange(const Elevator<D>& elevate, const FeatureFn& feature, int64_t p0, int64_t p1, bool mix,
                  Lattice* lat, internal::Table<D>* t, int64_t* probes) {
-  constexpr int D1 = D + 1, kBatch = 8;
-  int32_t keys[(kBatch + 1) * D1 * D];  // slot 0: the last pixel of the previous batch
-  uint32_t hashes[(kBatch + 1) * D1];
-  bool have_previous = false;
+  constexpr int D1 = D + 1, kAhead = 8, kRing = 16;  // pixel p's vertices are in ring slot p % kRing
+  int32_t keys[kRing * D1 * D];
+  uint32_t hashes[kRing * D1];
   t->Init((p1 - p0) * D1 / 8 + 16, mix);
-  float f[D];
-  for (int64_t b0 = p0; b0 < p1; b0 += kBatch) {
-    const int n = static_cast<int>(std::min<int64_t>(kBatch, p1 - b0));
-    for (int i = 0; i < n; ++i) {
-      feature(b0 + i, f);
-      elevate(f, &keys[(i + 1) * D1 * D], &hashes[(i + 1) * D1], &lat->weight[(b0 + i) * D1]);
-      for (int r = 0; r < D1; ++r) t->Prefetch(hashes[(i + 1) * D1 + r]);
-    }
-    for (int i = 0; i < n; ++i) {
-      const int64_t e0 = (b0 + i) * D1;
-      for (int r = 0; r < D1; ++r) {
-        const int k = (i + 1) * D1 + r;
-        if ((i > 0 || have_previous) && hashes[k] == hashes[k - D1] &&
-            internal::Table<D>::Equal(&keys[k * D], &keys[(k - D1) * D])) {
-          lat->offset[e0 + r] = lat->offset[e0 + r - D1];
-        } else {
-          lat->offset[e0 + r] = t->Insert(&keys[k * D], hashes[k], probes);
-        }
+  auto elevate_pixel = [&](int64_t p) {
+    float f[D];
+    feature(p, f);
+    const int64_t slot = p % kRing;
+    elevate(f, &keys[slot * D1 * D], &hashes[slot * D1], &lat->weight[p * D1]);
+    for (int r = 0; r < D1; ++r) t->Prefetch(hashes[slot * D1 + r]);
+  };
+  for (int64_t p = p0; p < std::min(p0 + kAhead, p1); ++p) elevate_pixel(p);
+  for (int64_t p = p0; p < p1; ++p) {
+    if (p + kAhead < p1) elevate_pixel(p + kAhead);
+    const int64_t k0 = (p % kRing) * D1, prev0 = ((p + kRing - 1) % kRing) * D1;
+    for (int r = 0; r < D1; ++r) {
+      const int64_t k = k0 + r, prev = prev0 + r;
+      if (p > p0 && hashes[k] == hashes[prev] && internal::Table<D>::Equal(&keys[k * D], &keys[prev * D])) {
+        lat->offset[p * D1 + r] = lat->offset[(p - 1) * D1 + r];
+      } else {
+        lat->offset[p * D1 + r] = t->Insert(&keys[k * D], hashes[k], probes);
       }
     }
-    std::memcpy(keys, &keys[n * D1 * D], sizeof(int32_t) * D1 * D);  // the batch's last pixel
-    std::memcpy(hashes, &hashes[n * D1], sizeof(uint32_t) * D1);
-    have_previous = true;
   }
 }
 
