@@ -454,17 +454,19 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
   });
 }
 
-// 64-byte aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment).
+// Aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment); large ones on
+// huge pages (see internal::AllocateAligned).
 class AlignedVector {
  public:
   explicit AlignedVector(int64_t n)
-      : data_(static_cast<f8*>(::operator new(sizeof(f8) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
-  ~AlignedVector() { ::operator delete(data_, std::align_val_t(64)); }
+      : bytes_(sizeof(f8) * std::max<int64_t>(n, 1)), data_(static_cast<f8*>(internal::AllocateAligned(bytes_))) {}
+  ~AlignedVector() { internal::FreeAligned(data_, bytes_); }
   AlignedVector(const AlignedVector&) = delete;
   AlignedVector& operator=(const AlignedVector&) = delete;
   f8* data() { return data_; }
 
  private:
+  size_t bytes_;
   f8* data_;
 };
 
