@@ -430,24 +430,34 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
   const int d1 = L->d + 1;
   const int64_t M = L->num_points, N = L->num_pixels;
   std::vector<float> va(M + 1, 0.f), norm(N);
-  for (int64_t e = 0; e < N * d1; ++e) va[L->offset[e]] += L->weight[e];  // splat of ones, pixel order
-  for (int j = 0; j < d1; ++j) {  // in-place chain blur (see ChainBlurT)
-    for (int64_t c = L->dir_chain[j]; c < L->dir_chain[j + 1]; ++c) {
-      float prev = 0.f;
-      for (int64_t i = L->chain_start[c], i1 = L->chain_start[c + 1]; i < i1; ++i) {
-        const float cur = va[L->chain_point[i]];
-        va[L->chain_point[i]] = cur + 0.5f * (prev + (i + 1 < i1 ? va[L->chain_point[i + 1]] : 0.f));
-        prev = cur;
-      }
+  // Splat of ones: each point sums its vertices' weights in pixel order (the reference's scatter order).
+  pfor(M, 2 * d1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float s = 0.f;
+      for (int32_t k = L->point_start[m]; k < L->point_start[m + 1]; ++k) s += L->point_weight[k];
+      va[m] = s;
     }
+  });
+  for (int j = 0; j < d1; ++j) {  // in-place chain blur (see ChainBlurT), the chains of a direction in parallel
+    const int64_t c0 = L->dir_chain[j];
+    pfor(L->dir_chain[j + 1] - c0, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = c0 + begin; c < c0 + end; ++c) {
+        float prev = 0.f;
+        for (int64_t i = L->chain_start[c], i1 = L->chain_start[c + 1]; i < i1; ++i) {
+          const float cur = va[L->chain_point[i]];
+          va[L->chain_point[i]] = cur + 0.5f * (prev + (i + 1 < i1 ? va[L->chain_point[i + 1]] : 0.f));
+          prev = cur;
+        }
+      }
+    });
   }
   pfor(N, 8 * d1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       float s = 0.f;
       for (int r = 0; r < d1; ++r) s += L->weight[p * d1 + r] * va[L->offset[p * d1 + r]];
       norm[p] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + 1e-20));
+      for (int r = 0; r < d1; ++r) L->weight[p * d1 + r] *= norm[p];
     }
-    for (int64_t e = begin * d1; e < end * d1; ++e) L->weight[e] *= norm[e / d1];
   });
   pfor(static_cast<int64_t>(L->point_pixel.size()), 2, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) L->point_weight[k] *= norm[L->point_pixel[k]];
