@@ -58,15 +58,23 @@ DKCRF_INLINE void PrefetchRow(const f8* row, int nb) {
   if (nb >= 4) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64, 1, 3);
 }
 
-DKCRF_INLINE float HorizontalMax(f8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+// Horizontal reductions by lane swaps (three shuffles instead of seven scalar steps); the result is in every
+// lane. The sum is ((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7)).
+DKCRF_INLINE f8 Swap(f8 v, i8 lanes) { return __builtin_shuffle(v, lanes); }
+
+DKCRF_INLINE f8 HorizontalMaxV(f8 v) {
+  v = v > Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3}) ? v : Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v > Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6}) ? v : Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6});
+  return v > Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5}) ? v : Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
 }
 
-DKCRF_INLINE float HorizontalSum(f8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+DKCRF_INLINE f8 HorizontalSumV(f8 v) {
+  v = v + Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v + Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6});
+  return v + Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
 }
+
+DKCRF_INLINE float HorizontalSum(f8 v) { return HorizontalSumV(v)[0]; }
 
 // exp(x) for x <= 0 (Cephes polynomial, ~1 ulp); exactly 0 below -87.
 DKCRF_INLINE f8 ExpNonPositive(f8 x) {
@@ -175,13 +183,13 @@ DKCRF_INLINE void SoftmaxRowT(f8* x, int nb_rt, f8* q) {
   const int nb = NB > 0 ? NB : nb_rt;
   f8 mx = x[0];
   for (int b = 1; b < nb; ++b) mx = x[b] > mx ? x[b] : mx;
-  const float m = HorizontalMax(mx);
+  const f8 m = HorizontalMaxV(mx);
   f8 s = f8{};
   for (int b = 0; b < nb; ++b) {
     x[b] = ExpNonPositive(x[b] - m);
     s += x[b];
   }
-  const float inv = 1.0f / HorizontalSum(s);
+  const f8 inv = 1.0f / HorizontalSumV(s);
   for (int b = 0; b < nb; ++b) q[b] = x[b] * inv;
 }
 
