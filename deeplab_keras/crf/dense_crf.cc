@@ -47,6 +47,22 @@ class ScopedFlushDenormal {
 
 DKCRF_INLINE f8 Broadcast(float v) { return f8{} + v; }
 
+// Aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment); large ones on
+// huge pages (see internal::AllocateAligned).
+class AlignedVector {
+ public:
+  explicit AlignedVector(int64_t n)
+      : bytes_(sizeof(f8) * std::max<int64_t>(n, 1)), data_(static_cast<f8*>(internal::AllocateAligned(bytes_))) {}
+  ~AlignedVector() { internal::FreeAligned(data_, bytes_); }
+  AlignedVector(const AlignedVector&) = delete;
+  AlignedVector& operator=(const AlignedVector&) = delete;
+  f8* data() { return data_; }
+
+ private:
+  size_t bytes_;
+  f8* data_;
+};
+
 // How far ahead (in rows) the scattered row accesses of splat, blur and slice are prefetched.
 constexpr int kPrefetchAhead = 16;
 
@@ -281,86 +297,121 @@ struct UpdateArgs {
                                  // or null (Potts)
 };
 
-// For pixels [begin, end): x = -U + wb * slice_b + wg * (slice_g or the stencil over q_in), q = softmax(x).
+// Update of pixel p: x = -U + wb * slice_b + wg * (slice_g or `stencil`, the stencil's sum over q_in for p),
+// q = softmax(x). end: the pixels' end (prefetch bound and readable -U).
 template <int NB>
-DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
+DKCRF_INLINE void UpdatePixelT(const UpdateArgs& a, int64_t p, int64_t end, const f8* stencil) {
   const int nb = NB > 0 ? NB : a.nb;
   f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks], acc2[NB > 0 ? NB : kMaxBlocks];
   // Potts: the kernel terms add to x directly; with a compatibility matrix they add up to the message m first
   // and x = -U - mu m.
   f8 msg[NB > 0 ? NB : kMaxBlocks];
   f8* dst = a.compat_t != nullptr ? msg : x;
-  int64_t row = 0, col = 0, stencil_row = 0;
-  if (a.gs != nullptr) {
-    row = begin / a.gs->width;
-    col = begin - row * a.gs->width;
-    stencil_row = a.gs->ProbeRow(row) * a.gs->width;
+  if (a.lb != nullptr && p + kPrefetchAhead < end) {
+    const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
+    for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
   }
-  for (int64_t p = begin; p < end; ++p) {
-    if (a.lb != nullptr && p + kPrefetchAhead < end) {
-      const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
-      for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
+  LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, a.neg_u + end * a.C, x);
+  if (a.compat_t != nullptr)
+    for (int b = 0; b < nb; ++b) msg[b] = f8{};
+  if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
+    for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
+    const int32_t* off = &a.lb->offset[p * 6];
+    const float* w = &a.lb->weight[p * 6];
+    for (int r = 0; r < 6; r += 2) {
+      const f8* v0 = a.vb + static_cast<int64_t>(off[r]) * nb;
+      const f8* v1 = a.vb + static_cast<int64_t>(off[r + 1]) * nb;
+      for (int b = 0; b < nb; ++b) {
+        acc[b] += w[r] * v0[b];
+        acc2[b] += w[r + 1] * v1[b];
+      }
     }
-    LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, a.neg_u + end * a.C, x);
-    if (a.compat_t != nullptr)
-      for (int b = 0; b < nb; ++b) msg[b] = f8{};
-    if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
-      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
-      const int32_t* off = &a.lb->offset[p * 6];
-      const float* w = &a.lb->weight[p * 6];
-      for (int r = 0; r < 6; r += 2) {
-        const f8* v0 = a.vb + static_cast<int64_t>(off[r]) * nb;
-        const f8* v1 = a.vb + static_cast<int64_t>(off[r + 1]) * nb;
-        for (int b = 0; b < nb; ++b) {
-          acc[b] += w[r] * v0[b];
-          acc2[b] += w[r + 1] * v1[b];
+    for (int b = 0; b < nb; ++b) dst[b] += a.wb * (acc[b] + acc2[b]);
+  }
+  if (a.lg != nullptr) {
+    for (int b = 0; b < nb; ++b) acc[b] = f8{};
+    const int32_t* off = &a.lg->offset[p * 3];
+    const float* w = &a.lg->weight[p * 3];
+    for (int r = 0; r < 3; ++r) {
+      const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
+      for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+    }
+    for (int b = 0; b < nb; ++b) dst[b] += a.wg * acc[b];
+  }
+  if (stencil != nullptr)
+    for (int b = 0; b < nb; ++b) dst[b] += a.wg * stencil[b];
+  if (a.compat_t != nullptr) {
+    for (int l = 0; l < a.C; ++l) {
+      const float m = msg[l / 8][l % 8];
+      const f8* column = a.compat_t + static_cast<int64_t>(l) * nb;
+      for (int b = 0; b < nb; ++b) x[b] -= m * column[b];
+    }
+  }
+  SoftmaxRowT<NB>(x, nb, a.q + p * nb);
+}
+
+// For pixels [begin, end): UpdatePixelT without a stencil (the Gaussian kernel is a lattice, or absent).
+template <int NB>
+DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) UpdatePixelT<NB>(a, p, end, nullptr);
+}
+
+// The Gaussian stencil runs on tiles of kStencilRows rows x StencilCols(nb) columns: first the stencil sums of
+// the tile (into a buffer of at most 64 KiB, which stays in the cache), then the tile's pixel updates.
+constexpr int kStencilRows = 4;
+DKCRF_INLINE int64_t StencilCols(int nb) {
+  return std::max<int64_t>(1, (64 << 10) / (kStencilRows * nb * static_cast<int64_t>(sizeof(f8))));
+}
+
+// Stencil sums over q_in for the R vertically adjacent pixels p, p + width, ... of one column, which share
+// stencil k (rows away from the top and bottom borders): each tap's offset and weight are read once for the R
+// pixels, and the R pixels' sums are independent chains of multiply-adds. out[r * out_step]: pixel r's sum.
+template <int NB, int R>
+DKCRF_INLINE void StencilT(const UpdateArgs& a, int64_t p, int64_t k, f8* out, int64_t out_step) {
+  const int nb = NB > 0 ? NB : a.nb;
+  const int64_t row_step = a.gs->width * nb;
+  const int32_t* off = a.gs->offset.data();
+  const float* w = a.gs->weight.data();
+  f8 sum[R][NB > 0 ? NB : kMaxBlocks];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < nb; ++b) sum[r][b] = f8{};
+  for (int32_t t = a.gs->start[k], t_end = a.gs->start[k + 1]; t < t_end; ++t) {
+    const f8* v = a.q_in + (p + off[t]) * nb;
+    const f8 wt = Broadcast(w[t]);
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < nb; ++b) sum[r][b] += wt * v[r * row_step + b];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < nb; ++b) out[r * out_step + b] = sum[r][b];
+}
+
+// For rows [kStencilRows * begin, kStencilRows * end) (work units: bands of kStencilRows rows) with the
+// Gaussian kernel as a stencil, tile by tile (see kStencilRows).
+template <int NB>
+DKCRF_INLINE void UpdateBandsT(const UpdateArgs& a, int64_t begin, int64_t end) {
+  const int nb = NB > 0 ? NB : a.nb;
+  const GaussianKernel& g = *a.gs;
+  const int64_t W = g.width, cols = StencilCols(nb);
+  const int64_t tile_step = cols * nb;  // the sums of the tile's row r, column c: sums[r * tile_step + c * nb]
+  AlignedVector sums(kStencilRows * tile_step);
+  for (int64_t y0 = kStencilRows * begin; y0 < std::min(kStencilRows * end, g.height); y0 += kStencilRows) {
+    const int64_t y1 = std::min<int64_t>(y0 + kStencilRows, g.height);
+    const bool shared = y1 - y0 == kStencilRows && g.ProbeRow(y0) == g.ProbeRow(y1 - 1);  // one stencil row
+    for (int64_t x0 = 0; x0 < W; x0 += cols) {
+      const int64_t x1 = std::min(x0 + cols, W);
+      for (int64_t x = x0; x < x1; ++x) {
+        f8* out = sums.data() + (x - x0) * nb;
+        if (shared) {
+          StencilT<NB, kStencilRows>(a, y0 * W + x, g.ProbeRow(y0) * W + x, out, tile_step);
+        } else {
+          for (int64_t y = y0; y < y1; ++y)
+            StencilT<NB, 1>(a, y * W + x, g.ProbeRow(y) * W + x, out + (y - y0) * tile_step, 0);
         }
       }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wb * (acc[b] + acc2[b]);
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t x = x0; x < x1; ++x)
+          UpdatePixelT<NB>(a, y * W + x, y1 * W, sums.data() + (y - y0) * tile_step + (x - x0) * nb);
     }
-    if (a.lg != nullptr) {
-      for (int b = 0; b < nb; ++b) acc[b] = f8{};
-      const int32_t* off = &a.lg->offset[p * 3];
-      const float* w = &a.lg->weight[p * 3];
-      for (int r = 0; r < 3; ++r) {
-        const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
-        for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
-      }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wg * acc[b];
-    }
-    if (a.gs != nullptr) {
-      const int64_t k = stencil_row + col;
-      const int32_t* off = a.gs->offset.data();
-      const float* w = a.gs->weight.data();
-      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
-      int32_t t = a.gs->start[k];
-      const int32_t t_end = a.gs->start[k + 1];
-      for (; t + 1 < t_end; t += 2) {
-        const f8* v0 = a.q_in + (p + off[t]) * nb;
-        const f8* v1 = a.q_in + (p + off[t + 1]) * nb;
-        for (int b = 0; b < nb; ++b) {
-          acc[b] += w[t] * v0[b];
-          acc2[b] += w[t + 1] * v1[b];
-        }
-      }
-      if (t < t_end) {
-        const f8* v0 = a.q_in + (p + off[t]) * nb;
-        for (int b = 0; b < nb; ++b) acc[b] += w[t] * v0[b];
-      }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wg * (acc[b] + acc2[b]);
-      if (++col == a.gs->width) {
-        col = 0;
-        stencil_row = a.gs->ProbeRow(++row) * a.gs->width;
-      }
-    }
-    if (a.compat_t != nullptr) {
-      for (int l = 0; l < a.C; ++l) {
-        const float m = msg[l / 8][l % 8];
-        const f8* column = a.compat_t + static_cast<int64_t>(l) * nb;
-        for (int b = 0; b < nb; ++b) x[b] -= m * column[b];
-      }
-    }
-    SoftmaxRowT<NB>(x, nb, a.q + p * nb);
   }
 }
 
@@ -394,7 +445,11 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   }                                                                                                        \
   ATTR void Update##SUFFIX(const UpdateArgs& a, int64_t b, int64_t e) {                                    \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(a.nb, (UpdateT<NB>(a, b, e)))                                                        \
+    if (a.gs != nullptr) {                                                                                 \
+      DKCRF_DISPATCH_NB(a.nb, (UpdateBandsT<NB>(a, b, e)))                                                 \
+    } else {                                                                                               \
+      DKCRF_DISPATCH_NB(a.nb, (UpdateT<NB>(a, b, e)))                                                      \
+    }                                                                                                      \
   }
 
 DKCRF_KERNELS(Generic, )
@@ -471,22 +526,6 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
     for (int64_t k = begin; k < end; ++k) L->point_weight[k] *= norm[L->point_pixel[k]];
   });
 }
-
-// Aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment); large ones on
-// huge pages (see internal::AllocateAligned).
-class AlignedVector {
- public:
-  explicit AlignedVector(int64_t n)
-      : bytes_(sizeof(f8) * std::max<int64_t>(n, 1)), data_(static_cast<f8*>(internal::AllocateAligned(bytes_))) {}
-  ~AlignedVector() { internal::FreeAligned(data_, bytes_); }
-  AlignedVector(const AlignedVector&) = delete;
-  AlignedVector& operator=(const AlignedVector&) = delete;
-  f8* data() { return data_; }
-
- private:
-  size_t bytes_;
-  f8* data_;
-};
 
 // mu transposed into padded blocks: row l' holds column l' of mu (zeros in the padding labels).
 std::unique_ptr<AlignedVector> TransposedCompat(const float* compat, int C, int nb) {
@@ -868,7 +907,10 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
       UpdateArgs args{neg_u, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
                       lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
                       params.gaussian_weight, q, q_next, compat_t ? compat_t->data() : nullptr};
-      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      // Work units: pixels, or bands of kStencilRows rows with the stencil (see UpdateBandsT).
+      const int64_t units = stencil_g ? (height + kStencilRows - 1) / kStencilRows : N;
+      const int64_t unit_cost = (stencil_g ? kStencilRows * width : 1) * ((stencil_g ? 36 : 9) * 3 * nb + 40 * nb);
+      pfor(units, unit_cost, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       std::swap(q, q_next);
       DKCRF_TOC(update);
     }
