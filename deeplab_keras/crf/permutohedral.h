@@ -2,13 +2,15 @@
 //
 // The lattice is built once per image and then filters value rows of any width. Compared to the reference
 // implementation the data are arranged for many repeated filterings:
-//   * the splat is a gather: every lattice point keeps the list of its pixel vertices (ascending), so points
-//     are splatted in parallel without write conflicts and each sums its contributions in pixel order, exactly
-//     like the reference's sequential splat (the result does not depend on the thread count);
+//   * the splat is a gather: every lattice point keeps the list of its pixel vertices (ascending, with their
+//     weights), so points are splatted in parallel without write conflicts and each sums its contributions in
+//     pixel order, exactly like the reference's sequential splat (the result does not depend on the thread
+//     count);
 //   * blur neighbours are resolved once into chains along each lattice direction, blurred in place (no second
-//     buffer, nothing to do for points without neighbours in that direction);
-//   * construction is parallel: pixels are elevated and hashed in parallel, ranges of pixels inserted into
-//     hash tables in parallel and the tables merged in range order.
+//     buffer, nothing to do for points without neighbours in that direction); one hash look-up per point and
+//     direction (k + v_j) finds them;
+//   * construction is parallel: ranges of pixels are elevated and inserted into hash tables in parallel (no
+//     array of keys in between) and the tables merged in range order.
 // The elevation / rounding / rank arithmetic follows the reference float computation step by step so both
 // produce the same lattice points for the same features.
 #ifndef DEEPLAB_KERAS_CRF_PERMUTOHEDRAL_H_
