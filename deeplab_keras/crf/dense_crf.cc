@@ -593,8 +593,10 @@ int64_t LatticeBytes(int d, int64_t N, int64_t M) {
   return 16 * E + 4 * (M + 1) + 12 * (d + 1) * M;
 }
 
-// Peak bytes while a lattice is built (BuildLattice): offsets and weights, every entry's key and hash, the hash
-// tables (slots of 8 + 4 d bytes, load 1/4 .. 1/2, initial size E / 4) and the neighbour table.
+// Peak bytes while a lattice is built (BuildLattice): offsets and weights, the hash tables (slots of 8 + 4 d
+// bytes, load 1/4 .. 1/2, initial size E / 4) and the neighbour table, plus 4 (d + 1) E bytes that once held
+// every entry's key and hash: the build no longer stores them, the term stays as the room of the last step
+// (the vertex lists' pixels and weights, 8 E, and the chains being concatenated).
 int64_t LatticeBuildBytes(int d, int64_t N, int64_t M) {
   const int64_t E = (d + 1) * N;
   return 8 * E + 4 * (d + 1) * E + (8 + 4 * d) * (4 * M + E / 2) + 8 * (d + 1) * M;
