@@ -1,8 +1,11 @@
 """Dense CRF: the C++ TensorFlow op (deeplab_keras.crf.dense_crf) against pydensecrf, side by side in one run.
 
-Headline: a 500x375 VOC image (2007_000063), 21 labels, DeepLab-like probabilities, 10 iterations, DeepLab v2
-defaults. Prints both times (min and median of interleaved repeats), the speed ratio, the peak memory each
-needs (measured in its own subprocess), label agreement and |diff|; then the scaling over batch sizes 1..4 and
+Headline: the 7 VOC 2012 samples packaged with deeplab_keras (500 x 281 .. 430), each at its own size, 21 labels,
+DeepLab-like probabilities, 10 iterations, DeepLab v2 defaults: per sample both times (min of interleaved
+repeats), the speed ratio, label agreement and max |diff|; overall the ratio of the summed times and the min /
+median of the per-sample ratios; the same with the op on one thread (a fresh process). Then one 500x375 image
+(2007_000063) in detail: min and median times, the peak memory each needs (measured in its own subprocess),
+label agreement and |diff|; then the scaling over batch sizes 1..4 and
 image sizes 250x188, 500x375, 1000x750, 2000x1500 with the peak memory of each side (RSS growth during one run,
 in its own process) and the op's own estimate (``dk.crf.memory_estimate``, what it checks against its limit).
 pydensecrf is single-threaded; the op uses TensorFlow's intra-op pool (all cores unless --threads). Times on a
@@ -24,21 +27,25 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOC = REPO / "deeplab_keras" / "data" / "samples" / "VOC2012"  # the VOC 2012 pairs packaged with deeplab_keras
 SAMPLE = "2007_000063"  # 500 x 375
+SAMPLES = tuple(sorted(path.stem for path in (VOC / "JPEGImages").glob("*.jpg")))
 PARAMS = dict(bilateral_weight=4.0, bilateral_xy_std=67.0, bilateral_rgb_std=3.0, gaussian_weight=3.0,
               gaussian_xy_std=1.0)
 ITERATIONS = 10
 
 
-def make_inputs(width, height, classes=21, seed=0, noise=False):
-    """VOC image resized to width x height and DeepLab-like probabilities from its (blurred, coarse, noisy) labels;
-    with ``noise`` the image is replaced by uniform noise (the bilateral lattice's worst case)."""
+def make_inputs(width, height, classes=21, seed=0, noise=False, sample=SAMPLE):
+    """VOC image ``sample`` resized to width x height (None: its own size) and DeepLab-like probabilities from its
+    (blurred, coarse, noisy) labels; with ``noise`` the image is replaced by uniform noise (the bilateral lattice's
+    worst case)."""
     import tensorflow as tf
     from PIL import Image
     from scipy import ndimage
 
-    image = np.array(Image.open(VOC / "JPEGImages" / f"{SAMPLE}.jpg").convert("RGB").resize((width, height),
-                                                                                            Image.BILINEAR))
-    label = np.array(Image.open(VOC / "SegmentationClass" / f"{SAMPLE}.png").resize((width, height),
+    photo = Image.open(VOC / "JPEGImages" / f"{sample}.jpg").convert("RGB")
+    if width is None:
+        width, height = photo.size
+    image = np.array(photo.resize((width, height), Image.BILINEAR))
+    label = np.array(Image.open(VOC / "SegmentationClass" / f"{sample}.png").resize((width, height),
                                                                                      Image.NEAREST))
     nearest = ndimage.distance_transform_edt(label == 255, return_distances=False, return_indices=True)
     filled = np.minimum(label[tuple(nearest)], classes - 1)
@@ -165,6 +172,49 @@ def peak_memory(kind, width, height, threads, details=False, noise=False):
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def measure_samples(repeats):
+    """Every packaged VOC sample at its own size: interleaved repeats (per round, each sample: pydensecrf, then
+    the op on a batch of one). Per sample: times (ms), label agreement and max |diff|."""
+    inputs = [make_inputs(None, None, sample=name) for name in SAMPLES]
+    run_op(inputs[0][1][None, :8, :8], inputs[0][0][None, :8, :8])  # load the library, warm the thread pool
+    rows = [{"sample": name, "size": f"{image.shape[1]}x{image.shape[0]}", "pydensecrf_ms": [], "op_ms": []}
+            for name, (image, _) in zip(SAMPLES, inputs)]
+    for _ in range(repeats):
+        for row, (image, probs) in zip(rows, inputs):
+            t, ref = timed(lambda: run_pydensecrf(probs, image))
+            row["pydensecrf_ms"].append(t * 1e3)
+            t, out = timed(lambda: run_op(probs[None], image[None])[0])
+            row["op_ms"].append(t * 1e3)
+            row["agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
+            row["max_abs_diff"] = float(np.abs(ref - out).max())
+    return rows
+
+
+def summarize_samples(rows):
+    """Per-sample ratios of the min times, their min and median, and the ratio of the summed min times."""
+    ratios = [min(r["pydensecrf_ms"]) / min(r["op_ms"]) for r in rows]
+    total_ref = sum(min(r["pydensecrf_ms"]) for r in rows)
+    total_op = sum(min(r["op_ms"]) for r in rows)
+    return {"ratios": ratios, "ratio_min": min(ratios), "ratio_median": statistics.median(ratios),
+            "total_pydensecrf_ms": total_ref, "total_op_ms": total_op, "ratio_total": total_ref / total_op,
+            "agreement_min": min(r["agreement"] for r in rows),
+            "max_abs_diff": max(r["max_abs_diff"] for r in rows)}
+
+
+def print_samples(rows, threads):
+    summary = summarize_samples(rows)
+    print(f"\nthe {len(rows)} packaged VOC samples, batch 1, op on {threads} thread(s); min of the interleaved repeats")
+    print("  sample        size      pydensecrf ms   op ms    ratio   agreement   max |diff|")
+    for row, ratio in zip(rows, summary["ratios"]):
+        print(f"  {row['sample']}   {row['size']:8s} {min(row['pydensecrf_ms']):13.1f}   {min(row['op_ms']):6.1f}"
+              f"   {ratio:5.2f}x   {row['agreement'] * 100:.4f} %   {row['max_abs_diff']:.2e}")
+    print(f"  all {len(rows)}: pydensecrf {summary['total_pydensecrf_ms']:.1f} ms, op {summary['total_op_ms']:.1f} ms: "
+          f"{summary['ratio_total']:.2f}x (summed times); per sample min {summary['ratio_min']:.2f}x, median "
+          f"{summary['ratio_median']:.2f}x; labels {summary['agreement_min'] * 100:.4f} % (lowest), max |diff| "
+          f"{summary['max_abs_diff']:.2e}   target >= 8x")
+    return summary
+
+
 def measure_headline(repeats):
     image, probs = make_inputs(500, 375)
     ref_t, op_t, ref, out = side_by_side([probs], [image], repeats)
@@ -182,6 +232,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--memory-worker", choices=["op", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--headline-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--samples-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="500x375", help=argparse.SUPPRESS)
     parser.add_argument("--noise", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--points", action="store_true", help=argparse.SUPPRESS)
@@ -200,11 +251,26 @@ def main(argv=None):
     if args.headline_only:
         print(json.dumps(measure_headline(repeats)))
         return 0
+    if args.samples_only:
+        print(json.dumps(measure_samples(repeats)))
+        return 0
     threads = args.threads or os.cpu_count()
     print(f"dense CRF, 21 labels, {ITERATIONS} iterations, DeepLab defaults {PARAMS}")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; op threads: {threads}; "
           f"pydensecrf: 1 thread; TF {tf.__version__}; {repeats} interleaved repeats")
     results = {"threads": threads, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}
+
+    rows = measure_samples(repeats)
+    results["samples"] = {"rows": rows, **print_samples(rows, threads)}
+    if not args.threads and (os.cpu_count() or 1) > 1:
+        # The same with the op on one thread (a fresh process: TF fixes its pool size at start-up).
+        child = subprocess.run([sys.executable, __file__, "--samples-only", "--threads", "1", "--repeats",
+                                str(repeats)], capture_output=True, text=True, timeout=3600, cwd=REPO)
+        if child.returncode == 0:
+            rows = json.loads(child.stdout.strip().splitlines()[-1])
+            results["samples_1_thread"] = {"rows": rows, **print_samples(rows, 1)}
+        else:
+            print(f"  (the one-thread run failed: {child.stderr[-500:]})")
 
     headline = measure_headline(repeats)
     ref_min, op_min = min(headline["pydensecrf_ms"]), min(headline["op_ms"])

@@ -148,6 +148,22 @@ def test_random_inputs_agree_with_pydensecrf(seed, shape, params, iterations):
     np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
+LABEL_COUNTS = (1, 2, 21, 33, 60, 182)  # the last block of 8 labels partly filled; 1 to 23 blocks
+
+
+@pytest.mark.parametrize("labels", LABEL_COUNTS)
+def test_label_counts_agree_with_pydensecrf(labels):
+    """The last, partly filled block of 8 labels is read with one vector load and a blend where memory follows
+    the row, element by element at the end of a range (the image's last pixel): both must give pydensecrf's
+    result. 24 x 30 pixels: several ranges when the op runs on more than one thread."""
+    rng = np.random.default_rng(100 + labels)
+    image, probs = random_case(rng, 24, 30, labels)
+    ours = dk.crf.dense_crf(probs[None], image[None], iterations=5).numpy()[0]
+    ref = pydensecrf_reference(probs, image, iterations=5)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.995
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
 def test_random_unaries_batch_agree_with_pydensecrf():
     """A batch of 3 images with uniform-noise unaries (weak, so the pairwise terms dominate)."""
     rng = np.random.default_rng(7)
@@ -250,6 +266,30 @@ def test_portable_kernels_match_the_avx2_kernels():
     here = dk.crf.dense_crf(probs[None], image[None]).numpy()
     generic = op_in_subprocess(probs, image, env=dict(os.environ, DEEPLAB_KERAS_CRF_GENERIC="1"))
     np.testing.assert_allclose(generic, here, atol=1e-5)
+
+
+def test_portable_kernels_match_the_avx2_kernels_for_any_label_count():
+    """The plain x86-64 and the AVX2 kernels agree up to FMA rounding for every block filling (one process runs
+    the plain kernels on all the label counts)."""
+    rng = np.random.default_rng(11)
+    cases = [random_case(rng, 20, 26, labels) for labels in LABEL_COUNTS]
+    directory = tempfile.mkdtemp()
+    for i, (image, probs) in enumerate(cases):
+        np.save(os.path.join(directory, f"p{i}.npy"), probs[None])
+        np.save(os.path.join(directory, f"im{i}.npy"), image[None])
+    script = (
+        "import os, sys, numpy as np\n"
+        "import deeplab_keras as dk\n"
+        "d = sys.argv[1]\n"
+        "for i in range(int(sys.argv[2])):\n"
+        "    out = dk.crf.dense_crf(np.load(os.path.join(d, f'p{i}.npy')), np.load(os.path.join(d, f'im{i}.npy')))\n"
+        "    np.save(os.path.join(d, f'out{i}.npy'), out.numpy())\n")
+    subprocess.run([sys.executable, "-c", script, directory, str(len(cases))], check=True, capture_output=True,
+                   timeout=300, env=dict(os.environ, DEEPLAB_KERAS_CRF_GENERIC="1"))
+    for i, (image, probs) in enumerate(cases):
+        here = dk.crf.dense_crf(probs[None], image[None]).numpy()
+        np.testing.assert_allclose(np.load(os.path.join(directory, f"out{i}.npy")), here, atol=1e-5,
+                                   err_msg=f"{LABEL_COUNTS[i]} labels")
 
 
 def test_empty_batch_returns_empty():

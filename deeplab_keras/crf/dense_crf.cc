@@ -47,6 +47,22 @@ class ScopedFlushDenormal {
 
 DKCRF_INLINE f8 Broadcast(float v) { return f8{} + v; }
 
+// Aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment); large ones on
+// huge pages (see internal::AllocateAligned).
+class AlignedVector {
+ public:
+  explicit AlignedVector(int64_t n)
+      : bytes_(sizeof(f8) * std::max<int64_t>(n, 1)), data_(static_cast<f8*>(internal::AllocateAligned(bytes_))) {}
+  ~AlignedVector() { internal::FreeAligned(data_, bytes_); }
+  AlignedVector(const AlignedVector&) = delete;
+  AlignedVector& operator=(const AlignedVector&) = delete;
+  f8* data() { return data_; }
+
+ private:
+  size_t bytes_;
+  f8* data_;
+};
+
 // How far ahead (in rows) the scattered row accesses of splat, blur and slice are prefetched.
 constexpr int kPrefetchAhead = 16;
 
@@ -58,15 +74,23 @@ DKCRF_INLINE void PrefetchRow(const f8* row, int nb) {
   if (nb >= 4) __builtin_prefetch(reinterpret_cast<const char*>(row) + 64, 1, 3);
 }
 
-DKCRF_INLINE float HorizontalMax(f8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+// Horizontal reductions by lane swaps (three shuffles instead of seven scalar steps); the result is in every
+// lane. The sum is ((v0 + v4) + (v1 + v5)) + ((v2 + v6) + (v3 + v7)).
+DKCRF_INLINE f8 Swap(f8 v, i8 lanes) { return __builtin_shuffle(v, lanes); }
+
+DKCRF_INLINE f8 HorizontalMaxV(f8 v) {
+  v = v > Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3}) ? v : Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v > Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6}) ? v : Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6});
+  return v > Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5}) ? v : Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
 }
 
-DKCRF_INLINE float HorizontalSum(f8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+DKCRF_INLINE f8 HorizontalSumV(f8 v) {
+  v = v + Swap(v, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  v = v + Swap(v, i8{1, 0, 3, 2, 5, 4, 7, 6});
+  return v + Swap(v, i8{2, 3, 0, 1, 6, 7, 4, 5});
 }
+
+DKCRF_INLINE float HorizontalSum(f8 v) { return HorizontalSumV(v)[0]; }
 
 // exp(x) for x <= 0 (Cephes polynomial, ~1 ulp); exactly 0 below -87.
 DKCRF_INLINE f8 ExpNonPositive(f8 x) {
@@ -120,36 +144,43 @@ DKCRF_INLINE f8 LogPositive(f8 x) {
 // ------------------------------------------------------------------------------------------------------
 // Kernel bodies. NB = 8-float blocks per row as a compile-time constant (0: use the runtime `nb`).
 
-// Reads a row of C floats as nb padded blocks; the pad labels get -1e30 (probability 0 after a softmax).
-template <int NB>
-DKCRF_INLINE void LoadRowT(const float* row, int C, int nb_rt, f8* o) {
-  const int nb = NB > 0 ? NB : nb_rt;
-  for (int b = 0; b < nb; ++b) {
-    const int n = std::min(8, C - 8 * b);
-    if (n == 8) {
-      std::memcpy(&o[b], row + 8 * b, sizeof(f8));
-    } else {
-      f8 v = Broadcast(-1e30f);
-      for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
-      o[b] = v;
-    }
+DKCRF_INLINE i8 LaneIndex() { return i8{0, 1, 2, 3, 4, 5, 6, 7}; }
+
+// Block b of a row of C floats: its n = min(8, C - 8b) labels, `pad` in the other lanes. When the 8 floats
+// from row + 8b end before `limit` (readable memory), a partial block is one vector load and a blend: copying
+// its elements one by one and reading them back as a vector would stall (no store-to-load forwarding), about
+// 20 cycles per row.
+DKCRF_INLINE f8 LoadBlock(const float* row, int C, int b, const float* limit, float pad) {
+  const float* src = row + 8 * b;
+  const int n = std::min(8, C - 8 * b);
+  f8 v;
+  if (n == 8 || src + 8 <= limit) {
+    std::memcpy(&v, src, sizeof(v));
+    if (n < 8) v = LaneIndex() < n ? v : Broadcast(pad);
+  } else {
+    v = Broadcast(pad);
+    for (int k = 0; k < n; ++k) v[k] = src[k];
   }
+  return v;
+}
+
+// Reads a row of C floats as nb padded blocks; the pad labels get -1e30 (probability 0 after a softmax).
+// limit: end of the readable memory after the row.
+template <int NB>
+DKCRF_INLINE void LoadRowT(const float* row, int C, int nb_rt, const float* limit, f8* o) {
+  const int nb = NB > 0 ? NB : nb_rt;
+  for (int b = 0; b < nb; ++b) o[b] = LoadBlock(row, C, b, limit, -1e30f);
 }
 
 // -U of one pixel's row of C inputs as nb padded blocks (pad labels get -1e30, i.e. probability 0).
 template <int NB>
-DKCRF_INLINE void NegUnaryRowT(const float* row, InputType type, int C, int nb_rt, f8* o) {
+DKCRF_INLINE void NegUnaryRowT(const float* row, InputType type, int C, int nb_rt, const float* limit, f8* o) {
   const int nb = NB > 0 ? NB : nb_rt;
   const bool probs = type == InputType::kProbs;
   const float sign = type == InputType::kLogits ? 1.f : -1.f;
   for (int b = 0; b < nb; ++b) {
     const int n = std::min(8, C - 8 * b);  // real labels in this block (the rest is padding)
-    f8 v = Broadcast(1.f);
-    if (n == 8) {
-      std::memcpy(&v, row + 8 * b, sizeof(v));
-    } else {
-      for (int k = 0; k < n; ++k) v[k] = row[8 * b + k];
-    }
+    f8 v = LoadBlock(row, C, b, limit, 1.f);
     if (probs) {
       v = v < kProbClip ? Broadcast(kProbClip) : v;
       v = v > 1.f ? Broadcast(1.f) : v;
@@ -157,7 +188,7 @@ DKCRF_INLINE void NegUnaryRowT(const float* row, InputType type, int C, int nb_r
     } else {
       v = v * sign;
     }
-    for (int k = n; k < 8; ++k) v[k] = -1e30f;  // padding labels: probability 0
+    if (n < 8) v = LaneIndex() < n ? v : Broadcast(-1e30f);  // padding labels: probability 0
     o[b] = v;
   }
 }
@@ -168,13 +199,13 @@ DKCRF_INLINE void SoftmaxRowT(f8* x, int nb_rt, f8* q) {
   const int nb = NB > 0 ? NB : nb_rt;
   f8 mx = x[0];
   for (int b = 1; b < nb; ++b) mx = x[b] > mx ? x[b] : mx;
-  const float m = HorizontalMax(mx);
+  const f8 m = HorizontalMaxV(mx);
   f8 s = f8{};
   for (int b = 0; b < nb; ++b) {
     x[b] = ExpNonPositive(x[b] - m);
     s += x[b];
   }
-  const float inv = 1.0f / HorizontalSum(s);
+  const f8 inv = 1.0f / HorizontalSumV(s);
   for (int b = 0; b < nb; ++b) q[b] = x[b] * inv;
 }
 
@@ -185,7 +216,7 @@ DKCRF_INLINE void NegUnaryT(const float* in, InputType type, int C, int nb_rt, i
   const int nb = NB > 0 ? NB : nb_rt;
   f8 x[NB > 0 ? NB : kMaxBlocks];
   for (int64_t p = begin; p < end; ++p) {
-    NegUnaryRowT<NB>(in + p * C, type, C, nb, x);
+    NegUnaryRowT<NB>(in + p * C, type, C, nb, in + end * C, x);
     std::memcpy(neg_u + p * C, x, sizeof(float) * C);
   }
 }
@@ -196,7 +227,7 @@ DKCRF_INLINE void SoftmaxT(const float* neg_u, int C, int nb_rt, int64_t begin, 
   const int nb = NB > 0 ? NB : nb_rt;
   f8 x[NB > 0 ? NB : kMaxBlocks];
   for (int64_t p = begin; p < end; ++p) {
-    LoadRowT<NB>(neg_u + p * C, C, nb, x);
+    LoadRowT<NB>(neg_u + p * C, C, nb, neg_u + end * C, x);
     SoftmaxRowT<NB>(x, nb, q + p * nb);
   }
 }
@@ -206,19 +237,17 @@ DKCRF_INLINE void SoftmaxT(const float* neg_u, int C, int nb_rt, int64_t begin, 
 template <int NB>
 DKCRF_INLINE void SplatT(const Lattice& L, const f8* q, int nb_rt, int64_t m0, int64_t m1, f8* V) {
   const int nb = NB > 0 ? NB : nb_rt;
-  const int d1 = L.d + 1;
-  const int32_t* entries = L.point_entry.data();
+  const int32_t* pixel = L.point_pixel.data();
   const int32_t* start = L.point_start.data();
-  const float* weight = L.weight.data();
+  const float* weight = L.point_weight.data();
   f8 acc[NB > 0 ? NB : kMaxBlocks];
   const int64_t k_last = start[m1];
   for (int64_t m = m0; m < m1; ++m) {
     for (int b = 0; b < nb; ++b) acc[b] = f8{};
     for (int64_t k = start[m], k_end = start[m + 1]; k < k_end; ++k) {
-      if (k + kPrefetchAhead < k_last) PrefetchRow(q + static_cast<int64_t>(entries[k + kPrefetchAhead] / d1) * nb, nb);
-      const int32_t e = entries[k];
-      const f8* src = q + static_cast<int64_t>(e / d1) * nb;
-      const float w = weight[e];
+      if (k + kPrefetchAhead < k_last) PrefetchRow(q + static_cast<int64_t>(pixel[k + kPrefetchAhead]) * nb, nb);
+      const f8* src = q + static_cast<int64_t>(pixel[k]) * nb;
+      const float w = weight[k];
       for (int b = 0; b < nb; ++b) acc[b] += w * src[b];
     }
     for (int b = 0; b < nb; ++b) V[m * nb + b] = acc[b];
@@ -268,86 +297,121 @@ struct UpdateArgs {
                                  // or null (Potts)
 };
 
-// For pixels [begin, end): x = -U + wb * slice_b + wg * (slice_g or the stencil over q_in), q = softmax(x).
+// Update of pixel p: x = -U + wb * slice_b + wg * (slice_g or `stencil`, the stencil's sum over q_in for p),
+// q = softmax(x). end: the pixels' end (prefetch bound and readable -U).
 template <int NB>
-DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
+DKCRF_INLINE void UpdatePixelT(const UpdateArgs& a, int64_t p, int64_t end, const f8* stencil) {
   const int nb = NB > 0 ? NB : a.nb;
   f8 x[NB > 0 ? NB : kMaxBlocks], acc[NB > 0 ? NB : kMaxBlocks], acc2[NB > 0 ? NB : kMaxBlocks];
   // Potts: the kernel terms add to x directly; with a compatibility matrix they add up to the message m first
   // and x = -U - mu m.
   f8 msg[NB > 0 ? NB : kMaxBlocks];
   f8* dst = a.compat_t != nullptr ? msg : x;
-  int64_t row = 0, col = 0, stencil_row = 0;
-  if (a.gs != nullptr) {
-    row = begin / a.gs->width;
-    col = begin - row * a.gs->width;
-    stencil_row = a.gs->ProbeRow(row) * a.gs->width;
+  if (a.lb != nullptr && p + kPrefetchAhead < end) {
+    const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
+    for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
   }
-  for (int64_t p = begin; p < end; ++p) {
-    if (a.lb != nullptr && p + kPrefetchAhead < end) {
-      const int32_t* off = &a.lb->offset[(p + kPrefetchAhead) * 6];
-      for (int r = 0; r < 6; ++r) PrefetchRow(a.vb + static_cast<int64_t>(off[r]) * nb, nb);
+  LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, a.neg_u + end * a.C, x);
+  if (a.compat_t != nullptr)
+    for (int b = 0; b < nb; ++b) msg[b] = f8{};
+  if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
+    for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
+    const int32_t* off = &a.lb->offset[p * 6];
+    const float* w = &a.lb->weight[p * 6];
+    for (int r = 0; r < 6; r += 2) {
+      const f8* v0 = a.vb + static_cast<int64_t>(off[r]) * nb;
+      const f8* v1 = a.vb + static_cast<int64_t>(off[r + 1]) * nb;
+      for (int b = 0; b < nb; ++b) {
+        acc[b] += w[r] * v0[b];
+        acc2[b] += w[r + 1] * v1[b];
+      }
     }
-    LoadRowT<NB>(a.neg_u + p * a.C, a.C, nb, x);
-    if (a.compat_t != nullptr)
-      for (int b = 0; b < nb; ++b) msg[b] = f8{};
-    if (a.lb != nullptr) {  // two partial sums: the multiply-adds are not one long dependency chain
-      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
-      const int32_t* off = &a.lb->offset[p * 6];
-      const float* w = &a.lb->weight[p * 6];
-      for (int r = 0; r < 6; r += 2) {
-        const f8* v0 = a.vb + static_cast<int64_t>(off[r]) * nb;
-        const f8* v1 = a.vb + static_cast<int64_t>(off[r + 1]) * nb;
-        for (int b = 0; b < nb; ++b) {
-          acc[b] += w[r] * v0[b];
-          acc2[b] += w[r + 1] * v1[b];
+    for (int b = 0; b < nb; ++b) dst[b] += a.wb * (acc[b] + acc2[b]);
+  }
+  if (a.lg != nullptr) {
+    for (int b = 0; b < nb; ++b) acc[b] = f8{};
+    const int32_t* off = &a.lg->offset[p * 3];
+    const float* w = &a.lg->weight[p * 3];
+    for (int r = 0; r < 3; ++r) {
+      const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
+      for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
+    }
+    for (int b = 0; b < nb; ++b) dst[b] += a.wg * acc[b];
+  }
+  if (stencil != nullptr)
+    for (int b = 0; b < nb; ++b) dst[b] += a.wg * stencil[b];
+  if (a.compat_t != nullptr) {
+    for (int l = 0; l < a.C; ++l) {
+      const float m = msg[l / 8][l % 8];
+      const f8* column = a.compat_t + static_cast<int64_t>(l) * nb;
+      for (int b = 0; b < nb; ++b) x[b] -= m * column[b];
+    }
+  }
+  SoftmaxRowT<NB>(x, nb, a.q + p * nb);
+}
+
+// For pixels [begin, end): UpdatePixelT without a stencil (the Gaussian kernel is a lattice, or absent).
+template <int NB>
+DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) UpdatePixelT<NB>(a, p, end, nullptr);
+}
+
+// The Gaussian stencil runs on tiles of kStencilRows rows x StencilCols(nb) columns: first the stencil sums of
+// the tile (into a buffer of at most 64 KiB, which stays in the cache), then the tile's pixel updates.
+constexpr int kStencilRows = 4;
+DKCRF_INLINE int64_t StencilCols(int nb) {
+  return std::max<int64_t>(1, (64 << 10) / (kStencilRows * nb * static_cast<int64_t>(sizeof(f8))));
+}
+
+// Stencil sums over q_in for the R vertically adjacent pixels p, p + width, ... of one column, which share
+// stencil k (rows away from the top and bottom borders): each tap's offset and weight are read once for the R
+// pixels, and the R pixels' sums are independent chains of multiply-adds. out[r * out_step]: pixel r's sum.
+template <int NB, int R>
+DKCRF_INLINE void StencilT(const UpdateArgs& a, int64_t p, int64_t k, f8* out, int64_t out_step) {
+  const int nb = NB > 0 ? NB : a.nb;
+  const int64_t row_step = a.gs->width * nb;
+  const int32_t* off = a.gs->offset.data();
+  const float* w = a.gs->weight.data();
+  f8 sum[R][NB > 0 ? NB : kMaxBlocks];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < nb; ++b) sum[r][b] = f8{};
+  for (int32_t t = a.gs->start[k], t_end = a.gs->start[k + 1]; t < t_end; ++t) {
+    const f8* v = a.q_in + (p + off[t]) * nb;
+    const f8 wt = Broadcast(w[t]);
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < nb; ++b) sum[r][b] += wt * v[r * row_step + b];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < nb; ++b) out[r * out_step + b] = sum[r][b];
+}
+
+// For rows [kStencilRows * begin, kStencilRows * end) (work units: bands of kStencilRows rows) with the
+// Gaussian kernel as a stencil, tile by tile (see kStencilRows).
+template <int NB>
+DKCRF_INLINE void UpdateBandsT(const UpdateArgs& a, int64_t begin, int64_t end) {
+  const int nb = NB > 0 ? NB : a.nb;
+  const GaussianKernel& g = *a.gs;
+  const int64_t W = g.width, cols = StencilCols(nb);
+  const int64_t tile_step = cols * nb;  // the sums of the tile's row r, column c: sums[r * tile_step + c * nb]
+  AlignedVector sums(kStencilRows * tile_step);
+  for (int64_t y0 = kStencilRows * begin; y0 < std::min(kStencilRows * end, g.height); y0 += kStencilRows) {
+    const int64_t y1 = std::min<int64_t>(y0 + kStencilRows, g.height);
+    const bool shared = y1 - y0 == kStencilRows && g.ProbeRow(y0) == g.ProbeRow(y1 - 1);  // one stencil row
+    for (int64_t x0 = 0; x0 < W; x0 += cols) {
+      const int64_t x1 = std::min(x0 + cols, W);
+      for (int64_t x = x0; x < x1; ++x) {
+        f8* out = sums.data() + (x - x0) * nb;
+        if (shared) {
+          StencilT<NB, kStencilRows>(a, y0 * W + x, g.ProbeRow(y0) * W + x, out, tile_step);
+        } else {
+          for (int64_t y = y0; y < y1; ++y)
+            StencilT<NB, 1>(a, y * W + x, g.ProbeRow(y) * W + x, out + (y - y0) * tile_step, 0);
         }
       }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wb * (acc[b] + acc2[b]);
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t x = x0; x < x1; ++x)
+          UpdatePixelT<NB>(a, y * W + x, y1 * W, sums.data() + (y - y0) * tile_step + (x - x0) * nb);
     }
-    if (a.lg != nullptr) {
-      for (int b = 0; b < nb; ++b) acc[b] = f8{};
-      const int32_t* off = &a.lg->offset[p * 3];
-      const float* w = &a.lg->weight[p * 3];
-      for (int r = 0; r < 3; ++r) {
-        const f8* v = a.vg + static_cast<int64_t>(off[r]) * nb;
-        for (int b = 0; b < nb; ++b) acc[b] += w[r] * v[b];
-      }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wg * acc[b];
-    }
-    if (a.gs != nullptr) {
-      const int64_t k = stencil_row + col;
-      const int32_t* off = a.gs->offset.data();
-      const float* w = a.gs->weight.data();
-      for (int b = 0; b < nb; ++b) acc[b] = acc2[b] = f8{};
-      int32_t t = a.gs->start[k];
-      const int32_t t_end = a.gs->start[k + 1];
-      for (; t + 1 < t_end; t += 2) {
-        const f8* v0 = a.q_in + (p + off[t]) * nb;
-        const f8* v1 = a.q_in + (p + off[t + 1]) * nb;
-        for (int b = 0; b < nb; ++b) {
-          acc[b] += w[t] * v0[b];
-          acc2[b] += w[t + 1] * v1[b];
-        }
-      }
-      if (t < t_end) {
-        const f8* v0 = a.q_in + (p + off[t]) * nb;
-        for (int b = 0; b < nb; ++b) acc[b] += w[t] * v0[b];
-      }
-      for (int b = 0; b < nb; ++b) dst[b] += a.wg * (acc[b] + acc2[b]);
-      if (++col == a.gs->width) {
-        col = 0;
-        stencil_row = a.gs->ProbeRow(++row) * a.gs->width;
-      }
-    }
-    if (a.compat_t != nullptr) {
-      for (int l = 0; l < a.C; ++l) {
-        const float m = msg[l / 8][l % 8];
-        const f8* column = a.compat_t + static_cast<int64_t>(l) * nb;
-        for (int b = 0; b < nb; ++b) x[b] -= m * column[b];
-      }
-    }
-    SoftmaxRowT<NB>(x, nb, a.q + p * nb);
   }
 }
 
@@ -381,7 +445,11 @@ DKCRF_INLINE void UpdateT(const UpdateArgs& a, int64_t begin, int64_t end) {
   }                                                                                                        \
   ATTR void Update##SUFFIX(const UpdateArgs& a, int64_t b, int64_t e) {                                    \
     ScopedFlushDenormal ftz;                                                                               \
-    DKCRF_DISPATCH_NB(a.nb, (UpdateT<NB>(a, b, e)))                                                        \
+    if (a.gs != nullptr) {                                                                                 \
+      DKCRF_DISPATCH_NB(a.nb, (UpdateBandsT<NB>(a, b, e)))                                                 \
+    } else {                                                                                               \
+      DKCRF_DISPATCH_NB(a.nb, (UpdateT<NB>(a, b, e)))                                                      \
+    }                                                                                                      \
   }
 
 DKCRF_KERNELS(Generic, )
@@ -425,40 +493,39 @@ void Normalize(Lattice* L, const ParallelFor& pfor) {
   const int d1 = L->d + 1;
   const int64_t M = L->num_points, N = L->num_pixels;
   std::vector<float> va(M + 1, 0.f), norm(N);
-  for (int64_t e = 0; e < N * d1; ++e) va[L->offset[e]] += L->weight[e];  // splat of ones, pixel order
-  for (int j = 0; j < d1; ++j) {  // in-place chain blur (see ChainBlurT)
-    for (int64_t c = L->dir_chain[j]; c < L->dir_chain[j + 1]; ++c) {
-      float prev = 0.f;
-      for (int64_t i = L->chain_start[c], i1 = L->chain_start[c + 1]; i < i1; ++i) {
-        const float cur = va[L->chain_point[i]];
-        va[L->chain_point[i]] = cur + 0.5f * (prev + (i + 1 < i1 ? va[L->chain_point[i + 1]] : 0.f));
-        prev = cur;
-      }
+  // Splat of ones: each point sums its vertices' weights in pixel order (the reference's scatter order).
+  pfor(M, 2 * d1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float s = 0.f;
+      for (int32_t k = L->point_start[m]; k < L->point_start[m + 1]; ++k) s += L->point_weight[k];
+      va[m] = s;
     }
+  });
+  for (int j = 0; j < d1; ++j) {  // in-place chain blur (see ChainBlurT), the chains of a direction in parallel
+    const int64_t c0 = L->dir_chain[j];
+    pfor(L->dir_chain[j + 1] - c0, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = c0 + begin; c < c0 + end; ++c) {
+        float prev = 0.f;
+        for (int64_t i = L->chain_start[c], i1 = L->chain_start[c + 1]; i < i1; ++i) {
+          const float cur = va[L->chain_point[i]];
+          va[L->chain_point[i]] = cur + 0.5f * (prev + (i + 1 < i1 ? va[L->chain_point[i + 1]] : 0.f));
+          prev = cur;
+        }
+      }
+    });
   }
   pfor(N, 8 * d1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       float s = 0.f;
       for (int r = 0; r < d1; ++r) s += L->weight[p * d1 + r] * va[L->offset[p * d1 + r]];
       norm[p] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + 1e-20));
+      for (int r = 0; r < d1; ++r) L->weight[p * d1 + r] *= norm[p];
     }
-    for (int64_t e = begin * d1; e < end * d1; ++e) L->weight[e] *= norm[e / d1];
+  });
+  pfor(static_cast<int64_t>(L->point_pixel.size()), 2, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) L->point_weight[k] *= norm[L->point_pixel[k]];
   });
 }
-
-// 64-byte aligned array of f8, uninitialised (std::vector does not honour the vector type's alignment).
-class AlignedVector {
- public:
-  explicit AlignedVector(int64_t n)
-      : data_(static_cast<f8*>(::operator new(sizeof(f8) * std::max<int64_t>(n, 1), std::align_val_t(64)))) {}
-  ~AlignedVector() { ::operator delete(data_, std::align_val_t(64)); }
-  AlignedVector(const AlignedVector&) = delete;
-  AlignedVector& operator=(const AlignedVector&) = delete;
-  f8* data() { return data_; }
-
- private:
-  f8* data_;
-};
 
 // mu transposed into padded blocks: row l' holds column l' of mu (zeros in the padding labels).
 std::unique_ptr<AlignedVector> TransposedCompat(const float* compat, int C, int nb) {
@@ -518,15 +585,18 @@ std::string ValidateParams(const CrfParams& p, int64_t height, int64_t width) {
 
 namespace {
 
-// Bytes of a built lattice over N pixels with d features and M points: offsets, weights and vertex lists
-// (E = (d+1) N entries each), the point index and the blur chains (at most d+1 chain entries per point).
+// Bytes of a built lattice over N pixels with d features and M points: offsets, weights and the vertex lists
+// pixels and weights (E = (d+1) N entries each), the point index and the blur chains (at most d+1 chain
+// entries per point).
 int64_t LatticeBytes(int d, int64_t N, int64_t M) {
   const int64_t E = (d + 1) * N;
-  return 12 * E + 4 * (M + 1) + 12 * (d + 1) * M;
+  return 16 * E + 4 * (M + 1) + 12 * (d + 1) * M;
 }
 
-// Peak bytes while a lattice is built (BuildLattice): offsets and weights, every entry's key and hash, the hash
-// tables (slots of 8 + 4 d bytes, load 1/4 .. 1/2, initial size E / 4) and the neighbour table.
+// Peak bytes while a lattice is built (BuildLattice): offsets and weights, the hash tables (slots of 8 + 4 d
+// bytes, load 1/4 .. 1/2, initial size E / 4) and the neighbour table, plus 4 (d + 1) E bytes that once held
+// every entry's key and hash: the build no longer stores them, the term stays as the room of the last step
+// (the vertex lists' pixels and weights, 8 E, and the chains being concatenated).
 int64_t LatticeBuildBytes(int d, int64_t N, int64_t M) {
   const int64_t E = (d + 1) * N;
   return 8 * E + 4 * (d + 1) * E + (8 + 4 * d) * (4 * M + E / 2) + 8 * (d + 1) * M;
@@ -633,7 +703,7 @@ std::string MemoryProblem(int64_t needed, int64_t limit, int64_t height, int64_t
 
 int64_t GaussianKernel::Bytes() const {
   return static_cast<int64_t>(lattice.offset.size() * 4 + lattice.weight.size() * 4 + lattice.chain_point.size() * 4 +
-                              lattice.chain_start.size() * 8 + lattice.point_entry.size() * 4 +
+                              lattice.chain_start.size() * 8 + lattice.point_pixel.size() * 8 +
                               lattice.point_start.size() * 4 + start.size() * 4 +
                               offset.size() * 4 + weight.size() * 4);
 }
@@ -709,12 +779,12 @@ void BuildStencil(int64_t height, int64_t width, float xy_std, const ParallelFor
     cols.clear();
     for (int32_t m : touched) {
       for (int32_t k = L.point_start[m]; k < L.point_start[m + 1]; ++k) {  // the point's vertices
-        const int32_t e = L.point_entry[k], j = e / 3;
+        const int32_t j = L.point_pixel[k];
         if (!in_row[j]) {
           in_row[j] = 1;
           cols.push_back(j);
         }
-        row[j] += u[m] * L.weight[e];
+        row[j] += u[m] * L.point_weight[k];
       }
       u[m] = 0.f;
     }
@@ -839,7 +909,10 @@ std::string DenseCrfImage(const float* in, InputType input_type, const uint8_t* 
       UpdateArgs args{neg_u, C, nb, use_b ? &lb : nullptr, vb.data(), params.bilateral_weight,
                       lattice_g ? &lg : nullptr, vg.data(), stencil_g ? gaussian : nullptr,
                       params.gaussian_weight, q, q_next, compat_t ? compat_t->data() : nullptr};
-      pfor(N, (stencil_g ? 36 : 9) * 3 * nb + 40 * nb, [&](int64_t b, int64_t e) { K.update(args, b, e); });
+      // Work units: pixels, or bands of kStencilRows rows with the stencil (see UpdateBandsT).
+      const int64_t units = stencil_g ? (height + kStencilRows - 1) / kStencilRows : N;
+      const int64_t unit_cost = (stencil_g ? kStencilRows * width : 1) * ((stencil_g ? 36 : 9) * 3 * nb + 40 * nb);
+      pfor(units, unit_cost, [&](int64_t b, int64_t e) { K.update(args, b, e); });
       std::swap(q, q_next);
       DKCRF_TOC(update);
     }

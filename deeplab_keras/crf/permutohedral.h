@@ -2,13 +2,15 @@
 //
 // The lattice is built once per image and then filters value rows of any width. Compared to the reference
 // implementation the data are arranged for many repeated filterings:
-//   * the splat is a gather: every lattice point keeps the list of its pixel vertices (ascending), so points
-//     are splatted in parallel without write conflicts and each sums its contributions in pixel order, exactly
-//     like the reference's sequential splat (the result does not depend on the thread count);
+//   * the splat is a gather: every lattice point keeps the list of its pixel vertices (ascending, with their
+//     weights), so points are splatted in parallel without write conflicts and each sums its contributions in
+//     pixel order, exactly like the reference's sequential splat (the result does not depend on the thread
+//     count);
 //   * blur neighbours are resolved once into chains along each lattice direction, blurred in place (no second
-//     buffer, nothing to do for points without neighbours in that direction);
-//   * construction is parallel: pixels are elevated and hashed in parallel, ranges of pixels inserted into
-//     hash tables in parallel and the tables merged in range order.
+//     buffer, nothing to do for points without neighbours in that direction); one hash look-up per point and
+//     direction (k + v_j) finds them;
+//   * construction is parallel: ranges of pixels are elevated and inserted into hash tables in parallel (no
+//     array of keys in between) and the tables merged in range order.
 // The elevation / rounding / rank arithmetic follows the reference float computation step by step so both
 // produce the same lattice points for the same features.
 #ifndef DEEPLAB_KERAS_CRF_PERMUTOHEDRAL_H_
@@ -24,6 +26,8 @@
 #include <new>
 #include <utility>
 #include <vector>
+
+#include <sys/mman.h>
 
 // Compile with -DDKCRF_PROFILE to print the time of each stage (development only).
 #ifdef DKCRF_PROFILE
@@ -54,7 +58,29 @@ namespace dkcrf {
 using ParallelFor =
     std::function<void(int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
 
-// std::vector whose resize() leaves new elements uninitialised (for large arrays that are written anyway).
+namespace internal {
+
+// Arrays of 8 MiB or more are 2 MiB aligned and marked for transparent huge pages, where the system grants
+// them on request: one page fault per 2 MiB instead of 512 (the arrays are allocated per call and first
+// touched by the kernels). Others are 64-byte (cache line) aligned.
+constexpr size_t kHugePage = size_t{2} << 20;
+inline std::align_val_t AlignmentFor(size_t bytes) {
+  return std::align_val_t(bytes >= 4 * kHugePage ? kHugePage : 64);
+}
+inline void* AllocateAligned(size_t bytes) {
+  const std::align_val_t align = AlignmentFor(bytes);
+  void* p = ::operator new(bytes, align);
+#ifdef MADV_HUGEPAGE
+  if (align == std::align_val_t(kHugePage)) madvise(p, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+  return p;
+}
+inline void FreeAligned(void* p, size_t bytes) { ::operator delete(p, AlignmentFor(bytes)); }
+
+}  // namespace internal
+
+// std::vector whose resize() leaves new elements uninitialised (for large arrays that are written anyway),
+// allocated by internal::AllocateAligned.
 template <typename T>
 struct DefaultInitAllocator : std::allocator<T> {
   template <typename U>
@@ -64,6 +90,11 @@ struct DefaultInitAllocator : std::allocator<T> {
   DefaultInitAllocator() = default;
   template <typename U>
   DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}  // NOLINT
+  T* allocate(size_t n) {
+    if (n > static_cast<size_t>(PTRDIFF_MAX) / sizeof(T)) throw std::bad_alloc();
+    return static_cast<T*>(internal::AllocateAligned(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) noexcept { internal::FreeAligned(p, n * sizeof(T)); }
   template <typename U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;
@@ -89,11 +120,13 @@ struct Lattice {
   RawVector<int32_t> chain_point;   // points of all chains (of >= 2 points), direction by direction
   std::vector<int64_t> chain_start;  // chain c is chain_point[chain_start[c] .. chain_start[c + 1])
   std::vector<int64_t> dir_chain;    // [d + 2] chains of direction j: [dir_chain[j], dir_chain[j + 1])
-  // Splat as a gather: the vertices (pixel entries) of point m are point_entry[point_start[m] ..
-  // point_start[m + 1]), in ascending (pixel) order, so each point sums its contributions in the reference's
-  // order and points can be splatted in parallel without write conflicts.
+  // Splat as a gather: the vertices of point m are k in [point_start[m], point_start[m + 1]), in ascending
+  // pixel order, so each point sums its contributions in the reference's order and points can be splatted in
+  // parallel without write conflicts. The pixel and the weight of each vertex are stored in that order (two
+  // sequential streams per splat instead of an entry index to divide by d+1 and a scattered weight read).
   RawVector<int32_t> point_start;     // [M + 1]
-  RawVector<int32_t> point_entry;     // [N * (d+1)]
+  RawVector<int32_t> point_pixel;     // [N * (d+1)] pixel of vertex k
+  RawVector<float> point_weight;      // [N * (d+1)] its weight (= weight[entry], kept equal by Normalize)
 };
 
 namespace internal {
@@ -128,7 +161,7 @@ struct Table {
     int32_t id;     // -1: empty
     int32_t key[D];
   };
-  std::vector<Slot> slots;
+  RawVector<Slot> slots;
   uint32_t mask = 0, size = 0;
   int shift = 0;
   bool mix = false;
@@ -179,7 +212,7 @@ struct Table {
     shift = 32 - bits;
   }
   void Grow() {
-    std::vector<Slot> old;
+    RawVector<Slot> old;
     old.swap(slots);
     Resize(32 - shift + 1);
     for (const Slot& slot : old) {
@@ -193,6 +226,122 @@ struct Table {
 
 }  // namespace internal
 
+// Elevation of one pixel onto the lattice: its D+1 enclosing simplex vertices (keys, linear hashes) and
+// barycentric weights. Follows the reference float computation step by step (same points, same weights).
+template <int D>
+struct Elevator {
+  static constexpr int D1 = D + 1;
+  float scale[D];
+  int canonical[D1 * D1];
+  uint32_t mult[D];
+
+  Elevator() {
+    // Elevation matrix scale, computed like the reference (double, stored as float).
+    const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * D1);
+    for (int i = 0; i < D; ++i)
+      scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std_dev);
+    for (int i = 0; i <= D; ++i) {
+      for (int j = 0; j <= D - i; ++j) canonical[i * D1 + j] = i;
+      for (int j = D - i + 1; j <= D; ++j) canonical[i * D1 + j] = i - D1;
+    }
+    for (int i = 0; i < D; ++i) mult[i] = internal::Multiplier(D, i);
+  }
+
+  // Round half to even, like the reference's cvtps2dq, without a libm call (plain x86-64 has no roundps):
+  // adding and subtracting 1.5 * 2^23 rounds in the default mode for |v| < 2^22 (always true here: features
+  // are <= 2^18, checked by the caller). Needs IEEE semantics (no -ffast-math, which would fold it to v).
+  static float RoundHalfEven(float v) {
+    if (!(std::fabs(v) < 4194304.f)) return std::nearbyint(v);
+    return (v + 12582912.f) - 12582912.f;
+  }
+
+  // f: the pixel's D features. Writes key[r * D + i], hash[r] and weight[r] for the vertices r = 0..D.
+  void operator()(const float* f, int32_t* key, uint32_t* hash, float* weight) const {
+    const float down = 1.0f / D1, up = static_cast<float>(D1);
+    float elevated[D1], rem0[D1], rank[D1], bary[D1 + 1];
+    float sm = 0.f;
+    for (int j = D; j > 0; --j) {
+      const float cf = f[j - 1] * scale[j - 1];
+      elevated[j] = sm - static_cast<float>(j) * cf;
+      sm += cf;
+    }
+    elevated[0] = sm;
+    float sum = 0.f;
+    for (int i = 0; i <= D; ++i) {
+      const float v = RoundHalfEven(down * elevated[i]);
+      rem0[i] = v * up;
+      sum += v;
+    }
+    float diff[D1];
+    for (int i = 0; i <= D; ++i) {
+      diff[i] = elevated[i] - rem0[i];
+      rank[i] = 0.f;
+    }
+    for (int i = 0; i < D; ++i) {  // branch-free: the comparisons are unpredictable
+      for (int j = i + 1; j <= D; ++j) {
+        const float smaller = diff[i] < diff[j] ? 1.f : 0.f;
+        rank[i] += smaller;
+        rank[j] += 1.f - smaller;
+      }
+    }
+    for (int i = 0; i <= D; ++i) {
+      rank[i] += sum;
+      if (rank[i] < 0.f) { rank[i] += up; rem0[i] += up; }
+      else if (rank[i] >= up) { rank[i] -= up; rem0[i] -= up; }
+    }
+    for (int i = 0; i <= D + 1; ++i) bary[i] = 0.f;
+    for (int i = 0; i <= D; ++i) {
+      const float v = (elevated[i] - rem0[i]) * down;
+      const int r = D - static_cast<int>(rank[i]);
+      bary[r] += v;
+      bary[r + 1] -= v;
+    }
+    bary[0] += 1.f + bary[D + 1];
+    for (int r = 0; r <= D; ++r) {
+      uint32_t h = 0;
+      for (int i = 0; i < D; ++i) {
+        key[r * D + i] = static_cast<int32_t>(rem0[i]) + canonical[r * D1 + static_cast<int>(rank[i])];
+        h += static_cast<uint32_t>(key[r * D + i]) * mult[i];
+      }
+      hash[r] = h;
+      weight[r] = bary[r];
+    }
+  }
+};
+
+// Elevates pixels [p0, p1) and inserts their vertices into table t (sets lat->offset / weight of their
+// entries). Pixels are elevated kAhead pixels before their insertion, their vertices' slots prefetched
+// meanwhile. A vertex equal to the same vertex of the previous pixel (most of them: neighbouring pixels mostly
+// share a simplex) takes its id without a table look-up.
+template <int D, typename FeatureFn>
+void InsertRange(const Elevator<D>& elevate, const FeatureFn& feature, int64_t p0, int64_t p1, bool mix,
+                 Lattice* lat, internal::Table<D>* t, int64_t* probes) {
+  constexpr int D1 = D + 1, kAhead = 8, kRing = 16;  // pixel p's vertices are in ring slot p % kRing
+  int32_t keys[kRing * D1 * D];
+  uint32_t hashes[kRing * D1];
+  t->Init((p1 - p0) * D1 / 8 + 16, mix);
+  auto elevate_pixel = [&](int64_t p) {
+    float f[D];
+    feature(p, f);
+    const int64_t slot = p % kRing;
+    elevate(f, &keys[slot * D1 * D], &hashes[slot * D1], &lat->weight[p * D1]);
+    for (int r = 0; r < D1; ++r) t->Prefetch(hashes[slot * D1 + r]);
+  };
+  for (int64_t p = p0; p < std::min(p0 + kAhead, p1); ++p) elevate_pixel(p);
+  for (int64_t p = p0; p < p1; ++p) {
+    if (p + kAhead < p1) elevate_pixel(p + kAhead);
+    const int64_t k0 = (p % kRing) * D1, prev0 = ((p + kRing - 1) % kRing) * D1;
+    for (int r = 0; r < D1; ++r) {
+      const int64_t k = k0 + r, prev = prev0 + r;
+      if (p > p0 && hashes[k] == hashes[prev] && internal::Table<D>::Equal(&keys[k * D], &keys[prev * D])) {
+        lat->offset[p * D1 + r] = lat->offset[(p - 1) * D1 + r];
+      } else {
+        lat->offset[p * D1 + r] = t->Insert(&keys[k * D], hashes[k], probes);
+      }
+    }
+  }
+}
+
 // Builds the lattice for N pixels whose D features come from feature(i, float* out).
 // Requires |feature| <= 2^18 (checked by the caller) so that lattice coordinates are exact in float.
 // num_threads: parallelism to prepare for (pixel ranges inserted in parallel); the result does not depend on it.
@@ -204,102 +353,26 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   lat->num_pixels = N;
   lat->offset.resize(E);
   lat->weight.resize(E);
-  RawVector<int32_t> keys(E * D);
-  RawVector<uint32_t> hashes(E);
-  uint32_t mult[D];
-  for (int i = 0; i < D; ++i) mult[i] = internal::Multiplier(D, i);
-
-  // Elevation matrix scale, computed like the reference (double, stored as float).
-  const float inv_std_dev = static_cast<float>(std::sqrt(2.0 / 3.0) * D1);
-  float scale[D];
-  for (int i = 0; i < D; ++i)
-    scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std_dev);
-  int canonical[D1 * D1];
-  for (int i = 0; i <= D; ++i) {
-    for (int j = 0; j <= D - i; ++j) canonical[i * D1 + j] = i;
-    for (int j = D - i + 1; j <= D; ++j) canonical[i * D1 + j] = i - D1;
-  }
-
-  DKCRF_TIC(elevate);
-  // 1. Elevate every pixel, find its simplex, its D+1 vertex keys and barycentric weights.
-  pfor(N, 40 * D1 * D1, [&](int64_t begin, int64_t end) {
-    const float down = 1.0f / D1, up = static_cast<float>(D1);
-    float f[D], elevated[D1], rem0[D1], rank[D1], bary[D1 + 1];
-    for (int64_t p = begin; p < end; ++p) {
-      feature(p, f);
-      float sm = 0.f;
-      for (int j = D; j > 0; --j) {
-        const float cf = f[j - 1] * scale[j - 1];
-        elevated[j] = sm - static_cast<float>(j) * cf;
-        sm += cf;
-      }
-      elevated[0] = sm;
-      float sum = 0.f;
-      for (int i = 0; i <= D; ++i) {
-        const float v = std::nearbyint(down * elevated[i]);  // round half to even, like cvtps2dq
-        rem0[i] = v * up;
-        sum += v;
-      }
-      for (int i = 0; i <= D; ++i) rank[i] = 0.f;
-      for (int i = 0; i < D; ++i) {
-        const float di = elevated[i] - rem0[i];
-        for (int j = i + 1; j <= D; ++j) {
-          if (di < elevated[j] - rem0[j]) rank[i] += 1.f; else rank[j] += 1.f;
-        }
-      }
-      for (int i = 0; i <= D; ++i) {
-        rank[i] += sum;
-        if (rank[i] < 0.f) { rank[i] += up; rem0[i] += up; }
-        else if (rank[i] >= up) { rank[i] -= up; rem0[i] -= up; }
-      }
-      for (int i = 0; i <= D + 1; ++i) bary[i] = 0.f;
-      for (int i = 0; i <= D; ++i) {
-        const float v = (elevated[i] - rem0[i]) * down;
-        const int r = D - static_cast<int>(rank[i]);
-        bary[r] += v;
-        bary[r + 1] -= v;
-      }
-      bary[0] += 1.f + bary[D + 1];
-      for (int r = 0; r <= D; ++r) {
-        const int64_t e = p * D1 + r;
-        int32_t* key = &keys[e * D];
-        uint32_t h = 0;
-        for (int i = 0; i < D; ++i) {
-          key[i] = static_cast<int32_t>(rem0[i]) + canonical[r * D1 + static_cast<int>(rank[i])];
-          h += static_cast<uint32_t>(key[i]) * mult[i];
-        }
-        hashes[e] = h;
-        lat->weight[e] = bary[r];
-      }
-    }
-  });
-  DKCRF_TOC(elevate);
+  const Elevator<D> elevate;
+  const uint32_t* mult = elevate.mult;
 
   DKCRF_TIC(insert);
-  // 2. Insert the keys into hash tables. With P > 1 threads, table p takes the vertices of the p-th range of
-  // pixels, in pixel order; the tables are then merged into table 0 in range order. A point's id is thus its
-  // order of first use by the pixels (raster order) for any P: the vertices of nearby pixels get nearby ids,
-  // which keeps the per-iteration splat and slice cache-friendly.
+  // 1. Elevate the pixels and insert their vertices into hash tables, in pixel order. With P > 1 threads,
+  // table p takes the p-th range of pixels; the tables are then merged into table 0 in range order. A point's
+  // id is thus its order of first use by the pixels (raster order) for any P: the vertices of nearby pixels
+  // get nearby ids, which keeps the per-iteration splat and slice cache-friendly.
   const int P = num_threads > 1 && E > 4 * 65536 ? std::min(num_threads, 16) : 1;
-  std::vector<int64_t> first(P + 1);  // entries of range p: [first[p], first[p + 1]), on pixel boundaries
-  for (int p = 0; p <= P; ++p) first[p] = N * p / P * D1;
+  std::vector<int64_t> first(P + 1);  // pixels of range p: [first[p], first[p + 1])
+  for (int p = 0; p <= P; ++p) first[p] = N * p / P;
   std::vector<internal::Table<D>> tables(P);
   bool mix = false;
   for (int attempt = 0; attempt < 2; ++attempt, mix = true) {
     std::vector<int64_t> probes(P, 0);
     std::atomic<bool> out_of_memory(false);
-    pfor(P, 20 * E / P, [&](int64_t pb, int64_t pe) {
+    pfor(P, 60 * E / P, [&](int64_t pb, int64_t pe) {
       try {
-        for (int64_t p = pb; p < pe; ++p) {
-          internal::Table<D>& t = tables[p];
-          const int64_t e0 = first[p], e1 = first[p + 1];
-          t.Init((e1 - e0) / 8 + 16, mix);
-          constexpr int64_t kAhead = 16;  // prefetch the slot of a key this many entries ahead
-          for (int64_t e = e0; e < e1; ++e) {
-            if (e + kAhead < e1) t.Prefetch(hashes[e + kAhead]);
-            lat->offset[e] = t.Insert(&keys[e * D], hashes[e], &probes[p]);
-          }
-        }
+        for (int64_t p = pb; p < pe; ++p) InsertRange(elevate, feature, first[p], first[p + 1], mix, lat,
+                                                      &tables[p], &probes[p]);
       } catch (const std::bad_alloc&) {  // never let an exception escape a worker thread
         out_of_memory = true;
       }
@@ -309,10 +382,6 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     for (int64_t v : probes) total_probes += v;
     if (total_probes <= 4 * E + 1024) break;  // else the linear hash clusters on this input: mix it
   }
-  keys.clear();
-  keys.shrink_to_fit();
-  hashes.clear();
-  hashes.shrink_to_fit();
   DKCRF_TOC(insert);
   DKCRF_TIC(merge);
   internal::Table<D>& table = tables[0];
@@ -333,7 +402,7 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
     tables.resize(1);
     pfor(P - 1, 2 * E / P, [&](int64_t pb, int64_t pe) {
       for (int64_t p = pb + 1; p < pe + 1; ++p) {
-        for (int64_t e = first[p]; e < first[p + 1]; ++e) lat->offset[e] = to_global[p][lat->offset[e]];
+        for (int64_t e = first[p] * D1; e < first[p + 1] * D1; ++e) lat->offset[e] = to_global[p][lat->offset[e]];
       }
     });
   }
@@ -342,40 +411,33 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   DKCRF_TOC(merge);
 
   DKCRF_TIC(neighbours);
-  // 3. Blur neighbours k -+ v_j of every point along the D+1 lattice directions (v_j = 1 except -D at j).
+  // 3. Blur neighbours k + v_j of every point along the D+1 lattice directions (v_j = 1 except -D at j); the
+  // neighbour k - v_j is the point whose k + v_j is k, so one look-up per point and direction suffices.
   uint32_t delta[D1];
   for (int j = 0; j <= D; ++j) {
     uint32_t h = 0;
     for (int i = 0; i < D; ++i) h += static_cast<uint32_t>(i == j ? -D : 1) * mult[i];
     delta[j] = h;
   }
-  // Found in slot order (the lookups then walk the tables in D1 * 2 streams), written point-major (one cache
-  // line per point), then linked into chains.
-  RawVector<int32_t> nbr_pm(static_cast<size_t>(D1) * M * 2);
+  // Found in slot order (the look-ups then walk the table in D1 streams), written direction-major (each
+  // direction's chains are then linked within one array of M ids).
+  RawVector<int32_t> next(static_cast<size_t>(D1) * M);
   const int64_t num_slots = static_cast<int64_t>(table.slots.size());
-  pfor(num_slots, 20 * D1, [&](int64_t lo, int64_t hi) {
+  pfor(num_slots, 10 * D1, [&](int64_t lo, int64_t hi) {
     int32_t nk[D];
     constexpr int64_t kAhead = 4;  // prefetch the neighbour slots of the point this many slots ahead
     for (int64_t s = lo; s < hi; ++s) {
       if (s + kAhead < hi) {
         const auto& ahead = table.slots[s + kAhead];
-        if (ahead.id >= 0) {
-          for (int j = 0; j <= D; ++j) {
-            table.Prefetch(ahead.hash - delta[j]);
-            table.Prefetch(ahead.hash + delta[j]);
-          }
-        }
+        if (ahead.id >= 0)
+          for (int j = 0; j <= D; ++j) table.Prefetch(ahead.hash + delta[j]);
       }
       const auto& slot = table.slots[s];
       if (slot.id < 0) continue;
       for (int j = 0; j <= D; ++j) {
-        for (int side = 0; side < 2; ++side) {  // side 0: k - v_j (n1), side 1: k + v_j (n2)
-          const int sign = side == 0 ? -1 : 1;
-          for (int i = 0; i < D; ++i) nk[i] = slot.key[i] + sign * (i == j ? -D : 1);
-          const uint32_t h = slot.hash + (side == 0 ? 0u - delta[j] : delta[j]);
-          const int32_t id = table.Find(nk, h);
-          nbr_pm[(static_cast<int64_t>(slot.id) * D1 + j) * 2 + side] = id < 0 ? static_cast<int32_t>(M) : id;
-        }
+        for (int i = 0; i < D; ++i) nk[i] = slot.key[i] + (i == j ? -D : 1);
+        const int32_t id = table.Find(nk, slot.hash + delta[j]);
+        next[j * M + slot.id] = id < 0 ? static_cast<int32_t>(M) : id;
       }
     }
   });
@@ -383,24 +445,28 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   tables.shrink_to_fit();
   DKCRF_TOC(neighbours);
   DKCRF_TIC(chains);
-  // Chains along each direction, started at points without an n1 neighbour, in ascending start order
+  // Chains along each direction, started at points without a predecessor, in ascending start order
   // (directions in parallel, then concatenated).
   std::vector<std::vector<int32_t>> dir_points(D1);
   std::vector<std::vector<int64_t>> dir_starts(D1);
   pfor(D1, 8 * M, [&](int64_t jb, int64_t je) {
+    std::vector<char> has_previous(M);
     for (int64_t j = jb; j < je; ++j) {
+      const int32_t* nj = &next[j * M];
+      std::fill(has_previous.begin(), has_previous.end(), 0);
+      for (int64_t m = 0; m < M; ++m)
+        if (nj[m] != M) has_previous[nj[m]] = 1;
       std::vector<int32_t>& points = dir_points[j];
       std::vector<int64_t>& starts = dir_starts[j];
       for (int64_t m = 0; m < M; ++m) {
-        const int32_t* n = &nbr_pm[(m * D1 + j) * 2];
-        if (n[0] != M || n[1] == M) continue;  // not a chain start, or an isolated point
+        if (has_previous[m] || nj[m] == M) continue;  // not a chain start, or an isolated point
         starts.push_back(static_cast<int64_t>(points.size()));
-        for (int64_t x = m; x != M; x = nbr_pm[(x * D1 + j) * 2 + 1]) points.push_back(static_cast<int32_t>(x));
+        for (int64_t x = m; x != M; x = nj[x]) points.push_back(static_cast<int32_t>(x));
       }
     }
   });
-  nbr_pm.clear();
-  nbr_pm.shrink_to_fit();
+  next.clear();
+  next.shrink_to_fit();
   int64_t total_points = 0, total_chains = 0;
   for (int j = 0; j < D1; ++j) {
     total_points += static_cast<int64_t>(dir_points[j].size());
@@ -427,10 +493,15 @@ void BuildLattice(int64_t N, const FeatureFn& feature, int num_threads, const Pa
   lat->point_start.assign(M + 1, 0);
   for (int64_t e = 0; e < E; ++e) ++lat->point_start[lat->offset[e] + 1];
   for (int64_t m = 0; m < M; ++m) lat->point_start[m + 1] += lat->point_start[m];
-  lat->point_entry.resize(E);
+  lat->point_pixel.resize(E);
+  lat->point_weight.resize(E);
   {
     RawVector<int32_t> fill(lat->point_start.begin(), lat->point_start.end() - 1);
-    for (int64_t e = 0; e < E; ++e) lat->point_entry[fill[lat->offset[e]]++] = static_cast<int32_t>(e);
+    for (int64_t e = 0; e < E; ++e) {
+      const int32_t k = fill[lat->offset[e]]++;
+      lat->point_pixel[k] = static_cast<int32_t>(e / D1);
+      lat->point_weight[k] = lat->weight[e];
+    }
   }
   DKCRF_TOC(groups);
 }
